@@ -1,0 +1,66 @@
+"""Weight conversion: one module per family (a name table plus hooks), one strict loader.
+
+    python -m puma_jax.convert clip-vision --src=HF_DIR --dst=OUT_DIR
+
+A family module defines `FAMILY` (the registry name), `load_config(src) -> ModelConfig`,
+`rules(config) -> list[Rule]`, and optionally `read_tensors(src)` and `copy_extras(src, dst)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from puma_jax import checkpoints
+from puma_jax.convert import core
+from puma_jax.convert.core import ConversionError
+from puma_jax.models import registry
+
+# CLI sub-command -> family module.
+CONVERTERS: dict[str, str] = {
+    "clip-vision": "puma_jax.convert.clip",
+}
+
+
+def family_module(name: str):
+  if name not in CONVERTERS:
+    raise ConversionError(f"unknown weight family {name!r}; known: {sorted(CONVERTERS)}")
+  return importlib.import_module(CONVERTERS[name])
+
+
+def import_module(name: str, src: str | os.PathLike, *, config=None):
+  """Reads a source checkpoint into a fresh module (float32). Returns (module, config)."""
+  fam = family_module(name)
+  src = Path(src)
+  if not src.exists():
+    raise ConversionError(f"source {src} does not exist")
+  config = config if config is not None else fam.load_config(src)
+  tensors = fam.read_tensors(src) if hasattr(fam, "read_tensors") else core.read_checkpoint(src)
+  abstract = nnx.eval_shape(lambda: registry.build(fam.FAMILY, config, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  pure = nnx.to_pure_dict(params)
+  shapes = {k: (v.shape, v.dtype) for k, v in core.flatten_state(pure).items()}
+  filled = core.map_to_target(tensors, fam.rules(config), shapes, what=f"{name} {src}")
+  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, core.unflatten_state(filled, pure)))
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  return nnx.merge(graphdef, params, rest), config
+
+
+def convert(name: str, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+  """Converts a local source directory to a puma_jax model directory; returns `dst`."""
+  fam = family_module(name)
+  module, config = import_module(name, src)
+  dst = Path(dst)
+  if (dst / checkpoints.PARAMS_DIR).exists():
+    raise ConversionError(f"destination {dst} already holds converted weights; choose an empty "
+                          "directory")
+  out = checkpoints.save_module(dst, fam.FAMILY, config, module, source=str(Path(src).absolute()))
+  if hasattr(fam, "copy_extras"):
+    fam.copy_extras(Path(src), out)
+  return out
