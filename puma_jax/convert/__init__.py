@@ -55,11 +55,11 @@ def import_module(name: str, src: str | os.PathLike, *, config=None):
 def convert(name: str, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
   """Converts a local source directory to a puma_jax model directory; returns `dst`."""
   fam = family_module(name)
-  module, config = import_module(name, src)
   dst = Path(dst)
   if (dst / checkpoints.PARAMS_DIR).exists():
     raise ConversionError(f"destination {dst} already holds converted weights; choose an empty "
                           "directory")
+  module, config = import_module(name, src)
   out = checkpoints.save_module(dst, fam.FAMILY, config, module, source=str(Path(src).absolute()))
   if hasattr(fam, "copy_extras"):
     fam.copy_extras(Path(src), out)

@@ -1,0 +1,51 @@
+"""Mesh construction and the logical-axis rule table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from puma_jax import sharding
+
+
+def test_make_mesh_shapes_and_errors():
+  m = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
+  assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
+  assert dict(sharding.make_mesh((1, 8, 1)).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(ValueError, match="does not divide the 8 available devices"):
+    sharding.make_mesh({"data": -1, "fsdp": 3})
+  with pytest.raises(ValueError, match="needs 12 devices"):
+    sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match="unknown axis"):
+    sharding.make_mesh({"model": 8})
+  with pytest.raises(ValueError, match="at most one axis"):
+    sharding.make_mesh({"data": -1, "fsdp": -1})
+
+
+def test_logical_to_spec_rules():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("batch", "act_seq", "act_embed")) == P(("data", "fsdp"))
+  # a mesh axis is used once per array
+  assert sharding.logical_to_spec(("embed", "embed")) == P("fsdp")
+  # non-dividing dimensions stay replicated over that mesh axis
+  assert sharding.logical_to_spec(("embed", "mlp"), shape=(6, 3), mesh=mesh) == P("fsdp")
+  assert sharding.logical_to_spec(("batch", None), shape=(2, 5), mesh=mesh) == P("data")
+  assert sharding.logical_to_spec(("norm",)) == P()
+  custom = (("embed", "tensor"),)
+  assert sharding.logical_to_spec(("embed", "mlp"), custom) == P("tensor")
+
+
+def test_constrain_is_noop_without_mesh_and_shards_with_one():
+  x = jnp.ones((8, 4))
+  assert sharding.constrain(x, ("batch", None)) is x
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  with sharding.use_mesh(mesh):
+    y = jax.jit(lambda v: sharding.constrain(v * 2, ("batch", None)))(x)
+  assert y.sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4)))
+  with pytest.raises(ValueError, match="rank 2"):
+    with sharding.use_mesh(mesh):
+      sharding.constrain(x, ("batch",))
