@@ -1,0 +1,283 @@
+"""PUMA training sequences: text and multi-granular image features in one token stream.
+
+An example is a list of segments. Each image becomes `[IMG] f4 f3 f2 f1 f0 [/IMG]`: 341 feature
+slots, coarse to fine, between two special tokens (DESIGN.md section 1). The builder returns
+per-position arrays; the model fills feature slots in-graph from the CLIP features of the images
+(`image_index`, `image_token` say which image and which of its 341 tokens).
+
+Supervision follows the next-token convention: position p predicts position p+1.
+  * text: cross-entropy on `text_target[p]` where `text_mask[p]` (next token is a supervised
+    token);
+  * features: MSE on the feature at p+1 with weight `feature_weight[p]` (next slot is a feature
+    of a supervised image; the weight is its scale's, DESIGN.md: f4..f0 = 1024, 512, 64, 8, 1).
+Examples are packed with `segment_ids` (1, 2, ...; 0 = padding) and positions restarting per
+example, so no attention crosses example boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+
+from puma_jax.models.pooling import SCALE_NAMES, SCALE_TOKENS
+
+# Generation order inside an image: coarse to fine.
+GEN_ORDER = (4, 3, 2, 1, 0)  # scale indices f4, f3, f2, f1, f0
+SCALE_WEIGHTS = {4: 1024.0, 3: 512.0, 2: 64.0, 1: 8.0, 0: 1.0}
+IMAGE_TOKENS = sum(SCALE_TOKENS)  # 341
+
+# Offsets of each scale inside an image's 341 slots (f4 first).
+SCALE_OFFSET = {}
+_o = 0
+for _s in GEN_ORDER:
+  SCALE_OFFSET[_s] = _o
+  _o += SCALE_TOKENS[_s]
+del _o, _s
+# Per slot (0..340): its scale index and position within the scale.
+SLOT_SCALE = np.concatenate([np.full(SCALE_TOKENS[s], s) for s in GEN_ORDER]).astype(np.int32)
+SLOT_POS = np.concatenate([np.arange(SCALE_TOKENS[s]) for s in GEN_ORDER]).astype(np.int32)
+
+TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
+SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. The "
+                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+NUM_POSITION_TOKENS = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  bos: int
+  eos: int
+  pad: int
+  img_start: int
+  img_end: int
+  pos0: int  # id of the first of the 224 grounding position tokens (contiguous)
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  text: str
+  supervised: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+  index: int  # into the example's image list
+  supervised: bool = False
+  # Generated images may stop after a coarser scale: slots of finer scales are then not
+  # supervised. None = all five scales.
+  scales: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Boxes:
+  boxes: tuple[tuple[float, float, float, float], ...]  # normalized xyxy in [0, 1]
+  supervised: bool = False
+
+
+Segment = Text | Image | Boxes
+
+
+def box_to_bins(box: Sequence[float]) -> list[int]:
+  """Normalized [x_min, y_min, x_max, y_max] -> 4 bins in [0, 223]."""
+  b = np.asarray(box, np.float64)
+  if b.shape != (4,) or not np.all(np.isfinite(b)):
+    raise ValueError(f"a box must be 4 finite numbers [x_min, y_min, x_max, y_max]; got {box}")
+  if np.any(b < 0) or np.any(b > 1) or b[0] > b[2] or b[1] > b[3]:
+    raise ValueError(f"box {list(box)} is not a normalized xyxy box inside [0, 1]")
+  return [int(min(NUM_POSITION_TOKENS - 1, np.floor(v * NUM_POSITION_TOKENS))) for v in b]
+
+
+def bins_to_box(bins: Sequence[int]) -> list[float]:
+  """Bin centres back to normalized coordinates (error <= 1/448)."""
+  return [(int(v) + 0.5) / NUM_POSITION_TOKENS for v in bins]
+
+
+@dataclasses.dataclass
+class Built:
+  """One example's arrays (length = its number of positions)."""
+  tokens: np.ndarray        # int32 token ids (pad at feature slots)
+  image_index: np.ndarray   # int32 image of the example at feature slots, -1 elsewhere
+  image_token: np.ndarray   # int32 slot 0..340 within the image, -1 elsewhere
+  text_target: np.ndarray   # int32 next token id (pad where none)
+  text_mask: np.ndarray     # bool: text CE at this position
+  feature_weight: np.ndarray  # float32: scale weight of the next slot's feature MSE (0: none)
+  target_scale: np.ndarray  # int32 scale of the next feature slot, -1 elsewhere (for metrics)
+  num_images: int
+  task: int
+
+  def __len__(self):
+    return len(self.tokens)
+
+
+def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
+          special: SpecialTokens, task: str, num_images: int | None = None) -> Built:
+  """`<s> segments... </s>`; the final `</s>` is supervised if the last segment is."""
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+  toks: list[int] = [special.bos]
+  img_idx: list[int] = [-1]
+  img_tok: list[int] = [-1]
+  sup: list[bool] = [False]  # is this position's *content* supervised (predicted from p-1)?
+  n_img = 0
+  for seg in segments:
+    if isinstance(seg, Text):
+      ids = list(encode(seg.text))
+      toks += ids
+      img_idx += [-1] * len(ids)
+      img_tok += [-1] * len(ids)
+      sup += [seg.supervised] * len(ids)
+    elif isinstance(seg, Boxes):
+      for box in seg.boxes:
+        ids = [special.pos0 + b for b in box_to_bins(box)]
+        toks += ids
+        img_idx += [-1] * 4
+        img_tok += [-1] * 4
+        sup += [seg.supervised] * 4
+    elif isinstance(seg, Image):
+      if seg.index < 0:
+        raise ValueError(f"image index {seg.index} must be >= 0")
+      n_img = max(n_img, seg.index + 1)
+      keep = set(range(5)) if seg.scales is None else set(seg.scales)
+      if not keep <= set(range(5)):
+        raise ValueError(f"image scales {seg.scales} must be scale indices 0..4 "
+                         f"({', '.join(SCALE_NAMES)})")
+      toks.append(special.img_start)
+      img_idx.append(-1)
+      img_tok.append(-1)
+      sup.append(False)  # [IMG] is given: the prompt decides that an image follows
+      toks += [special.pad] * IMAGE_TOKENS
+      img_idx += [seg.index] * IMAGE_TOKENS
+      img_tok += list(range(IMAGE_TOKENS))
+      sup += [seg.supervised and int(SLOT_SCALE[j]) in keep for j in range(IMAGE_TOKENS)]
+      toks.append(special.img_end)
+      img_idx.append(-1)
+      img_tok.append(-1)
+      sup.append(seg.supervised and 0 in keep)  # [/IMG] closes a fully generated image
+    else:
+      raise TypeError(f"unknown segment {seg!r}")
+  toks.append(special.eos)
+  img_idx.append(-1)
+  img_tok.append(-1)
+  last_sup = bool(segments) and bool(getattr(segments[-1], "supervised", False))
+  sup.append(last_sup)
+
+  toks_a = np.asarray(toks, np.int32)
+  idx_a = np.asarray(img_idx, np.int32)
+  tok_a = np.asarray(img_tok, np.int32)
+  sup_a = np.asarray(sup, bool)
+  nxt_is_feat = np.append(idx_a[1:] >= 0, False)
+  nxt_sup = np.append(sup_a[1:], False)
+  text_target = np.append(toks_a[1:], special.pad).astype(np.int32)
+  text_mask = nxt_sup & ~nxt_is_feat
+  nxt_slot = np.append(tok_a[1:], -1)
+  target_scale = np.where(nxt_is_feat, SLOT_SCALE[np.maximum(nxt_slot, 0)], -1).astype(np.int32)
+  weights = np.vectorize(lambda s: SCALE_WEIGHTS.get(int(s), 0.0), otypes=[np.float32])(
+      target_scale)
+  feature_weight = np.where(nxt_is_feat & nxt_sup, weights, 0.0).astype(np.float32)
+  return Built(tokens=toks_a, image_index=idx_a, image_token=tok_a, text_target=text_target,
+               text_mask=text_mask, feature_weight=feature_weight, target_scale=target_scale,
+               num_images=max(n_img, num_images or 0), task=TASKS.index(task))
+
+
+# ----------------------------------------------------------------------------------------------
+# Task templates (DESIGN.md: pretraining and unified tuning tasks)
+
+
+def t2i(caption: str) -> list[Segment]:
+  return [Text(caption), Image(0, supervised=True)]
+
+
+def i2t(caption: str) -> list[Segment]:
+  return [Image(0), Text(caption, supervised=True)]
+
+
+def chat(turns: Sequence[tuple[str, str]], with_image: bool = True,
+         system: str = SYSTEM_MESSAGE) -> list[Segment]:
+  """LLaVA-1.5 style: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>...`; answers supervised."""
+  segs: list[Segment] = [Text(system + " USER: ")]
+  for k, (question, answer) in enumerate(turns):
+    if k == 0 and with_image:
+      segs += [Image(0), Text("\n" + question + " ASSISTANT:")]
+    else:
+      segs += [Text((" USER: " if k else "") + question + " ASSISTANT:")]
+    segs += [Text(" " + answer, supervised=True)]
+  return segs
+
+
+def edit(instruction: str) -> list[Segment]:
+  return [Image(0), Text(instruction), Image(1, supervised=True)]
+
+
+COND_PROMPTS = {"canny": "Generate an image from this edge map.",
+                "inpaint": "Fill in the masked region of this image.",
+                "colorize": "Colorize this grayscale image."}
+
+
+def conditional(cond_type: str, prompt: str = "") -> list[Segment]:
+  if cond_type not in COND_PROMPTS:
+    raise ValueError(f"unknown conditional task {cond_type!r}; choose from {sorted(COND_PROMPTS)}")
+  text = COND_PROMPTS[cond_type] + (" " + prompt if prompt else "")
+  return [Image(0), Text(text), Image(1, supervised=True)]
+
+
+def grounding(phrase: str, boxes: Sequence[Sequence[float]]) -> list[Segment]:
+  return [Image(0), Text(phrase), Boxes(tuple(tuple(b) for b in boxes), supervised=True)]
+
+
+def text_only(text: str) -> list[Segment]:
+  return [Text(text, supervised=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+
+
+FIELDS = ("tokens", "image_index", "image_token", "text_target", "text_mask", "feature_weight",
+          "target_scale")
+
+
+def pack(examples: Sequence[Built], seq_len: int, max_images: int,
+         pad_id: int) -> dict[str, np.ndarray]:
+  """Packs examples greedily, in order, into one row of `seq_len` positions.
+
+  Returns the row's arrays plus `segment_ids`, `positions` and `task_id`; `image_index` is
+  re-based so it indexes the row's image list (the first `max_images` images). Raises if an
+  example does not fit at all; returns only the examples that fit under key `packed`.
+  """
+  row = {k: [] for k in FIELDS}
+  seg, pos, task = [], [], []
+  used, images = 0, 0
+  packed = 0
+  for i, ex in enumerate(examples):
+    if len(ex) > seq_len:
+      raise ValueError(f"example of {len(ex)} positions is longer than seq_len={seq_len}")
+    if used + len(ex) > seq_len or images + ex.num_images > max_images:
+      break
+    for k in FIELDS:
+      v = getattr(ex, k)
+      if k == "image_index":
+        v = np.where(v >= 0, v + images, -1)
+      row[k].append(v)
+    seg.append(np.full(len(ex), i + 1, np.int32))
+    pos.append(np.arange(len(ex), dtype=np.int32))
+    task.append(np.full(len(ex), ex.task, np.int32))
+    used += len(ex)
+    images += ex.num_images
+    packed += 1
+  pad = seq_len - used
+  fill = {"tokens": pad_id, "image_index": -1, "image_token": -1, "text_target": pad_id,
+          "text_mask": False, "feature_weight": 0.0, "target_scale": -1}
+  out = {}
+  for k in FIELDS:
+    parts = row[k] + [np.full(pad, fill[k], dtype=np.asarray(fill[k]).dtype)]
+    dtype = {"text_mask": bool, "feature_weight": np.float32}.get(k, np.int32)
+    out[k] = np.concatenate(parts).astype(dtype)
+  out["segment_ids"] = np.concatenate(seg + [np.zeros(pad, np.int32)])
+  out["positions"] = np.concatenate(pos + [np.zeros(pad, np.int32)])
+  out["task_id"] = np.concatenate(task + [np.full(pad, -1, np.int32)])
+  out["num_images"] = np.int32(images)
+  out["packed"] = packed
+  return out
