@@ -1,0 +1,197 @@
+"""Text generation with a KV cache: one jitted prefill, one jitted decode loop per shape bucket.
+
+Prompts of different lengths are left-padded into a power-of-two bucket, so every row writes
+its next token into the same cache slot and a single `lax.while_loop` decodes the whole batch
+(no Python per token). Compiled functions are cached by (graph, batch, bucket, sampler), so a
+second call with similar shapes runs without tracing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from puma_jax.models.llama import KVCache
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= n (and >= minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+class Sampler(NamedTuple):
+  """The static part of the sampling setup (it changes the compiled graph)."""
+  greedy: bool
+  top_k: int | None
+  top_p: bool
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature,
+                  top_p) -> jax.Array:
+  """Next tokens (B,) from float32 logits (B, V): greedy, or temperature / top-k / top-p."""
+  if sampler.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if sampler.top_k is not None:
+    kth = jax.lax.top_k(logits, sampler.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if sampler.top_p:
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (the first always).
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots"))
+def _prefill(graphdef, state, tokens, mask, *, slots):
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(tokens.shape[0], slots)
+  logits, cache = model(tokens, attention_mask=mask, cache=cache)
+  return logits[:, -1], cache
+
+
+def prefill(model, tokens, mask, slots: int):
+  """Runs left-padded prompts (B, P) into a fresh cache of `slots` slots.
+
+  Returns (logits of each row's last prompt token (B, V), cache)."""
+  graphdef, state = nnx.split(model)
+  return _prefill(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                  slots=slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode_step(graphdef, state, tokens, cache):
+  model = nnx.merge(graphdef, state)
+  logits, cache = model(tokens[:, None], cache=cache)
+  return logits[:, -1], cache
+
+
+def decode_step(model, tokens, cache: KVCache):
+  """One token per row (B,) -> (next-token logits (B, V), cache). The cache is donated."""
+  graphdef, state = nnx.split(model)
+  return _decode_step(graphdef, state, jnp.asarray(tokens, jnp.int32), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "capacity", "sampler"))
+def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperature, top_p, *,
+              slots, capacity, sampler):
+  """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop."""
+  model = nnx.merge(graphdef, state)
+  b = tokens.shape[0]
+  cache = model.init_cache(b, slots)
+  logits, cache = model(tokens, attention_mask=mask, cache=cache)
+  key, sub = jax.random.split(key)
+  first = sample_logits(logits[:, -1], sub, sampler, temperature, top_p)
+  out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, stop_ids)
+
+  def cond(carry):
+    step, _, done, _, _, _ = carry
+    return (step < num_steps) & ~jnp.all(done)
+
+  def body(carry):
+    step, out, done, prev, cache, key = carry
+    logits, cache = model(prev[:, None], cache=cache)
+    key, sub = jax.random.split(key)
+    tok = sample_logits(logits[:, -1], sub, sampler, temperature, top_p)
+    tok = jnp.where(done, -1, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    done = done | jnp.isin(tok, stop_ids)
+    return step + 1, out, done, jnp.maximum(tok, 0), cache, key
+
+  carry = (jnp.ones((), jnp.int32), out, done, first, cache, key)
+  _, out, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  return out
+
+
+def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
+  """Prompts as a list of 1-D int arrays: from a list of sequences, one 1-D sequence, or a
+  2-D padded batch with its `attention_mask` (left or right padding, both fine)."""
+  if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
+    if attention_mask is not None:
+      raise ValueError("attention_mask is only for a 2-D padded batch of prompt_ids")
+    return [np.asarray(p, np.int64).reshape(-1) for p in prompt_ids]
+  arr = np.asarray(prompt_ids)
+  if arr.ndim == 1:
+    arr = arr[None]
+  if arr.ndim != 2:
+    raise ValueError(f"prompt_ids must be a list of sequences or a (batch, length) array; got "
+                     f"shape {arr.shape}")
+  if attention_mask is None:
+    return [row.astype(np.int64) for row in arr]
+  m = np.asarray(attention_mask).astype(bool)
+  if m.shape != arr.shape:
+    raise ValueError(f"attention_mask shape {m.shape} != prompt_ids shape {arr.shape}")
+  return [row[keep].astype(np.int64) for row, keep in zip(arr, m)]
+
+
+def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  stop_tokens: Sequence[int] | None = None, seed: int = 0,
+                  attention_mask=None) -> list[list[int]]:
+  """New token ids per prompt (each list ends at and includes its first stop token).
+
+  prompt_ids: a list of token-id sequences of any lengths, or a padded (B, T) array with its
+  `attention_mask`. temperature 0 is greedy; otherwise softmax sampling at `temperature`,
+  restricted to the `top_k` most likely tokens and/or the `top_p` nucleus. `stop_tokens`
+  defaults to the config's `eos_token_id` (pass `()` to never stop early).
+  """
+  cfg = model.config
+  rows = _as_rows(prompt_ids, attention_mask)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  for i, r in enumerate(rows):
+    if r.size == 0:
+      raise ValueError(f"prompt {i} is empty")
+    if r.min() < 0 or r.max() >= cfg.vocab_size:
+      raise ValueError(f"prompt {i}: token ids out of range [{r.min()}, {r.max()}] for "
+                       f"vocab_size={cfg.vocab_size}")
+    if r.size > cfg.max_position_embeddings:
+      raise ValueError(f"prompt {i} has {r.size} tokens, longer than the context "
+                       f"(max_position_embeddings={cfg.max_position_embeddings})")
+    if r.size + max_new_tokens > cfg.max_position_embeddings:
+      raise ValueError(f"prompt {i} ({r.size} tokens) + max_new_tokens={max_new_tokens} exceeds "
+                       f"the context (max_position_embeddings={cfg.max_position_embeddings})")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0")
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}]")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+  stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
+
+  p = bucket(max(r.size for r in rows))
+  capacity = bucket(max_new_tokens)
+  tokens = np.zeros((len(rows), p), np.int32)
+  mask = np.zeros((len(rows), p), bool)
+  for i, r in enumerate(rows):
+    tokens[i, p - r.size:] = r
+    mask[i, p - r.size:] = True
+  sampler = Sampler(greedy=temperature == 0.0, top_k=top_k, top_p=top_p is not None)
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+                  jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
+                  jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
+                  jnp.float32(top_p if top_p is not None else 1.0),
+                  slots=p + capacity, capacity=capacity, sampler=sampler)
+  out = np.asarray(out)[:, :max_new_tokens]
+  result = []
+  for row in out:
+    toks = [int(t) for t in row if t >= 0]
+    for j, t in enumerate(toks):
+      if t in stops:
+        toks = toks[:j + 1]
+        break
+    result.append(toks)
+  return result
