@@ -20,13 +20,16 @@ NUM_TASKS = 7
 
 
 def mllm_loss(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, batch: dict, *,
-              text_weight: float = TEXT_WEIGHT, image_weight: float = IMAGE_WEIGHT):
+              text_weight: float = TEXT_WEIGHT, image_weight: float = IMAGE_WEIGHT,
+              router_logits: jax.Array | None = None, router_weight: float = 0.0):
   """Returns (loss, metrics); metrics hold sums and counts so they add across microbatches.
 
   logits (B, T, V); feature_pred (B, T, D): the head's prediction at each position of the
   *next* slot's feature; features (B, T, D): the input features at feature slots (teacher
   forcing), whose shift by one position is the target. `batch` holds `text_target`,
   `text_mask`, `feature_weight`, `target_scale`, `task_id` (see puma_jax.sequence).
+  With `router_logits` (B, T, 5), adds `router_weight` x the mean router cross-entropy at the
+  positions with a `router_label` (ours: the router is an extra head, not in the paper's loss).
   """
   f32 = jnp.float32
   text_mask = batch["text_mask"].astype(f32)
@@ -44,12 +47,21 @@ def mllm_loss(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, b
   text_ce = ce_sum / jnp.maximum(n_text, 1.0)
   image_mse = mse_sum / jnp.maximum(n_feat, 1.0)
   loss = text_weight * text_ce + image_weight * image_mse
+  router_sum = router_count = jnp.zeros((), f32)
+  if router_logits is not None:
+    label = batch["router_label"]
+    rmask = (label >= 0).astype(f32)
+    rce = optax.softmax_cross_entropy_with_integer_labels(router_logits.astype(f32),
+                                                          jnp.maximum(label, 0))
+    router_sum, router_count = jnp.sum(rce * rmask), jnp.sum(rmask)
+    loss = loss + router_weight * router_sum / jnp.maximum(router_count, 1.0)
 
   scale = batch["target_scale"]
   task = batch["task_id"]
   metrics = {
       "text_ce_sum": ce_sum, "text_count": n_text,
       "image_mse_sum": mse_sum, "image_count": n_feat,
+      "router_ce_sum": router_sum, "router_count": router_count,
       # unweighted per-scale MSE (what each scale's regression achieves)
       "scale_mse_sum": jnp.stack([jnp.sum(tok_mse * feat_mask * (scale == s))
                                   for s in range(NUM_SCALES)]),
@@ -65,7 +77,7 @@ def mllm_loss(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, b
 
 
 def summarize(metrics: dict, text_weight: float = TEXT_WEIGHT,
-              image_weight: float = IMAGE_WEIGHT) -> dict[str, float]:
+              image_weight: float = IMAGE_WEIGHT, router_weight: float = 0.0) -> dict[str, float]:
   """Sums and counts (possibly accumulated) -> readable means, per scale and per task."""
   from puma_jax.models.pooling import SCALE_NAMES
   from puma_jax.sequence import TASKS
@@ -75,6 +87,9 @@ def summarize(metrics: dict, text_weight: float = TEXT_WEIGHT,
   image_mse = div(m["image_mse_sum"], m["image_count"])
   out = {"loss": text_weight * text_ce + image_weight * image_mse, "text_ce": text_ce,
          "image_mse": image_mse}
+  if float(m["router_count"]) > 0:
+    out["router_ce"] = div(m["router_ce_sum"], m["router_count"])
+    out["loss"] += router_weight * out["router_ce"]
   for s, name in enumerate(SCALE_NAMES):
     if float(m["scale_count"][s]) > 0:
       out[f"mse_{name}"] = div(m["scale_mse_sum"][s], m["scale_count"][s])

@@ -41,6 +41,10 @@ SLOT_SCALE = np.concatenate([np.full(SCALE_TOKENS[s], s) for s in GEN_ORDER]).as
 SLOT_POS = np.concatenate([np.arange(SCALE_TOKENS[s]) for s in GEN_ORDER]).astype(np.int32)
 
 TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
+# (ours) The scale each generating task decodes by default, from the paper's use of the scales
+# (DESIGN.md table): coarse for diverse text-to-image, fine where the output must keep the
+# input's layout. These are also the router's training labels unless an example overrides them.
+TASK_SCALE = {"t2i": 3, "edit": 1, "conditional": 0}
 SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. The "
                   "assistant gives helpful, detailed, and polite answers to the user's questions.")
 NUM_POSITION_TOKENS = 224
@@ -69,6 +73,8 @@ class Image:
   # Generated images may stop after a coarser scale: slots of finer scales are then not
   # supervised. None = all five scales.
   scales: tuple[int, ...] | None = None
+  # Scale the router should pick for this generated image (0..4); None = the task default.
+  route: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +111,7 @@ class Built:
   text_mask: np.ndarray     # bool: text CE at this position
   feature_weight: np.ndarray  # float32: scale weight of the next slot's feature MSE (0: none)
   target_scale: np.ndarray  # int32 scale of the next feature slot, -1 elsewhere (for metrics)
+  router_label: np.ndarray  # int32 scale to decode, at the [IMG] of a generated image; else -1
   num_images: int
   task: int
 
@@ -121,6 +128,7 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
   img_idx: list[int] = [-1]
   img_tok: list[int] = [-1]
   sup: list[bool] = [False]  # is this position's *content* supervised (predicted from p-1)?
+  route: dict[int, int] = {}  # position of [IMG] -> router label
   n_img = 0
   for seg in segments:
     if isinstance(seg, Text):
@@ -144,6 +152,11 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
       if not keep <= set(range(5)):
         raise ValueError(f"image scales {seg.scales} must be scale indices 0..4 "
                          f"({', '.join(SCALE_NAMES)})")
+      if seg.supervised and (seg.route is not None or task in TASK_SCALE):
+        label = seg.route if seg.route is not None else TASK_SCALE[task]
+        if not 0 <= label < 5:
+          raise ValueError(f"image route {label} must be a scale index 0..4")
+        route[len(toks)] = label
       toks.append(special.img_start)
       img_idx.append(-1)
       img_tok.append(-1)
@@ -177,9 +190,12 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
   weights = np.vectorize(lambda s: SCALE_WEIGHTS.get(int(s), 0.0), otypes=[np.float32])(
       target_scale)
   feature_weight = np.where(nxt_is_feat & nxt_sup, weights, 0.0).astype(np.float32)
+  router_label = np.full(len(toks_a), -1, np.int32)
+  for p, label in route.items():
+    router_label[p] = label
   return Built(tokens=toks_a, image_index=idx_a, image_token=tok_a, text_target=text_target,
                text_mask=text_mask, feature_weight=feature_weight, target_scale=target_scale,
-               num_images=max(n_img, num_images or 0), task=TASKS.index(task))
+               router_label=router_label, num_images=max(n_img, num_images or 0), task=TASKS.index(task))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +252,7 @@ def text_only(text: str) -> list[Segment]:
 
 
 FIELDS = ("tokens", "image_index", "image_token", "text_target", "text_mask", "feature_weight",
-          "target_scale")
+          "target_scale", "router_label")
 
 
 def pack(examples: Sequence[Built], seq_len: int, max_images: int,
@@ -269,7 +285,7 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
     packed += 1
   pad = seq_len - used
   fill = {"tokens": pad_id, "image_index": -1, "image_token": -1, "text_target": pad_id,
-          "text_mask": False, "feature_weight": 0.0, "target_scale": -1}
+          "text_mask": False, "feature_weight": 0.0, "target_scale": -1, "router_label": -1}
   out = {}
   for k in FIELDS:
     parts = row[k] + [np.full(pad, fill[k], dtype=np.asarray(fill[k]).dtype)]
@@ -280,4 +296,43 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
   out["task_id"] = np.concatenate(task + [np.full(pad, -1, np.int32)])
   out["num_images"] = np.int32(images)
   out["packed"] = packed
+  return out
+
+
+class ByteTokenizer:
+  """A byte-level tokenizer for the tiny configs and the synthetic data (no files needed).
+
+  ids: 0 pad, 1 <s>, 2 </s>, 3 [IMG], 4 [/IMG], 5..260 bytes, 261..484 grounding positions.
+  Real runs use the LLaMA tokenizer with PUMA's tokens added (puma_jax.tokenizer).
+  """
+  BYTE0 = 5
+  vocab_size = 5 + 256 + NUM_POSITION_TOKENS
+
+  def __init__(self):
+    self.special = SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4,
+                                 pos0=self.BYTE0 + 256)
+
+  def encode(self, text: str) -> list[int]:
+    return [self.BYTE0 + b for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) - self.BYTE0 for i in ids
+                 if self.BYTE0 <= int(i) < self.BYTE0 + 256).decode("utf-8", errors="replace")
+
+
+def build_prompt(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
+                 special: SpecialTokens, open_image: bool = False) -> dict[str, np.ndarray]:
+  """An inference prompt: `<s> segments...` (no `</s>`), ending in `[IMG]` if `open_image`.
+
+  Returns `tokens`, `image_index`, `image_token` (as in `build`) and `num_images`.
+  """
+  b = build(list(segments), encode, special, "text")
+  keep = len(b) - 1  # drop </s>
+  out = {"tokens": b.tokens[:keep], "image_index": b.image_index[:keep],
+         "image_token": b.image_token[:keep]}
+  if open_image:
+    out = {"tokens": np.append(out["tokens"], special.img_start).astype(np.int32),
+           "image_index": np.append(out["image_index"], -1).astype(np.int32),
+           "image_token": np.append(out["image_token"], -1).astype(np.int32)}
+  out["num_images"] = b.num_images
   return out

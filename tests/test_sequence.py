@@ -179,3 +179,15 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
   # per-task image sums add up to the total
   np.testing.assert_allclose(float(m["task_image_mse_sum"].sum()), float(m["image_mse_sum"]),
                              rtol=1e-5)
+
+
+def test_router_labels_default_per_task_and_override():
+  b = build(seq.t2i("x"), "t2i")
+  img = int(np.nonzero(b.tokens == SP.img_start)[0][0])
+  assert b.router_label[img] == seq.TASK_SCALE["t2i"] and (b.router_label >= 0).sum() == 1
+  b = build(seq.edit("y"), "edit")
+  starts = np.nonzero(b.tokens == SP.img_start)[0]
+  assert b.router_label[starts[0]] == -1 and b.router_label[starts[1]] == seq.TASK_SCALE["edit"]
+  b = build([seq.Text("z"), seq.Image(0, supervised=True, route=4)], "t2i")
+  assert set(b.router_label[b.router_label >= 0]) == {4}
+  assert (build(seq.i2t("q"), "i2t").router_label == -1).all()

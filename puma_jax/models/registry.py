@@ -14,6 +14,7 @@ from flax import nnx
 
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
+    "puma": ("puma_jax.models.puma", "PumaConfig", "PumaModel"),
     "llama": ("puma_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
 }
 
