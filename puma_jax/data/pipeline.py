@@ -114,15 +114,19 @@ def active_sources(dcfg) -> dict:
 
 def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None = None,
           encode: str | Callable | None = "arrays", host_index: int | None = None,
-          host_count: int | None = None) -> "CountingBatchDataset":
+          host_count: int | None = None, readers: dict | None = None) -> "CountingBatchDataset":
   """The whole pipeline. `encode`: "arrays" (transforms.ArrayEncoder, fixed-shape batches), a
   callable Example -> dict of arrays (e.g. the MLLM sequence builder), or None (batches are
-  lists of preprocessed Examples). Hosts default to jax.process_index() / process_count()."""
+  lists of preprocessed Examples). Hosts default to jax.process_index() / process_count().
+  `readers` maps source names to ready random-access readers (anything with len and
+  getitem), replacing what the config would open (tests, in-memory data)."""
   if host_index is None or host_count is None:
     import jax
     host_index, host_count = jax.process_index(), jax.process_count()
   srcs = active_sources(dcfg)
-  parts = [source_dataset(n, s, dcfg, split, host_index, host_count) for n, s in srcs.items()]
+  readers = readers or {}
+  parts = [source_dataset(n, s, dcfg, split, host_index, host_count, readers.get(n))
+           for n, s in srcs.items()]
   weights = [float(s.weight) for s in srcs.values()]
   if len(parts) == 1:
     ds = parts[0]
@@ -142,6 +146,11 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
   it = ds.to_iter_dataset(gp.ReadOptions(num_threads=int(dcfg.num_threads),
                                          prefetch_buffer_size=int(dcfg.prefetch)))
   if int(dcfg.num_workers) > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside an absl app (tests, notebooks) they are not
+      # parsed yet, and grain's documented remedy is to mark them parsed with defaults.
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(gp.MultiprocessingOptions(num_workers=int(dcfg.num_workers)))
   return CountingBatchDataset(it, int(dcfg.batch_size), bool(dcfg.drop_remainder),
                               int(dcfg.max_consecutive_skips))
