@@ -218,6 +218,8 @@ class Parser:
         raw_key = str(rec.get("key", ""))
         if "__error__" in rec:
           return Skip(rec["__error__"], self.source, raw_key, str(rec.get("__detail__", "")))
+      elif rec is None:
+        raise BadRecord("empty_record")
       else:
         raise BadRecord("wrong_type:record", f"record is {type(rec).__name__}")
       key = f"{self.source}/{raw_key}"

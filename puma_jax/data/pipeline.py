@@ -93,7 +93,7 @@ def source_dataset(name: str, scfg, dcfg, split: str = "train", host_index: int 
   if not 0 <= host_index < host_count:
     raise ValueError(f"host_index {host_index} outside 0..{host_count - 1}")
   reader = reader if reader is not None else open_source(name, scfg, dcfg, split)
-  ds = grain.MapDataset.source(reader)
+  ds = grain.MapDataset.source(_NoneSafe(reader))
   if host_count > 1:
     ds = ds[host_index::host_count]
   if len(ds) == 0:
@@ -154,6 +154,21 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
     it = it.mp_prefetch(gp.MultiprocessingOptions(num_workers=int(dcfg.num_workers)))
   return CountingBatchDataset(it, int(dcfg.batch_size), bool(dcfg.drop_remainder),
                               int(dcfg.max_consecutive_skips))
+
+
+class _NoneSafe:
+  """grain treats a None element as filtered out and drops it uncounted: turn it into an
+  error record so it is skipped *and* counted like any other bad record."""
+
+  def __init__(self, reader):
+    self.reader = reader
+
+  def __len__(self):
+    return len(self.reader)
+
+  def __getitem__(self, i):
+    rec = self.reader[i]
+    return {"__error__": "empty_record", "key": str(i)} if rec is None else rec
 
 
 class _SkipSafe:
