@@ -47,6 +47,12 @@ def test_canny_thresholds_and_flat_images():
   img[10:20, 5:15] = 60                # isolated faint blob
   e = imaging.canny(img, low=100, high=400)
   assert e[:, 30:34].any() and not e[:, :20].any()
+  # Equal luma, different colour: found through the strongest channel (OpenCV's colour rule).
+  iso = square_image(fg=0, bg=0)
+  iso[:] = (76, 76, 76)
+  iso[16:48, 16:48] = (255, 0, 0)   # luma of pure red is 76 as well
+  assert not imaging.canny(imaging.grayscale(iso)).any()
+  assert imaging.canny(iso)[20:44, 14:18].any()
   with pytest.raises(ValueError, match="low threshold"):
     imaging.canny(img, low=10, high=5)
 
