@@ -212,3 +212,32 @@ def test_config_errors_name_the_field(tmp_path):
     sources.JsonlSource(str(tmp_path / "nothing-here*.jsonl"))
   with pytest.raises(ValueError, match="unknown preset"):
     data_config.get_config("nope")
+
+
+@pytest.mark.slow
+def test_tfds_array_record_source(tmp_path):
+  """A TFDS dataset prepared as ArrayRecord, read through tfds.data_source (random access)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyCaps(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "captions": tfds.features.FeaturesDict({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        yield i, {"image": np.full((8, 10, 3), i * 40, np.uint8),
+                  "captions": {"text": f"cap {i}"}}
+
+  TinyCaps(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  src = sources.TfdsSource("tiny_caps", "train", str(tmp_path),
+                           fields={"image": "image", "caption": "captions/text"})
+  out = sorted(parse_all(src, "pairs"), key=lambda e: e.text)
+  assert [o.text for o in out] == [f"cap {i}" for i in range(4)]
+  assert [int(o.images[0][0, 0, 0]) for o in out] == [0, 40, 80, 120]
