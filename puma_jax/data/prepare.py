@@ -25,20 +25,28 @@ from absl import app, flags
 from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, sources
 
-_FORMAT = flags.DEFINE_enum("format", None, list(data_config.FORMATS), "Input format.")
-_FAMILY = flags.DEFINE_enum("family", None, list(parse.PARSERS[:-1]), "Task family.")
-_SRC = flags.DEFINE_string("src", "", "Input files or globs, comma-separated.")
-_DST = flags.DEFINE_string("dst", None, "Output prefix: writes PREFIX-00000-of-0000N.array_record")
-_IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Folder for relative image paths.")
-_FIELDS = flags.DEFINE_string("fields", "", "Field renames canonical=own, comma-separated.")
-_SPLIT = flags.DEFINE_string("split", "train", "Synthetic / tfds split.")
-_TFDS = flags.DEFINE_string("tfds_name", "", "TFDS dataset name (format tfds).")
-_PER_FILE = flags.DEFINE_integer("records_per_file", 100_000, "Records per output file.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many input records (0: all).")
-_SYN_SIZE = flags.DEFINE_integer("synthetic_size", 64, "Synthetic image side.")
-_SYN_N = flags.DEFINE_integer("synthetic_num", 2000, "Synthetic training scenes.")
-_BOX_FORMAT = flags.DEFINE_enum("box_format", "normalized", ["normalized", "pixels"],
-                                "Grounding box coordinates in the input.")
+
+
+def _define_flags():
+  """CLI flags, defined only when run as a program: importing this module (tests, the
+  training entry point) must not add flags to the importer's absl namespace."""
+  global _FORMAT, _FAMILY, _SRC, _DST, _IMAGE_ROOT, _FIELDS, _SPLIT, _TFDS, _PER_FILE, _LIMIT
+  global _SYN_SIZE, _SYN_N, _BOX_FORMAT
+  _FORMAT = flags.DEFINE_enum("format", None, list(data_config.FORMATS), "Input format.")
+  _FAMILY = flags.DEFINE_enum("family", None, list(parse.PARSERS[:-1]), "Task family.")
+  _SRC = flags.DEFINE_string("src", "", "Input files or globs, comma-separated.")
+  _DST = flags.DEFINE_string("dst", None,
+                             "Output prefix: writes PREFIX-00000-of-0000N.array_record")
+  _IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Folder for relative image paths.")
+  _FIELDS = flags.DEFINE_string("fields", "", "Field renames canonical=own, comma-separated.")
+  _SPLIT = flags.DEFINE_string("split", "train", "Synthetic / tfds split.")
+  _TFDS = flags.DEFINE_string("tfds_name", "", "TFDS dataset name (format tfds).")
+  _PER_FILE = flags.DEFINE_integer("records_per_file", 100_000, "Records per output file.")
+  _LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many input records (0: all).")
+  _SYN_SIZE = flags.DEFINE_integer("synthetic_size", 64, "Synthetic image side.")
+  _SYN_N = flags.DEFINE_integer("synthetic_num", 2000, "Synthetic training scenes.")
+  _BOX_FORMAT = flags.DEFINE_enum("box_format", "normalized", ["normalized", "pixels"],
+                                  "Grounding box coordinates in the input.")
 
 
 def inline_images(rec: dict) -> dict:
@@ -111,5 +119,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["format", "family", "dst"])
   app.run(main)

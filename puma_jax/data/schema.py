@@ -2,24 +2,23 @@
 
 An `Example` is what the sequence builder (`puma_jax.sequence`) consumes. Per task:
 
-| task          | images                    | text fields                                   |
-|---------------|---------------------------|-----------------------------------------------|
-| `t2i`         | (target,)                 | `text` = caption (the prompt)                 |
-| `i2t`         | (image,)                  | `text` = caption (the answer)                 |
-| `grounding`   | (image,)                  | `text` = caption; `phrases[i]` = (start, end) character span of the |
-|               |                           | phrase that `boxes[i]` locates                |
-| `text`        | ()                        | `text` = the document                         |
-| `chat`        | 0..n images               | `conversation` = turns; each image sits where `IMAGE_PLACEHOLDER`  |
-|               |                           | appears in user turns (one placeholder per image, in order)        |
-| `edit`        | (source, target)          | `instruction`                                 |
-| `conditional` | (condition, target)       | `cond_type` in COND_TYPES; `text` = caption (may be empty); for   |
-|               |                           | `inpaint`, `mask` (H, W) uint8, 1 = region to fill                |
+- `t2i`: images (target,); `text` = caption (the prompt).
+- `i2t`: images (image,); `text` = caption (the answer).
+- `grounding`: images (image,); `text` = caption; `phrases[i]` = (start, end) character span of
+  the phrase that `boxes[i]` locates.
+- `text`: no images; `text` = the document.
+- `chat`: 0..n images; `conversation` = turns; each image sits where `IMAGE_PLACEHOLDER`
+  appears in the user turns (one placeholder per image, in order).
+- `edit`: images (source, target); `instruction`.
+- `conditional`: images (condition, target); `cond_type` in COND_TYPES; `text` = caption (may
+  be empty); for `inpaint`, `mask` (H, W) uint8, 1 = the region to fill (black in condition).
 
 Images are uint8 HWC RGB numpy arrays. `boxes` are float32 (N, 4) `[x_min, y_min, x_max, y_max]`
 normalized to [0, 1] of the image as stored in `images` (after any crop the transforms apply,
 boxes are re-expressed in the cropped frame). After `transforms.Preprocess`, `images` hold the
 CLIP-resolution views and `vae_images` the VAE-resolution views of the same crop, and
-`token_ids` maps "text", "instruction" and "turn.{i}" to token ids when a tokenizer is given.
+`token_ids` maps "text", "instruction" and "turn.{i}" to token ids when a tokenizer is given;
+`mask` is then at the CLIP view's resolution.
 """
 
 from __future__ import annotations

@@ -23,12 +23,18 @@ from ml_collections import config_flags
 from puma_jax.data import parse, pipeline, transforms
 from puma_jax.data.schema import Skip
 
-_CONFIG = config_flags.DEFINE_config_file("config", "puma_jax/data/config.py:synthetic",
-                                          "A data config, or a training config with .data")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Records read per source (0: all).")
-_SPLIT = flags.DEFINE_string("split", "train", "Split (synthetic / tfds sources).")
-_JSON = flags.DEFINE_string("json", "", "Also write the report here.")
-_MAX_SKIP = flags.DEFINE_float("max_skip_fraction", 0.5, "Fail above this skip fraction.")
+
+
+def _define_flags():
+  """CLI flags, defined only when run as a program: importing this module (tests, the
+  training entry point) must not add flags to the importer's absl namespace."""
+  global _CONFIG, _LIMIT, _SPLIT, _JSON, _MAX_SKIP
+  _CONFIG = config_flags.DEFINE_config_file("config", "puma_jax/data/config.py:synthetic",
+                                            "A data config, or a training config with .data")
+  _LIMIT = flags.DEFINE_integer("limit", 0, "Records read per source (0: all).")
+  _SPLIT = flags.DEFINE_string("split", "train", "Split (synthetic / tfds sources).")
+  _JSON = flags.DEFINE_string("json", "", "Also write the report here.")
+  _MAX_SKIP = flags.DEFINE_float("max_skip_fraction", 0.5, "Fail above this skip fraction.")
 
 
 def validate_source(name: str, scfg, dcfg, limit: int = 0, split: str = "train") -> dict:
@@ -118,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
