@@ -163,3 +163,9 @@ def test_worker_processes_match_in_process():
   cfg.num_workers = 2
   it = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
   assert_batches_equal(take(it, 6), a)
+  # Restore with workers: the state names the next index of each worker's slice.
+  state = it.get_state()
+  expected = take(it, 3)
+  fresh = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 3), expected)
