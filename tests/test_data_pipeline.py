@@ -169,3 +169,29 @@ def test_worker_processes_match_in_process():
   fresh = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
   fresh.set_state(state)
   assert_batches_equal(take(fresh, 3), expected)
+
+
+def test_decoder_preset_filters_small_images_and_aligns_views():
+  cfg = data_config.get_config("decoder")
+  cfg.image.clip_size, cfg.image.vae_size, cfg.image.min_resolution = 16, 24, 64
+  cfg.num_epochs, cfg.drop_remainder, cfg.batch_size, cfg.num_threads = 1, False, 4, 1
+  rng = np.random.default_rng(0)
+  big = [rng.integers(0, 256, (64 + i, 96, 3), dtype=np.uint8) for i in range(6)]
+  small = [rng.integers(0, 256, (40, 200, 3), dtype=np.uint8) for _ in range(3)]
+  records = [{"key": f"b{i}", "image": im} for i, im in enumerate(big)]   # no captions needed
+  records += [{"key": f"s{i}", "image": im, "caption": "small"} for i, im in enumerate(small)]
+  it = iter(pipeline.build(cfg, host_index=0, host_count=1, readers={"images": records}))
+  batches = list(it)
+  assert sum(len(b["task"]) for b in batches) == 6
+  assert it.metrics()["data/skipped/too_small"] == 3
+  b = batches[0]
+  assert np.all(b["task"] == TASK_IDS["image"])
+  assert b["images"].shape[2:] == (16, 16, 3) and b["vae_images"].shape[2:] == (24, 24, 3)
+  from PIL import Image
+
+  from puma_jax.data import imaging
+  crops = [imaging.center_crop(im) for im in big]
+  for img_clip, img_vae in zip(b["images"][:, 0], b["vae_images"][:, 0]):
+    # Both views come from the same centre crop of the same record.
+    (i,) = [i for i, c in enumerate(crops) if np.array_equal(imaging.resize(c, 16), img_clip)]
+    np.testing.assert_array_equal(img_vae, imaging.resize(crops[i], 24, Image.BICUBIC))

@@ -7,11 +7,11 @@ Presets (`get_config(preset)`):
              text-only, OCR-VQA / LLaVAR as chat. Paths are empty: fill them in, e.g.
              --config.data.sources.pairs.paths=/data/laion/{00000..00999}.tar
   unified    unified tuning mix (seed 7.2.4): t2i pairs, editing, conditional, chat
-  decoder    decoder training: image-only pairs, images >= 512 px, centre crop, VAE view
+  decoder    decoder training: images (captions optional), >= 512 px, centre crop, VAE view
 
 A source is `sources.<name>` with: format (synthetic | webdataset | parquet | jsonl | json |
 arrayrecord | tfds), paths (comma-separated files or globs), family (pairs | grounding | text |
-chat | edit | conditional), weight (mixing weight; 0 disables), image_root (folder for relative
+chat | edit | conditional | images), weight (mixing weight; 0 disables), image_root (folder for relative
 image paths), fields (canonical key -> the format's own key), box_format (grounding boxes:
 normalized | pixels), tfds_name / tfds_split / tfds_data_dir (format tfds).
 """
@@ -104,7 +104,7 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
     d.sources.chat = source("chat", 2.0, "json")               # LLaVA-1.5 mix
     d.text.i2t_fraction = 0.0                                   # unified tuning: t2i only
   elif preset == "decoder":
-    d.sources.images = source("pairs", 1.0, "webdataset")
+    d.sources.images = source("images", 1.0, "webdataset")   # captions not needed
     d.image.min_resolution = 512
     d.image.vae_size = 1024
   return d

@@ -18,7 +18,7 @@ from puma_jax.data import imaging
 from puma_jax.data.schema import (COND_TYPES, IMAGE_PLACEHOLDER, BadRecord, Example, Skip, Turn)
 
 # The task families a source can hold ("pairs" become t2i or i2t).
-PARSERS = ("pairs", "grounding", "text", "chat", "edit", "conditional", "example")
+PARSERS = ("pairs", "grounding", "text", "chat", "edit", "conditional", "images", "example")
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -189,6 +189,13 @@ def parse_conditional(rec, key, opt: ParseOptions) -> Example:
                  cond_type=cond, mask=mask)
 
 
+def parse_images(rec, key, opt: ParseOptions) -> Example:
+  """Images for decoder training; a caption is kept when present and well-formed."""
+  image = load_image(rec.get("image"), rec)
+  cap = rec.get("caption")
+  return Example(task="image", images=(image,), text=cap.strip() if isinstance(cap, str) else "")
+
+
 def parse_example(rec, key, opt: ParseOptions) -> Example:
   """Records that already are Examples (built-in generators)."""
   if not isinstance(rec, Example):
@@ -198,7 +205,7 @@ def parse_example(rec, key, opt: ParseOptions) -> Example:
 
 _FUNCS = {"pairs": parse_pairs, "grounding": parse_grounding, "text": parse_text,
           "chat": parse_chat, "edit": parse_edit, "conditional": parse_conditional,
-          "example": parse_example}
+          "images": parse_images, "example": parse_example}
 
 
 class Parser:

@@ -12,6 +12,8 @@ An `Example` is what the sequence builder (`puma_jax.sequence`) consumes. Per ta
 - `edit`: images (source, target); `instruction`.
 - `conditional`: images (condition, target); `cond_type` in COND_TYPES; `text` = caption (may
   be empty); for `inpaint`, `mask` (H, W) uint8, 1 = the region to fill (black in condition).
+- `image`: images (image,); `text` = caption if the record has one, else "". Decoder training
+  (reconstruction from CLIP features) needs no caption.
 
 Images are uint8 HWC RGB numpy arrays. `boxes` are float32 (N, 4) `[x_min, y_min, x_max, y_max]`
 normalized to [0, 1] of the image as stored in `images` (after any crop the transforms apply,
@@ -28,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("t2i", "i2t", "grounding", "text", "chat", "edit", "conditional")
+TASKS = ("t2i", "i2t", "grounding", "text", "chat", "edit", "conditional", "image")
 TASK_IDS = {t: i for i, t in enumerate(TASKS)}
 COND_TYPES = ("canny", "inpaint", "colorize")
 ROLES = ("user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 # How many images each task carries (chat: any number up to a config limit).
-NUM_IMAGES = {"t2i": 1, "i2t": 1, "grounding": 1, "text": 0, "edit": 2, "conditional": 2}
+NUM_IMAGES = {"t2i": 1, "i2t": 1, "grounding": 1, "text": 0, "edit": 2, "conditional": 2,
+              "image": 1}
 
 
 class BadRecord(Exception):
@@ -121,6 +124,8 @@ def validate(ex: Example) -> None:
     if ex.cond_type == "inpaint":
       if not isinstance(ex.mask, np.ndarray) or ex.mask.shape != ex.images[1].shape[:2]:
         raise BadRecord("bad_mask", "inpaint needs a mask of the target's (H, W)")
+  if ex.task == "image":
+    _check_text(ex.text, "text", allow_empty=True)
   if ex.task == "chat":
     _validate_conversation(ex)
   if ex.task == "grounding":
