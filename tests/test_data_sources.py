@@ -241,3 +241,25 @@ def test_tfds_array_record_source(tmp_path):
   out = sorted(parse_all(src, "pairs"), key=lambda e: e.text)
   assert [o.text for o in out] == [f"cap {i}" for i in range(4)]
   assert [int(o.images[0][0, 0, 0]) for o in out] == [0, 40, 80, 120]
+
+
+def test_concurrent_threads_and_pickling_read_the_same_records(tmp_path):
+  """grain reads with several threads (and pickles sources into worker processes)."""
+  import pickle
+  from concurrent.futures import ThreadPoolExecutor
+  path = tmp_path / "s.tar"
+  with tarfile.open(path, "w") as tar:
+    for i in range(40):
+      add_member(tar, f"{i:03d}.png", png(img_array(i, 16 + i % 5, 20)))
+      add_member(tar, f"{i:03d}.txt", f"caption number {i}".encode())
+  lines = [json.dumps({"text": f"document {i} " + "x" * (i * 37 % 200)}) for i in range(40)]
+  (tmp_path / "t.jsonl").write_text("\n".join(lines))
+  for src in (sources.WebDatasetSource(str(path)), sources.JsonlSource(str(tmp_path / "t.jsonl"))):
+    expected = [src[i] for i in range(len(src))]
+    order = list(np.random.default_rng(0).permutation(len(src))) * 5
+    with ThreadPoolExecutor(8) as pool:
+      got = list(pool.map(lambda i: (i, src[i]), order))
+    for i, rec in got:
+      assert rec == expected[i]
+    clone = pickle.loads(pickle.dumps(src))
+    assert all(clone[i] == expected[i] for i in range(len(src)))

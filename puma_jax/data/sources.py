@@ -10,10 +10,12 @@ onto them (e.g. `{"caption": "TEXT", "image": "jpg"}` for a LAION-style parquet)
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Mapping, Sequence
 
 import msgpack
@@ -52,6 +54,39 @@ class _Source:
   def __init__(self, fields=None, image_root: str = ""):
     self.fields = dict(fields or {})
     self.image_root = image_root
+    self._fds = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    # Open descriptors and locks do not cross process boundaries: workers reopen lazily.
+    return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock", "_cache")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._fds, self._lock = {}, threading.Lock()
+    if hasattr(type(self), "_CACHE_SIZE"):
+      self._cache = collections.OrderedDict()
+
+  def __del__(self):
+    for fd in getattr(self, "_fds", {}).values():
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+
+  def _pread(self, path: str, offset: int, size: int) -> bytes:
+    """Positional read: grain reads with several threads, and a shared file offset
+    (seek + read) would let one thread's seek land in the middle of another's read."""
+    fd = self._fds.get(path)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(path)
+        if fd is None:
+          fd = self._fds[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+      raise EOFError(f"{path}: read {len(data)} of {size} bytes at offset {offset}")
+    return data
 
   def _finish(self, rec, key: str) -> dict:
     if not isinstance(rec, dict):
@@ -75,30 +110,25 @@ class JsonlSource(_Source):
   def __init__(self, paths, fields=None, image_root: str = ""):
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
-    self._index = []   # (file number, offset)
+    self._index = []   # (file number, offset, length)
     for fi, p in enumerate(self.paths):
       with open(p, "rb") as f:
         off = 0
         for line in f:
           if line.strip():
-            self._index.append((fi, off))
+            self._index.append((fi, off, len(line)))
           off += len(line)
-    self._files = {}
-
-  def __getstate__(self):
-    return {**self.__dict__, "_files": {}}
 
   def __len__(self):
     return len(self._index)
 
   def __getitem__(self, i):
-    fi, off = self._index[i]
+    fi, off, size = self._index[i]
     key = f"{os.path.basename(self.paths[fi])}:{off}"
-    f = self._files.get(fi)
-    if f is None:
-      f = self._files[fi] = open(self.paths[fi], "rb")
-    f.seek(off)
-    line = f.readline()
+    try:
+      line = self._pread(self.paths[fi], off, size)
+    except (OSError, EOFError) as e:
+      return {"__error__": "read_error", "key": key, "__detail__": str(e)[:200]}
     try:
       rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -157,23 +187,12 @@ class WebDatasetSource(_Source):
         # A truncated shard still yields the members indexed before the damage.
         self.broken_shards[p] = f"{type(e).__name__}: {e}"
       self._index.extend((si, k, g) for k, g in groups.items())
-    self._files = {}
-
-  def __getstate__(self):
-    return {**self.__dict__, "_files": {}}
 
   def __len__(self):
     return len(self._index)
 
   def _read(self, si, off, size) -> bytes:
-    f = self._files.get(si)
-    if f is None:
-      f = self._files[si] = open(self.paths[si], "rb")
-    f.seek(off)
-    data = f.read(size)
-    if len(data) != size:
-      raise EOFError(f"member truncated: {len(data)} of {size} bytes")
-    return data
+    return self._pread(self.paths[si], off, size)
 
   def __getitem__(self, i):
     si, key, members = self._index[i]
@@ -197,8 +216,14 @@ class WebDatasetSource(_Source):
 
 class ParquetSource(_Source):
   """Parquet with an image-bytes column (raw bytes, or a HF-datasets struct {"bytes", "path"})
-  or an image-path column (relative to `image_root`), plus a caption column. Reads one row
-  group at a time and keeps the last one cached: sequential-ish access stays cheap."""
+  or an image-path column (relative to `image_root`), plus a caption column.
+
+  Parquet has no row-level random access: a read decodes a whole row group, and the last few
+  are cached. Shuffled reads over large files therefore re-decode row groups; for training at
+  scale convert once with `python -m puma_jax.data.prepare` (ArrayRecord: per-record access).
+  """
+
+  _CACHE_SIZE = 4
 
   def __init__(self, paths, fields=None, image_root: str = ""):
     import pyarrow.parquet as pq
@@ -209,20 +234,32 @@ class ParquetSource(_Source):
       meta = pq.ParquetFile(p).metadata
       for g in range(meta.num_row_groups):
         self._index.extend((fi, g, r) for r in range(meta.row_group(g).num_rows))
-    self._cache = (None, None)
-
-  def __getstate__(self):
-    return {**self.__dict__, "_cache": (None, None)}
+    self._cache = collections.OrderedDict()
 
   def __len__(self):
     return len(self._index)
 
-  def __getitem__(self, i):
+  def _row_group(self, fi, g):
     import pyarrow.parquet as pq
+    with self._lock:
+      rows = self._cache.get((fi, g))
+      if rows is not None:
+        self._cache.move_to_end((fi, g))
+        return rows
+    rows = pq.ParquetFile(self.paths[fi]).read_row_group(g).to_pylist()
+    with self._lock:
+      self._cache[(fi, g)] = rows
+      while len(self._cache) > self._CACHE_SIZE:
+        self._cache.popitem(last=False)
+    return rows
+
+  def __getitem__(self, i):
     fi, g, r = self._index[i]
-    if self._cache[0] != (fi, g):
-      self._cache = ((fi, g), pq.ParquetFile(self.paths[fi]).read_row_group(g).to_pylist())
-    rec = dict(self._cache[1][r])
+    try:
+      rows = self._row_group(fi, g)
+    except OSError as e:
+      return {"__error__": "read_error", "key": f"{fi}:{g}:{r}", "__detail__": str(e)[:200]}
+    rec = dict(rows[r])
     key = f"{os.path.basename(self.paths[fi])}:{g}:{r}"
     rec = self._finish(rec, str(rec.get("key", key)) if rec.get("key") is not None else key)
     img = rec.get("image")
