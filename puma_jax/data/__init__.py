@@ -1,0 +1,6 @@
+"""Data pipelines for every PUMA task (grain), the built-in synthetic set, bad-data handling.
+
+`schema` defines the task-example record, `sources` the file readers, `parse` the per-task
+parsers, `transforms` crops/resizes/tokenization, `pipeline.build(cfg.data)` the iterator,
+`config.get_config()` the `data` ConfigDict, `synthetic` the built-in shapes set.
+"""
