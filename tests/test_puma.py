@@ -41,8 +41,9 @@ def test_packing_equals_separate_examples(model):
   packed = seq.pack([ex1, ex2], 1280, 3, SP.pad)
   assert packed["packed"] == 2
   sep = [seq.pack([ex1], 1280, 3, SP.pad), seq.pack([ex2], 1280, 3, SP.pad)]
-  out_p = model(rows_to_batch([packed], imgs[None]))
-  out_s = model(rows_to_batch(sep, jnp.stack([imgs, jnp.concatenate([imgs[2:], imgs[:2]])])))
+  forward = jitted_forward(model)
+  out_p = forward(rows_to_batch([packed], imgs[None]))
+  out_s = forward(rows_to_batch(sep, jnp.stack([imgs, jnp.concatenate([imgs[2:], imgs[:2]])])))
   n1, n2 = len(ex1), len(ex2)
   for key in ("logits", "feature_pred", "router_logits"):
     np.testing.assert_allclose(out_p[key][0, :n1], out_s[key][0, :n1], rtol=1e-4, atol=1e-5)
@@ -55,20 +56,28 @@ def test_packing_equals_separate_examples(model):
   np.testing.assert_allclose(float(lp), float(ls), rtol=1e-5)
 
 
+def jitted_forward(model):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda b: nnx.merge(graphdef, state)(b))
+
+
 def reference_features(model, prompt, images, num_slots):
-  """Coarse-to-fine generation by repeated full forward passes (no cache)."""
+  """Coarse-to-fine generation by repeated full forward passes (no cache). Every pass has the
+  same length (the tail is causally invisible), so one compiled forward serves them all."""
   m = prompt["num_images"]
   gen = np.zeros((seq.IMAGE_TOKENS, model.config.feature_dim), np.float32)
   feats_in = np.asarray(model.encode_images(images[None]))[0]  # (M, 341, F)
+  forward = jitted_forward(model)
+  n = len(prompt["tokens"])
   out = []
   for j in range(num_slots):
-    n = len(prompt["tokens"])
-    batch = {"tokens": np.concatenate([prompt["tokens"], np.zeros(j, np.int32)])[None],
-             "image_index": np.concatenate([prompt["image_index"], np.full(j, m)])[None],
-             "image_token": np.concatenate([prompt["image_token"], np.arange(j)])[None],
+    batch = {"tokens": np.concatenate([prompt["tokens"], np.zeros(num_slots, np.int32)])[None],
+             "image_index": np.concatenate([prompt["image_index"],
+                                            np.where(np.arange(num_slots) < j, m, -1)])[None],
+             "image_token": np.concatenate([prompt["image_token"], np.arange(num_slots)])[None],
              "image_features": np.concatenate([feats_in[:m], gen[None]])[None]}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    pred = np.asarray(model(batch)["feature_pred"])[0, n + j - 1]
+    pred = np.asarray(forward(batch)["feature_pred"])[0, n + j - 1]
     gen[j] = pred
     out.append(pred)
   return np.stack(out)
@@ -96,16 +105,18 @@ def test_cached_text_generation_equals_full_forwards(model):
              seq.build_prompt([seq.Image(0), seq.Text("Caption:")], TOK.encode, SP)]
   got = generation.generate_text(model, prompts, 12, images=images, stop_tokens=())
   feats_in = model.encode_images(images)
+  forward = jitted_forward(model)
   for i, pr in enumerate(prompts):
-    toks = list(pr["tokens"])
-    idx, slot = list(pr["image_index"]), list(pr["image_token"])
+    n = len(pr["tokens"])
+    pad = lambda a, v: list(a) + [v] * 12
+    toks, idx, slot = pad(pr["tokens"], 0), pad(pr["image_index"], -1), pad(pr["image_token"], -1)
     ref = []
-    for _ in range(12):
+    for j in range(12):
       batch = {"tokens": jnp.asarray([toks]), "image_index": jnp.asarray([idx]),
                "image_token": jnp.asarray([slot]), "image_features": feats_in[i:i + 1]}
-      nxt = int(jnp.argmax(model(batch)["logits"][0, -1]))
+      nxt = int(jnp.argmax(forward(batch)["logits"][0, n + j - 1]))
       ref.append(nxt)
-      toks, idx, slot = toks + [nxt], idx + [-1], slot + [-1]
+      toks[n + j] = nxt
     assert got[i] == ref
 
 

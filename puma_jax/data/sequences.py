@@ -1,0 +1,106 @@
+"""Task examples (`data.schema.Example`) -> MLLM training rows (`puma_jax.sequence`).
+
+`MLLMEncoder` is the `encode` callable of `data.pipeline.build`: every example becomes one row
+of `seq_len` positions plus its images (uint8, CLIP resolution; normalized on the device).
+An example that cannot be encoded (too long, too many images) raises ValueError, which the
+pipeline counts as a skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from puma_jax import sequence as seq
+from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example
+
+# data.schema task -> sequence task
+_TASK = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
+         "edit": "edit", "conditional": "conditional"}
+
+
+def _grounded_caption(ex: Example) -> list[seq.Segment]:
+  """GRIT-style: the caption is supervised, each grounded phrase followed by its box tokens."""
+  segs: list[seq.Segment] = [seq.Image(0)]
+  order = sorted(range(len(ex.phrases)), key=lambda i: ex.phrases[i][1])
+  pos = 0
+  for i in order:
+    _, end = ex.phrases[i]
+    if end > pos:
+      segs.append(seq.Text(ex.text[pos:end], supervised=True))
+      pos = end
+    segs.append(seq.Boxes((tuple(float(v) for v in ex.boxes[i]),), supervised=True))
+  if pos < len(ex.text):
+    segs.append(seq.Text(ex.text[pos:], supervised=True))
+  return segs
+
+
+def _chat(ex: Example) -> list[seq.Segment]:
+  """LLaVA-1.5 layout with the seed's system message; images where the user put `<image>`."""
+  segs: list[seq.Segment] = [seq.Text(seq.SYSTEM_MESSAGE)]
+  k = 0
+  for turn in ex.conversation:
+    if turn.role == "user":
+      segs.append(seq.Text(" USER: "))
+      parts = turn.text.split(IMAGE_PLACEHOLDER)
+      for j, part in enumerate(parts):
+        if j:
+          segs.append(seq.Image(k))
+          k += 1
+        if part:
+          segs.append(seq.Text(part))
+      segs.append(seq.Text(" ASSISTANT:"))
+    else:
+      segs.append(seq.Text(" " + turn.text, supervised=True))
+  return segs
+
+
+def segments(ex: Example) -> tuple[list[seq.Segment], str]:
+  """The segments and the sequence task of one example."""
+  if ex.task not in _TASK:
+    raise ValueError(f"task {ex.task!r} has no MLLM sequence (decoder-only data?)")
+  t = ex.task
+  if t == "t2i":
+    return seq.t2i(ex.text), t
+  if t == "i2t":
+    return seq.i2t(ex.text), t
+  if t == "grounding":
+    return _grounded_caption(ex), t
+  if t == "text":
+    return seq.text_only(ex.text), t
+  if t == "chat":
+    return _chat(ex), t
+  if t == "edit":
+    return seq.edit(ex.instruction), t
+  return seq.conditional(ex.cond_type, ex.text), t
+
+
+class MLLMEncoder:
+  """Example -> one row of arrays (see `sequence.pack`) + `images` (max_images, S, S, 3)."""
+
+  def __init__(self, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
+               seq_len: int, max_images: int, image_size: int):
+    self.encode, self.special = encode, special
+    self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
+
+  def __call__(self, ex: Example) -> dict[str, np.ndarray]:
+    segs, task = segments(ex)
+    encode = self.encode
+    if task == "text":  # documents are cut to the row; everything else must fit whole
+      budget = self.seq_len - 2
+      encode = lambda s: self.encode(s)[:budget]
+    built = seq.build(segs, encode, self.special, task, num_images=len(ex.images))
+    if len(ex.images) > self.max_images:
+      raise ValueError(f"{len(ex.images)} images > max_images={self.max_images}")
+    row = seq.pack([built], self.seq_len, self.max_images, self.special.pad)
+    row.pop("packed")
+    s = self.image_size
+    images = np.zeros((self.max_images, s, s, 3), np.uint8)
+    for i, im in enumerate(ex.images):
+      if im.shape != (s, s, 3):
+        raise ValueError(f"image {i} has shape {im.shape}; the encoder expects {(s, s, 3)} "
+                         "(data.image.clip_size)")
+      images[i] = im
+    row["images"] = images
+    return row
