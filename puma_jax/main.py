@@ -1,0 +1,37 @@
+"""Entry point: python -m puma_jax.main --config=configs/pretrain.py[:variant] [--workdir=DIR]
+[--config.key=value ...]
+
+Thin on purpose (as in the Flax examples): parse flags, then `train.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
+                                          "Training config file (and :variant).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
+                               "Directory for checkpoints and metrics (resumed if present).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from puma_jax import train
+  logging.set_verbosity(logging.INFO)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, train.StopTraining) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  app.run(main)
