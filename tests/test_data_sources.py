@@ -265,3 +265,15 @@ def test_concurrent_threads_and_pickling_read_the_same_records(tmp_path):
       assert rec == expected[i]
     clone = pickle.loads(pickle.dumps(src))
     assert all(clone[i] == expected[i] for i in range(len(src)))
+
+
+def test_chat_pairs_for_the_sequence_builder():
+  from puma_jax.data.schema import BadRecord, Turn, chat_pairs
+  img = img_array(0)
+  ex = Example("chat", images=(img,), conversation=(
+      Turn("user", "<image>\nWhat?"), Turn("assistant", "A cat."), Turn("assistant", "Grey."),
+      Turn("user", "Sure?"), Turn("assistant", "Yes."))).validate()
+  assert chat_pairs(ex) == [("What?", "A cat.\nGrey."), ("Sure?", "Yes.")]
+  with pytest.raises(BadRecord, match="bad_conversation"):
+    chat_pairs(Example("chat", conversation=(Turn("user", "q"), Turn("assistant", "a"),
+                                               Turn("user", "dangling"))))
