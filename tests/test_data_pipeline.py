@@ -104,6 +104,8 @@ def test_mixing_follows_weights():
   it = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
   tasks = np.concatenate([b["task"] for b in take(it, 4)])
   counts = collections.Counter(TASKS[t] for t in tasks)
+  assert {k: v for k, v in it.metrics().items() if k.startswith("data/task/")} == {
+      f"data/task/{t}": n for t, n in counts.items()}
   total = sum(float(s.weight) for s in cfg.sources.values())
   # pairs (weight 2) become t2i + i2t; every other family maps to one task.
   assert abs((counts["t2i"] + counts["i2t"]) / 200 - 2 / total) < 0.03
