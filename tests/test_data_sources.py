@@ -256,10 +256,24 @@ def test_concurrent_threads_and_pickling_read_the_same_records(tmp_path):
   (tmp_path / "t.jsonl").write_text("\n".join(lines))
   for src in (sources.WebDatasetSource(str(path)), sources.JsonlSource(str(tmp_path / "t.jsonl"))):
     expected = [src[i] for i in range(len(src))]
-    order = list(np.random.default_rng(0).permutation(len(src))) * 5
+    # Many reads: with a shared seek+read file offset this mixes records up about once per
+    # thousand reads on 2 cores.
+    order = list(np.random.default_rng(0).permutation(len(src))) * 50
     with ThreadPoolExecutor(8) as pool:
       got = list(pool.map(lambda i: (i, src[i]), order))
     for i, rec in got:
       assert rec == expected[i]
     clone = pickle.loads(pickle.dumps(src))
     assert all(clone[i] == expected[i] for i in range(len(src)))
+
+
+def test_chat_pairs_for_the_sequence_builder():
+  from puma_jax.data.schema import BadRecord, Turn, chat_pairs
+  img = img_array(0)
+  ex = Example("chat", images=(img,), conversation=(
+      Turn("user", "<image>\nWhat?"), Turn("assistant", "A cat."), Turn("assistant", "Grey."),
+      Turn("user", "Sure?"), Turn("assistant", "Yes."))).validate()
+  assert chat_pairs(ex) == [("What?", "A cat.\nGrey."), ("Sure?", "Yes.")]
+  with pytest.raises(BadRecord, match="bad_conversation"):
+    chat_pairs(Example("chat", conversation=(Turn("user", "q"), Turn("assistant", "a"),
+                                               Turn("user", "dangling"))))

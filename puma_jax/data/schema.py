@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("t2i", "i2t", "grounding", "text", "chat", "edit", "conditional", "image")
+# Same order as `puma_jax.sequence.TASKS` (so task ids agree), plus "image" (decoder training).
+TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text", "image")
 TASK_IDS = {t: i for i, t in enumerate(TASKS)}
 COND_TYPES = ("canny", "inpaint", "colorize")
 ROLES = ("user", "assistant")
@@ -166,3 +167,20 @@ def _validate_boxes(ex: Example) -> None:
   for s, e in ex.phrases:
     if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(ex.text)):
       raise BadRecord("bad_phrase_span", f"span ({s}, {e}) outside the caption")
+
+
+def chat_pairs(ex: Example) -> list[tuple[str, str]]:
+  """(question, answer) pairs of a chat example with image placeholders removed, the shape
+  `puma_jax.sequence.chat` takes (its image goes before the first question). Consecutive
+  turns of one speaker are joined with a newline; a conversation that starts with the
+  assistant or ends with the user cannot be paired and raises BadRecord."""
+  merged: list[list[str]] = []
+  for t in ex.conversation:
+    text = t.text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+    if merged and merged[-1][0] == t.role:
+      merged[-1][1] += "\n" + text
+    else:
+      merged.append([t.role, text])
+  if not merged or merged[0][0] != "user" or merged[-1][0] != "assistant":
+    raise BadRecord("bad_conversation", "turns must start with the user and end with the assistant")
+  return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged), 2)]
