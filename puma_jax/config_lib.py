@@ -65,6 +65,8 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c.train.async_checkpointing = True  # save in the background
   c.train.eval_every = 100 if tiny else 5000  # steps between held-out evaluations (0: never)
   c.train.eval_batches = 2 if tiny else 50    # batches per evaluation
+  c.train.same_data_on_hosts = False  # testing only: every host reads the global stream and
+                                      # keeps its slice (multi-process == one process)
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})  # -1: the rest

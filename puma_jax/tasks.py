@@ -47,6 +47,43 @@ def normalize_clip_images(images: jax.Array) -> jax.Array:
   return (x - jnp.asarray(clip_lib.CLIP_MEAN)) / jnp.asarray(clip_lib.CLIP_STD)
 
 
+class HostSlice:
+  """Every host reads the whole global stream and keeps its rows of each global batch.
+
+  Only for checking multi-process training against one process (identical global batches);
+  real runs shard the sources by host (`data.pipeline.build`)."""
+
+  def __init__(self, it, index: int, count: int):
+    self.it, self.index, self.count = it, index, count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.it)
+    n = len(next(iter(batch.values()))) // self.count
+    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+  def metrics(self):
+    return self.it.metrics()
+
+
+def host_data(dcfg, split: str, encode, same_on_hosts: bool):
+  from puma_jax.data import pipeline
+  if same_on_hosts and jax.process_count() > 1:
+    dcfg = dcfg.copy_and_resolve_references()
+    dcfg.batch_size = int(dcfg.batch_size) * jax.process_count()
+    it = iter(pipeline.build(dcfg, split=split, encode=encode, host_index=0, host_count=1))
+    return HostSlice(it, jax.process_index(), jax.process_count())
+  return iter(pipeline.build(dcfg, split=split, encode=encode))
+
+
 class MLLMTask:
   progress_keys = ("text_ce", "image_mse", "router_ce")
 
@@ -103,7 +140,7 @@ class MLLMTask:
     if split != "train":
       dcfg = dcfg.copy_and_resolve_references()
       dcfg.num_epochs, dcfg.shuffle = 1, False
-    return iter(pipeline.build(dcfg, split=split, encode=self._encoder()))
+    return host_data(dcfg, split, self._encoder(), bool(self.config.train.same_data_on_hosts))
 
   def device_arrays(self, host_batch: dict) -> dict:
     return {k: v for k, v in host_batch.items() if k != "num_images"}

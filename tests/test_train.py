@@ -1,0 +1,227 @@
+"""The training system: sharded == single-device step, resume after kill -9, two processes,
+NaN stop, SIGTERM, bad input, and the tiny default end to end."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from puma_jax import checkpoints, sharding, train
+from puma_jax import tasks as tasks_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config():
+  """configs/pretrain.py:tiny, cut down so each step takes well under a second on CPU."""
+  sys.path.insert(0, str(REPO))
+  from configs import pretrain
+  c = pretrain.get_config("tiny")
+  c.seq_len = 448
+  for name in ("chat", "edit", "conditional"):
+    c.data.sources[name].weight = 0.0
+  c.data.max_images = 1
+  c.data.batch_size = 8
+  c.train.log_every = 1
+  c.train.checkpoint_every = 4
+  c.train.eval_every = 0
+  c.train.async_checkpointing = False
+  c.optim.total_steps = 12
+  c.optim.warmup_steps = 2
+  return c
+
+
+def overrides(c) -> list[str]:
+  """The command-line overrides that turn configs/pretrain.py:tiny into `small_config()`."""
+  return [f"--config.seq_len={c.seq_len}", "--config.data.sources.chat.weight=0",
+          "--config.data.sources.edit.weight=0", "--config.data.sources.conditional.weight=0",
+          "--config.data.max_images=1", f"--config.data.batch_size={c.data.batch_size}",
+          "--config.train.log_every=1", f"--config.train.checkpoint_every={c.train.checkpoint_every}",
+          "--config.train.eval_every=0", "--config.train.async_checkpointing=False",
+          f"--config.optim.total_steps={c.optim.total_steps}",
+          f"--config.optim.warmup_steps={c.optim.warmup_steps}"]
+
+
+def read_metrics(workdir):
+  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def run_main(workdir, extra=(), env=None, **kw):
+  cmd = [sys.executable, "-m", "puma_jax.main", "--config=configs/pretrain.py",
+         f"--workdir={workdir}", *overrides(small_config()), *extra]
+  e = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kw)
+
+
+def one_step(config, mesh):
+  task = tasks_lib.make(config)
+  with sharding.use_mesh(mesh):
+    graphdef, state, frozen, rest, _, shards, tx, _ = train._restore_or_init(
+        task, None, mesh, sharding.DEFAULT_RULES, config)
+  host = next(task.train_data())
+  batch = train._global_batch(task.device_arrays(host), mesh)
+  step = jax.jit(task.train_step(graphdef, tx))
+  with sharding.use_mesh(mesh):
+    new, metrics = step(state, frozen, rest, batch)
+  return new, metrics, shards
+
+
+def test_sharded_step_equals_single_device():
+  config = small_config()
+  single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  ref, ref_m, _ = one_step(config, single)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  new, m, shards = one_step(config, mesh)
+  # parameters and optimizer state really are sharded over fsdp x tensor
+  k = new.params["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+  assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  mu = new.opt_state[1].inner_states["llm"].inner_state[0].mu["llm"]["layers"][0]["mlp"][
+      "gate_proj"]["kernel"]
+  assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+  flat_a = jax.tree.leaves(jax.device_get(new.params))
+  flat_b = jax.tree.leaves(jax.device_get(ref.params))
+  worst = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+              for a, b in zip(flat_a, flat_b))
+  assert worst < 1e-5
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  config = small_config()
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  ref, ref_m, _ = one_step(config, mesh)
+  config.train.grad_accum_steps = 4
+  new, m, _ = one_step(config, mesh)
+  np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(new.params)),
+                  jax.tree.leaves(jax.device_get(ref.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_and_resume_after_kill9_is_identical(tmp_path):
+  """Uninterrupted run vs a run killed (-9) after its step-4 checkpoint and then resumed."""
+  full = tmp_path / "full"
+  config = small_config()
+  last = train.train_and_evaluate(config, str(full))
+  ref = read_metrics(full)
+  assert sorted(ref) == list(range(1, 13))
+  assert np.mean([ref[s]["loss"] for s in (10, 11, 12)]) < np.mean(
+      [ref[s]["loss"] for s in (1, 2, 3)])
+  assert last["loss"] == ref[12]["loss"]
+
+  crash = tmp_path / "crash"
+  proc = run_main(crash)
+  deadline = time.time() + 600
+  while not (crash / "checkpoints" / "4").exists():
+    assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not (crash / "checkpoints" / "12").exists()
+  done = run_main(crash)
+  out, err = done.communicate(timeout=600)
+  assert done.returncode == 0, err[-3000:]
+  got = read_metrics(crash)
+  assert sorted(got) == list(range(1, 13))
+  for s in range(5, 13):
+    assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  port = _free_port()
+  steps = ["--config.optim.total_steps=3", "--config.train.same_data_on_hosts=True"]
+  procs = [run_main(tmp_path / "multi", steps + ["--config.data.batch_size=4"],
+                    env={"PUMA_COORDINATOR": f"localhost:{port}", "PUMA_NUM_PROCESSES": "2",
+                         "PUMA_PROCESS_ID": str(i)}) for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  one = run_main(tmp_path / "one", steps + ["--config.data.batch_size=8"])
+  out, err = one.communicate(timeout=900)
+  assert one.returncode == 0, err[-3000:]
+  a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "one")
+  for s in (1, 2, 3):
+    np.testing.assert_allclose(a[s]["loss"], b[s]["loss"], rtol=1e-5)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = small_config()
+  config.optim.total_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  config.optim.total_steps = 8
+  config.loss.image_weight = float("nan")
+  with pytest.raises(train.StopTraining, match="non-finite loss or gradient at step 5.*step 4"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
+      == [4]
+  config.loss.image_weight = 1.0
+  config.optim.total_steps = 5
+  train.train_and_evaluate(config, str(tmp_path))  # resumes from the good step 4
+  assert read_metrics(tmp_path)[5]["loss"] > 0
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = run_main(tmp_path, ["--config.optim.total_steps=1000",
+                             "--config.train.checkpoint_every=1000"])
+  deadline = time.time() + 600
+  while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+    assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 1 <= saved[0] < 1000
+
+
+def test_bad_inputs(tmp_path):
+  config = small_config()
+  config.mesh.data, config.mesh.fsdp = 3, -1
+  with pytest.raises(ValueError, match="does not divide the 8 available devices"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = small_config()
+  config.data.batch_size = 6
+  config.mesh.data, config.mesh.fsdp = 4, 2
+  with pytest.raises(ValueError, match="data.batch_size=6 .* does not divide over mesh"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  config = small_config()
+  config.seq_len = 300  # a t2i example (343 image positions) cannot fit
+  config.data.max_consecutive_skips = 20
+  with pytest.raises(Exception, match="bad records in a row"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+
+
+def test_workdir_of_another_model_is_refused_and_kept(tmp_path):
+  config = small_config()
+  config.optim.total_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  other = small_config()
+  other.model.llm.num_hidden_layers = 3
+  with pytest.raises(checkpoints.CheckpointError, match="another model.*llm|another model"):
+    train.train_and_evaluate(other, str(tmp_path))
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+  proc = run_main(tmp_path, ["--config.train.totl_steps=5"])
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "totl_steps" in err
