@@ -183,3 +183,15 @@ def test_bad_generation_inputs(models):
     generate_text(ours, [[3]], 4, temperature=1.0, top_p=0.0)
   with pytest.raises(ValueError, match="attention_mask shape"):
     generate_text(ours, np.ones((2, 4), int), 4, attention_mask=np.ones((2, 3)))
+
+
+def test_sharded_generation_equals_unsharded(models):
+  """Parameters sharded fsdp x tensor over 8 fake devices (stacked layers): same tokens."""
+  from puma_jax import sharding
+  _, ours = models
+  want = generate_text(ours, PROMPTS, 6, stop_tokens=())
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  sharded = sharding.shard_module(llama.set_scan_layers(ours, True), mesh)
+  assert len(sharded.layers.mlp.up_proj.kernel[...].sharding.device_set) == 8
+  with sharding.use_mesh(mesh):
+    assert generate_text(sharded, PROMPTS, 6, stop_tokens=()) == want
