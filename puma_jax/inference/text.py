@@ -26,29 +26,30 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 class Sampler(NamedTuple):
-  """The static part of the sampling setup (it changes the compiled graph)."""
+  """The static part of the sampling setup (it changes the compiled graph); the numbers
+  (temperature, top_k, top_p) are traced, so changing them does not recompile."""
   greedy: bool
-  top_k: int | None
-  top_p: bool
+  filtered: bool  # top-k and/or top-p restriction (costs a sort of the vocabulary per step)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature,
-                  top_p) -> jax.Array:
-  """Next tokens (B,) from float32 logits (B, V): greedy, or temperature / top-k / top-p."""
+def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature=1.0,
+                  top_k=0, top_p=1.0) -> jax.Array:
+  """Next tokens (B,) from logits (B, V): greedy, or softmax sampling at `temperature` from
+  the `top_k` most likely tokens (0: all), then from the smallest set of those whose
+  probability mass reaches `top_p` (HF's order: top-k first, top-p on what remains)."""
   if sampler.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
-  neg = jnp.finfo(jnp.float32).min
-  if sampler.top_k is not None:
-    kth = jax.lax.top_k(logits, sampler.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if sampler.top_p:
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (the first always).
+  if sampler.filtered:
+    neg = jnp.finfo(jnp.float32).min
+    v = logits.shape[-1]
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    sorted_logits = jnp.where(jnp.arange(v) < k, sorted_logits, neg)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
-    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    keep = (jnp.arange(v) < k) & ((before < top_p) | (jnp.arange(v) == 0))
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -84,7 +85,7 @@ def decode_step(model, tokens, cache: KVCache):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "capacity", "sampler"))
-def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperature, top_p, *,
+def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperature, top_k, top_p, *,
               slots, capacity, sampler):
   """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop."""
   model = nnx.merge(graphdef, state)
@@ -92,7 +93,7 @@ def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperatu
   cache = model.init_cache(b, slots)
   logits, cache = model(tokens, attention_mask=mask, cache=cache)
   key, sub = jax.random.split(key)
-  first = sample_logits(logits[:, -1], sub, sampler, temperature, top_p)
+  first = sample_logits(logits[:, -1], sub, sampler, temperature, top_k, top_p)
   out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_ids)
 
@@ -104,7 +105,7 @@ def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperatu
     step, out, done, prev, cache, key = carry
     logits, cache = model(prev[:, None], cache=cache)
     key, sub = jax.random.split(key)
-    tok = sample_logits(logits[:, -1], sub, sampler, temperature, top_p)
+    tok = sample_logits(logits[:, -1], sub, sampler, temperature, top_k, top_p)
     tok = jnp.where(done, -1, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
     done = done | jnp.isin(tok, stop_ids)
@@ -178,12 +179,12 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
   for i, r in enumerate(rows):
     tokens[i, p - r.size:] = r
     mask[i, p - r.size:] = True
-  sampler = Sampler(greedy=temperature == 0.0, top_k=top_k, top_p=top_p is not None)
+  sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
                   jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
                   jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
-                  jnp.float32(top_p if top_p is not None else 1.0),
+                  jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
                   slots=p + capacity, capacity=capacity, sampler=sampler)
   out = np.asarray(out)[:, :max_new_tokens]
   result = []
