@@ -36,9 +36,15 @@ def tokenizer_for(config):
   if name == "byte":
     tok = seq.ByteTokenizer()
     return tok.encode, tok.decode, tok.special
-  from puma_jax import tokenizer as hf_tok
-  tok = hf_tok.load(name)
-  return tok.encode, tok.decode, tok.special_tokens()
+  from puma_jax.tokenizer import PumaTokenizer
+  tok = PumaTokenizer.from_dir(name)
+  pos = tok.pos_ids
+  if list(pos) != list(range(pos[0], pos[0] + len(pos))):
+    raise ValueError(f"tokenizer {name}: the 224 position tokens must have consecutive ids")
+  pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else tok.eos_id
+  special = seq.SpecialTokens(bos=tok.bos_id, eos=tok.eos_id, pad=pad,
+                              img_start=tok.img_start_id, img_end=tok.img_end_id, pos0=pos[0])
+  return (lambda s: tok.encode(s, bos=False)), tok.decode, special
 
 
 def normalize_clip_images(images: jax.Array) -> jax.Array:
