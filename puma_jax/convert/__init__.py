@@ -25,6 +25,7 @@ from puma_jax.models import registry
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
     "clip-vision": "puma_jax.convert.clip",
+    "vae": "puma_jax.convert.vae",
 }
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
+    "vae": ("puma_jax.models.vae", "VAEConfig", "AutoencoderKL"),
 }
 
 
