@@ -39,11 +39,11 @@ class _Cfg:
 class ToyDecoder(nnx.Module):
   """eps = tanh(a * x + mean_tokens(f + pos?) @ W + sin(t / 100))."""
 
-  def __init__(self, seed=0):
+  def __init__(self, seed=0, n=N, d=D):
     rng = np.random.RandomState(seed)
-    self.config = _Cfg()
-    self.w = nnx.Param(jnp.asarray(rng.randn(D, C).astype(np.float32) * 0.5))
-    self.pos = nnx.Param(jnp.asarray(rng.randn(N, D).astype(np.float32)))
+    self.config = _Cfg(num_tokens=n)
+    self.w = nnx.Param(jnp.asarray(rng.randn(d, C).astype(np.float32) * 0.5))
+    self.pos = nnx.Param(jnp.asarray(rng.randn(n, d).astype(np.float32)))
     self.a = nnx.Param(jnp.asarray(rng.uniform(0.2, 0.8, C).astype(np.float32)))
 
   def __call__(self, sample, timesteps, features, use_pos_embed=True):
