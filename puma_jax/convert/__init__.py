@@ -25,6 +25,8 @@ from puma_jax.models import registry
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
     "clip-vision": "puma_jax.convert.clip",
+    "sdxl-unet": "puma_jax.convert.unet",
+    "puma-decoder": "puma_jax.convert.puma_decoder",
 }
 
 

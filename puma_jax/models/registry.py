@@ -14,6 +14,8 @@ from flax import nnx
 
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
+    "sdxl-unet": ("puma_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
+    "puma-decoder": ("puma_jax.models.puma_decoder", "PumaDecoderConfig", "PumaDecoder"),
 }
 
 
