@@ -48,13 +48,15 @@ def torch_unet(kw: dict, seed: int = 0):
   return model
 
 
-def inputs(kw: dict, batch: int = 2, seq: int = 5, seed: int = 0, size=None):
+def inputs(kw: dict, batch: int = 2, seq: int = 5, seed: int = 0, size=None,
+           scalar_t: bool = False):
   """Random NHWC sample, timesteps (B,), context, and the text_time inputs when configured."""
   rng = np.random.default_rng(seed)
   s = size or kw["sample_size"]
   h, w = (s, s) if isinstance(s, int) else s
   out = dict(sample=rng.standard_normal((batch, h, w, kw.get("in_channels", 4)), np.float32),
-             timesteps=rng.integers(0, 1000, (batch,)).astype(np.int32),
+             timesteps=(np.int32(rng.integers(0, 1000)) if scalar_t else
+                        rng.integers(0, 1000, (batch,)).astype(np.int32)),
              context=rng.standard_normal((batch, seq, kw["cross_attention_dim"]), np.float32))
   if kw.get("addition_embed_type") == "text_time":
     width = kw["projection_class_embeddings_input_dim"] - 6 * kw["addition_time_embed_dim"]
@@ -63,16 +65,50 @@ def inputs(kw: dict, batch: int = 2, seq: int = 5, seed: int = 0, size=None):
   return out
 
 
-def torch_forward(model, x: dict) -> np.ndarray:
-  """diffusers forward on NHWC numpy inputs; NHWC numpy output."""
+def torch_forward(model, x: dict, dtype=None) -> np.ndarray:
+  """diffusers forward on NHWC numpy inputs (cast to `dtype`); NHWC float32 numpy output."""
   import torch
+  dtype = dtype or torch.float32
+  t = lambda k: torch.from_numpy(np.asarray(x[k])).to(dtype)
   added = None
   if "text_embeds" in x:
-    added = {"text_embeds": torch.from_numpy(x["text_embeds"]),
-             "time_ids": torch.from_numpy(x["time_ids"])}
+    added = {"text_embeds": t("text_embeds"), "time_ids": t("time_ids")}
   with torch.no_grad():
-    out = model(torch.from_numpy(x["sample"]).permute(0, 3, 1, 2),
+    out = model(t("sample").permute(0, 3, 1, 2),
                 torch.from_numpy(np.asarray(x["timesteps"])).long(),
-                encoder_hidden_states=torch.from_numpy(x["context"]),
-                added_cond_kwargs=added).sample
-  return out.permute(0, 2, 3, 1).numpy()
+                encoder_hidden_states=t("context"), added_cond_kwargs=added).sample
+  return out.float().permute(0, 2, 3, 1).numpy()
+
+
+def rel_rms(actual, expected) -> float:
+  a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.sqrt(np.mean((a - e) ** 2) / np.mean(e ** 2)))
+
+
+def jit_forward(module):
+  """A jitted pure forward of an nnx module (one compile per input signature)."""
+  import jax
+  from flax import nnx
+  graphdef, state = nnx.split(module)
+  fn = jax.jit(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k))
+  return lambda *a, **k: fn(state, *a, **k)
+
+
+def unet_kwargs(x: dict) -> dict:
+  return {k: x[k] for k in ("text_embeds", "time_ids") if k in x}
+
+
+def save_state_dict(model, directory, drop=(), rename=None, extra=None):
+  """`save_pretrained`, then rewrite the weights file without `drop`, with tensors renamed and
+  `extra` tensors added (to fabricate bad or PUMA-layout checkpoints)."""
+  from pathlib import Path
+  from safetensors.torch import load_file, save_file
+  model.save_pretrained(directory)
+  path = Path(directory) / "diffusion_pytorch_model.safetensors"
+  sd = load_file(str(path))
+  sd = {k: v for k, v in sd.items() if k not in drop}
+  for old, new in (rename or {}).items():
+    sd[new] = sd.pop(old)
+  sd.update(extra or {})
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+  return path

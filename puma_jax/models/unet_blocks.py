@@ -59,8 +59,9 @@ class ResnetBlock2D(nnx.Module):
     self.output_scale_factor = output_scale_factor
     self.norm1 = layers.GroupNorm(groups, in_ch, eps=eps, **kw)
     self.conv1 = layers.Conv(in_ch, out_ch, 3, padding=1, rngs=rngs, **kw)
+    self.dtype = dtype
     self.time_emb_proj = layers.Dense(temb_ch, out_ch, axes=("embed", "conv_out"), rngs=rngs,
-                                      **kw)
+                                      dtype=jnp.float32, param_dtype=param_dtype)
     self.norm2 = layers.GroupNorm(groups, out_ch, eps=eps, **kw)
     self.conv2 = layers.Conv(out_ch, out_ch, 3, padding=1, rngs=rngs, **kw)
     self.conv_shortcut = (layers.Conv(in_ch, out_ch, 1, padding=0, rngs=rngs, **kw)
@@ -68,7 +69,7 @@ class ResnetBlock2D(nnx.Module):
 
   def __call__(self, x, temb):
     h = self.conv1(self.act(self.norm1(x)))
-    h = h + self.time_emb_proj(self.act(temb))[:, None, None, :]
+    h = h + self.time_emb_proj(self.act(temb))[:, None, None, :].astype(self.dtype)
     h = self.conv2(self.act(self.norm2(h)))
     if self.conv_shortcut is not None:
       x = self.conv_shortcut(x)
