@@ -15,6 +15,8 @@ from flax import nnx
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
     "vae": ("puma_jax.models.vae", "VAEConfig", "AutoencoderKL"),
+    "sdxl-unet": ("puma_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
+    "puma-decoder": ("puma_jax.models.puma_decoder", "PumaDecoderConfig", "PumaDecoder"),
 }
 
 
