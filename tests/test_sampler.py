@@ -47,7 +47,8 @@ class ToyDecoder(nnx.Module):
     self.a = nnx.Param(jnp.asarray(rng.uniform(0.2, 0.8, C).astype(np.float32)))
 
   def __call__(self, sample, timesteps, features, use_pos_embed=True):
-    f = features + self.pos[...] if use_pos_embed else features
+    w = jnp.asarray(use_pos_embed, jnp.float32)  # bool, or a (B,) weight (batched CFG)
+    f = features + w.reshape(-1, 1, 1) * self.pos[...]
     h = f.mean(1) @ self.w[...]
     t = jnp.sin(timesteps.astype(jnp.float32) / 100.0)
     return jnp.tanh(self.a[...] * sample + h[:, None, None, :] + t[:, None, None, None])
@@ -156,6 +157,7 @@ def test_decoder_sampler_end_to_end_with_vae(monkeypatch):
   dec = ToyDecoder(2)
   tv, vae = _tiny_vae_pair()
   smp = SM.DecoderSampler(dec, vae, SM.SamplerSettings(num_steps=10))
+  unbatched = SM.DecoderSampler(dec, vae, SM.SamplerSettings(num_steps=10, batch_cfg=False))
   cond, uncond = _features(3, 2)
   keys = SM.sample_keys(7, 3)
   images = smp(jnp.asarray(cond), jnp.asarray(uncond), keys)
@@ -172,6 +174,7 @@ def test_decoder_sampler_end_to_end_with_vae(monkeypatch):
   # Sample 1 alone, with its own key, is the same image as inside the batch.
   alone = smp(jnp.asarray(cond[1:2]), jnp.asarray(uncond), keys[1:2])
   assert rel_err(alone, images[1:2]) < 1e-5
+  assert rel_err(unbatched(jnp.asarray(cond), jnp.asarray(uncond), keys), images) < 1e-5
   u8 = SM.to_uint8(images)
   assert u8.dtype == np.uint8 and u8.shape == images.shape
 
