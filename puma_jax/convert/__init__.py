@@ -3,7 +3,8 @@
     python -m puma_jax.convert clip-vision --src=HF_DIR --dst=OUT_DIR
 
 A family module defines `FAMILY` (the registry name), `load_config(src) -> ModelConfig`,
-`rules(config) -> list[Rule]`, and optionally `read_tensors(src)` and `copy_extras(src, dst)`.
+`rules(config) -> list[Rule]`, and optionally `read_tensors(src)`, `check_tensors(config, tensors,
+src)` (raises `ConversionError` before the generic mapping) and `copy_extras(src, dst)`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from puma_jax.models import registry
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
     "clip-vision": "puma_jax.convert.clip",
+<<<<<<< HEAD
     "llama": "puma_jax.convert.llama",
+=======
+    "vae": "puma_jax.convert.vae",
+    "sdxl-unet": "puma_jax.convert.unet",
+    "puma-decoder": "puma_jax.convert.puma_decoder",
+>>>>>>> vae
 }
 
 
@@ -43,6 +50,8 @@ def import_module(name: str, src: str | os.PathLike, *, config=None):
     raise ConversionError(f"source {src} does not exist")
   config = config if config is not None else fam.load_config(src)
   tensors = fam.read_tensors(src) if hasattr(fam, "read_tensors") else core.read_checkpoint(src)
+  if hasattr(fam, "check_tensors"):  # family-specific checks with clearer messages
+    fam.check_tensors(config, tensors, src)
   abstract = nnx.eval_shape(lambda: registry.build(fam.FAMILY, config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   pure = nnx.to_pure_dict(params)

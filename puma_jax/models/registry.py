@@ -16,6 +16,9 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
     "puma": ("puma_jax.models.puma", "PumaConfig", "PumaModel"),
     "llama": ("puma_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "vae": ("puma_jax.models.vae", "VAEConfig", "AutoencoderKL"),
+    "sdxl-unet": ("puma_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
+    "puma-decoder": ("puma_jax.models.puma_decoder", "PumaDecoderConfig", "PumaDecoder"),
 }
 
 

@@ -1,0 +1,197 @@
+"""Schedulers: every step equals diffusers' `step` on the same inputs (1e-5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from puma_jax.diffusion import schedulers as S
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+# SDXL base's scheduler/scheduler_config.json (it names the Euler scheduler; PUMA builds DDPM
+# from the same file).
+SDXL_SCHEDULER_JSON = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+    "trained_betas": None, "use_karras_sigmas": False,
+}
+
+CASES = [  # (spacing, prediction, beta_schedule, steps, steps_offset, clip)
+    ("leading", "epsilon", "scaled_linear", 50, 1, False),
+    ("trailing", "v_prediction", "scaled_linear", 30, 0, False),
+    ("linspace", "epsilon", "linear", 17, 0, True),
+    ("leading", "v_prediction", "linear", 7, 0, False),
+    ("trailing", "sample", "squaredcos_cap_v2", 12, 0, False),
+]
+
+SHAPE = (2, 4, 6, 6)  # torch NCHW; ours is the same array transposed, values elementwise
+
+
+def _cfg(spacing, pred, beta, offset, clip):
+  return S.SchedulerConfig(beta_schedule=beta, prediction_type=pred, timestep_spacing=spacing,
+                           steps_offset=offset, clip_sample=clip,
+                           beta_start=0.00085 if beta == "scaled_linear" else 0.0001,
+                           beta_end=0.012 if beta == "scaled_linear" else 0.02)
+
+
+def _kw(cfg):
+  return dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+              beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+              prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
+              steps_offset=cfg.steps_offset)
+
+
+def _inputs(rng):
+  return (rng.randn(*SHAPE).astype(np.float32), rng.randn(*SHAPE).astype(np.float32),
+          rng.randn(*SHAPE).astype(np.float32))
+
+
+def _close(ours, ref, tol=1e-5):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  err = np.abs(ours - ref).max() / max(1.0, np.abs(ref).max())
+  assert err < tol, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_ddpm_step_parity(case, monkeypatch):
+  spacing, pred, beta, n, offset, clip = case
+  cfg = _cfg(spacing, pred, beta, offset, clip)
+  ref = diffusers.DDPMScheduler(**_kw(cfg), clip_sample=clip)
+  ref.set_timesteps(n)
+  ours = S.DDPM(cfg)
+  sched = ours.set_timesteps(n)
+  np.testing.assert_array_equal(np.asarray(sched.timesteps), ref.timesteps.numpy())
+  step = jax.jit(ours.step)  # i traced, as inside the sampler's loop
+  rng = np.random.RandomState(n)
+  noise_box = {}
+  import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+  monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: noise_box["n"])
+  for i, t in enumerate(ref.timesteps):
+    out, x, noise = _inputs(rng)
+    noise_box["n"] = torch.from_numpy(noise)
+    r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x))
+    o = step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise))
+    _close(o.prev_sample, r.prev_sample.numpy())
+    _close(o.pred_original_sample, r.pred_original_sample.numpy())
+  assert float(ours.init_noise_sigma(sched)) == ref.init_noise_sigma
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
+def test_ddpm_variance_types(variance_type, monkeypatch):
+  cfg = S.SchedulerConfig(variance_type=variance_type)
+  ref = diffusers.DDPMScheduler(**_kw(cfg), clip_sample=False, variance_type=variance_type)
+  ref.set_timesteps(10)
+  ours = S.DDPM(cfg)
+  sched = ours.set_timesteps(10)
+  rng = np.random.RandomState(0)
+  import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+  for i, t in enumerate(ref.timesteps):
+    out, x, noise = _inputs(rng)
+    monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise))
+    r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x)).prev_sample.numpy()
+    _close(ours.step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise)).prev_sample,
+           r)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_ddim_step_parity(case, eta):
+  spacing, pred, beta, n, offset, clip = case
+  cfg = _cfg(spacing, pred, beta, offset, clip)
+  for alpha_one in (False, True):
+    cfg = S.SchedulerConfig(**{**cfg.__dict__, "set_alpha_to_one": alpha_one})
+    ref = diffusers.DDIMScheduler(**_kw(cfg), clip_sample=clip, set_alpha_to_one=alpha_one)
+    ref.set_timesteps(n)
+    ours = S.DDIM(cfg, eta=eta)
+    sched = ours.set_timesteps(n)
+    np.testing.assert_array_equal(np.asarray(sched.timesteps), ref.timesteps.numpy())
+    step = jax.jit(ours.step)
+    rng = np.random.RandomState(n)
+    for i, t in enumerate(ref.timesteps):
+      out, x, noise = _inputs(rng)
+      r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=eta,
+                   variance_noise=torch.from_numpy(noise) if eta else None)
+      o = step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise))
+      _close(o.prev_sample, r.prev_sample.numpy())
+      _close(o.pred_original_sample, r.pred_original_sample.numpy())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] != "sample"],
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES if c[1] != "sample"])
+def test_euler_step_parity(case):
+  spacing, pred, beta, n, offset, _ = case
+  cfg = _cfg(spacing, pred, beta, offset, False)
+  ref = diffusers.EulerDiscreteScheduler(**_kw(cfg))
+  ref.set_timesteps(n)
+  ours = S.EulerDiscrete(cfg)
+  sched = ours.set_timesteps(n)
+  np.testing.assert_allclose(np.asarray(sched.timesteps), ref.timesteps.numpy())
+  np.testing.assert_allclose(np.asarray(sched.sigmas), ref.sigmas.numpy(), rtol=1e-5)
+  _close(ours.init_noise_sigma(sched), float(ref.init_noise_sigma), 1e-6)
+  rng = np.random.RandomState(n)
+  step = jax.jit(ours.step)
+  scale = jax.jit(ours.scale_model_input)
+  for i, t in enumerate(ref.timesteps):
+    out, x, _ = _inputs(rng)
+    x = x * 3
+    _close(scale(sched, i, jnp.asarray(x)), ref.scale_model_input(torch.from_numpy(x), t).numpy())
+    r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x))
+    o = step(sched, i, jnp.asarray(out), jnp.asarray(x))
+    _close(o.prev_sample, r.prev_sample.numpy())
+    _close(o.pred_original_sample, r.pred_original_sample.numpy())
+
+
+@pytest.mark.parametrize("beta", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_training_noise_parity(beta, zero_snr):
+  cfg = S.SchedulerConfig(beta_schedule=beta, rescale_betas_zero_snr=zero_snr,
+                          prediction_type="v_prediction")
+  ref = diffusers.DDPMScheduler(**_kw(cfg), rescale_betas_zero_snr=zero_snr)
+  np.testing.assert_allclose(S.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(), rtol=1e-5,
+                             atol=1e-9)
+  rng = np.random.RandomState(1)
+  x0, noise, _ = _inputs(rng)
+  t = np.array([0, 999], np.int64)
+  r = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+  _close(S.add_noise(cfg, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), r)
+  v = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+  _close(S.velocity(cfg, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), v.numpy())
+
+
+def test_q_sample_offset_noise():
+  cfg = S.SchedulerConfig()
+  x0 = jnp.zeros((256, 8, 8, 4))
+  s0 = S.q_sample(cfg, jax.random.key(0), x0, timesteps=jnp.full((256,), 999))
+  s1 = S.q_sample(cfg, jax.random.key(0), x0, noise_offset=0.1, timesteps=jnp.full((256,), 999))
+  np.testing.assert_allclose(s0.target, s0.noise)
+  # The offset is one constant per sample and channel: it shows as extra variance of the
+  # per-(sample, channel) spatial means (0.1^2 on top of 1/64 for plain noise).
+  m0 = np.asarray(s0.noise.mean(axis=(1, 2))).var()
+  m1 = np.asarray(s1.noise.mean(axis=(1, 2))).var()
+  assert 0.5 * (1 / 64) < m0 < 1.5 * (1 / 64)
+  assert 0.5 * (1 / 64 + 0.01) < m1 < 1.5 * (1 / 64 + 0.01) and m1 > m0 * 1.3
+  a = S.alphas_cumprod(cfg)[999]
+  _close(s1.noisy, (1 - a) ** 0.5 * np.asarray(s1.noise))
+  t = S.q_sample(cfg, jax.random.key(1), x0[:4]).timesteps
+  assert t.shape == (4,) and (np.asarray(t) >= 0).all() and (np.asarray(t) < 1000).all()
+
+
+def test_from_diffusers_config():
+  cfg = S.from_diffusers_config(SDXL_SCHEDULER_JSON)
+  assert cfg == S.SchedulerConfig()  # our defaults are SDXL's
+  assert cfg.timestep_spacing == "leading" and cfg.steps_offset == 1
+  ts = S.DDPM(cfg).set_timesteps(50).timesteps
+  assert int(ts[0]) == 981 and int(ts[-1]) == 1
+  with pytest.raises(ValueError, match="use_karras_sigmas"):
+    S.from_diffusers_config({**SDXL_SCHEDULER_JSON, "use_karras_sigmas": True})
+  with pytest.raises(ValueError, match="timestep_spacing"):
+    S.from_diffusers_config({**SDXL_SCHEDULER_JSON, "timestep_spacing": "karras"})
+  with pytest.raises(ValueError, match="bogus"):
+    S.from_diffusers_config({**SDXL_SCHEDULER_JSON, "bogus": 1})
+  with pytest.raises(ValueError, match="num_inference_steps"):
+    S.DDPM(cfg).set_timesteps(1001)
