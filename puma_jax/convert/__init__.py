@@ -26,13 +26,10 @@ from puma_jax.models import registry
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
     "clip-vision": "puma_jax.convert.clip",
-<<<<<<< HEAD
     "llama": "puma_jax.convert.llama",
-=======
     "vae": "puma_jax.convert.vae",
     "sdxl-unet": "puma_jax.convert.unet",
     "puma-decoder": "puma_jax.convert.puma_decoder",
->>>>>>> vae
 }
 
 
