@@ -25,6 +25,11 @@ from puma_jax.models import registry
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
     "clip-vision": "puma_jax.convert.clip",
+    "clip": "puma_jax.convert.clip_full",
+    "alexnet": "puma_jax.convert.alexnet",
+    "lpips-alex": "puma_jax.convert.lpips",
+    "dino-vit": "puma_jax.convert.vit",
+    "inception": "puma_jax.convert.inception",
 }
 
 

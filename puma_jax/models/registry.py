@@ -14,6 +14,11 @@ from flax import nnx
 
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("puma_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel"),
+    "clip": ("puma_jax.models.clip_text", "CLIPConfig", "CLIPModel"),
+    "alexnet": ("puma_jax.models.alexnet", "AlexNetConfig", "AlexNetFeatures"),
+    "lpips-alex": ("puma_jax.models.lpips", "LPIPSConfig", "LPIPS"),
+    "dino-vit": ("puma_jax.models.vit", "ViTConfig", "ViTModel"),
+    "inception": ("puma_jax.models.inception", "InceptionConfig", "FIDInceptionV3"),
 }
 
 
