@@ -38,7 +38,8 @@ def rules(config: LPIPSConfig) -> list[Rule]:
       Rule("net.slice{s}.{n}.bias", "net.features_{n}.bias"),
       Rule("scaling_layer.{name}", None),
       # Index 1 after the (parameter-free) Dropout; 0 when lpips is built with use_dropout=False.
-      Rule("lin{k}.model.{n}.weight", "lins.{k}.kernel", conv1x1_as_linear()),
+      Rule("lin{k}.model.1.weight", "lins.{k}.kernel", conv1x1_as_linear()),
+      Rule("lin{k}.model.0.weight", "lins.{k}.kernel", conv1x1_as_linear()),
   ])
 
 
