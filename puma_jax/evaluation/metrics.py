@@ -342,8 +342,7 @@ def psnr_checked(images, references, data_range: float = 1.0) -> jax.Array:
   """Host-checked, jitted `psnr`."""
   check_images(images, "images", (0.0, data_range))
   check_images(references, "references", (0.0, data_range))
-  check_pair_shapes = tuple(np.shape(images)) != tuple(np.shape(references))
-  if check_pair_shapes:
+  if tuple(np.shape(images)) != tuple(np.shape(references)):
     raise MetricInputError(f"images {tuple(np.shape(images))} and references "
                            f"{tuple(np.shape(references))} differ in shape")
   return _psnr_jit(jnp.asarray(images), jnp.asarray(references), data_range=float(data_range))
