@@ -138,8 +138,12 @@ def test_real_size_param_count():
   with torch.device("meta"):
     hf = transformers.CLIPModel(cfg)
   assert sum(p.numel() for p in hf.parameters()) == 151_277_313
-  # The converter reads that config into exactly our ViT-B/32 preset.
+  # The converter reads that config into exactly our ViT-B/32 preset, also when the towers list
+  # only the fields that differ from transformers' defaults (old hub configs do).
   assert clip_full.config_from_hf(json.loads(cfg.to_json_string())) == clip_text.vit_b32()
+  sparse = {"text_config_dict": {"eos_token_id": 2}, "vision_config_dict": {"patch_size": 32},
+            "projection_dim": 512}
+  assert clip_full.config_from_hf(sparse) == clip_text.vit_b32()
 
 
 def test_conversion_errors(tmp_path):

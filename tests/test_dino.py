@@ -111,3 +111,24 @@ def test_conversion_errors(tmp_path):
       image_size=32, patch_size=8), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="NCHW"):
     model.check_input(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_preprocessor_config_is_followed(tmp_path):
+  """The checkpoint's preprocessor_config.json (resample, mean/std) drives the DINO inputs."""
+  import json
+  hf = hf_model(False, seed=2)
+  hf.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+      {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+       "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 32}))
+  out = convert("dino-vit", tmp_path / "hf", tmp_path / "ours")
+  assert (out / "preprocessor_config.json").exists()
+  scorer = metrics.DINOScorer.load(out)
+  assert scorer.preprocessing == {"method": "linear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+  x = np.random.RandomState(2).uniform(0, 1, (2, 48, 48, 3)).astype(np.float32)
+  small = np.asarray(jax.image.resize(x, (2, 32, 32, 3), "linear", antialias=True))
+  want = hf_hidden(hf, (small - 0.5) / 0.5)[:, 0].numpy()
+  assert rel_err(scorer.features(x), want) < 1e-4
+  (out / "preprocessor_config.json").write_text(json.dumps({"resample": 0}))
+  with pytest.raises(metrics.MetricInputError, match="resample=0"):
+    metrics.DINOScorer.load(out)

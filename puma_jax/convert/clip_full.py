@@ -24,12 +24,23 @@ _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
                 "pad_token_id", "bos_token_id", "eos_token_id", "projection_dim")
 
+# transformers' CLIPVisionConfig defaults (ViT-B/32). A config.json written by an old
+# transformers may list only the fields that differ from them; our CLIPVisionConfig defaults are
+# PUMA's ViT-L/14, so the gaps are filled with HF's values, not ours.
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+                          hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=512)
+
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> CLIPConfig:
-  if "text_config" not in hf or "vision_config" not in hf:
+  hf = dict(hf)
+  for tower in ("text_config", "vision_config"):
+    if hf.get(tower) is None and hf.get(tower + "_dict") is not None:  # pre-4.21 configs
+      hf[tower] = hf[tower + "_dict"]
+  if hf.get("text_config") is None or hf.get("vision_config") is None:
     raise ConversionError(f"{where}: not a full CLIPModel config (needs text_config and "
                           "vision_config); for a vision tower alone use `clip-vision`")
   text = hf["text_config"]
@@ -44,7 +55,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> CLIPConfig:
                                  text[k] is not None})
   except ValueError as e:
     raise ConversionError(f"{where}:text_config: {e}") from None
-  vision_cfg = clip_vision.config_from_hf(hf, where)
+  vision = {**HF_VISION_DEFAULTS, **{k: v for k, v in hf["vision_config"].items()
+                                     if v is not None}}
+  vision_cfg = clip_vision.config_from_hf(vision, f"{where}:vision_config")
   try:
     return CLIPConfig(text_config=text_cfg, vision_config=vision_cfg,
                       projection_dim=hf.get("projection_dim", 512))

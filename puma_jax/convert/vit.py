@@ -5,10 +5,12 @@
 Reads the hub layout (`encoder.layer.N.attention.attention.query.*`, which `save_pretrained`
 writes) and the in-memory layout of transformers 5 (`layers.N.attention.q_proj.*`). The pooler
 (`pooler.dense.*`, untrained in the DINO checkpoints and unused by the DINO score) is skipped.
+`preprocessor_config.json`, when present, is copied beside the weights.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from puma_jax.convert.core import ConversionError, Rule, conv2d, linear, read_json
@@ -71,3 +73,9 @@ def rules(config: ViTConfig) -> list[Rule]:
   for hub_name, new_name, ours in pairs:
     table += _layer(hub + hub_name, t + ours) + _layer(new + new_name, t + ours)
   return table
+
+
+def copy_extras(src: Path, dst: Path) -> None:
+  """Keeps the image processor config: the DINO score reads its resampling filter and mean/std."""
+  if (Path(src) / "preprocessor_config.json").exists():
+    shutil.copy2(Path(src) / "preprocessor_config.json", dst / "preprocessor_config.json")

@@ -23,8 +23,9 @@ Conventions (match the paper's tables):
            clipped at 0.
   DINO     cosine of DINO ViT-S/16 class-token features (final layernorm, no pooler).
 CLIP images are resized shortest-side-to-224 (bicubic) and center-cropped like
-`CLIPImageProcessor`; DINO images are resized to 224x224 (bicubic) like the DINO checkpoints'
-`ViTImageProcessor`. Resizing uses `jax.image.resize` (antialiased), close to but not
+`CLIPImageProcessor`; DINO images are resized to 224x224 like a `ViTImageProcessor`, with the
+filter and mean/std of the checkpoint's `preprocessor_config.json` when it is present (bicubic and
+ImageNet statistics otherwise). Resizing uses `jax.image.resize` (antialiased), close to but not
 bit-identical with PIL.
 """
 
@@ -75,8 +76,8 @@ def check_images(x, name: str = "images", value_range: tuple[float, float] = (0.
     raise MetricInputError(f"{name}: expected {channels} channels last; got shape {shape}{hint}")
   if shape[0] == 0:
     raise MetricInputError(f"{name}: empty batch")
-  dtype = np.dtype(getattr(x, "dtype", np.float32))
-  if not np.issubdtype(dtype, np.floating):
+  dtype = getattr(x, "dtype", np.dtype(np.float32))
+  if not jnp.issubdtype(dtype, jnp.floating):  # jnp: knows bfloat16
     raise MetricInputError(f"{name}: expected float images in [{value_range[0]}, "
                            f"{value_range[1]}]; got dtype {dtype} (divide uint8 images by 255)")
   if _is_traced(x):
@@ -187,13 +188,16 @@ def clip_t(model, images: jax.Array, input_ids: jax.Array,
                 clip_text_embeds(model, input_ids, attention_mask))
 
 
-def dino_features(model, images: jax.Array) -> jax.Array:
-  return model.cls_features(vit.preprocess(images, model.config.image_size))
+def dino_features(model, images: jax.Array, preprocessing: dict | None = None) -> jax.Array:
+  """Class-token features (B, D); `preprocessing`: keyword arguments of `vit.preprocess`."""
+  kw = {"size": model.config.image_size, **(preprocessing or {})}
+  return model.cls_features(vit.preprocess(images, **kw))
 
 
-def dino_score(model, images: jax.Array, references: jax.Array) -> jax.Array:
+def dino_score(model, images: jax.Array, references: jax.Array,
+               preprocessing: dict | None = None) -> jax.Array:
   """DINO per pair, (B,): cosine of DINO ViT-S/16 class tokens; `model` a `vit.ViTModel`."""
-  both = dino_features(model, jnp.concatenate([images, references], 0))
+  both = dino_features(model, jnp.concatenate([images, references], 0), preprocessing)
   n = images.shape[0]
   return cosine(both[:n], both[n:])
 
@@ -306,18 +310,46 @@ class CLIPScorer(_Scorer):
     return self._clip_t(jnp.asarray(images), jnp.asarray(ids), jnp.asarray(mask))
 
 
+# PIL resample codes of `preprocessor_config.json` -> jax.image.resize methods.
+_RESAMPLE = {2: "linear", 3: "cubic"}
+
+
+def vit_preprocessing(path) -> dict:
+  """`vit.preprocess` keywords from a converted directory's `preprocessor_config.json`, if any."""
+  cfg_path = Path(path) / "preprocessor_config.json"
+  if not cfg_path.exists():
+    return {}
+  import json
+  cfg = json.loads(cfg_path.read_text())
+  out = {}
+  if "resample" in cfg:
+    if cfg["resample"] not in _RESAMPLE:
+      raise MetricInputError(f"{cfg_path}: resample={cfg['resample']} is not supported "
+                             f"(supported: {sorted(_RESAMPLE)}, bilinear and bicubic)")
+    out["method"] = _RESAMPLE[cfg["resample"]]
+  if cfg.get("do_normalize", True):
+    out.update({k: tuple(cfg[f]) for k, f in (("mean", "image_mean"), ("std", "image_std"))
+                if f in cfg})
+  else:
+    out.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  return out
+
+
 class DINOScorer(_Scorer):
   """`DINOScorer.load(dir)(images, references)` -> DINO score per pair (B,)."""
   family = "dino-vit"
 
-  def __init__(self, model):
+  def __init__(self, model, preprocessing: dict | None = None):
     super().__init__(model)
-    self._features = self._jit(dino_features)
-    self._score = self._jit(dino_score)
+    self.preprocessing = dict(preprocessing or {})
+    pre = self.preprocessing
+    self._features = self._jit(lambda m, x: dino_features(m, x, pre))
+    self._score = self._jit(lambda m, x, y: dino_score(m, x, y, pre))
 
   @classmethod
   def load(cls, path, mesh=None):
-    return cls(load_weights(path, cls.family, "DINO score", mesh=mesh))
+    model = load_weights(path, cls.family, "DINO score", mesh=mesh)
+    return cls(model, vit_preprocessing(path))
 
   def features(self, images) -> jax.Array:
     check_images(images)

@@ -5,8 +5,9 @@ score uses its class token (`model.cls_features`). HF's optional pooler (a dense
 the DINO checkpoints do not train) is not part of the model; the converter skips its tensors
 when a checkpoint carries them.
 
-Preprocessing (`preprocess`) follows facebook/dino-vits16's `ViTImageProcessor`: resize to exactly
-224x224 (bicubic), ImageNet mean/std, no crop.
+Preprocessing (`preprocess`) follows a `ViTImageProcessor`: resize to exactly 224x224, ImageNet
+mean/std, no crop. The resampling filter comes from the checkpoint's `preprocessor_config.json`
+when the converted directory has one (the converter copies it); bicubic otherwise.
 """
 
 from __future__ import annotations
@@ -164,14 +165,16 @@ class ViTModel(nnx.Module):
     return self(pixel_values)[:, 0]
 
 
-def preprocess(images: jax.Array, size: int = 224) -> jax.Array:
-  """Float images in [0, 1] (NHWC, any size) -> ViT pixel values: bicubic resize, ImageNet norm.
+def preprocess(images: jax.Array, size: int = 224, method: str = "cubic",
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  """Float images in [0, 1] (NHWC, any size) -> ViT pixel values: resize to size x size, normalize.
 
-  `jax.image.resize` (antialiased when shrinking); close to, not bit-exact with, PIL's resize.
+  `method`: "cubic" or "linear" (PIL's resample 3 / 2 in a `preprocessor_config.json`).
+  `jax.image.resize`, antialiased when shrinking; close to, not bit-exact with, PIL's resize.
   """
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be NHWC with 3 channels; got shape {tuple(images.shape)}")
   images = images.astype(jnp.float32)
   if images.shape[1:3] != (size, size):
-    images = jax.image.resize(images, (images.shape[0], size, size, 3), "cubic", antialias=True)
-  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    images = jax.image.resize(images, (images.shape[0], size, size, 3), method, antialias=True)
+  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
