@@ -203,5 +203,7 @@ def test_bad_input(weights, tmp_path):
     scorer(x.transpose(0, 3, 1, 2), x.transpose(0, 3, 1, 2))
   with pytest.raises(metrics.MetricInputError, match=r"NaN"):
     scorer(np.where(x > 0, np.nan, x).astype(np.float32), x)
+  with pytest.raises(ValueError, match="at least 31x31"):
+    scorer.model.net.taps(jnp.zeros((1, 30, 40, 3)))
   with pytest.raises(metrics.MetricInputError, match=r"images\[1\] is \(32, 32, 3\)"):
     metrics.stack_images([x[0], x[1, :32, :32]])

@@ -20,8 +20,8 @@ from puma_jax.models.base import ModelConfig
 # torchvision index -> (kernel, stride, padding); widths come from the config.
 CONV_INDICES = (0, 3, 6, 8, 10)
 _GEOMETRY = {0: (11, 4, 2), 3: (5, 1, 2), 6: (3, 1, 1), 8: (3, 1, 1), 10: (3, 1, 1)}
-# Max-pools follow these convolutions' ReLUs (features.2, .5, .12).
-_POOL_AFTER = (0, 3, 10)
+# Smallest input whose relu5 map is non-empty (conv 11/4 -> pool -> pool leaves 1x1 at 31).
+MIN_SIZE = 31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,9 @@ class AlexNetFeatures(nnx.Module):
     if x.ndim != 4 or x.shape[-1] != self.config.num_channels:
       raise ValueError(f"AlexNet input must be NHWC with {self.config.num_channels} channels; got "
                        f"shape {tuple(x.shape)}")
+    if min(x.shape[1:3]) < MIN_SIZE:
+      raise ValueError(f"AlexNet input must be at least {MIN_SIZE}x{MIN_SIZE}; got "
+                       f"{x.shape[1]}x{x.shape[2]}")
     out = []
     for idx in CONV_INDICES:
       if idx in (3, 6):  # the pools of features.2 and features.5 precede these convolutions
