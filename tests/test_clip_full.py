@@ -80,6 +80,11 @@ def test_clip_parity(tmp_path, eos_rule):
   # Without a padding mask the causal mask alone decides; pooling must still match.
   img2, txt2 = run(state, pixels, ids, np.ones_like(mask))
   assert rel_err(txt2, hf_text(hf, ids)) < 1e-4
+  # Ids without the end token tell the two pooling rules apart (first-EOS: position 0; legacy:
+  # position of the largest id), so a model applying the wrong rule fails here.
+  raw = rs.randint(3, EOS, (3, 16)).astype(np.int32)
+  raw_ref = hf_text(hf, raw)
+  assert rel_err(run(state, pixels, raw, np.ones_like(raw))[1], raw_ref) < 1e-4
   # Hidden states of the text tower, all positions.
   with torch.no_grad():
     ref_h = hf.text_model(input_ids=torch.from_numpy(ids).long(),
