@@ -1,6 +1,7 @@
 """DINO ViT (HF ViTModel layout) vs transformers with random weights; the DINO score."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -45,6 +46,12 @@ def test_vit_parity(tmp_path, pooler):
   ours = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, pixels)
   ref = hf_hidden(hf, pixels).numpy()
   assert rel_err(ours, ref) < 1e-4
+  if not pooler:  # bfloat16 compute (float32 parameters) against the float32 reference
+    bf = checkpoints.load_module(tmp_path / "ours", dtype=jnp.bfloat16, family="dino-vit")
+    g16, s16 = nnx.split(bf)
+    out16 = jax.jit(lambda s, x: nnx.merge(g16, s)(x))(s16, pixels)
+    assert out16.dtype == jnp.bfloat16
+    assert rel_err(out16.astype(jnp.float32), ref) < 1e-2
 
 
 def test_in_memory_layout(tmp_path):
