@@ -40,7 +40,8 @@ def read_merged(src: Path) -> dict[str, np.ndarray]:
   for path in weight_files(src):
     for name, arr in read_one(path).items():
       if name in out:
-        raise ConversionError(f"tensor {name!r} is in both {origin[name]} and {path}; keep one "
-                              "copy of each weights file in the source directory")
+        raise ConversionError(f"tensor {name!r} is in both {origin[name]} and {path}; the source "
+                              "directory must hold only the files of this model (one copy each; "
+                              "e.g. not lpips's vgg.pth beside alex.pth)")
       out[name], origin[name] = arr, path
   return out
