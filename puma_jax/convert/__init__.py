@@ -30,6 +30,11 @@ CONVERTERS: dict[str, str] = {
     "vae": "puma_jax.convert.vae",
     "sdxl-unet": "puma_jax.convert.unet",
     "puma-decoder": "puma_jax.convert.puma_decoder",
+    "clip": "puma_jax.convert.clip_full",
+    "alexnet": "puma_jax.convert.alexnet",
+    "lpips-alex": "puma_jax.convert.lpips",
+    "dino-vit": "puma_jax.convert.vit",
+    "inception": "puma_jax.convert.inception",
 }
 
 

@@ -76,11 +76,12 @@ class CLIPAttention(nnx.Module):
         ("embed", "heads"))
     self.out_proj = mk(("heads", "embed"))
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     b, t, d = x.shape
     split = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
                                          ("batch", "act_seq", "act_heads", None))
-    o = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+    o = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                         mask=mask)
     return self.out_proj(o.reshape(b, t, d))
 
 
@@ -108,8 +109,8 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm2 = ln()
     self.mlp = CLIPMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x, mask=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask=mask)
     x = x + self.mlp(self.layer_norm2(x))
     return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
 
@@ -120,9 +121,11 @@ class CLIPEncoder(nnx.Module):
     self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                             for _ in range(cfg.num_hidden_layers)])
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    # `mask`: boolean, broadcastable to (B, H, T, T), True = attend (the text tower's causal and
+    # padding mask); the vision tower passes none.
     for layer in self.layers:
-      x = layer(x)
+      x = layer(x, mask=mask)
     return x
 
 

@@ -19,6 +19,11 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "vae": ("puma_jax.models.vae", "VAEConfig", "AutoencoderKL"),
     "sdxl-unet": ("puma_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
     "puma-decoder": ("puma_jax.models.puma_decoder", "PumaDecoderConfig", "PumaDecoder"),
+    "clip": ("puma_jax.models.clip_text", "CLIPConfig", "CLIPModel"),
+    "alexnet": ("puma_jax.models.alexnet", "AlexNetConfig", "AlexNetFeatures"),
+    "lpips-alex": ("puma_jax.models.lpips", "LPIPSConfig", "LPIPS"),
+    "dino-vit": ("puma_jax.models.vit", "ViTConfig", "ViTModel"),
+    "inception": ("puma_jax.models.inception", "InceptionConfig", "FIDInceptionV3"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (this package's `metrics`, `fid`) and, later, the evaluators and runner."""
