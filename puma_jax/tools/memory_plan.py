@@ -380,7 +380,7 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
 
 
 def format_plan(plan: Plan) -> str:
-  gib = lambda n: f"{n / GiB:10.2f}"
+  gib = lambda n: f"{n / GiB:10.3f}{n:>18,}"
   lines = [f"mesh {plan.mesh} on {plan.devices} devices; global batch {plan.global_batch}, "
            f"grad_accum {plan.grad_accum}, remat {plan.remat}, attention {plan.attention}"]
   d = plan.details
@@ -388,7 +388,12 @@ def format_plan(plan: Plan) -> str:
   if "tokens_per_device" in d:
     lines.append(f"microbatch: {d['rows_per_device']} rows = {d['tokens_per_device']:,} tokens "
                  f"per device; {d['per_layer_per_token']:,} bytes per token per layer saved")
-  lines.append(f"{'per device':<14}{'GiB':>10}")
+  whole = sorted((t for t in d["tensors"] if shard_shape(t.shape, t.spec, plan.mesh) == t.shape),
+                 key=lambda t: -t.bytes_per_device)
+  if plan.devices > 1 and whole and whole[0].bytes_per_device >= 1 << 20:
+    lines.append("largest unsharded (replicated) parameters: " + ", ".join(
+        f"{t.path} {t.shape} {t.bytes_per_device / 2**20:.1f} MiB" for t in whole[:3]))
+  lines.append(f"{'per device':<14}{'GiB':>10}{'bytes':>18}")
   for name, n in plan.rows.items():
     lines.append(f"{name:<14}{gib(n)}")
   lines.append(f"{'total':<14}{gib(plan.total)}")
