@@ -366,7 +366,7 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
   shards = plan.mesh["data"] * plan.mesh["fsdp"]
   accums = [a for a in range(1, plan.global_batch + 1)
             if plan.global_batch % a == 0 and (plan.global_batch // a) % shards == 0]
-  out = []
+  out, seen = [], set()
   order = ["none", "dots", "dots_no_batch", "full"]
   start = order.index(plan.remat) if plan.remat in order else 0
   for remat in order[start:]:
@@ -377,6 +377,9 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
                     global_batch=plan.global_batch, attention=plan.attention,
                     usable_fraction=plan.usable_fraction, static=plan.details["static"], **kw)
       if p.fits:
+        if (a, p.total) in seen:  # this remat saves the same as a cheaper one here
+          break
+        seen.add((a, p.total))
         flags = f"--config.train.grad_accum_steps={a}"
         if remat != plan.remat:
           flags += f" --config.model.llm.remat_policy={remat}"
