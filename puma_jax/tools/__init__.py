@@ -1,0 +1,1 @@
+"""Command-line tools that plan or inspect training runs (no training themselves)."""
