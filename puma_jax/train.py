@@ -149,7 +149,7 @@ def _restore_or_init(task, manager, mesh, rules, config):
   replicated = NamedSharding(mesh, P())
   masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shard = optax.tree_map_params(
-      tx, lambda _, s: s, opt_a, p_shard,
+      tx, lambda v, s: v if masked(v) else s, opt_a, p_shard,
       transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
   state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard)
 
@@ -160,8 +160,9 @@ def _restore_or_init(task, manager, mesh, rules, config):
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         params=jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                             to_pure(trainable_a), p_shard),
-        opt_state=jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                               opt_a, opt_shard))
+        opt_state=jax.tree.map(
+            lambda v, s: v if masked(v) else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+            opt_a, opt_shard, is_leaf=masked))
     abstract_frozen = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), to_pure(frozen_a),
         f_shard)

@@ -269,14 +269,19 @@ _POLICIES = {
 }
 
 
-def _layer_fn(graphdef, policy: str):
-  """A pure function (layer state, x, ...) -> (x, kv), rematerialized per `policy`."""
+def _layer_fn(graphdef, policy: str, scanned: bool = True):
+  """A pure function (layer state, x, ...) -> (x, kv), rematerialized per `policy`.
+
+  Inside `lax.scan` CSE cannot merge the recomputation back into the forward pass, so
+  `prevent_cse=False` is safe (and faster); unrolled layers need `prevent_cse=True`, or XLA
+  undoes the rematerialization and saves no memory.
+  """
 
   def run(state, x, cos, sin, mask, kv, index):
     return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
 
   if policy != "none":
-    run = jax.checkpoint(run, policy=_POLICIES[policy], prevent_cse=False)
+    run = jax.checkpoint(run, policy=_POLICIES[policy], prevent_cse=not scanned)
   return run
 
 
@@ -433,7 +438,7 @@ class LlamaForCausalLM(nnx.Module):
       for i, layer in enumerate(self.layers):
         graphdef, state = nnx.split(layer)
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, kv = _layer_fn(graphdef, policy)(state, x, cos, sin, mask, kv, index)
+        x, kv = _layer_fn(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index)
         if kv is not None:
           ks.append(kv[0])
           vs.append(kv[1])

@@ -94,12 +94,13 @@ class PumaModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.clip = clip_lib.CLIPVisionModel(config.clip, **kw)
     self.llm = llama.LlamaForCausalLM(config.llm, **kw)
-    self.projector = MLP2(f, d, d, (None, "mlp", "embed"), **kw)
+    # The feature width is a model width too: "embed" lets FSDP shard both ends.
+    self.projector = MLP2(f, d, d, ("embed", "mlp", "embed"), **kw)
     self.scale_embed = layers.param(rngs, nnx.initializers.normal(0.02), (NUM_SCALES, d),
                                     (None, "embed"), param_dtype)
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (256, d),
                                   (None, "embed"), param_dtype)
-    self.head = MLP2(d, d, f, ("embed", "mlp", None), **kw)
+    self.head = MLP2(d, d, f, ("embed", "mlp", "embed"), **kw)
     self.router = (layers.Dense(d, NUM_SCALES, axes=("embed", None), **kw)
                    if config.router else None)
 

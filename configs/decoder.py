@@ -1,0 +1,95 @@
+"""PUMA decoder training (seed 7.1): one SDXL-based decoder per feature scale.
+
+Variants (`--config=configs/decoder.py:VARIANT`):
+  tiny, tiny_f0 .. tiny_f4  (default tiny = tiny_f2) toy CLIP / VAE / UNet on the synthetic set
+                            at 32 px; a few minutes on a 2-core CPU. Random CLIP and VAE (no
+                            pretrained weights on this machine).
+  f0 .. f4                  the paper: SDXL UNet (from a converted sdxl-unet dir), CLIP-L, SDXL
+                            VAE; AdamW, lr 8e-5, linear decay, clip 1.0, batch 1024, steps
+                            40k / 30k / 20k / 15k / 10k, noise offset 0.1, 10% blank features.
+
+Run:
+  python -m puma_jax.main --config=configs/decoder.py --workdir=/tmp/puma_decoder
+  python -m puma_jax.main --config=configs/decoder.py:f0 --workdir=/ckpt/decoder_f0 \
+      --config.init.clip=/ckpt/clip_l14 --config.init.vae=/ckpt/sdxl_vae \
+      --config.init.decoder=/ckpt/sdxl_unet --config.data.sources.images.paths=/data/laion/{00000..09999}.tar
+"""
+
+import ml_collections
+
+from puma_jax.data import config as data_config
+from puma_jax.diffusion import schedulers as S
+from puma_jax.models import clip, pooling, puma_decoder, vae
+
+PAPER_STEPS = {"f0": 40_000, "f1": 30_000, "f2": 20_000, "f3": 15_000, "f4": 10_000}
+
+
+def get_config(arg: str = "tiny"):
+  tiny = arg.startswith("tiny")
+  scale = arg.split("_", 1)[1] if "_" in arg else ("f2" if tiny else arg)
+  if scale not in PAPER_STEPS:
+    raise ValueError(f"configs/decoder.py: unknown variant {arg!r}; use f0..f4 or tiny_f0..f4")
+  tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
+  c = ml_collections.ConfigDict()
+  c.stage = "decoder"       # which task train.py runs (puma_jax/decoder_task.py)
+  c.scale = scale           # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
+  c.seed = 0                # initialization and the per-step noise / dropout keys
+  c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
+  c.remat = not tiny        # rematerialize the UNet's transformer blocks
+
+  c.model = ml_collections.ConfigDict()
+  clip_cfg = clip.tiny() if tiny else clip.vit_l14()
+  c.model.clip = clip_cfg.to_dict()                       # frozen CLIP encoder
+  c.model.vae = (vae.tiny_config() if tiny else vae.sdxl_vae_config()).to_dict()  # frozen VAE
+  if tiny:
+    dec = puma_decoder.tiny_config(tokens, sample_size=16)
+    dec = dec.replace(mapping_dim=clip_cfg.hidden_size)
+  else:
+    dec = puma_decoder.puma_decoder_config(tokens)
+  c.model.decoder = dec.to_dict()                         # PumaDecoderConfig (UNet + mapping)
+  c.model.scheduler = ml_collections.ConfigDict(
+      {k: v for k, v in vars(S.SchedulerConfig()).items() if k != "trained_betas"})  # SDXL's
+
+  c.init = ml_collections.ConfigDict()
+  c.init.clip = ""      # converted clip-vision dir (CLIP-L)
+  c.init.vae = ""       # converted vae dir (SDXL VAE)
+  c.init.decoder = ""   # converted sdxl-unet dir (paper's init) or a puma-decoder dir
+
+  c.noise_offset = 0.1     # seed 7.1
+  c.cfg_drop_prob = 0.1    # seed 7.1: features replaced by the blank image's
+
+  c.data = data_config.get_config("tiny" if tiny else "decoder")
+  if tiny:
+    for name in list(c.data.sources.keys()):
+      c.data.sources[name].weight = 1.0 if name == "pairs" else 0.0
+    c.data.image.vae_size = 32      # = unet.sample_size x VAE downsampling (16 x 2)
+  c.data.batch_size = 8 if tiny else 1024 // 256   # per host (paper: 1024 in total)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr_groups = ml_collections.ConfigDict({"default": 1e-3 if tiny else 8e-5})  # seed 7.1
+  c.optim.total_steps = 200 if tiny else PAPER_STEPS[scale]
+  c.optim.warmup_steps = 10 if tiny else 0   # (ours for tiny) the paper states no warm-up
+  c.optim.decay = "linear"       # seed 7.1
+  c.optim.end_factor = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-2    # (ours) PyTorch AdamW's default
+  c.optim.grad_clip = 1.0        # seed 7.1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = c.optim.get_ref("total_steps")
+  c.train.grad_accum_steps = 1
+  c.train.log_every = 10 if tiny else 50
+  c.train.checkpoint_every = 50 if tiny else 1000
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True
+  c.train.eval_every = 0
+  c.train.eval_batches = 0
+  c.train.same_data_on_hosts = False  # testing only (see configs/pretrain.py)
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
+                                     {"data": 1, "fsdp": -1, "tensor": 1})
+  c.distributed = ml_collections.ConfigDict({"auto": False, "coordinator_address": "",
+                                             "num_processes": 0, "process_id": -1})
+  return c

@@ -1,0 +1,162 @@
+"""Decoder training (seed 7.1): one scale's PUMA decoder, frozen CLIP and VAE.
+
+Per example: CLIP features of the image at the decoder's scale; 10% of them replaced by the
+black image's features with the positional embedding off (the CFG unconditional input, as at
+inference: DESIGN.md, ours); VAE latent (a draw from the latent distribution, x scaling_factor);
+offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction target (epsilon).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from puma_jax import losses, optim, steps
+from puma_jax.diffusion import schedulers as S
+from puma_jax.models import clip as clip_lib, pooling, puma_decoder, vae as vae_lib
+from puma_jax.tasks import host_data, normalize_clip_images
+
+
+class DecoderTrainModel(nnx.Module):
+  """The trainable decoder with its frozen companions (one module, so one sharded init)."""
+
+  def __init__(self, clip_cfg, vae_cfg, dec_cfg, *, dtype, rngs, remat=False):
+    self.clip = clip_lib.CLIPVisionModel(clip_cfg, dtype=dtype, rngs=rngs)
+    self.vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dtype, rngs=rngs)
+    self.decoder = puma_decoder.PumaDecoder(dec_cfg, dtype=dtype, rngs=rngs, remat=remat)
+
+
+class DecoderEncoder:
+  """Example -> {"clip": uint8 CLIP view, "vae": uint8 VAE view} of its (last) image."""
+
+  def __call__(self, ex):
+    if not ex.images or not ex.vae_images:
+      raise ValueError(f"example {ex.key} has no image for decoder training")
+    return {"clip": ex.images[-1], "vae": ex.vae_images[-1]}
+
+
+class DecoderTask:
+  progress_keys = ("grad_norm",)
+
+  def __init__(self, config):
+    self.config = config
+    m = config.model
+    self.clip_cfg = clip_lib.CLIPVisionConfig.from_dict(m.clip.to_dict())
+    self.vae_cfg = vae_lib.VAEConfig.from_dict(m.vae.to_dict())
+    self.dec_cfg = puma_decoder.PumaDecoderConfig.from_dict(m.decoder.to_dict())
+    self.sched = S.SchedulerConfig(**m.scheduler.to_dict())
+    self.scale = str(config.scale)
+    s = pooling.scale_index(self.scale)
+    self.tokens = pooling.SCALE_TOKENS[s]
+    if self.dec_cfg.num_tokens != self.tokens:
+      raise ValueError(f"config.scale={self.scale} has {self.tokens} tokens but "
+                       f"config.model.decoder.num_tokens={self.dec_cfg.num_tokens}")
+    if self.dec_cfg.mapping_dim != self.clip_cfg.hidden_size:
+      raise ValueError(f"config.model.decoder.mapping_dim={self.dec_cfg.mapping_dim} must equal "
+                       f"the CLIP width config.model.clip.hidden_size={self.clip_cfg.hidden_size}")
+    if self.vae_cfg.latent_channels != self.dec_cfg.unet.in_channels:
+      raise ValueError("config.model.vae.latent_channels must equal the decoder UNet's "
+                       "in_channels")
+    self.dtype = jnp.dtype(config.dtype)
+    self.loads_pretrained = bool(config.init.clip or config.init.vae or config.init.decoder)
+
+  def build(self, rngs):
+    return DecoderTrainModel(self.clip_cfg, self.vae_cfg, self.dec_cfg, dtype=self.dtype,
+                             rngs=rngs, remat=bool(self.config.remat))
+
+  frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("clip"), nnx.PathContains("vae")))
+
+  def meta(self) -> dict:
+    return {"stage": "decoder", "scale": self.scale, "decoder": self.dec_cfg.to_dict(),
+            "clip": self.clip_cfg.to_dict(), "vae": self.vae_cfg.to_dict()}
+
+  def load_pretrained(self, model) -> None:
+    """CLIP and VAE from converted dirs; the decoder from a converted puma-decoder dir, or from
+    an SDXL UNet (sdxl-unet dir) as the paper initializes it (mapping layer stays random)."""
+    from puma_jax import assemble, checkpoints
+    c = self.config.init
+    if c.clip:
+      assemble._copy(model.clip, checkpoints.load_module(c.clip, family="clip-vision"), c.clip)
+    if c.vae:
+      assemble._copy(model.vae, checkpoints.load_module(c.vae, family="vae"), c.vae)
+    if c.decoder:
+      family, _ = checkpoints.load_config(c.decoder)
+      src = checkpoints.load_module(c.decoder, family=family)
+      if family == "puma-decoder":
+        assemble._copy(model.decoder, src, c.decoder)
+      else:
+        assemble._copy(model.decoder.unet, src, c.decoder)
+
+  def optimizer(self, params):
+    return optim.make(self.config.optim, params)
+
+  def train_data(self, split: str = "train"):
+    dcfg = self.config.data
+    if int(dcfg.image.clip_size) != self.clip_cfg.image_size:
+      raise ValueError(f"data.image.clip_size={dcfg.image.clip_size} must equal the CLIP "
+                       f"image_size={self.clip_cfg.image_size}")
+    want = self.dec_cfg.unet.sample_size * self.vae_cfg.downsample_factor
+    if int(dcfg.image.vae_size) != want:
+      raise ValueError(f"data.image.vae_size={dcfg.image.vae_size} must be the decoder's image "
+                       f"size unet.sample_size x VAE downsampling = {want}")
+    return host_data(dcfg, split, DecoderEncoder(), bool(self.config.train.same_data_on_hosts))
+
+  def device_arrays(self, host_batch: dict) -> dict:
+    return host_batch
+
+  def features(self, model, clip_uint8):
+    patches = clip_lib.patch_features(model.clip, normalize_clip_images(clip_uint8))
+    return jax.lax.stop_gradient(pooling.pool(patches, self.tokens))
+
+  def train_step(self, graphdef, tx):
+    sched, cfg = self.sched, self.config
+    drop_p, offset = float(cfg.cfg_drop_prob), float(cfg.noise_offset)
+    base = jax.random.key(int(cfg.seed))
+
+    def loss_fn(params, batch, frozen, rest, key):
+      model = nnx.merge(graphdef, frozen, params, rest)
+      b = batch["clip"].shape[0]
+      k_drop, k_lat, k_noise = jax.random.split(key, 3)
+      feats = self.features(model, batch["clip"])
+      blank = self.features(model, jnp.zeros((1,) + batch["clip"].shape[1:], jnp.uint8))
+      drop = jax.random.uniform(k_drop, (b,)) < drop_p
+      feats = jnp.where(drop[:, None, None], blank, feats)
+      images = batch["vae"].astype(jnp.float32) / 127.5 - 1.0
+      latents = jax.lax.stop_gradient(
+          model.vae.sample_latent(k_lat, images) * self.vae_cfg.scaling_factor)
+      draw = S.q_sample(sched, k_noise, latents.astype(jnp.float32), noise_offset=offset)
+      pred = model.decoder(draw.noisy, draw.timesteps, feats,
+                           use_pos_embed=1.0 - drop.astype(jnp.float32))
+      loss = losses.diffusion_loss(pred, draw.target)
+      return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
+
+    n = int(cfg.train.grad_accum_steps)
+
+    def step(state, frozen, rest, batch):
+      key = jax.random.fold_in(base, state.step)
+      b = batch["clip"].shape[0]
+      batch = dict(batch, _micro=jnp.arange(b) // (b // n))
+
+      def per_micro(params, mb):
+        mb = dict(mb)
+        k = jax.random.fold_in(key, mb.pop("_micro")[0])
+        loss, m = loss_fn(params, mb, frozen, rest, k)
+        return loss / n, jax.tree.map(lambda x: x / n, m)
+
+      loss, grads, m = steps._accumulate(per_micro, state.params, batch, n)
+      return steps._apply(state, tx, loss, grads, m)
+    return step
+
+  def summarize(self, summed: dict, n_steps: int) -> dict:
+    return {k: float(summed[k]) / n_steps for k in ("loss", "grad_norm", "diffusion_mse",
+                                                    "dropped")}
+
+  def throughput(self, global_batch: int, steps_per_s: float, peak, n_devices: int) -> dict:
+    return {"images_per_s": global_batch * steps_per_s}
+
+  def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
+    return {}

@@ -1,0 +1,80 @@
+"""PumaPipeline with tiny random components: every task runs, features route to decoders."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from puma_jax import sequence as seq
+from puma_jax.diffusion.sampler import SamplerSettings
+from puma_jax.inference import generation, pipelines, router
+from puma_jax.models import puma, puma_decoder, vae
+
+TOK = seq.ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
+  width = model.config.feature_dim
+
+  def dec(tokens, seed):
+    cfg = puma_decoder.tiny_config(tokens, sample_size=8).replace(mapping_dim=width)
+    return puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(seed))
+
+  decoders = {"f4": dec(1, 1), "f3": dec(4, 2)}
+  v = vae.AutoencoderKL(vae.tiny_config(), rngs=nnx.Rngs(3))
+  return pipelines.PumaPipeline(model, encode=TOK.encode, decode=TOK.decode,
+                                special=TOK.special, decoders=decoders, vae=v,
+                                settings=SamplerSettings(num_steps=2))
+
+
+def images(n, seed=0):
+  return [np.random.RandomState(seed + i).randint(0, 256, (40, 48, 3), np.uint8)
+          for i in range(n)]
+
+
+def test_text_to_image_one_image_per_scale(pipe):
+  out = pipe.text_to_image(["a red circle", "two squares"], scales=("f4", "f3"), seed=0)
+  assert set(out) == {"f4", "f3"}
+  for s in ("f4", "f3"):
+    assert out[s].shape == (2, 16, 16, 3) and out[s].dtype == np.uint8
+  again = pipe.text_to_image(["a red circle", "two squares"], scales=("f4", "f3"), seed=0)
+  np.testing.assert_array_equal(out["f3"], again["f3"])
+  other = pipe.text_to_image(["a red circle", "two squares"], scales=("f3",), seed=1)
+  assert not np.array_equal(out["f3"], other["f3"])
+
+
+def test_features_routed_to_the_right_scale(pipe):
+  feats = pipe.text_to_image(["a red circle"], scales=("f3",), return_features=True)["f3"]
+  prompts = [seq.build_prompt([seq.Text("a red circle")], TOK.encode, TOK.special, True)]
+  full, _ = generation.generate_features(pipe.model, prompts, "f3")
+  np.testing.assert_allclose(feats, np.asarray(full[:, 1:5]), rtol=1e-6)
+  assert pipe.uncond_features("f3").shape == (4, pipe.model.config.feature_dim)
+
+
+def test_edit_conditional_chat_ground_run(pipe):
+  out = pipe.edit(images(2), ["make it blue", "move it left"], scales=("f4",))
+  assert out["f4"].shape == (2, 16, 16, 3)
+  auto = pipe.conditional(images(1), "colorize", return_features=True)
+  assert auto["chosen"][0] in ("f0", "f1", "f2", "f3", "f4")
+  answers = pipe.chat(images(2), ["What colour?", "How many?"], max_new_tokens=4)
+  assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  boxes = pipe.ground(images(1), ["the circle"])
+  assert len(boxes) == 1 and (boxes[0] is None or len(boxes[0]) == 4)
+
+
+def test_router_defaults_and_errors(pipe):
+  assert router.default_scale("t2i") == "f3"
+  assert router.default_scale("conditional", "inpaint") == "f0"
+  assert router.default_scale("conditional", "canny") == "f1"
+  assert router.choose("t2i", np.eye(5)[[4, 0]]) == ["f4", "f0"]
+  with pytest.raises(ValueError, match="no default output scale for task 'chat'"):
+    router.default_scale("chat")
+  with pytest.raises(ValueError, match="no decoder for scale f0"):
+    pipe.text_to_image(["x"], scales=("f0",))
+  with pytest.raises(ValueError, match="unknown scale 'f7'"):
+    pipe.text_to_image(["x"], scales=("f7",))
+  with pytest.raises(ValueError, match="scale f2 .*num_tokens=4"):
+    pipelines.PumaPipeline(pipe.model, encode=TOK.encode, decode=TOK.decode,
+                           special=TOK.special, decoders={"f2": pipe.decoders["f3"]})
