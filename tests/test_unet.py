@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -52,8 +53,9 @@ def test_parity_bfloat16(tmp_path_factory):
   """bfloat16 compute against diffusers in float32.
 
   A whole UNet with random weights loses ~1-2% (max-abs error over max-abs output) in bfloat16;
-  diffusers' own bfloat16 run does the same (1.1e-2 .. 1.8e-2 on these configs), so the bound is
-  relative to that, plus the RMS error (relative to the output's RMS) under 1e-2.
+  diffusers' own bfloat16 run does the same (1.1e-2 .. 1.8e-2 on these configs), so the max-abs
+  bound is 2e-2 and relative to diffusers' own error; the RMS error (relative to the output's
+  RMS) is held under 1e-2.
   """
   import torch
   model, base = converted("sdxl_like", tmp_path_factory)
@@ -64,10 +66,10 @@ def test_parity_bfloat16(tmp_path_factory):
                                  **unet_ref.unet_kwargs(x))
   assert out.dtype == jnp.float32
   err = rel_err(out, ref)
-  torch_bf16 = unet_ref.torch_forward(model.to(torch.bfloat16), x, torch.bfloat16)
-  model.float()
+  torch_bf16 = unet_ref.torch_forward(copy.deepcopy(model).to(torch.bfloat16), x,
+                                      torch.bfloat16)
   torch_err = rel_err(torch_bf16, ref)
-  assert 1e-5 < err < max(1.5 * torch_err, 1e-2), (err, torch_err)
+  assert 1e-5 < err < 2e-2 and err < 2.5 * torch_err, (err, torch_err)
   assert unet_ref.rel_rms(out, ref) < 1e-2
 
 
@@ -184,7 +186,7 @@ def test_conversion_errors(tmp_path_factory, tmp_path):
   assert convert_main(["sdxl-unet", f"--src={cfgdir}", f"--dst={tmp_path / 'out'}"]) == 2
   # A config that does not match the weights: the tensor and shapes are named.
   (cfgdir / "config.json").write_text(json.dumps({**d, "cross_attention_dim": 48}))
-  with pytest.raises(ConversionError, match=r"attn2\.to_k\.weight.*\(64, 48\)"):
+  with pytest.raises(ConversionError, match=r"attn2\.to_k\.weight.*needs \(48, 64\)"):
     import_module("sdxl-unet", cfgdir)
 
 

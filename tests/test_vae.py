@@ -77,6 +77,8 @@ def test_parity_with_diffusers(tmp_path, name):
   assert rel_err(model.encode(jnp.asarray(nhwc(x))), nhwc(mean_ref)) < 1e-4
   img = model.decode(jnp.asarray(nhwc(z)))
   assert img.shape == nhwc(img_ref).shape
+  print(f"vae {name}: encode {rel_err(mean, nhwc(mean_ref)):.2e} decode "
+        f"{rel_err(img, nhwc(img_ref)):.2e}")
   assert rel_err(img, nhwc(img_ref)) < 1e-4
 
 

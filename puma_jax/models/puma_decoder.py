@@ -27,6 +27,7 @@ from flax import nnx
 from puma_jax import sharding
 from puma_jax.models import layers, unet
 from puma_jax.models.base import ModelConfig
+from puma_jax.models.unet_blocks import KeySeq
 
 SCALES = (256, 64, 16, 4, 1)  # tokens of f0 .. f4
 
@@ -100,6 +101,7 @@ class PumaDecoder(nnx.Module):
                rngs: nnx.Rngs, remat: bool = False):
     self.config = config
     self.dtype = dtype
+    rngs = KeySeq(rngs)  # see KeySeq: keeps the real-size eval_shape linear in time
     self.unet = unet.UNet2DConditionModel(config.unet, dtype=dtype, param_dtype=param_dtype,
                                           rngs=rngs, remat=remat)
     self.mapping_layer = (layers.Dense(config.mapping_dim, config.mapping_dim1,

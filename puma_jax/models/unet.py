@@ -28,8 +28,8 @@ from flax import nnx
 from puma_jax import sharding
 from puma_jax.models import layers
 from puma_jax.models.base import ModelConfig
-from puma_jax.models.unet_blocks import (FMAP, DownBlock, MidBlock, TimestepEmbedding, UpBlock,
-                                         timestep_embedding)
+from puma_jax.models.unet_blocks import (FMAP, DownBlock, KeySeq, MidBlock, TimestepEmbedding,
+                                         UpBlock, timestep_embedding)
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -187,7 +187,7 @@ class UNet2DConditionModel(nnx.Module):
                rngs: nnx.Rngs, remat: bool = False):
     self.config = cfg = config
     self.dtype = dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySeq(rngs))
     ch = cfg.block_out_channels
     temb = cfg.time_embed_dim
     self.conv_in = layers.Conv(cfg.in_channels, ch[0], cfg.conv_in_kernel,
