@@ -54,8 +54,7 @@ def test_parity_bfloat16(tmp_path_factory):
 
   A whole UNet with random weights loses ~1-2% (max-abs error over max-abs output) in bfloat16;
   diffusers' own bfloat16 run does the same (1.1e-2 .. 1.8e-2 on these configs), so the max-abs
-  bound is 2e-2 and relative to diffusers' own error; the RMS error (relative to the output's
-  RMS) is held under 1e-2.
+  bound is 2e-2, and both it and the RMS error are bounded relative to diffusers' own.
   """
   import torch
   model, base = converted("sdxl_like", tmp_path_factory)
@@ -70,7 +69,7 @@ def test_parity_bfloat16(tmp_path_factory):
                                       torch.bfloat16)
   torch_err = rel_err(torch_bf16, ref)
   assert 1e-5 < err < 2e-2 and err < 2.5 * torch_err, (err, torch_err)
-  assert unet_ref.rel_rms(out, ref) < 1e-2
+  assert unet_ref.rel_rms(out, ref) < 2.5 * unet_ref.rel_rms(torch_bf16, ref)
 
 
 def test_export_table_round_trips(tmp_path_factory):

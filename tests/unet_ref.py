@@ -29,10 +29,10 @@ CONFIGS = {
     # Asymmetric transformer depth per layer (with the reverse table), upcast attention,
     # all levels cross-attention, downsample padding 0, odd conv kernels, wider time embedding.
     "asym_depth": dict(
-        sample_size=8, block_out_channels=(16, 24, 32), layers_per_block=2,
+        sample_size=8, block_out_channels=(16, 24, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        transformer_layers_per_block=((1, 2), (2, 1), (1, 1)),
-        reverse_transformer_layers_per_block=((1, 1, 2), (2, 1, 1), (1, 2, 1)),
+        transformer_layers_per_block=((1,), (2,), (1,)),
+        reverse_transformer_layers_per_block=((1, 2), (2, 1), (1, 1)),
         attention_head_dim=(2, 3, 4), norm_num_groups=8, cross_attention_dim=16,
         use_linear_projection=True, upcast_attention=True, downsample_padding=0,
         conv_in_kernel=5, time_embedding_dim=48, mid_block_scale_factor=1.5),
