@@ -57,6 +57,7 @@ def test_decoder_sharded_step_equals_single_device():
 def test_decoder_grad_accumulation_matches_shapes_and_runs(tmp_path):
   config = small_config()
   config.train.grad_accum_steps = 2
+  config.data.batch_size = 16  # two microbatches of 8, one example per fake device
   config.optim.total_steps = 4
   last = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(last["loss"])
