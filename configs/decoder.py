@@ -88,6 +88,7 @@ def get_config(arg: str = "tiny"):
   c.train.eval_batches = 0
   c.train.same_data_on_hosts = False  # testing only (see configs/pretrain.py)
 
+  c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})
   c.distributed = ml_collections.ConfigDict({"auto": False, "coordinator_address": "",

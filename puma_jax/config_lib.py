@@ -70,6 +70,7 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c.train.same_data_on_hosts = False  # testing only: every host reads the global stream and
                                       # keeps its slice (multi-process == one process)
 
+  c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})  # -1: the rest
 

@@ -196,7 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   task = tasks.make(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  n_dev = int(config.get("num_devices", 0) or 0)
+  if n_dev and jax.process_count() > 1:
+    raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "
+                     "several processes")
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:n_dev] if n_dev else None)
   rules = sharding.DEFAULT_RULES
   global_batch = _check_batch_divides(config, mesh)
   total = int(config.train.total_steps)

@@ -28,6 +28,7 @@ def small_config():
   c.train.async_checkpointing = False
   c.optim.total_steps = 16
   c.optim.warmup_steps = 2
+  c.num_devices = 1  # sharding has its own tests; one device keeps compiles short
   return c
 
 

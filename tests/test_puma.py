@@ -148,3 +148,12 @@ def test_bad_inputs(model):
     generation.generate_text(model, [p], 4, features=jnp.zeros((1, 0, 341, 64)))
   with pytest.raises(ValueError, match="clip.image_size=64 / patch_size=2"):
     puma.PumaConfig(llm=model.config.llm, clip=model.config.clip.replace(image_size=64))
+
+
+def test_sampled_text_generation_runs_and_is_seeded(model):
+  p = [seq.build_prompt([seq.Text("hello")], TOK.encode, SP)]
+  a = generation.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
+                               stop_tokens=())
+  b = generation.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
+                               stop_tokens=())
+  assert a == b and len(a[0]) == 6 and all(0 <= t < model.config.llm.vocab_size for t in a[0])

@@ -36,6 +36,7 @@ def small_config():
   c.train.async_checkpointing = False
   c.optim.total_steps = 12
   c.optim.warmup_steps = 2
+  c.num_devices = 1  # sharding has its own tests; one device keeps compiles short
   return c
 
 

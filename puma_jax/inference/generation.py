@@ -152,14 +152,15 @@ def generate_features(model, prompts: Sequence[dict], through: str | int = "f0",
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "sampler"))
 def _gen_text(graphdef, state, arrays, images, features, key, stop_ids, num_steps, temperature,
-              top_p, *, capacity, sampler):
+              top_k, top_p, *, capacity, sampler):
   model = nnx.merge(graphdef, state)
   image_feats = _image_features(model, images, features)
   p = arrays["tokens"].shape[1]
   hidden, cache = _prefill(model, arrays, image_feats, p + capacity)
   b = hidden.shape[0]
   key, sub = jax.random.split(key)
-  first = sample_logits(model.llm.logits(hidden[:, -1:])[:, 0], sub, sampler, temperature, top_p)
+  first = sample_logits(model.llm.logits(hidden[:, -1:])[:, 0], sub, sampler, temperature, top_k,
+                        top_p)
   out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_ids)
 
@@ -171,7 +172,7 @@ def _gen_text(graphdef, state, arrays, images, features, key, stop_ids, num_step
     step, out, done, prev, cache, key = c
     h, cache = model.llm.decode_embeddings(model.llm.embed(prev[:, None]), cache=cache)
     key, sub = jax.random.split(key)
-    tok = sample_logits(model.llm.logits(h)[:, -1], sub, sampler, temperature, top_p)
+    tok = sample_logits(model.llm.logits(h)[:, -1], sub, sampler, temperature, top_k, top_p)
     tok = jnp.where(done, -1, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
     return step + 1, out, done | jnp.isin(tok, stop_ids), jnp.maximum(tok, 0), cache, key
@@ -193,13 +194,13 @@ def generate_text(model, prompts: Sequence[dict], max_new_tokens: int, *, images
   arrays = pad_prompts(prompts, m, cfg.max_position_embeddings, max_new_tokens)
   stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
   capacity = bucket(max_new_tokens)
-  sampler = Sampler(greedy=temperature == 0.0, top_k=top_k, top_p=top_p is not None)
+  sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
   graphdef, state = nnx.split(model)
   out = _gen_text(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
                   jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
                   jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
-                  jnp.float32(top_p if top_p is not None else 1.0), capacity=capacity,
-                  sampler=sampler)
+                  jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
+                  capacity=capacity, sampler=sampler)
   result = []
   for row in np.asarray(out)[:, :max_new_tokens]:
     toks = [int(t) for t in row if t >= 0]
