@@ -24,6 +24,7 @@ def base(task: str, variant: str) -> ml_collections.ConfigDict:
   c.max_items_this_run = 0        # stop after scoring N records (0: no limit); rerun resumes
   c.process_index = -1            # testing only: pretend to be host i (-1: jax.process_index())
   c.process_count = -1            # testing only: pretend there are N hosts (-1: jax's count)
+  c.num_devices = 0             # use the first N local devices (0: all of them)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # local devices
 
   c.data = ml_collections.ConfigDict()

@@ -171,14 +171,20 @@ def build_generator(task: str, mcfg, scales):
 # Metric networks
 
 
-def numpy_random_module(build, seed: int) -> nnx.Module:
-  """A module with seeded NumPy weights: no per-shape jax.random compiles (slow on CPU)."""
+def numpy_random_module(build, seed: int, gain: float = 1.0, nonneg: str = "") -> nnx.Module:
+  """A module with seeded NumPy weights: no per-shape jax.random compiles (slow on CPU).
+  `gain`: kernel scale over 1/sqrt(fan_in) (sqrt(2) keeps deep ReLU stacks such as Inception
+  from collapsing to one output for every image); parameters whose path contains `nonneg` are
+  made non-negative (LPIPS's linear heads are, so distances stay >= 0)."""
   graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   rs = np.random.RandomState(seed)
 
   def fill(path, v):
     if len(v.shape) >= 2:
-      return (rs.randn(*v.shape) / np.sqrt(np.prod(v.shape[:-1]))).astype(np.float32)
+      w = gain * rs.randn(*v.shape) / np.sqrt(np.prod(v.shape[:-1]))
+      if nonneg and nonneg in "/".join(map(str, path)):
+        w = np.abs(w)
+      return w.astype(np.float32)
     base = 1.0 if "scale" in str(path[-1]) or "var" in str(path[-1]) else 0.0
     return np.asarray(base + 0.1 * rs.randn(*v.shape), np.float32)
 
@@ -226,7 +232,7 @@ class MetricNets:
     from puma_jax.models import lpips
     return self._get("lpips", lambda p: M.LPIPSMetric.load(p, self.mesh),
                      lambda: M.LPIPSMetric(numpy_random_module(
-                         lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 11)))
+                         lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 11, nonneg="lins")))
 
   def clip(self) -> M.CLIPScorer:
     from puma_jax.models import clip_text
@@ -251,4 +257,4 @@ class MetricNets:
     cfg = inception.InceptionConfig(image_size=inception.MIN_SIZE)
     return self._get("inception", lambda p: fid_lib.InceptionFeatures.load(p, self.mesh),
                      lambda: fid_lib.InceptionFeatures(numpy_random_module(
-                         lambda: inception.FIDInceptionV3(cfg, rngs=nnx.Rngs(0)), 14)))
+                         lambda: inception.FIDInceptionV3(cfg, rngs=nnx.Rngs(0)), 14, gain=2.0)))

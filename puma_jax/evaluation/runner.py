@@ -41,7 +41,7 @@ PAPER = {
                       "short/accuracy": "60.6 (GQA) / 76.2 (VQAv2)"},
 }
 # Fields that change how a run is executed but not its numbers.
-_EXECUTION_ONLY = ("mesh", "batch_size", "max_items_this_run", "process_index", "process_count")
+_EXECUTION_ONLY = ("mesh", "num_devices", "batch_size", "max_items_this_run", "process_index", "process_count")
 
 
 class EvalError(RuntimeError):
@@ -174,7 +174,12 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   log(f"[eval {task}] host {pi}/{pc}: {len(mine)} records, {len(mine) - len(pending)} "
       f"already done, {len(pending)} to score")
 
-  mesh = sharding.make_mesh(dict(cfg.mesh), devices=jax.local_devices())
+  devices = jax.local_devices()
+  if cfg.num_devices > 0:
+    if cfg.num_devices > len(devices):
+      raise EvalError(f"num_devices={cfg.num_devices} but this host has {len(devices)}")
+    devices = devices[:int(cfg.num_devices)]
+  mesh = sharding.make_mesh(dict(cfg.mesh), devices=devices)
   nets = models.MetricNets(cfg.metrics, mesh)
   gen = models.build_generator(task, cfg.model, tuple(cfg.scales)) if pending else None
   ev = E.EVALUATORS[task](cfg, gen, nets, make_put(mesh))
@@ -218,7 +223,7 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
                     f"{items[0].get('detail', '')}")
   results = ev.aggregate(items, feats)
   out = {"task": task, "metrics": results, "records": len(recs), "hosts": pc,
-         "local_devices": len(jax.local_devices()), "model": cfg.model.kind,
+         "devices_per_host": len(devices), "model": cfg.model.kind,
          "random_weights": sorted(set(nets.random) | ({f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma"
                                                         else set())),
          "config": fp}
