@@ -39,6 +39,11 @@ CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 
 
+def _idx(records) -> list[int]:
+  """Global record positions (sampling keys); `run` without the runner numbers them itself."""
+  return [int(r.get("idx", i)) for i, r in enumerate(records)]
+
+
 def _floats(x) -> np.ndarray:
   return np.asarray(x, np.float32) / 255.0
 
@@ -134,7 +139,7 @@ class ReconstructionEvaluator(Evaluator):
     lp = self.nets.lpips()
     values = {}
     for s in self.scales:
-      rec = self._resized(self.gen.reconstruct(images, s, int(self.cfg.seed)))
+      rec = self._resized(self.gen.reconstruct(images, s, int(self.cfg.seed), _idx(kept)))
       values[f"{s}/psnr"] = self._pairwise(M.psnr_checked, rec, ref)
       values[f"{s}/lpips"] = self._pairwise(lp, rec, ref)
     return self._items(kept, values) + skips, {}
@@ -149,8 +154,8 @@ class TextToImageEvaluator(Evaluator):
       return skips, {}
     captions = [r["caption"] for r in kept]
     seed = int(self.cfg.seed)
-    first = self.gen.text_to_image(captions, self.scales, seed=seed)
-    second = (self.gen.text_to_image(captions, self.scales, seed=seed + 1)
+    first = self.gen.text_to_image(captions, self.scales, seed, _idx(kept))
+    second = (self.gen.text_to_image(captions, self.scales, seed + 1, _idx(kept))
               if self.cfg.metrics.lpips_d else None)
     clip = self.nets.clip()
     ref = _floats(np.stack(refs))
@@ -190,7 +195,7 @@ class EditingEvaluator(Evaluator):
     if not kept:
       return skips, {}
     out = self.gen.edit(sources, [r["instruction"] for r in kept], self.scales,
-                        seed=int(self.cfg.seed))
+                        int(self.cfg.seed), _idx(kept))
     src = _floats(np.stack(sources))
     clip, dino = self.nets.clip(), self.nets.dino()
     values = {}

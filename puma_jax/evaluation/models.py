@@ -1,10 +1,14 @@
 """What an eval run scores with: the generator under test and the metric networks.
 
-Generators (duck-typed; `PumaPipeline` is one):
-  reconstruct(images, scale, seed) -> uint8 (B, H, W, 3)      (reconstruction)
-  text_to_image(prompts, scales, seed=) -> {scale: uint8}     (text-to-image)
-  edit(images, instructions, scales, seed=) -> {scale: uint8} (editing)
-  chat(images, questions, max_new_tokens=) -> [str]           (understanding)
+Generators (duck-typed):
+  reconstruct(images, scale, seed, indices) -> uint8 (B, H, W, 3)          (reconstruction)
+  text_to_image(prompts, scales, seed, indices) -> {scale: uint8}          (text-to-image)
+  edit(images, instructions, scales, seed, indices) -> {scale: uint8}      (editing)
+  chat(images, questions, max_new_tokens=) -> [str]                        (understanding)
+`indices` are the records' global positions: record i is sampled with the key
+fold_in(key(seed), i), whatever batch or host it lands in, so a run split over hosts and
+devices (or resumed) draws the same noise as one big batch. `PipelineGenerator` adapts a
+`PumaPipeline` (whose own calls key samples by batch position) to this.
 
 `config.model.kind`:
   "puma"  converted checkpoint directories (the paper's protocol).
@@ -55,35 +59,35 @@ class ToyGenerator:
     rng = np.random.default_rng([zlib.crc32(key.encode()), seed])
     return rng.normal(0, 12, shape)
 
-  def reconstruct(self, images, scale: str, seed: int = 0) -> np.ndarray:
+  def reconstruct(self, images, scale: str, seed: int, indices) -> np.ndarray:
     out = []
-    for i, im in enumerate(images):
+    for i, im in zip(indices, images):
       x = _block_average(np.asarray(im), self._grid(scale)).astype(np.float64)
-      x += self._noise(f"rec{scale}{i}{im.tobytes()[:64]!r}", seed, x.shape)
+      x += self._noise(f"rec{scale}{i}", seed, x.shape)
       out.append(np.clip(np.round(x), 0, 255).astype(np.uint8))
     return np.stack(out)
 
-  def text_to_image(self, prompts, scales=("f3",), *, seed: int = 0) -> dict:
+  def text_to_image(self, prompts, scales, seed: int, indices) -> dict:
     out = {}
     for s in scales:
       g = self._grid(s)
       imgs = []
-      for p in prompts:
+      for i, p in zip(indices, prompts):
         base = np.random.default_rng(zlib.crc32(p.encode())).uniform(0, 255, (g, g, 3))
         base = imaging.resize(base.astype(np.uint8), self.size).astype(np.float64)
-        imgs.append(np.clip(base + self._noise(p + s, seed, base.shape), 0, 255)
+        imgs.append(np.clip(base + self._noise(f"{p}{s}{i}", seed, base.shape), 0, 255)
                     .astype(np.uint8))
       out[s] = np.stack(imgs)
     return out
 
-  def edit(self, images, instructions, scales=("f0",), *, seed: int = 0) -> dict:
+  def edit(self, images, instructions, scales, seed: int, indices) -> dict:
     out = {}
     for s in scales:
       res = []
-      for im, instr in zip(images, instructions):
+      for i, im, instr in zip(indices, images, instructions):
         x = _block_average(np.asarray(im), self._grid(s)).astype(np.float64)
         tint = np.random.default_rng(zlib.crc32(instr.encode())).uniform(-30, 30, 3)
-        res.append(np.clip(x + tint + self._noise(instr + s, seed, x.shape), 0, 255)
+        res.append(np.clip(x + tint + self._noise(f"{instr}{s}{i}", seed, x.shape), 0, 255)
                    .astype(np.uint8))
       out[s] = np.stack(res)
     return out
@@ -106,11 +110,56 @@ class ReconstructionGenerator:
   def __init__(self, reconstructors: dict):
     self.reconstructors = reconstructors
 
-  def reconstruct(self, images, scale: str, seed: int = 0) -> np.ndarray:
+  def reconstruct(self, images, scale: str, seed: int, indices) -> np.ndarray:
     from puma_jax.diffusion import sampler as SM
     if scale not in self.reconstructors:
       raise ValueError(f"no decoder for scale {scale} (have {sorted(self.reconstructors)})")
-    return np.asarray(SM.to_uint8(self.reconstructors[scale](list(images), seed)))
+    rec = self.reconstructors[scale]
+    feats = rec.features(list(images))
+    return np.asarray(SM.to_uint8(rec.sampler(feats, rec.uncond, record_keys(seed, indices))))
+
+
+def record_keys(seed: int, indices) -> jax.Array:
+  """fold_in(key(seed), i) per record: `sampler.sample_keys` of the whole dataset, row i."""
+  import jax.numpy as jnp
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(list(indices), jnp.int32))
+
+
+class PipelineGenerator:
+  """A `PumaPipeline` with per-record sampling keys: features come from the pipeline
+  (`return_features=True`), each scale is decoded here with `record_keys`."""
+
+  def __init__(self, pipe):
+    self.pipe = pipe
+    self._samplers = {}
+
+  def _decode(self, feats: dict, scales, seed, indices) -> dict:
+    import jax.numpy as jnp
+    from puma_jax.diffusion import sampler as SM
+    out = {}
+    for s in scales:
+      if s not in self.pipe.decoders or self.pipe.vae is None:
+        raise ValueError(f"scale {s} needs a decoder (model.decoders.{s}) and model.vae")
+      if s not in self._samplers:
+        self._samplers[s] = SM.DecoderSampler(self.pipe.decoders[s], self.pipe.vae,
+                                              self.pipe.settings)
+      f = jnp.asarray(feats[s], jnp.float32)
+      uncond = jnp.broadcast_to(jnp.asarray(self.pipe.uncond_features(s)), f.shape)
+      out[s] = np.asarray(SM.to_uint8(self._samplers[s](f, uncond, record_keys(seed, indices))))
+    return out
+
+  def text_to_image(self, prompts, scales, seed: int, indices) -> dict:
+    feats = self.pipe.text_to_image(list(prompts), tuple(scales), return_features=True)
+    return self._decode(feats, scales, seed, indices)
+
+  def edit(self, images, instructions, scales, seed: int, indices) -> dict:
+    feats = self.pipe.edit(list(images), list(instructions), tuple(scales),
+                           return_features=True)
+    return self._decode(feats, scales, seed, indices)
+
+  def chat(self, images, questions, max_new_tokens: int = 64) -> list[str]:
+    return self.pipe.chat(list(images), list(questions), max_new_tokens=max_new_tokens)
 
 
 def _tiny_parts(seed: int, scales, steps: int):
@@ -146,8 +195,9 @@ def build_generator(task: str, mcfg, scales):
     model = numpy_random_module(lambda: puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0)),
                                 int(mcfg.seed))
     tok = seq.ByteTokenizer()
-    return PumaPipeline(model, encode=tok.encode, decode=tok.decode, special=tok.special,
-                        decoders=decoders, vae=vae, settings=settings)
+    return PipelineGenerator(PumaPipeline(model, encode=tok.encode, decode=tok.decode,
+                                          special=tok.special, decoders=decoders, vae=vae,
+                                          settings=settings))
   if kind == "puma":
     settings = SM.SamplerSettings(num_steps=int(mcfg.steps), guidance_scale=float(mcfg.guidance))
     decs = {s: d for s, d in dict(mcfg.decoders).items() if d}
@@ -162,8 +212,9 @@ def build_generator(task: str, mcfg, scales):
     if not mcfg.puma:
       raise M.MissingWeightsError("model.kind='puma' needs model.puma (a converted PUMA dir)")
     from puma_jax.inference.pipelines import PumaPipeline
-    return PumaPipeline.load(mcfg.puma, decoders=decs, vae=mcfg.vae,
-                             tokenizer=mcfg.tokenizer or "byte", settings=settings)
+    return PipelineGenerator(PumaPipeline.load(mcfg.puma, decoders=decs, vae=mcfg.vae,
+                                               tokenizer=mcfg.tokenizer or "byte",
+                                               settings=settings))
   raise ValueError(f"model.kind={kind!r}; choose puma, tiny or toy")
 
 
