@@ -244,3 +244,17 @@ def test_cli(tmp_path):
                                 f"--config.data.path={write_jsonl(tmp_path / 'e.jsonl', [])}"],
                      cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "dataset is empty" in p.stderr
+
+
+@pytest.mark.slow
+def test_tiny_models_real_path(tmp_path):
+  """~1-2 min: random-weight tiny CLIP + PUMA decoder + VAE reconstructing through the sampler
+  (the fast twin is the toy generator above). Two single-record batches == one batch of two:
+  sampling keys follow the record, not its batch position."""
+  c = cfg_for("reconstruction", scales=("f3",), **{"data.synthetic.num_items": 2})
+  c.model.kind = "tiny"
+  whole = run(tmp_path, "a", c)["metrics"]
+  c.batch_size = 1
+  split = run(tmp_path, "b", c)["metrics"]
+  close(split, whole, tol=1e-4)
+  assert whole["items/scored"] == 2 and np.isfinite(whole["f3/psnr"])
