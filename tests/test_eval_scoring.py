@@ -64,3 +64,31 @@ def test_best_over_scales_by_hand():
   assert scoring.best_over_scales(per_scale, higher_is_better=False) == [0.1, 0.2, 0.5]
   # The mean of the per-example best is not the best of the per-scale means.
   assert np.mean([0.3, 0.9, 0.7]) > max(np.mean(v) for v in per_scale.values())
+
+
+def test_llava_prompts():
+  from puma_jax.evaluation import evaluators as E
+  p = E.understanding_prompt({"id": 0, "kind": "choice", "question": "Colour?",
+                              "options": {"A": "red", "B": "blue"}})
+  assert p == "Colour?\nA. red\nB. blue\nAnswer with the option's letter from the given " \
+              "choices directly."
+  assert E.understanding_prompt({"id": 0, "kind": "short", "question": "What? "}) == \
+      "What?\nAnswer the question using a single word or phrase."
+  q = "Is it red? Please answer yes or no."
+  assert E.understanding_prompt({"id": 0, "kind": "yes_no", "question": q}) == q
+
+
+def test_synthetic_records():
+  import ml_collections
+  from puma_jax.data import synthetic
+  from puma_jax.evaluation import records
+  cfg = ml_collections.ConfigDict({"seed": 0, "size": 32, "num_train": 50, "num_items": 3})
+  ed = records.synthetic_records("editing", cfg)
+  assert len(ed) == 3 and all(r["target_caption"] != r["source_caption"] for r in ed)
+  und = records.synthetic_records("understanding", cfg)
+  assert [r["kind"] for r in und[:4]] == ["short", "choice", "yes_no", "yes_no"]
+  yes, no = und[2], und[3]
+  assert (yes["answer"], no["answer"]) == ("yes", "no") and yes["image_id"] == no["image_id"]
+  assert und[1]["options"][und[1]["answer"]] in synthetic.BACKGROUNDS
+  with pytest.raises(records.EvalDataError, match="unknown task"):
+    records.synthetic_records("captioning", cfg)
