@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puma_jax.inference.text import Sampler, bucket, sample_logits
+from puma_jax.inference.text import Sampler, bucket, decode_loop, trim_at_stop
 from puma_jax.models import pooling
 from puma_jax.sequence import IMAGE_TOKENS, SCALE_OFFSET
 
@@ -157,29 +157,13 @@ def _gen_text(graphdef, state, arrays, images, features, key, stop_ids, num_step
   image_feats = _image_features(model, images, features)
   p = arrays["tokens"].shape[1]
   hidden, cache = _prefill(model, arrays, image_feats, p + capacity)
-  b = hidden.shape[0]
-  key, sub = jax.random.split(key)
-  first = sample_logits(model.llm.logits(hidden[:, -1:])[:, 0], sub, sampler, temperature, top_k,
-                        top_p)
-  out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, stop_ids)
 
-  def cond(c):
-    step, _, done, _, _, _ = c
-    return (step < num_steps) & ~jnp.all(done)
-
-  def body(c):
-    step, out, done, prev, cache, key = c
+  def step(prev, cache):
     h, cache = model.llm.decode_embeddings(model.llm.embed(prev[:, None]), cache=cache)
-    key, sub = jax.random.split(key)
-    tok = sample_logits(model.llm.logits(h)[:, -1], sub, sampler, temperature, top_k, top_p)
-    tok = jnp.where(done, -1, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-    return step + 1, out, done | jnp.isin(tok, stop_ids), jnp.maximum(tok, 0), cache, key
+    return model.llm.logits(h)[:, -1], cache
 
-  _, out, _, _, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.ones((), jnp.int32), out, done, first, cache, key))
-  return out
+  return decode_loop(step, model.llm.logits(hidden[:, -1:])[:, 0], cache, key, stop_ids,
+                     num_steps, temperature, top_k, top_p, capacity=capacity, sampler=sampler)
 
 
 def generate_text(model, prompts: Sequence[dict], max_new_tokens: int, *, images=None,
@@ -201,12 +185,4 @@ def generate_text(model, prompts: Sequence[dict], max_new_tokens: int, *, images
                   jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
                   jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
                   capacity=capacity, sampler=sampler)
-  result = []
-  for row in np.asarray(out)[:, :max_new_tokens]:
-    toks = [int(t) for t in row if t >= 0]
-    for j, t in enumerate(toks):
-      if t in stops:
-        toks = toks[:j + 1]
-        break
-    result.append(toks)
-  return result
+  return trim_at_stop(out, max_new_tokens, stops)

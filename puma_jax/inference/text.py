@@ -84,36 +84,65 @@ def decode_step(model, tokens, cache: KVCache):
   return _decode_step(graphdef, state, jnp.asarray(tokens, jnp.int32), cache)
 
 
+def decode_loop(step, last_logits, cache, key, stop_ids, num_steps, temperature, top_k, top_p,
+                *, capacity: int, sampler: Sampler) -> jax.Array:
+  """Samples from `last_logits` (B, V), then runs `step(prev_tokens (B,), cache) -> (logits
+  (B, V), cache)` in a `while_loop` until `num_steps` tokens or every row has stopped.
+
+  Returns (B, capacity) token ids, -1 after a row's stop token. Shared by LLaMA text generation
+  and PumaModel's multimodal text generation (which only differ in how a token is embedded).
+  """
+  b = last_logits.shape[0]
+  key, sub = jax.random.split(key)
+  first = sample_logits(last_logits, sub, sampler, temperature, top_k, top_p)
+  out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, stop_ids)
+
+  def cond(carry):
+    i, _, done, _, _, _ = carry
+    return (i < num_steps) & ~jnp.all(done)
+
+  def body(carry):
+    i, out, done, prev, cache, key = carry
+    logits, cache = step(prev, cache)
+    key, sub = jax.random.split(key)
+    tok = sample_logits(logits, sub, sampler, temperature, top_k, top_p)
+    tok = jnp.where(done, -1, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+    done = done | jnp.isin(tok, stop_ids)
+    return i + 1, out, done, jnp.maximum(tok, 0), cache, key
+
+  carry = (jnp.ones((), jnp.int32), out, done, first, cache, key)
+  return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def trim_at_stop(out, max_new_tokens: int, stops) -> list[list[int]]:
+  """Host-side: each row's tokens up to and including its first stop token."""
+  result = []
+  for row in np.asarray(out)[:, :max_new_tokens]:
+    toks = [int(t) for t in row if t >= 0]
+    for j, t in enumerate(toks):
+      if t in stops:
+        toks = toks[:j + 1]
+        break
+    result.append(toks)
+  return result
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "capacity", "sampler"))
 def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperature, top_k, top_p, *,
               slots, capacity, sampler):
   """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop."""
   model = nnx.merge(graphdef, state)
-  b = tokens.shape[0]
-  cache = model.init_cache(b, slots)
+  cache = model.init_cache(tokens.shape[0], slots)
   logits, cache = model(tokens, attention_mask=mask, cache=cache)
-  key, sub = jax.random.split(key)
-  first = sample_logits(logits[:, -1], sub, sampler, temperature, top_k, top_p)
-  out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, stop_ids)
 
-  def cond(carry):
-    step, _, done, _, _, _ = carry
-    return (step < num_steps) & ~jnp.all(done)
-
-  def body(carry):
-    step, out, done, prev, cache, key = carry
+  def step(prev, cache):
     logits, cache = model(prev[:, None], cache=cache)
-    key, sub = jax.random.split(key)
-    tok = sample_logits(logits[:, -1], sub, sampler, temperature, top_k, top_p)
-    tok = jnp.where(done, -1, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-    done = done | jnp.isin(tok, stop_ids)
-    return step + 1, out, done, jnp.maximum(tok, 0), cache, key
+    return logits[:, -1], cache
 
-  carry = (jnp.ones((), jnp.int32), out, done, first, cache, key)
-  _, out, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
-  return out
+  return decode_loop(step, logits[:, -1], cache, key, stop_ids, num_steps, temperature, top_k,
+                     top_p, capacity=capacity, sampler=sampler)
 
 
 def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
@@ -186,13 +215,4 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
                   jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
                   jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
                   slots=p + capacity, capacity=capacity, sampler=sampler)
-  out = np.asarray(out)[:, :max_new_tokens]
-  result = []
-  for row in out:
-    toks = [int(t) for t in row if t >= 0]
-    for j, t in enumerate(toks):
-      if t in stops:
-        toks = toks[:j + 1]
-        break
-    result.append(toks)
-  return result
+  return trim_at_stop(out, max_new_tokens, stops)
