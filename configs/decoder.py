@@ -84,8 +84,10 @@ def get_config(arg: str = "tiny"):
   c.train.checkpoint_every = 50 if tiny else 1000
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True
-  c.train.eval_every = 0
-  c.train.eval_batches = 0
+  c.train.eval_every = 100 if tiny else 2000  # steps between sample images (0: never)
+  c.train.eval_batches = 1
+  c.train.sample_images = 4      # held-out images reconstructed at each evaluation
+  c.train.sample_steps = 10 if tiny else 50  # sampler steps for those (DDPM, guidance 2.0)
   c.train.same_data_on_hosts = False  # testing only (see configs/pretrain.py)
 
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)

@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   task = tasks.make(config)
+  task.workdir = workdir
   n_dev = int(config.get("num_devices", 0) or 0)
   if n_dev and jax.process_count() > 1:
     raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "

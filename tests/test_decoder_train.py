@@ -66,9 +66,18 @@ def test_decoder_grad_accumulation_matches_shapes_and_runs(tmp_path):
 
 def test_tiny_decoder_learns(tmp_path):
   config = small_config()
+  config.train.eval_every = 16
+  config.train.sample_images = 2
+  config.train.sample_steps = 2
   train.train_and_evaluate(config, str(tmp_path))
+  from PIL import Image
+  grid = np.asarray(Image.open(tmp_path / "samples" / "step_16.png"))
+  assert grid.shape == (64, 64, 3)  # 2 held-out inputs above their 2 samples, 32 px each
   import json
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if "eval/sample_abs_error" in r]
+  rows = [r for r in rows if "loss" in r]
   first, last = rows[0]["loss"], rows[-1]["loss"]
   assert last < first, (first, last)
   assert rows[-1]["images_per_s"] > 0
+  assert len(evals) == 1 and 0 <= evals[0]["eval/sample_abs_error"] <= 1
