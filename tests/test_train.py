@@ -112,13 +112,15 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_loss_falls_and_resume_after_kill9_is_identical(tmp_path):
   """Uninterrupted run vs a run killed (-9) after its step-4 checkpoint and then resumed."""
   full = tmp_path / "full"
-  config = small_config()
-  last = train.train_and_evaluate(config, str(full))
+  # Both runs are processes with the same device setup (in-process runs see 8 fake devices,
+  # which changes XLA's CPU partitioning and so the last bits).
+  proc = run_main(full)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
   ref = read_metrics(full)
   assert sorted(ref) == list(range(1, 13))
   assert np.mean([ref[s]["loss"] for s in (10, 11, 12)]) < np.mean(
       [ref[s]["loss"] for s in (1, 2, 3)])
-  assert last["loss"] == ref[12]["loss"]
 
   crash = tmp_path / "crash"
   proc = run_main(crash)
@@ -195,16 +197,19 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_bad_inputs(tmp_path):
   config = small_config()
+  config.num_devices = 0
   config.mesh.data, config.mesh.fsdp = 3, -1
   with pytest.raises(ValueError, match="does not divide the 8 available devices"):
     train.train_and_evaluate(config, str(tmp_path / "a"))
   config = small_config()
+  config.num_devices = 0
   config.data.batch_size = 6
   config.mesh.data, config.mesh.fsdp = 4, 2
   with pytest.raises(ValueError, match="data.batch_size=6 .* does not divide over mesh"):
     train.train_and_evaluate(config, str(tmp_path / "b"))
   config = small_config()
-  config.seq_len = 300  # a t2i example (343 image positions) cannot fit
+  config.seq_len = 300  # no image example (343 image positions) can fit
+  config.data.sources.text.weight = 0.0  # (text-only documents are cut to fit)
   config.data.max_consecutive_skips = 20
   with pytest.raises(Exception, match="bad records in a row"):
     train.train_and_evaluate(config, str(tmp_path / "c"))
