@@ -106,6 +106,16 @@ def check_pair(a, b, names=("images", "references")) -> None:
                            f"{tuple(np.shape(b))} differ in shape; resize them to one size first")
 
 
+def check_same_batch(images, references) -> None:
+  """Two checked batches compared item by item; unlike `check_pair` their image sizes may
+  differ (each side is resized on its own)."""
+  check_images(images, "images")
+  check_images(references, "references")
+  if np.shape(images)[0] != np.shape(references)[0]:
+    raise MetricInputError(f"images ({np.shape(images)[0]}) and references "
+                           f"({np.shape(references)[0]}) differ in batch size")
+
+
 def stack_images(images: Sequence, name: str = "images") -> np.ndarray:
   """A list of HWC images of one size -> an NHWC batch; mixed sizes are an error naming them."""
   if len(images) == 0:
@@ -290,11 +300,7 @@ class CLIPScorer(_Scorer):
     return self._text(jnp.asarray(ids), jnp.asarray(mask))
 
   def clip_i(self, images, references) -> jax.Array:
-    check_images(images, "images")
-    check_images(references, "references")
-    if np.shape(images)[0] != np.shape(references)[0]:
-      raise MetricInputError(f"images ({np.shape(images)[0]}) and references "
-                             f"({np.shape(references)[0]}) differ in batch size")
+    check_same_batch(images, references)
     a, b = jnp.asarray(images), jnp.asarray(references)
     if a.shape[1:] != b.shape[1:]:  # each side is resized on its own; one jit per shape
       return cosine(self._image(a), self._image(b))
@@ -356,11 +362,7 @@ class DINOScorer(_Scorer):
     return self._features(jnp.asarray(images))
 
   def __call__(self, images, references) -> jax.Array:
-    check_images(images, "images")
-    check_images(references, "references")
-    if np.shape(images)[0] != np.shape(references)[0]:
-      raise MetricInputError(f"images ({np.shape(images)[0]}) and references "
-                             f"({np.shape(references)[0]}) differ in batch size")
+    check_same_batch(images, references)
     a, b = jnp.asarray(images), jnp.asarray(references)
     if a.shape[1:] != b.shape[1:]:
       return cosine(self._features(a), self._features(b))
