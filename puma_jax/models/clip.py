@@ -205,6 +205,26 @@ def patch_features(model: CLIPVisionModel, pixel_values: jax.Array) -> jax.Array
 # Preprocessing (DESIGN.md: resize to exactly 224x224, bilinear, no crop; CLIP mean/std)
 
 
+def normalize(images01):
+  """CLIP mean/std normalization of float images in [0, 1] (NumPy or JAX, channels last).
+
+  The one place CLIP's normalization is written; every path into the encoder goes through it."""
+  xp = jnp if isinstance(images01, jax.Array) else np
+  mean = xp.asarray(CLIP_MEAN, xp.float32)
+  std = xp.asarray(CLIP_STD, xp.float32)
+  return (images01 - mean) / std
+
+
+def normalize_uint8(images: jax.Array) -> jax.Array:
+  """uint8 images (as the data pipeline ships CLIP views) -> CLIP-normalized float32."""
+  return normalize(jnp.asarray(images).astype(jnp.float32) / 255.0)
+
+
+def black_image(size: int) -> np.ndarray:
+  """The all-black picture whose features are CFG's unconditional input (uint8 HWC)."""
+  return np.zeros((size, size, 3), np.uint8)
+
+
 def _check_images(images, what="images"):
   shape = tuple(images.shape)
   if len(shape) not in (3, 4) or shape[-1] not in (1, 3, 4):
@@ -229,8 +249,7 @@ def preprocess_pil(images: Sequence, size: int = 224) -> np.ndarray:
       img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     out.append(np.asarray(img, np.float32) / 255.0)
-  x = np.stack(out)
-  return ((x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32))
+  return normalize(np.stack(out))
 
 
 def preprocess(images: jax.Array, size: int = 224) -> jax.Array:
@@ -246,4 +265,4 @@ def preprocess(images: jax.Array, size: int = 224) -> jax.Array:
     images = jnp.repeat(images, 3, axis=-1)
   images = images[..., :3].astype(jnp.float32)
   images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear", antialias=True)
-  return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+  return normalize(images)
