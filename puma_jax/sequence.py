@@ -299,27 +299,6 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
   return out
 
 
-class ByteTokenizer:
-  """A byte-level tokenizer for the tiny configs and the synthetic data (no files needed).
-
-  ids: 0 pad, 1 <s>, 2 </s>, 3 [IMG], 4 [/IMG], 5..260 bytes, 261..484 grounding positions.
-  Real runs use the LLaMA tokenizer with PUMA's tokens added (puma_jax.tokenizer).
-  """
-  BYTE0 = 5
-  vocab_size = 5 + 256 + NUM_POSITION_TOKENS
-
-  def __init__(self):
-    self.special = SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4,
-                                 pos0=self.BYTE0 + 256)
-
-  def encode(self, text: str) -> list[int]:
-    return [self.BYTE0 + b for b in text.encode("utf-8")]
-
-  def decode(self, ids) -> str:
-    return bytes(int(i) - self.BYTE0 for i in ids
-                 if self.BYTE0 <= int(i) < self.BYTE0 + 256).decode("utf-8", errors="replace")
-
-
 def build_prompt(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
                  special: SpecialTokens, open_image: bool = False) -> dict[str, np.ndarray]:
   """An inference prompt: `<s> segments...` (no `</s>`), ending in `[IMG]` if `open_image`.

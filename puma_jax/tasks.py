@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from puma_jax import losses, optim, sequence as seq, steps
+from puma_jax import losses, optim, sequence as seq, steps, tokenizer
 from puma_jax.models import clip as clip_lib
 
 
@@ -28,23 +28,6 @@ def make(config: ml_collections.ConfigDict):
   if config.stage not in stages:
     raise ValueError(f"config.stage={config.stage!r}: choose from {sorted(stages)}")
   return stages[config.stage](config)
-
-
-def tokenizer_for(config):
-  """(encode, decode, SpecialTokens) from `config.tokenizer` ("byte" or a tokenizer dir)."""
-  name = str(config.tokenizer)
-  if name == "byte":
-    tok = seq.ByteTokenizer()
-    return tok.encode, tok.decode, tok.special
-  from puma_jax.tokenizer import PumaTokenizer
-  tok = PumaTokenizer.from_dir(name)
-  pos = tok.pos_ids
-  if list(pos) != list(range(pos[0], pos[0] + len(pos))):
-    raise ValueError(f"tokenizer {name}: the 224 position tokens must have consecutive ids")
-  pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else tok.eos_id
-  special = seq.SpecialTokens(bos=tok.bos_id, eos=tok.eos_id, pad=pad,
-                              img_start=tok.img_start_id, img_end=tok.img_end_id, pos0=pos[0])
-  return (lambda s: tok.encode(s, bos=False)), tok.decode, special
 
 
 def normalize_clip_images(images: jax.Array) -> jax.Array:
@@ -98,7 +81,7 @@ class MLLMTask:
     self.config = config
     self.model_config = puma.PumaConfig.from_dict(config.model.to_dict())
     self.dtype = jnp.dtype(config.dtype)
-    self.encode, self.decode, self.special = tokenizer_for(config)
+    self.encode, self.decode, self.special = tokenizer.load(str(config.tokenizer))
     mc = self.model_config
     for field, want in (("img_start_id", self.special.img_start),
                         ("img_end_id", self.special.img_end), ("pos0_id", self.special.pos0),

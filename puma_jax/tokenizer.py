@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from puma_jax.sequence import NUM_POSITION_TOKENS, SpecialTokens
+
 IMG_START = "[IMG]"
 IMG_END = "[/IMG]"
 NUM_POS_TOKENS = 224
@@ -35,6 +37,42 @@ def pos_token(i: int) -> str:
 
 PUMA_SPECIAL_TOKENS: tuple[str, ...] = (IMG_START, IMG_END) + tuple(
     pos_token(i) for i in range(NUM_POS_TOKENS))
+
+
+class ByteTokenizer:
+  """A byte-level tokenizer for the tiny configs and the synthetic data (no files needed).
+
+  ids: 0 pad, 1 <s>, 2 </s>, 3 [IMG], 4 [/IMG], 5..260 bytes, 261..484 grounding positions.
+  Real runs use the LLaMA tokenizer with PUMA's tokens added (puma_jax.tokenizer).
+  """
+  BYTE0 = 5
+  vocab_size = 5 + 256 + NUM_POSITION_TOKENS
+
+  def __init__(self):
+    self.special = SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4,
+                                 pos0=self.BYTE0 + 256)
+
+  def encode(self, text: str) -> list[int]:
+    return [self.BYTE0 + b for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) - self.BYTE0 for i in ids
+                 if self.BYTE0 <= int(i) < self.BYTE0 + 256).decode("utf-8", errors="replace")
+
+
+def load(name: str):
+  """(encode, decode, SpecialTokens) for a tokenizer name: "byte" or a tokenizer directory."""
+  if name == "byte":
+    tok = ByteTokenizer()
+    return tok.encode, tok.decode, tok.special
+  tok = PumaTokenizer.from_dir(name)
+  pos = tok.pos_ids
+  if list(pos) != list(range(pos[0], pos[0] + len(pos))):
+    raise ValueError(f"tokenizer {name}: the 224 position tokens must have consecutive ids")
+  pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else tok.eos_id
+  special = SpecialTokens(bos=tok.bos_id, eos=tok.eos_id, pad=pad,
+                          img_start=tok.img_start_id, img_end=tok.img_end_id, pos0=pos[0])
+  return (lambda s: tok.encode(s, bos=False)), tok.decode, special
 
 
 class PumaTokenizer:

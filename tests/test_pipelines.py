@@ -10,7 +10,8 @@ from puma_jax.diffusion.sampler import SamplerSettings
 from puma_jax.inference import generation, pipelines, router
 from puma_jax.models import puma, puma_decoder, vae
 
-TOK = seq.ByteTokenizer()
+from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
+TOK = ByteTokenizer()
 
 
 @pytest.fixture(scope="module")

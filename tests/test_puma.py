@@ -10,7 +10,8 @@ from puma_jax import losses, sequence as seq, sharding
 from puma_jax.inference import generation
 from puma_jax.models import puma
 
-TOK = seq.ByteTokenizer()
+from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
+TOK = ByteTokenizer()
 SP = TOK.special
 
 

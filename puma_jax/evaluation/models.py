@@ -190,11 +190,11 @@ def build_generator(task: str, mcfg, scales):
                                int(mcfg.seed))
       return ReconstructionGenerator({s: reconstruct.Reconstructor(cm, decoders[s], vae, s,
                                                                     settings) for s in scales})
-    from puma_jax import sequence as seq
+    from puma_jax import tokenizer as tokenizer_lib
     from puma_jax.inference.pipelines import PumaPipeline
     model = numpy_random_module(lambda: puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0)),
                                 int(mcfg.seed))
-    tok = seq.ByteTokenizer()
+    tok = tokenizer_lib.ByteTokenizer()
     return PipelineGenerator(PumaPipeline(model, encode=tok.encode, decode=tok.decode,
                                           special=tok.special, decoders=decoders, vae=vae,
                                           settings=settings))

@@ -50,11 +50,9 @@ class PumaPipeline:
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
            tokenizer: str = "byte", dtype=jnp.float32, **kw) -> "PumaPipeline":
-    from puma_jax import checkpoints, tasks
-    import ml_collections
+    from puma_jax import checkpoints, tokenizer as tokenizer_lib
     model = checkpoints.load_module(puma_dir, family="puma", dtype=dtype)
-    encode, decode, special = tasks.tokenizer_for(ml_collections.ConfigDict(
-        {"tokenizer": tokenizer}))
+    encode, decode, special = tokenizer_lib.load(tokenizer)
     decs = {s: checkpoints.load_module(d, family="puma-decoder", dtype=dtype)
             for s, d in (decoders or {}).items()}
     v = checkpoints.load_module(vae, family="vae", dtype=dtype) if vae else None

@@ -170,7 +170,7 @@ class PumaModel(nnx.Module):
 
 def tiny(vocab_size: int = 512, router: bool = True, **llm_kw) -> PumaConfig:
   """Toy PUMA for CPU: byte-level vocabulary (see sequence.ByteTokenizer), tiny CLIP/LLaMA."""
-  from puma_jax.sequence import ByteTokenizer
+  from puma_jax.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   llm_cfg = llama.tiny(vocab_size=vocab_size, max_position_embeddings=2048, **llm_kw)
   s = tok.special
