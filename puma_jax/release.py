@@ -96,13 +96,15 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     if key not in m:
       raise ReleaseError(f"{where}: missing key {key!r}")
     v = m[key]
+    if key == "image_size" and v is None and not m.get("scales"):
+      continue  # no decoders (a chat-only release): no output image size
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
       raise ReleaseError(f"{where}: key {key!r} must be {typ.__name__}, got {v!r}")
   if m["format_version"] != FORMAT_VERSION:
     raise ReleaseError(f"{where}: key 'format_version' is {m['format_version']}; this version "
                        f"of puma_jax reads format_version {FORMAT_VERSION}")
   for key in ("image_size", "clip_image_size"):
-    if m[key] < 1:
+    if m[key] is not None and m[key] < 1:
       raise ReleaseError(f"{where}: key {key!r} must be positive, got {m[key]}")
   if m["dtype"] not in DTYPES:
     raise ReleaseError(f"{where}: key 'dtype' must be one of {DTYPES}, got {m['dtype']!r}")
@@ -364,25 +366,40 @@ class ReleaseWriter:
   # -- commit ------------------------------------------------------------------------------------
 
   def _fill_sizes(self) -> None:
+    """Sets (or checks) image_size and clip_image_size from the parts' configs."""
     from puma_jax import checkpoints
 
-    def config_of(rel: str) -> dict:
-      base = self._stage / rel
-      return checkpoints.load_info(base if base.exists() else self.dst / rel)["config"]
+    def config_of(rel: str) -> dict | None:
+      path = self._stage / rel
+      path = path if path.exists() else self.dst / rel
+      if not (path / checkpoints.CONFIG_FILE).exists():
+        return None  # not a converted model directory: nothing to derive from
+      return checkpoints.load_info(path)["config"]
 
-    parts = self.manifest["parts"]
-    if "clip_image_size" not in self.manifest:
-      if "puma" in parts:
-        self.manifest["clip_image_size"] = config_of(parts["puma"]["path"])["clip"]["image_size"]
-      elif "clip" in parts:
-        self.manifest["clip_image_size"] = config_of(parts["clip"]["path"])["image_size"]
-    if "image_size" not in self.manifest and parts["decoders"] and "vae" in parts:
+    parts, derived = self.manifest["parts"], {}
+    puma_cfg = config_of(parts["puma"]["path"]) if "puma" in parts else None
+    clip_cfg = config_of(parts["clip"]["path"]) if "clip" in parts else None
+    if puma_cfg is not None:
+      derived["clip_image_size"] = puma_cfg["clip"]["image_size"]
+    elif clip_cfg is not None:
+      derived["clip_image_size"] = clip_cfg["image_size"]
+    vae_cfg = config_of(parts["vae"]["path"]) if "vae" in parts else None
+    dec_cfgs = {s: config_of(e["path"]) for s, e in parts["decoders"].items()}
+    if dec_cfgs and vae_cfg is not None and None not in dec_cfgs.values():
       from puma_jax.models import vae as vae_lib
-      vcfg = vae_lib.VAEConfig.from_dict(config_of(parts["vae"]["path"]))
-      sizes = {config_of(e["path"])["unet"]["sample_size"] for e in parts["decoders"].values()}
-      if len(sizes) != 1:
-        raise ReleaseError(f"decoders of {self.dst} have different UNet sample sizes {sizes}")
-      self.manifest["image_size"] = sizes.pop() * vcfg.downsample_factor
+      factor = vae_lib.VAEConfig.from_dict(vae_cfg).downsample_factor
+      sizes = {s: c["unet"]["sample_size"] * factor for s, c in dec_cfgs.items()}
+      if len(set(sizes.values())) != 1:
+        raise ReleaseError(f"the decoders of {self.dst} make images of different sizes {sizes}")
+      derived["image_size"] = next(iter(sizes.values()))
+    for key, value in derived.items():
+      have = self.manifest.get(key)
+      if have is None:
+        self.manifest[key] = value
+      elif have != value:
+        raise ReleaseError(f"{self.dst / MANIFEST}: key {key!r} is {have} but the parts give "
+                           f"{value}; the parts do not belong together")
+    self.manifest.setdefault("image_size", None)
 
   def _commit(self) -> None:
     self._fill_sizes()

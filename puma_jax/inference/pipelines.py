@@ -191,10 +191,14 @@ class PumaPipeline:
     segs = [[seq.Image(0), seq.Text(t)] for t in instructions]
     return self._generate("edit", segs, self.pixels(images), scales, seed, return_features)
 
-  def conditional(self, images: Sequence, task: str, prompt: str = "", scales=None, *,
-                  seed: int = 0, return_features: bool = False) -> dict:
-    """canny-to-image, inpainting or colorization from condition images."""
-    segs = [seq.conditional(task, prompt)[:2] for _ in images]
+  def conditional(self, images: Sequence, task: str, prompt: str | Sequence[str] = "",
+                  scales=None, *, seed: int = 0, return_features: bool = False) -> dict:
+    """canny-to-image, inpainting or colorization from condition images (one prompt for all,
+    or one per image)."""
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+      raise ValueError(f"got {len(prompts)} prompts for {len(images)} condition images")
+    segs = [seq.conditional(task, p)[:2] for p in prompts]
     return self._generate("conditional", segs, self.pixels(images), scales, seed,
                           return_features, cond_type=task)
 

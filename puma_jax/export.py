@@ -1,0 +1,244 @@
+"""Training workdir -> release (puma_jax/release.py; layout in docs/SAMPLING.md).
+
+    python -m puma_jax.export --workdir=W --dst=R          # a new release from one workdir
+    python -m puma_jax.export --workdir=W --into=R         # add W's part to an existing release
+    [--step=N]                                             # default: the newest checkpoint
+
+An MLLM-stage workdir gives the PumaModel (`puma/`) and its tokenizer (from the workdir's
+config.json: "byte", or a tokenizer directory copied to `tokenizer/` with PUMA's tokens). A
+decoder-stage workdir gives `decoders/<scale>`, plus its frozen VAE when the release has none
+and its frozen CLIP when the release has neither `puma/` nor `clip/`.
+
+Checkpoints are read through `read_checkpoint` only: parameters (trainable and frozen, as NumPy
+arrays), step, the stage description saved with them, and the workdir's config.json; the
+optimizer and data-iterator state are never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from puma_jax import release as release_lib
+
+CHECKPOINTS_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class ExportError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class WorkdirCheckpoint:
+  """One training checkpoint: `params` merges the trainable and the frozen parameters into the
+  model's nested pure dict; `meta` is the stage description saved with it ("stage": "mllm" |
+  "decoder", the model configs); `config` the workdir's config.json."""
+  workdir: Path
+  step: int
+  params: dict
+  meta: dict
+  config: dict
+
+  @property
+  def stage(self) -> str:
+    return self.meta["stage"]
+
+  @property
+  def source(self) -> str:
+    return f"training workdir {self.workdir} (step {self.step})"
+
+
+def _merge(a: dict, b: dict, path: str = "") -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+      out[k] = _merge(out[k], v, f"{path}{k}.")
+    elif k in out:
+      raise ExportError(f"parameter {path}{k} is both trainable and frozen in the checkpoint")
+    else:
+      out[k] = v
+  return out
+
+
+def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirCheckpoint:
+  """The parameters, step and stage description of a training checkpoint in `workdir`."""
+  import jax
+  import orbax.checkpoint as ocp
+  workdir = Path(workdir).absolute()
+  ckpt_dir = workdir / CHECKPOINTS_DIR
+  if not ckpt_dir.is_dir():
+    raise ExportError(f"{workdir}: no {CHECKPOINTS_DIR}/ directory; is it a training workdir "
+                      "(python -m puma_jax.main --workdir=...)?")
+  cfg_path = workdir / CONFIG_FILE
+  try:
+    config = json.loads(cfg_path.read_text())
+  except FileNotFoundError:
+    raise ExportError(f"{cfg_path}: missing (train.py writes it at the start of a run)") from None
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{cfg_path}: not valid JSON ({e})") from None
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "frozen": ocp.PyTreeCheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(
+      ckpt_dir, item_handlers=handlers,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ExportError(f"{ckpt_dir}: no finished checkpoint")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ExportError(f"{ckpt_dir}: no checkpoint at step {step} (have {sorted(steps)})")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or meta.get("stage") not in ("mllm", "decoder"):
+      raise ExportError(f"{ckpt_dir}/{step}/meta: no known stage ({meta!r:.200})")
+    item_meta = manager.item_metadata(step)
+
+    def target(name, keep=None):
+      tree = getattr(item_meta[name], "tree", item_meta[name])
+      if keep is not None:
+        tree = {k: tree[k] for k in keep}
+      # NumPy on the host: exporting a model larger than one accelerator must still work.
+      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+      restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray,
+                                                            dtype=m.dtype), tree)
+      return ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                    partial_restore=keep is not None)
+
+    got = manager.restore(step, args=ocp.args.Composite(
+        state=target("state", keep=("params", "step")), frozen=target("frozen")))
+  finally:
+    manager.close()
+  params = _merge(got["state"]["params"], got["frozen"] or {})
+  return WorkdirCheckpoint(workdir, int(step), params, meta, config)
+
+
+def _module(family: str, config_dict: dict, params: dict):
+  """The registry model `family` built abstractly and filled with `params` (NumPy)."""
+  from flax import nnx
+  from puma_jax.models import registry
+  cfg = registry.config_class(family).from_dict(config_dict)
+  abstract = nnx.eval_shape(lambda: registry.build(family, cfg, rngs=nnx.Rngs(0)))
+  graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+  want = nnx.to_pure_dict(state)
+  import jax
+  flat_want = {jax.tree_util.keystr(p): v.shape for p, v in
+               jax.tree_util.tree_flatten_with_path(want)[0]}
+  try:
+    flat_got = {jax.tree_util.keystr(p): np.shape(v) for p, v in
+                jax.tree_util.tree_flatten_with_path(params)[0]}
+  except Exception as e:  # not a nested dict of arrays
+    raise ExportError(f"{family} parameters are not a nested dict of arrays: {e}") from None
+  missing, extra = sorted(set(flat_want) - set(flat_got)), sorted(set(flat_got) - set(flat_want))
+  bad = [k for k in flat_want if k in flat_got and tuple(flat_got[k]) != tuple(flat_want[k])]
+  if missing or extra or bad:
+    raise ExportError(f"checkpoint parameters do not match the {family} config: missing "
+                      f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}")
+  nnx.replace_by_pure_dict(state, params)
+  import jax.numpy as jnp
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  return cfg, nnx.merge(graphdef, state, rest)
+
+
+def write_mllm(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
+  """puma/ and the tokenizer from an MLLM-stage checkpoint."""
+  from puma_jax import checkpoints
+  cfg, model = _module("puma", ckpt.meta["model"], ckpt.params)
+  checkpoints.save_module(writer.part_dir("puma"), "puma", cfg, model, source=ckpt.source)
+  writer.add_part("puma", source=ckpt.source)
+  tok = str(ckpt.config.get("tokenizer", "byte") or "")
+  if not tok:
+    raise ExportError(f"{ckpt.workdir / CONFIG_FILE}: key 'tokenizer' is empty; the release "
+                      "needs the tokenizer the model was trained with")
+  if tok == release_lib.BYTE_TOKENIZER:
+    writer.set_tokenizer(tok)
+  else:
+    from puma_jax import tokenizer as tokenizer_lib
+    try:
+      tokenizer_lib.PumaTokenizer.from_dir(tok).save(writer.tokenizer_dir())
+    except (OSError, ValueError) as e:
+      raise ExportError(f"{ckpt.workdir / CONFIG_FILE}: tokenizer {tok!r} cannot be read "
+                        f"({e})") from None
+    writer.set_tokenizer(release_lib.TOKENIZER_DIR)
+
+
+def write_decoder(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
+  """decoders/<scale> from a decoder-stage checkpoint, plus its frozen VAE (and CLIP) when the
+  release has no other source for them."""
+  from puma_jax import checkpoints
+  scale = ckpt.meta.get("scale")
+  dec_cfg, dec = _module("puma-decoder", ckpt.meta["decoder"], ckpt.params["decoder"])
+  checkpoints.save_module(writer.decoder_dir(scale), "puma-decoder", dec_cfg, dec,
+                          source=ckpt.source)
+  writer.add_decoder(scale, source=ckpt.source)
+  parts = writer.manifest["parts"]
+  frozen = f"{ckpt.source}, frozen during decoder training"
+  if "vae" not in parts:
+    vcfg, vae = _module("vae", ckpt.meta["vae"], ckpt.params["vae"])
+    checkpoints.save_module(writer.part_dir("vae"), "vae", vcfg, vae, source=frozen)
+    writer.add_part("vae", source=frozen)
+  if "puma" not in parts and "clip" not in parts:
+    ccfg, clip = _module("clip-vision", ckpt.meta["clip"], ckpt.params["clip"])
+    checkpoints.save_module(writer.part_dir("clip"), "clip-vision", ccfg, clip, source=frozen)
+    writer.add_part("clip", source=frozen)
+
+
+def write_workdir(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
+  if ckpt.stage == "mllm":
+    write_mllm(writer, ckpt)
+  else:
+    write_decoder(writer, ckpt)
+
+
+def export(workdir: str | Path, *, dst: str | Path = "", into: str | Path = "",
+           step: int | None = None, name: str = "") -> Path:
+  """Writes `workdir`'s trained part into a new release `dst` or an existing release `into`."""
+  if bool(dst) == bool(into):
+    raise ExportError("give exactly one of dst (a new release) and into (an existing one)")
+  ckpt = read_checkpoint(workdir, step)
+  created_by = "python -m puma_jax.export"
+  if into:
+    with release_lib.ReleaseWriter(into, into=True, created_by=created_by) as w:
+      write_workdir(w, ckpt)
+    return Path(into)
+  with release_lib.ReleaseWriter(dst, name=name or Path(workdir).absolute().name,
+                                 created_by=created_by) as w:
+    write_workdir(w, ckpt)
+  return Path(dst)
+
+
+def define_flags() -> None:
+  # Defined only when run as a program, so importing this module defines no flags.
+  flags.DEFINE_string("workdir", None, "training workdir (python -m puma_jax.main)")
+  flags.DEFINE_string("dst", "", "new release directory (must not exist or be empty)")
+  flags.DEFINE_string("into", "", "existing release to add the workdir's part to")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+  flags.DEFINE_string("name", "", "release name for --dst (default: the workdir's name)")
+
+
+def main(argv) -> None:
+  f = flags.FLAGS
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  if not f.workdir:
+    print("error: --workdir is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    out = export(f.workdir, dst=f.dst, into=f.into, step=f.step, name=f.name)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  rel = release_lib.Release.open(out)
+  print(f"release {out}: parts {sorted(rel.manifest['parts'])}, decoders {list(rel.scales)}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

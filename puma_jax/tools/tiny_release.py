@@ -1,0 +1,104 @@
+"""A complete tiny release from seeded random weights, in seconds (layout: docs/SAMPLING.md).
+
+    python -m puma_jax.tools.tiny_release --dst=/tmp/tiny_release [--seed=0]
+    python -m puma_jax.tools.tiny_release --dst=R --from-workdir=workdirs/default
+
+It holds what a converted PUMA release holds: the PumaModel (`puma.tiny()`: 2-layer LLaMA,
+2-layer CLIP with the real 16x16 patch grid), the five decoders f0..f4 (the toy UNet of
+configs/decoder.py:tiny_fK), the toy VAE and the built-in byte tokenizer; images are 32x32.
+`--from-workdir=W` (repeatable) takes parts from training workdirs instead (an MLLM workdir: the
+PumaModel and its tokenizer, e.g. the README's tiny run; a decoder workdir: its scale's decoder
+and its VAE); the rest stays random. The images mean nothing; the code path is the real one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from puma_jax import release as release_lib
+from puma_jax.models import pooling
+
+NAME = "tiny-random"
+CREATED_BY = "python -m puma_jax.tools.tiny_release"
+DECODER_SAMPLE_SIZE = 16  # latent pixels; x2 (the toy VAE) = 32-pixel images, as decoder.py:tiny
+
+
+def decoder_config(scale: str, feature_dim: int):
+  """The toy decoder of configs/decoder.py:tiny_<scale> reading `feature_dim`-wide features."""
+  from puma_jax.models import puma_decoder
+  tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
+  cfg = puma_decoder.tiny_config(tokens, sample_size=DECODER_SAMPLE_SIZE)
+  return cfg.replace(mapping_dim=feature_dim)
+
+
+def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> release_lib.Release:
+  """Writes the tiny release to `dst` (which must not exist or be empty) and opens it."""
+  from flax import nnx
+  from puma_jax import checkpoints, export
+  from puma_jax.models import puma, puma_decoder, vae
+  ckpts = [export.read_checkpoint(w) for w in workdirs]
+  random = f"{CREATED_BY} (seeded random weights, seed {seed})"
+  with release_lib.ReleaseWriter(dst, name=NAME if not ckpts else "tiny-trained",
+                                 created_by=CREATED_BY) as w:
+    for c in ckpts:
+      if c.stage == "mllm":
+        export.write_mllm(w, c)
+    if "puma" not in w.manifest["parts"]:
+      cfg = puma.tiny()
+      checkpoints.save_module(w.part_dir("puma"), "puma", cfg,
+                              puma.PumaModel(cfg, rngs=nnx.Rngs(seed)), source=random)
+      w.add_part("puma", source=random)
+      w.set_tokenizer(release_lib.BYTE_TOKENIZER)
+    for c in ckpts:
+      if c.stage == "decoder":
+        export.write_decoder(w, c)
+    if "vae" not in w.manifest["parts"]:
+      cfg = vae.tiny_config()
+      checkpoints.save_module(w.part_dir("vae"), "vae", cfg,
+                              vae.AutoencoderKL(cfg, rngs=nnx.Rngs(seed + 1)), source=random)
+      w.add_part("vae", source=random)
+    feature_dim = checkpoints.load_config(w.part_dir("puma"))[1].feature_dim
+    for i, s in enumerate(release_lib.sort_scales(scales)):
+      if s in w.manifest["parts"]["decoders"]:
+        continue
+      cfg = decoder_config(s, feature_dim)
+      model = puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(seed + 2 + pooling.scale_index(s)))
+      checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)
+      w.add_decoder(s, source=random)
+  return release_lib.Release.open(dst)
+
+
+def define_flags() -> None:
+  # Defined only when run as a program, so importing this module defines no flags.
+  flags.DEFINE_string("dst", None, "release directory to create (must not exist or be empty)")
+  flags.DEFINE_integer("seed", 0, "seed of the random weights")
+  flags.DEFINE_multi_string("from_workdir", [], "training workdir to take a part from "
+                            "(repeatable): MLLM -> puma/ + tokenizer, decoder -> its scale")
+  flags.DEFINE_alias("from-workdir", "from_workdir")
+  flags.DEFINE_list("scales", list(pooling.SCALE_NAMES), "decoders to include")
+
+
+def main(argv) -> None:
+  f = flags.FLAGS
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  if not f.dst:
+    print("error: --dst is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    for s in f.scales:
+      pooling.scale_index(s)
+    rel = make(f.dst, seed=f.seed, workdirs=f.from_workdir, scales=f.scales)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"tiny release {rel.root}: decoders {', '.join(rel.scales)}, {rel.image_size}x"
+        f"{rel.image_size} images, tokenizer {rel.manifest['tokenizer']}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
