@@ -17,9 +17,9 @@ for many prompts, one prompt for many images, or as many of each, paired in orde
 Image outputs (text_to_image, edit, conditional, reconstruct): one PNG per image
 (`NNNN_<scale>.png`), `grid.png` (rows = inputs, columns = scales, labelled) and
 `samples.jsonl`, one line per image with its file, prompt, scale, seed and every other setting:
-input i is drawn with seed `--seed + i` (at every scale), so an image does not depend on the
-batch it was drawn in, on --batch_size or on the device count, and
-`--seed=<its seed> --prompt=<its prompt> --scales=<its scale>` draws it again alone.
+input i is drawn with seed `--seed + i` (at every scale), so an image depends on neither the
+batch it was drawn in, --batch_size nor the device count (beyond float rounding: docs/SAMPLING.md),
+and `--seed=<its seed> --prompt=<its prompt> --scales=<its scale>` draws it again alone.
 
 `--release` is a release directory (docs/SAMPLING.md; `python -m puma_jax.tools.tiny_release`
 makes a tiny one); `--puma`, `--decoders=f0=DIR,f4=DIR`, `--vae`, `--clip` and `--tokenizer`
