@@ -33,6 +33,15 @@ def decoder_config(scale: str, feature_dim: int):
   return cfg.replace(mapping_dim=feature_dim)
 
 
+def _random(build):
+  """build() with its initialization traced into one compiled program: eager initialization
+  compiles a program per parameter shape (over a hundred for the tiny models)."""
+  import jax
+  from flax import nnx
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+
+
 def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> release_lib.Release:
   """Writes the tiny release to `dst` (which must not exist or be empty) and opens it."""
   from flax import nnx
@@ -47,8 +56,8 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
         export.write_mllm(w, c)
     if "puma" not in w.manifest["parts"]:
       cfg = puma.tiny()
-      checkpoints.save_module(w.part_dir("puma"), "puma", cfg,
-                              puma.PumaModel(cfg, rngs=nnx.Rngs(seed)), source=random)
+      model = _random(lambda: puma.PumaModel(cfg, rngs=nnx.Rngs(seed)))
+      checkpoints.save_module(w.part_dir("puma"), "puma", cfg, model, source=random)
       w.add_part("puma", source=random)
       w.set_tokenizer(release_lib.BYTE_TOKENIZER)
     for c in ckpts:
@@ -56,15 +65,16 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
         export.write_decoder(w, c)
     if "vae" not in w.manifest["parts"]:
       cfg = vae.tiny_config()
-      checkpoints.save_module(w.part_dir("vae"), "vae", cfg,
-                              vae.AutoencoderKL(cfg, rngs=nnx.Rngs(seed + 1)), source=random)
+      model = _random(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(seed + 1)))
+      checkpoints.save_module(w.part_dir("vae"), "vae", cfg, model, source=random)
       w.add_part("vae", source=random)
     feature_dim = checkpoints.load_config(w.part_dir("puma"))[1].feature_dim
     for i, s in enumerate(release_lib.sort_scales(scales)):
       if s in w.manifest["parts"]["decoders"]:
         continue
       cfg = decoder_config(s, feature_dim)
-      model = puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(seed + 2 + pooling.scale_index(s)))
+      model = _random(lambda: puma_decoder.PumaDecoder(
+          cfg, rngs=nnx.Rngs(seed + 2 + pooling.scale_index(s))))
       checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)
       w.add_decoder(s, source=random)
   return release_lib.Release.open(dst)
