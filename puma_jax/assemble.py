@@ -1,4 +1,4 @@
-"""Assemble a PumaModel checkpoint from converted parts (DESIGN.md / issue 5, item 6).
+"""Assemble a PumaModel checkpoint from converted parts (docs/DESIGN.md §6).
 
     python -m puma_jax.assemble --clip=CLIP_DIR --llm=LLAMA_DIR --dst=OUT [--tokenizer=byte|DIR]
 

@@ -1,4 +1,5 @@
-"""Eval: reconstruction -- PSNR and LPIPS per scale at 256x256 (seed 8.1; paper: ImageNet val 50k).
+"""Eval: reconstruction -- PSNR and LPIPS per scale at 256x256 (PUMA paper, appendix 8.1:
+ImageNet val 50k).
 
 Variants (`--config=configs/eval/reconstruction.py:VARIANT`):
   paper  converted checkpoints (set model.* and metrics.* dirs) on jsonl records (data.path).

@@ -30,7 +30,7 @@ from puma_jax import sharding
 from puma_jax.evaluation import evaluators as E
 from puma_jax.evaluation import models, records as R
 
-# Paper numbers (DESIGN.md section 2) beside the metric names that correspond to them.
+# Paper numbers (docs/DESIGN.md §13) beside the metric names that correspond to them.
 PAPER = {
     "reconstruction": {"f0/psnr": 18.16, "f0/lpips": 0.2215, "f1/psnr": 13.26, "f1/lpips": 0.4325,
                        "f2/psnr": 12.35, "f2/lpips": 0.4992, "f3/psnr": 11.04, "f3/lpips": 0.5971,
