@@ -108,7 +108,7 @@ def main(argv):
                                                                  derive_short_side=512))
     _, w, c = cpu_timed(lambda r: full(pc(r)), raws)
     rows.append((f"conditional {cond} (512) end to end", w, c))
-  for name, w, c in rows:
+  for name, _, c in rows:
     print(f"  {name:38s} {args.n / c:8.1f} ex/s/core   ({1e3 * c / args.n:6.2f} ms CPU/ex)")
 
   # Whole pipeline, in-process (num_threads=1) unless --workers.

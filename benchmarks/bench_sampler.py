@@ -166,9 +166,11 @@ def main(argv):
         raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
       res[side] = json.loads(line[0][7:])
   j, t = res["jax"], res["torch"]
-  print(f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 (UNet {s['block_out_channels']}, "
+  print(f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 "
+        f"(UNet {s['block_out_channels']}, "
         f"latent {s['sample_size']}x{s['sample_size']}, {s['tokens']} tokens)")
-  print(f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), steady {j['steady_s']:.2f}s, "
+  print(f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), "
+        f"steady {j['steady_s']:.2f}s, "
         f"peak RSS {j['peak_rss_mib']:.0f} MiB (+{j['peak_over_imports_mib']:.0f} after imports)")
   print(f"  torch eager: {t['steady_s']:.2f}s, peak RSS {t['peak_rss_mib']:.0f} MiB "
         f"(+{t['peak_over_imports_mib']:.0f} after imports), {t['threads']} threads")

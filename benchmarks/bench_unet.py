@@ -77,7 +77,6 @@ def run_jax(args, src):
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda st, s, t, c: nnx.merge(graphdef, st)(s, t, c))
   x = {k: jax.numpy.asarray(v) for k, v in _inputs(args).items()}
-  t0 = time.perf_counter()
   first = time.perf_counter()
   fwd(state, x["sample"], x["timesteps"], x["context"]).block_until_ready()
   compile_s = time.perf_counter() - first

@@ -30,8 +30,9 @@ def main(argv):
   out = runner.evaluate(_CONFIG.value, _WORKDIR.value)
   if out is not None:
     if out["random_weights"]:
-      print(f"note: stand-ins built in-process (random weights or the toy generator): {', '.join(out['random_weights'])}"
-            " (no checkpoint dirs given); the numbers test the pipeline, not PUMA")
+      print("note: stand-ins built in-process (random weights or the toy generator): "
+            f"{', '.join(out['random_weights'])} (no checkpoint dirs given); the numbers test "
+            "the pipeline, not PUMA")
     print(runner.markdown(out), end="")
     print(f"wrote {_WORKDIR.value}/results.json and results.md")
 

@@ -116,7 +116,8 @@ def test_text_only_and_partial_scales():
 
 
 def test_pack_layout():
-  exs = [build(seq.i2t("y"), "i2t"), build(seq.edit("x"), "edit"), build(seq.text_only("z"), "text")]
+  exs = [build(seq.i2t("y"), "i2t"), build(seq.edit("x"), "edit"),
+         build(seq.text_only("z"), "text")]
   n = [len(e) for e in exs]
   row = seq.pack(exs, seq_len=sum(n) + 5, max_images=3, pad_id=0)
   assert row["packed"] == 3 and row["num_images"] == 3

@@ -8,7 +8,8 @@ Variants (`--config=configs/eval/reconstruction.py:VARIANT`):
   toy    as tiny but with a parameter-free stand-in generator: seconds.
 
 Run:
-  python -m puma_jax.eval --config=configs/eval/reconstruction.py:toy --workdir=/tmp/eval_reconstruction
+  python -m puma_jax.eval --config=configs/eval/reconstruction.py:toy \
+      --workdir=/tmp/eval_reconstruction
   python -m puma_jax.eval --config=configs/eval/reconstruction.py:paper --workdir=DIR \
       --config.data.path=records.jsonl --config.model.puma=PUMA_DIR ...
 Every field is described in puma_jax/evaluation/config.py.

@@ -12,8 +12,8 @@ Presets (`get_config(preset)`):
 A source is `sources.<name>` with: format (synthetic | webdataset | parquet | jsonl | json |
 arrayrecord | tfds), paths (comma-separated files or globs), family (pairs | grounding | text |
 chat | edit | conditional | images), weight (mixing weight; 0 disables), image_root (folder
-for relative image paths), fields (canonical key -> the format's own key), box_format (grounding boxes:
-normalized | pixels), tfds_name / tfds_split / tfds_data_dir (format tfds).
+for relative image paths), fields (canonical key -> the format's own key), box_format
+(grounding boxes: normalized | pixels), tfds_name / tfds_split / tfds_data_dir (format tfds).
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ class DecoderSampler:
   `latents(...)` stops before the VAE.
   """
 
-  def __init__(self, decoder: nnx.Module, vae: nnx.Module, settings: SamplerSettings = SamplerSettings(),
+  def __init__(self, decoder: nnx.Module, vae: nnx.Module,
+               settings: SamplerSettings = SamplerSettings(),
                scheduler_config: S.SchedulerConfig | None = None,
                latent_size: int | None = None):
     ucfg = decoder.config.unet
