@@ -71,3 +71,32 @@ def test_module_help_and_bad_input_exit_codes():
   assert r.returncode == 0 and "--records_per_file" in r.stdout, r.stderr
   r = run("--format=synthetic", "--family=edit")
   assert r.returncode == 2 and r.stderr.strip().startswith("error: flag --dst"), r.stderr
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["nope", "--src=a", "--dst=b"], "unknown family 'nope'"),
+    (["--src=a", "--dst=b"], "expected one FAMILY argument"),
+    (["vae", "llama", "--src=a", "--dst=b"], "expected one FAMILY argument"),
+    (["vae", "--dst=b"], "--src"),
+])
+def test_convert_cli_usage_errors(argv, match, capsys):
+  from puma_jax.convert.__main__ import main
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and match in err
+
+
+def test_assemble_and_reconstruct_cli_flags(tmp_path, capsys):
+  from puma_jax.assemble import main as assemble_main
+  from puma_jax.reconstruct import main as reconstruct_main
+  assert assemble_main(["--clip=a", "--llm=b"]) == 2
+  assert "--dst" in capsys.readouterr().err
+  assert assemble_main([f"--clip={tmp_path / 'no'}", "--llm=b", "--dst=c"]) == 2
+  assert "no" in capsys.readouterr().err
+  base = ["--decoder=d", "--clip=c", "--vae=v", "--image=i.png", "--out=o.png"]
+  assert reconstruct_main(base + ["--batch=0"]) == 2
+  assert "--batch" in capsys.readouterr().err
+  assert reconstruct_main(base + ["--scale=f9"]) == 2
+  assert "f9" in capsys.readouterr().err
+  assert reconstruct_main(["--help"]) == 0
+  assert "--scheduler_config" in capsys.readouterr().out
