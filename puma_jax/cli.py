@@ -18,6 +18,7 @@ convert.export both have `--src`) keep their flags in their own `flags.FlagValue
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -41,7 +42,10 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   argv = list(sys.argv if argv is None else argv)
   options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
   if any(a in _HELP for a in options):
-    print(usage(argv[0], fv, doc))
+    try:
+      print(usage(argv[0], fv, doc), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has gone, which is fine
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
   # absl only sends its records to stderr once its handler is installed (app.run does this).
   logging.use_absl_handler()
