@@ -213,32 +213,33 @@ def export(workdir: str | Path, *, dst: str | Path = "", into: str | Path = "",
   return Path(dst)
 
 
-def define_flags() -> None:
-  # Defined only when run as a program, so importing this module defines no flags.
-  flags.DEFINE_string("workdir", None, "training workdir (python -m puma_jax.main)")
-  flags.DEFINE_string("dst", "", "new release directory (must not exist or be empty)")
-  flags.DEFINE_string("into", "", "existing release to add the workdir's part to")
-  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-  flags.DEFINE_string("name", "", "release name for --dst (default: the workdir's name)")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "training workdir (python -m puma_jax.main)",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", "", "new release directory (must not exist or be empty)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("into", "", "existing release to add the workdir's part to",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=FLAGS)
+flags.DEFINE_string("name", "", "release name for --dst (default: the workdir's name)",
+                    flag_values=FLAGS)
 
 
-def main(argv) -> None:
-  f = flags.FLAGS
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not f.workdir:
-    print("error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    out = export(f.workdir, dst=f.dst, into=f.into, step=f.step, name=f.name)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  f = FLAGS
+  out = export(f.workdir, dst=f.dst, into=f.into, step=f.step, name=f.name)
   rel = release_lib.Release.open(out)
   print(f"release {out}: parts {sorted(rel.manifest['parts'])}, decoders {list(rel.scales)}")
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  from puma_jax import cli
+  argv = sys.argv if argv is None else ["python -m puma_jax.export", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  raise SystemExit(main())

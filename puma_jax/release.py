@@ -181,7 +181,7 @@ class Release:
   manifest: dict
 
   @classmethod
-  def open(cls, root: str | os.PathLike) -> "Release":
+  def open(cls, root: str | os.PathLike) -> Release:
     root = Path(root).absolute()
     rel = cls(root, load_manifest(root))
     for what, path in rel._part_paths():
@@ -293,7 +293,7 @@ class ReleaseWriter:
       self.manifest["updated_by"] = created_by
     self._stage: Path | None = None
 
-  def __enter__(self) -> "ReleaseWriter":
+  def __enter__(self) -> ReleaseWriter:
     parent = self.dst if self.into else self.dst.parent
     parent.mkdir(parents=True, exist_ok=True)
     self._stage = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=parent))

@@ -531,6 +531,9 @@ def _run_text(o, pipe, batches, pil_images, n_dev, out, progress, log):
 
 # -- CLI ------------------------------------------------------------------------------------------
 
+FLAGS = flags.FlagValues()
+
+
 def define_flags(fv: flags.FlagValues) -> None:
   d = dict(flag_values=fv)
   flags.DEFINE_string("release", "", "release directory (docs/SAMPLING.md)", **d)
@@ -560,6 +563,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", "", "output directory", **d)
 
 
+define_flags(FLAGS)
+
+
 def options_from_flags(command: str, fv: flags.FlagValues) -> Options:
   decoders = []
   for item in fv.decoders:
@@ -579,42 +585,23 @@ def options_from_flags(command: str, fv: flags.FlagValues) -> Options:
                  max_new_tokens=fv.max_new_tokens, devices=fv.devices)
 
 
-def usage(fv: flags.FlagValues) -> str:
-  return f"{__doc__}\nflags:\n{fv.get_help()}"
+def _main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise SampleError(f"give a subcommand, one of {', '.join(SUBCOMMANDS)} (--help for more)")
+  if len(argv) > 2 or argv[1] not in SUBCOMMANDS:
+    bad = argv[1] if argv[1] not in SUBCOMMANDS else " ".join(argv[2:])
+    raise SampleError(f"unknown subcommand {bad!r}; choose from {', '.join(SUBCOMMANDS)}")
+  run(options_from_flags(argv[1], FLAGS))
 
 
-def main(argv: Sequence[str]) -> int:
-  """`python -m puma_jax.sample SUBCOMMAND --flags`; returns the exit code (2: bad input)."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(usage(fv))
-    return 0
-  try:
-    rest = fv(list(argv))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if len(rest) < 2:
-    print(f"error: give a subcommand, one of {', '.join(SUBCOMMANDS)} (--help for more)",
-          file=sys.stderr)
-    return 2
-  if len(rest) > 2 or rest[1] not in SUBCOMMANDS:
-    bad = rest[1] if rest[1] not in SUBCOMMANDS else " ".join(rest[2:])
-    print(f"error: unknown subcommand {bad!r}; choose from {', '.join(SUBCOMMANDS)}",
-          file=sys.stderr)
-    return 2
-  try:
-    run(options_from_flags(rest[1], fv))
-  except (SampleError, release_lib.ReleaseError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (ValueError, OSError) as e:  # bad weights or parts: still the user's input
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line) and returns
+  the exit status (2: bad input, named in one line on stderr)."""
+  from puma_jax import cli
+  argv = sys.argv if argv is None else ["python -m puma_jax.sample", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  sys.exit(main(sys.argv))
+  raise SystemExit(main())

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -92,7 +91,7 @@ def test_export_mllm_then_add_decoder_then_sample(mllm_workdir, decoder_workdir,
 
   from puma_jax import sample
   out = tmp_path / "out"
-  assert sample.main(["sample", "text_to_image", f"--release={rel_dir}", "--prompt=a circle",
+  assert sample.main(["text_to_image", f"--release={rel_dir}", "--prompt=a circle",
                       "--scales=f4", "--steps=2", f"--out={out}", "--devices=1"]) == 0
   assert (out / "0000_f4.png").exists()
 

@@ -3,7 +3,6 @@ by python -m puma_jax.tools.tiny_release, and shows the pictures it promises."""
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import nbformat

@@ -35,7 +35,7 @@ def test_write_and_open(tmp_path):
   with pytest.raises(R.ReleaseError, match="no decoder for scale f2"):
     rel.decoder("f2")
   with pytest.raises(R.ReleaseError, match="no 'clip' part"):
-    rel.clip
+    _ = rel.clip
 
 
 def test_refuses_nonempty_destination(tmp_path):

@@ -49,7 +49,7 @@ def assert_same_image(a, b):
 
 
 def run_main(args, capsys):
-  rc = sample.main(["sample", *args])
+  rc = sample.main(list(args))
   cap = capsys.readouterr()
   return rc, cap.out, cap.err
 

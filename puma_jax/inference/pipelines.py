@@ -68,7 +68,7 @@ class PumaPipeline:
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
            tokenizer: str = "byte", dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-           **kw) -> "PumaPipeline":
+           **kw) -> PumaPipeline:
     """The PumaModel is loaded now; decoders and the VAE when first needed (same dtypes)."""
     from puma_jax import checkpoints, tokenizer as tokenizer_lib
     load_kw = {"dtype": dtype, "param_dtype": param_dtype, "mesh": mesh}
@@ -78,7 +78,7 @@ class PumaPipeline:
                vae=vae or None, load_kw=load_kw, **kw)
 
   @classmethod
-  def from_release(cls, release, **kw) -> "PumaPipeline":
+  def from_release(cls, release, **kw) -> PumaPipeline:
     """From a release directory (puma_jax/release.py; docs/SAMPLING.md) or `Release`."""
     from puma_jax import release as release_lib
     rel = release if isinstance(release, release_lib.Release) else release_lib.Release.open(

@@ -69,7 +69,7 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
       checkpoints.save_module(w.part_dir("vae"), "vae", cfg, model, source=random)
       w.add_part("vae", source=random)
     feature_dim = checkpoints.load_config(w.part_dir("puma"))[1].feature_dim
-    for i, s in enumerate(release_lib.sort_scales(scales)):
+    for s in release_lib.sort_scales(scales):
       if s in w.manifest["parts"]["decoders"]:
         continue
       cfg = decoder_config(s, feature_dim)
@@ -80,35 +80,33 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
   return release_lib.Release.open(dst)
 
 
-def define_flags() -> None:
-  # Defined only when run as a program, so importing this module defines no flags.
-  flags.DEFINE_string("dst", None, "release directory to create (must not exist or be empty)")
-  flags.DEFINE_integer("seed", 0, "seed of the random weights")
-  flags.DEFINE_multi_string("from_workdir", [], "training workdir to take a part from "
-                            "(repeatable): MLLM -> puma/ + tokenizer, decoder -> its scale")
-  flags.DEFINE_alias("from-workdir", "from_workdir")
-  flags.DEFINE_list("scales", list(pooling.SCALE_NAMES), "decoders to include")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("dst", None, "release directory to create (must not exist or be empty)",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_integer("seed", 0, "seed of the random weights", flag_values=FLAGS)
+flags.DEFINE_multi_string("from_workdir", [], "training workdir to take a part from "
+                          "(repeatable): MLLM -> puma/ + tokenizer, decoder -> its scale",
+                          flag_values=FLAGS)
+flags.DEFINE_alias("from-workdir", "from_workdir", flag_values=FLAGS)
+flags.DEFINE_list("scales", list(pooling.SCALE_NAMES), "decoders to include", flag_values=FLAGS)
 
 
-def main(argv) -> None:
-  f = flags.FLAGS
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not f.dst:
-    print("error: --dst is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    for s in f.scales:
-      pooling.scale_index(s)
-    rel = make(f.dst, seed=f.seed, workdirs=f.from_workdir, scales=f.scales)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  for s in FLAGS.scales:
+    pooling.scale_index(s)
+  rel = make(FLAGS.dst, seed=FLAGS.seed, workdirs=FLAGS.from_workdir, scales=FLAGS.scales)
   print(f"tiny release {rel.root}: decoders {', '.join(rel.scales)}, {rel.image_size}x"
         f"{rel.image_size} images, tokenizer {rel.manifest['tokenizer']}")
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  from puma_jax import cli
+  argv = sys.argv if argv is None else ["python -m puma_jax.tools.tiny_release", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  raise SystemExit(main())
