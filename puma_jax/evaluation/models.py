@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from puma_jax import sharding
 from puma_jax.data import imaging, synthetic
 from puma_jax.evaluation import fid as fid_lib
 from puma_jax.evaluation import metrics as M
@@ -227,7 +228,7 @@ def numpy_random_module(build, seed: int, gain: float = 1.0, nonneg: str = "") -
   `gain`: kernel scale over 1/sqrt(fan_in) (sqrt(2) keeps deep ReLU stacks such as Inception
   from collapsing to one output for every image); parameters whose path contains `nonneg` are
   made non-negative (LPIPS's linear heads are, so distances stay >= 0)."""
-  graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  abstract = nnx.eval_shape(build)
   rs = np.random.RandomState(seed)
 
   def fill(path, v):
@@ -239,10 +240,8 @@ def numpy_random_module(build, seed: int, gain: float = 1.0, nonneg: str = "") -
     base = 1.0 if "scale" in str(path[-1]) or "var" in str(path[-1]) else 0.0
     return np.asarray(base + 0.1 * rs.randn(*v.shape), np.float32)
 
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
-      fill, nnx.to_pure_dict(params)))
-  rest = jax.tree_util.tree_map(np.asarray, rest)
-  return nnx.merge(graphdef, params, rest)
+  pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  return sharding.materialize(abstract, jax.tree_util.tree_map_with_path(fill, pure))
 
 
 class ByteClipTokenizer:

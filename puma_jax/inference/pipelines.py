@@ -23,7 +23,7 @@ import numpy as np
 
 from puma_jax import sequence as seq
 from puma_jax.diffusion import sampler as sampler_lib
-from puma_jax.inference import generation, router
+from puma_jax.inference import generation, router, text
 from puma_jax.models import clip as clip_lib, pooling
 
 
@@ -42,10 +42,7 @@ class PumaPipeline:
     self.vae = vae
     self.settings = settings
     self._samplers: dict[str, sampler_lib.DecoderSampler] = {}
-    size = model.config.clip.image_size
-    black = np.zeros((1, 1, size, size, 3), np.float32)
-    black = (black - np.asarray(clip_lib.CLIP_MEAN)) / np.asarray(clip_lib.CLIP_STD)
-    self._black = np.asarray(model.encode_images(jnp.asarray(black, jnp.float32)))[0, 0]
+    self._uncond: dict[str, np.ndarray] = {}
 
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
@@ -67,9 +64,10 @@ class PumaPipeline:
 
   def uncond_features(self, scale: str) -> np.ndarray:
     """The black image's features at `scale` (the CFG unconditional input)."""
-    s = pooling.scale_index(scale)
-    start = seq.SCALE_OFFSET[s]
-    return self._black[start:start + pooling.SCALE_TOKENS[s]]
+    if scale not in self._uncond:
+      tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
+      self._uncond[scale] = np.asarray(clip_lib.black_features(self.model.clip, tokens))[0]
+    return self._uncond[scale]
 
   def _prompts(self, segment_lists) -> list[dict]:
     return [seq.build_prompt(segs, self.encode, self.special, open_image=True)
@@ -143,9 +141,8 @@ class PumaPipeline:
     segs = [[seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0),
              seq.Text("\n" + q + " ASSISTANT:")] for q in questions]
     prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]
-    out = generation.generate_text(self.model, prompts, max_new_tokens,
-                                   images=self.pixels(images),
-                                   stop_tokens=(self.special.eos,), **sampling)
+    out = text.generate_text(self.model, prompts, max_new_tokens, images=self.pixels(images),
+                             stop_tokens=(self.special.eos,), **sampling)
     return [self.decode_text([t for t in o if t != self.special.eos]).strip() for o in out]
 
   def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float] | None]:
@@ -153,8 +150,8 @@ class PumaPipeline:
     answer with four position tokens)."""
     prompts = [seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special)
                for p in phrases]
-    out = generation.generate_text(self.model, prompts, 5, images=self.pixels(images),
-                                   stop_tokens=(self.special.eos,))
+    out = text.generate_text(self.model, prompts, 5, images=self.pixels(images),
+                             stop_tokens=(self.special.eos,))
     p0 = self.special.pos0
     boxes = []
     for toks in out:
