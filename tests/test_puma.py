@@ -25,8 +25,8 @@ def model():
   return m
 
 
-def build(segs, task):
-  return seq.build(segs, TOK.encode, SP, task)
+def build(segs, kind):
+  return seq.build(segs, TOK.encode, SP, kind)
 
 
 def rows_to_batch(rows, images):

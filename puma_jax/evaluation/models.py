@@ -178,14 +178,14 @@ def _tiny_parts(seed: int, scales, steps: int):
   return decoders, vae, SM.SamplerSettings(num_steps=steps), puma, clip
 
 
-def build_generator(task: str, mcfg, scales):
+def build_generator(protocol: str, mcfg, scales):
   kind = mcfg.kind
   if kind == "toy":
     return ToyGenerator(int(mcfg.toy_size))
   from puma_jax.diffusion import sampler as SM
   if kind == "tiny":
     decoders, vae, settings, puma, clip = _tiny_parts(int(mcfg.seed), scales, int(mcfg.steps))
-    if task == "reconstruction":
+    if protocol == "reconstruction":
       from puma_jax import reconstruct
       cm = numpy_random_module(lambda: clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0)),
                                int(mcfg.seed))
@@ -202,7 +202,7 @@ def build_generator(task: str, mcfg, scales):
   if kind == "puma":
     settings = SM.SamplerSettings(num_steps=int(mcfg.steps), guidance_scale=float(mcfg.guidance))
     decs = {s: d for s, d in dict(mcfg.decoders).items() if d}
-    if task == "reconstruction":
+    if protocol == "reconstruction":
       from puma_jax import reconstruct
       missing = [s for s in scales if s not in decs]
       if missing or not mcfg.clip or not mcfg.vae:

@@ -88,7 +88,7 @@ class PumaPipeline:
     keys = sampler_lib.sample_keys(seed, features.shape[0])
     return sampler_lib.to_uint8(self._samplers[scale](features, uncond, keys))
 
-  def _generate(self, task: str, segment_lists, images, scales, seed, return_features,
+  def _generate(self, kind: str, segment_lists, images, scales, seed, return_features,
                 cond_type=None):
     prompts = self._prompts(segment_lists)
     if isinstance(scales, str):
@@ -99,8 +99,8 @@ class PumaPipeline:
     through = "f0" if scales is None else min(scales, key=pooling.scale_index)
     feats, logits = generation.generate_features(self.model, prompts, through, images=images)
     if scales is None:
-      chosen = (router.choose(task, logits) if logits is not None else
-                [router.default_scale(task, cond_type)] * len(prompts))
+      chosen = (router.choose(kind, logits) if logits is not None else
+                [router.default_scale(kind, cond_type)] * len(prompts))
       scales = tuple(sorted(set(chosen), key=pooling.scale_index))
       per_example = chosen
     else:
@@ -113,7 +113,7 @@ class PumaPipeline:
       out["chosen"] = list(per_example)
     return out
 
-  # -- tasks -------------------------------------------------------------------------------------
+  # -- end-user pipelines ----------------------------------------------------------------------
 
   def text_to_image(self, prompts: str | Sequence[str], scales=("f3",), *, seed: int = 0,
                     return_features: bool = False) -> dict:
@@ -128,12 +128,12 @@ class PumaPipeline:
     segs = [[seq.Image(0), seq.Text(t)] for t in instructions]
     return self._generate("edit", segs, self.pixels(images), scales, seed, return_features)
 
-  def conditional(self, images: Sequence, task: str, prompt: str = "", scales=None, *,
+  def conditional(self, images: Sequence, cond_type: str, prompt: str = "", scales=None, *,
                   seed: int = 0, return_features: bool = False) -> dict:
     """canny-to-image, inpainting or colorization from condition images."""
-    segs = [seq.conditional(task, prompt)[:2] for _ in images]
+    segs = [seq.conditional(cond_type, prompt)[:2] for _ in images]
     return self._generate("conditional", segs, self.pixels(images), scales, seed,
-                          return_features, cond_type=task)
+                          return_features, cond_type=cond_type)
 
   def chat(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64,
            **sampling) -> list[str]:
