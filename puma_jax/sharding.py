@@ -228,11 +228,24 @@ def materialize(abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None,
   whole model. With `mesh`, each parameter is placed by its logical axes.
   """
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+  want, got = _leaf_shapes(nnx.to_pure_dict(state)), _leaf_shapes(params)
+  if want != got:  # a missing leaf would silently stay abstract
+    bad = [f"{k}: given {got[k]}, model {want[k]}" for k in sorted(set(want) & set(got))
+           if want[k] != got[k]]
+    raise ValueError(f"materialize: parameters do not match the module: missing "
+                     f"{sorted(set(want) - set(got))[:5]}, unexpected "
+                     f"{sorted(set(got) - set(want))[:5]}, shape mismatches {bad[:5]}")
   nnx.replace_by_pure_dict(state, params)
   if mesh is not None:
     state = jax.device_put(state, state_shardings(state, mesh, rules))
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
   return nnx.merge(graphdef, state, rest)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  key = lambda p: str(getattr(p, "key", getattr(p, "idx", p)))
+  return {".".join(key(p) for p in path): tuple(np.shape(v))
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:

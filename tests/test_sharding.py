@@ -63,6 +63,30 @@ def test_non_dividing_axis_is_logged_once_or_refused(caplog):
   assert got["kernel"].value.spec == P("fsdp")
 
 
+def test_materialize_fills_params_zeroes_the_rest_and_shards():
+  from flax import nnx
+  from puma_jax.models import layers
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = layers.Dense(4, 8, axes=("embed", "mlp"), rngs=rngs)
+      self.count = nnx.BatchStat(jnp.ones((3,)))
+
+  abstract = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+  params = {"dense": {"kernel": np.arange(32, dtype=np.float32).reshape(4, 8),
+                      "bias": np.ones(8, np.float32)}}
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  net = sharding.materialize(abstract, params, mesh=mesh)
+  np.testing.assert_array_equal(net.dense.kernel[...], params["dense"]["kernel"])
+  np.testing.assert_array_equal(net.count[...], np.zeros(3))
+  assert net.dense.kernel[...].sharding.spec == P("fsdp", "tensor")
+  with pytest.raises(ValueError, match=r"missing \['dense.bias'\]"):
+    sharding.materialize(abstract, {"dense": {"kernel": params["dense"]["kernel"]}})
+  with pytest.raises(ValueError, match=r"dense.kernel: given \(8, 4\), model \(4, 8\)"):
+    sharding.materialize(abstract, dict(params, dense=dict(params["dense"],
+                                                          kernel=np.zeros((8, 4)))))
+
+
 def test_constrain_is_noop_without_mesh_and_shards_with_one():
   x = jnp.ones((8, 4))
   assert sharding.constrain(x, ("batch", None)) is x
