@@ -93,7 +93,7 @@ class PumaTokenizer:
     self._pos_index = {t: i for i, t in enumerate(self.pos_ids)}
 
   @classmethod
-  def from_dir(cls, path: str | os.PathLike, add_puma_tokens: bool = True) -> "PumaTokenizer":
+  def from_dir(cls, path: str | os.PathLike, add_puma_tokens: bool = True) -> PumaTokenizer:
     """Loads the tokenizer files of a local HF (or converted puma_jax) directory."""
     from transformers import AutoTokenizer
     path = Path(path)

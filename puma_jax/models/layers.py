@@ -22,8 +22,8 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
+          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
   """A parameter with logical axis names; `rngs` may be None for deterministic initializers."""
   if len(axes) != len(shape):
     raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")

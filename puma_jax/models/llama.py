@@ -186,7 +186,7 @@ class KVCache:
   length: jax.Array
 
   @classmethod
-  def init(cls, cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+  def init(cls, cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
