@@ -221,3 +221,19 @@ def test_scheduler_choices_come_from_the_schedulers_module():
   fv = flags.FlagValues()
   sample.define_flags(fv)
   assert fv["scheduler"].parser.enum_values == sorted(schedulers.SCHEDULERS)
+
+
+def test_pipeline_loads_only_the_decoders_a_request_needs_in_its_dtype(rel):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from puma_jax.diffusion.sampler import SamplerSettings
+  from puma_jax.inference.pipelines import PumaPipeline
+  pipe = PumaPipeline.from_release(rel, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                   settings=SamplerSettings(num_steps=1))
+  assert pipe.scales == ("f0", "f1", "f2", "f3", "f4") and pipe.decoders == {}
+  out = pipe.text_to_image(["a red circle"], scales=("f4",))
+  assert set(pipe.decoders) == {"f4"} and out["f4"].shape == (1, 32, 32, 3)
+  for module in (pipe.model, pipe.decoders["f4"], pipe.vae):
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))} == {jnp.bfloat16}

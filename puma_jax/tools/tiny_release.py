@@ -33,13 +33,30 @@ def decoder_config(scale: str, feature_dim: int):
   return cfg.replace(mapping_dim=feature_dim)
 
 
-def _random(build):
-  """build() with its initialization traced into one compiled program: eager initialization
-  compiles a program per parameter shape (over a hundred for the tiny models)."""
+def _random(build, seed: int):
+  """build()'s module with seeded NumPy weights: kernels and embeddings N(0, 1/fan_in), norm
+  scales 1, biases 0. The model's own initializers would compile an XLA program per parameter
+  shape (or one large one), minutes on a busy 2-core machine; NumPy takes milliseconds."""
   import jax
+  import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
-  graphdef, _ = nnx.split(nnx.eval_shape(build))
-  return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+  graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return np.ones(leaf.shape, leaf.dtype)
+    if name == "bias":
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) or 1
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+  values = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params))
+  nnx.replace_by_pure_dict(params, values)
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  return nnx.merge(graphdef, params, rest)
 
 
 def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> release_lib.Release:
@@ -56,7 +73,7 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
         export.write_mllm(w, c)
     if "puma" not in w.manifest["parts"]:
       cfg = puma.tiny()
-      model = _random(lambda: puma.PumaModel(cfg, rngs=nnx.Rngs(seed)))
+      model = _random(lambda: puma.PumaModel(cfg, rngs=nnx.Rngs(0)), seed)
       checkpoints.save_module(w.part_dir("puma"), "puma", cfg, model, source=random)
       w.add_part("puma", source=random)
       w.set_tokenizer(release_lib.BYTE_TOKENIZER)
@@ -65,7 +82,7 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
         export.write_decoder(w, c)
     if "vae" not in w.manifest["parts"]:
       cfg = vae.tiny_config()
-      model = _random(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(seed + 1)))
+      model = _random(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0)), seed + 1)
       checkpoints.save_module(w.part_dir("vae"), "vae", cfg, model, source=random)
       w.add_part("vae", source=random)
     feature_dim = checkpoints.load_config(w.part_dir("puma"))[1].feature_dim
@@ -73,8 +90,8 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
       if s in w.manifest["parts"]["decoders"]:
         continue
       cfg = decoder_config(s, feature_dim)
-      model = _random(lambda: puma_decoder.PumaDecoder(
-          cfg, rngs=nnx.Rngs(seed + 2 + pooling.scale_index(s))))
+      model = _random(lambda: puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(0)),
+                      seed + 2 + pooling.scale_index(s))
       checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)
       w.add_decoder(s, source=random)
   return release_lib.Release.open(dst)
