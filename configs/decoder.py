@@ -1,4 +1,4 @@
-"""PUMA decoder training (seed 7.1): one SDXL-based decoder per feature scale.
+"""PUMA decoder training (PUMA paper, appendix 7.1): one SDXL-based decoder per feature scale.
 
 Variants (`--config=configs/decoder.py:VARIANT`):
   tiny, tiny_f0 .. tiny_f4  (default tiny = tiny_f2) toy CLIP / VAE / UNet on the synthetic set
@@ -17,6 +17,7 @@ Run:
 
 import ml_collections
 
+from puma_jax import config_lib
 from puma_jax.data import config as data_config
 from puma_jax.diffusion import schedulers as S
 from puma_jax.models import clip, pooling, puma_decoder, vae
@@ -31,7 +32,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/decoder.py: unknown variant {arg!r}; use f0..f4 or tiny_f0..f4")
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
   c = ml_collections.ConfigDict()
-  c.stage = "decoder"       # which task train.py runs (puma_jax/decoder_task.py)
+  c.stage = "decoder"       # training stage (puma_jax/training/registry.py)
   c.scale = scale           # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
   c.seed = 0                # initialization and the per-step noise / dropout keys
   c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
@@ -55,8 +56,8 @@ def get_config(arg: str = "tiny"):
   c.init.vae = ""       # converted vae dir (SDXL VAE)
   c.init.decoder = ""   # converted sdxl-unet dir (paper's init) or a puma-decoder dir
 
-  c.noise_offset = 0.1     # seed 7.1
-  c.cfg_drop_prob = 0.1    # seed 7.1: features replaced by the blank image's
+  c.noise_offset = 0.1     # PUMA paper, appendix 7.1
+  c.cfg_drop_prob = 0.1    # PUMA paper, appendix 7.1: features replaced by the blank image's
 
   c.data = data_config.get_config("tiny" if tiny else "decoder")
   if tiny:
@@ -65,34 +66,21 @@ def get_config(arg: str = "tiny"):
     c.data.image.vae_size = 32      # = unet.sample_size x VAE downsampling (16 x 2)
   c.data.batch_size = 8 if tiny else 1024 // 256   # per host (paper: 1024 in total)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr_groups = ml_collections.ConfigDict({"default": 1e-3 if tiny else 8e-5})  # seed 7.1
-  c.optim.total_steps = 200 if tiny else PAPER_STEPS[scale]
-  c.optim.warmup_steps = 10 if tiny else 0   # (ours for tiny) the paper states no warm-up
-  c.optim.decay = "linear"       # seed 7.1
-  c.optim.end_factor = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 1e-2    # (ours) PyTorch AdamW's default
-  c.optim.grad_clip = 1.0        # seed 7.1
-
-  c.train = ml_collections.ConfigDict()
-  c.train.total_steps = c.optim.get_ref("total_steps")
-  c.train.grad_accum_steps = 1
-  c.train.log_every = 10 if tiny else 50
-  c.train.checkpoint_every = 50 if tiny else 1000
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpointing = True
-  c.train.eval_every = 100 if tiny else 2000  # steps between sample images (0: never)
-  c.train.eval_batches = 1
+  c.optim = config_lib.optim(
+      {"default": 1e-3 if tiny else 8e-5},  # PUMA paper, appendix 7.1 (tiny: ours)
+      total_steps=200 if tiny else PAPER_STEPS[scale],
+      warmup_steps=10 if tiny else 0,       # (ours for tiny) the paper states no warm-up
+      decay="linear",                       # PUMA paper, appendix 7.1
+      weight_decay=1e-2,                    # (ours) PyTorch AdamW's default
+      grad_clip=1.0)                        # PUMA paper, appendix 7.1
+  # eval_every: steps between sample images (0: never)
+  c.train = config_lib.train(c.optim, grad_accum_steps=1, log_every=10 if tiny else 50,
+                             checkpoint_every=50 if tiny else 1000,
+                             eval_every=100 if tiny else 2000, eval_batches=1)
   c.train.sample_images = 4      # held-out images reconstructed at each evaluation
   c.train.sample_steps = 10 if tiny else 50  # sampler steps for those (DDPM, guidance 2.0)
-  c.train.same_data_on_hosts = False  # testing only (see configs/pretrain.py)
 
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
-                                     {"data": 1, "fsdp": -1, "tensor": 1})
-  c.distributed = ml_collections.ConfigDict({"auto": False, "coordinator_address": "",
-                                             "num_processes": 0, "process_id": -1})
+  c.mesh = config_lib.mesh(tiny)
+  c.distributed = config_lib.distributed()
   return c

@@ -1,7 +1,8 @@
 """Entry point: python -m puma_jax.main --config=configs/pretrain.py[:variant] [--workdir=DIR]
 [--config.key=value ...]
 
-Thin on purpose (as in the Flax examples): parse flags, then `train.train_and_evaluate`.
+Thin on purpose (as in the Flax examples): parse flags, check the stage name against
+`training.registry`, then `training.loop.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from puma_jax import train
+  from puma_jax.training import loop, registry
   logging.set_verbosity(logging.INFO)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, train.StopTraining) as e:
+    registry.get_stage(str(_CONFIG.value.stage))
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, loop.StopTraining) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -6,8 +6,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from puma_jax import sharding, train
-from puma_jax import tasks as tasks_lib
+from puma_jax import sharding
+from puma_jax.training import data as data_lib, init as init_lib, loop, registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,13 @@ def small_config():
 
 
 def one_step(config, mesh):
-  task = tasks_lib.make(config)
+  stage = registry.make(config)
   with sharding.use_mesh(mesh):
-    graphdef, state, frozen, rest, _, _, tx, _ = train._restore_or_init(
-        task, None, mesh, sharding.DEFAULT_RULES, config)
-  batch = train._global_batch(task.device_arrays(next(task.train_data())), mesh)
+    got = init_lib.restore_or_init(stage, None, mesh)
+  batch = data_lib.global_batch(stage.device_arrays(next(stage.train_data())), mesh)
+  step = stage.train_step(got.abstract.graphdef, got.abstract.tx)
   with sharding.use_mesh(mesh):
-    return jax.jit(task.train_step(graphdef, tx))(state, frozen, rest, batch)
+    return jax.jit(step)(got.state, got.frozen, got.rest, batch)
 
 
 def test_decoder_sharded_step_equals_single_device():
@@ -55,12 +55,34 @@ def test_decoder_sharded_step_equals_single_device():
   assert set(new.params) == {"decoder"}
 
 
-def test_decoder_grad_accumulation_matches_shapes_and_runs(tmp_path):
+def test_decoder_grad_accumulation_equals_one_big_batch():
+  """Per-example keys: 4 microbatches draw what one batch draws, so the update is the same."""
+  config = small_config()
+  config.cfg_drop_prob = 0.5  # both the dropped and the kept path in an 8-example batch
+  config.optim.warmup_steps = 0  # a nonzero first learning rate: the step really updates
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  ref, ref_m = one_step(config, mesh)
+  assert 0 < float(ref_m["dropped"]) < 1
+  config.train.grad_accum_steps = 4
+  new, m = one_step(config, mesh)
+  for key in ("loss", "diffusion_mse", "dropped"):
+    np.testing.assert_allclose(float(m[key]), float(ref_m[key]), rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(jax.device_get(new.params)),
+                  jax.tree.leaves(jax.device_get(ref.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with sharding.use_mesh(mesh):  # the update moved the parameters: not two no-ops compared
+    init = init_lib.restore_or_init(registry.make(config), None, mesh).state.params
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(jax.device_get(init)),
+                                                jax.tree.leaves(jax.device_get(ref.params)))]
+  assert max(moved) > 1e-4
+
+
+def test_decoder_grad_accumulation_runs(tmp_path):
   config = small_config()
   config.train.grad_accum_steps = 2
   config.data.batch_size = 16  # two microbatches of 8, one example per fake device
   config.optim.total_steps = 4
-  last = train.train_and_evaluate(config, str(tmp_path))
+  last = loop.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(last["loss"])
 
 
@@ -69,7 +91,7 @@ def test_tiny_decoder_learns(tmp_path):
   config.train.eval_every = 16
   config.train.sample_images = 2
   config.train.sample_steps = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   from PIL import Image
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_16.png"))
   assert grid.shape == (64, 64, 3)  # 2 held-out inputs above their 2 samples, 32 px each
