@@ -2,7 +2,7 @@
 
 Per example: CLIP features of the image at the decoder's scale; 10% of them replaced by the
 black image's features with the positional embedding off (the CFG unconditional input, as at
-inference: DESIGN.md, ours); VAE latent (a draw from the latent distribution, x scaling_factor);
+inference: docs/DESIGN.md, ours); VAE latent (a draw from the latent distribution, x scaling_factor);
 offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction target (epsilon).
 
 Every random draw of an example comes from its own key, fold_in(step key, its index in the

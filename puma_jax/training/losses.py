@@ -1,4 +1,4 @@
-"""PUMA's training losses (DESIGN.md section 1) and the diffusion loss.
+"""PUMA's training losses (docs/DESIGN.md §1) and the diffusion loss.
 
 MLLM: loss = text_weight * text_CE + image_weight * image_MSE (+ router_weight * router_CE),
 with the weights from `config.loss` (the paper: 0.02 and 1.0). text_CE is the mean
