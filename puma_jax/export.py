@@ -82,8 +82,13 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
     raise ExportError(f"{cfg_path}: missing (train.py writes it at the start of a run)") from None
   except json.JSONDecodeError as e:
     raise ExportError(f"{cfg_path}: not valid JSON ({e})") from None
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "frozen": ocp.PyTreeCheckpointHandler(),
-              "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  from puma_jax.training.checkpoints import TRAIN_ITEMS
+  # PyTree handlers (not Standard) for the arrays: they can restore part of `state`.
+  kinds = {"state": ocp.PyTreeCheckpointHandler, "frozen": ocp.PyTreeCheckpointHandler,
+           "meta": ocp.JsonCheckpointHandler, "data": ocp.JsonCheckpointHandler}
+  if set(kinds) != set(TRAIN_ITEMS):
+    raise ExportError(f"training checkpoints hold {TRAIN_ITEMS}; export reads {tuple(kinds)}")
+  handlers = {name: kind() for name, kind in kinds.items()}
   manager = ocp.CheckpointManager(
       ckpt_dir, item_handlers=handlers,
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
