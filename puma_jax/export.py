@@ -124,29 +124,31 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
   return WorkdirCheckpoint(workdir, int(step), params, meta, config)
 
 
+def _dotted(path) -> str:
+  # Orbax restores list indices as string keys ("0"), to_pure_dict has ints: compare as text.
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def _module(family: str, config_dict: dict, params: dict):
   """The registry model `family` built abstractly and filled with `params` (NumPy)."""
+  import jax
+  import jax.numpy as jnp
   from flax import nnx
+
   from puma_jax.models import registry
   cfg = registry.config_class(family).from_dict(config_dict)
   abstract = nnx.eval_shape(lambda: registry.build(family, cfg, rngs=nnx.Rngs(0)))
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
   want = nnx.to_pure_dict(state)
-  import jax
-  flat_want = {jax.tree_util.keystr(p): v.shape for p, v in
-               jax.tree_util.tree_flatten_with_path(want)[0]}
-  try:
-    flat_got = {jax.tree_util.keystr(p): np.shape(v) for p, v in
-                jax.tree_util.tree_flatten_with_path(params)[0]}
-  except Exception as e:  # not a nested dict of arrays
-    raise ExportError(f"{family} parameters are not a nested dict of arrays: {e}") from None
+  flat_want = {_dotted(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  flat_got = {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing, extra = sorted(set(flat_want) - set(flat_got)), sorted(set(flat_got) - set(flat_want))
-  bad = [k for k in flat_want if k in flat_got and tuple(flat_got[k]) != tuple(flat_want[k])]
+  bad = [k for k in flat_want if k in flat_got and tuple(np.shape(flat_got[k])) != flat_want[k]]
   if missing or extra or bad:
     raise ExportError(f"checkpoint parameters do not match the {family} config: missing "
                       f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}")
-  nnx.replace_by_pure_dict(state, params)
-  import jax.numpy as jnp
+  values = jax.tree_util.tree_map_with_path(lambda p, _: flat_got[_dotted(p)], want)
+  nnx.replace_by_pure_dict(state, values)
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
   return cfg, nnx.merge(graphdef, state, rest)
 
