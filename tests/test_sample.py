@@ -236,4 +236,5 @@ def test_pipeline_loads_only_the_decoders_a_request_needs_in_its_dtype(rel):
   out = pipe.text_to_image(["a red circle"], scales=("f4",))
   assert set(pipe.decoders) == {"f4"} and out["f4"].shape == (1, 32, 32, 3)
   for module in (pipe.model, pipe.decoders["f4"], pipe.vae):
-    assert {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))} == {jnp.bfloat16}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))} == {
+        jnp.dtype(jnp.bfloat16)}
