@@ -56,7 +56,8 @@ def _build(tmp, tokens):
   return (tclip, unet, mapping, pos, vae), dirs
 
 
-def _torch_pipeline(parts, images, scale, keys, steps, g, monkeypatch):
+def _torch_pipeline(parts, images, scale, keys, steps, g, monkeypatch, sched=None):
+  """`sched`: a diffusers scheduler (default: DDPM with SDXL's values)."""
   tclip, unet, mapping, pos, vae = parts
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
 
@@ -68,9 +69,9 @@ def _torch_pipeline(parts, images, scale, keys, steps, g, monkeypatch):
     grid = h.transpose(1, 2).reshape(b, d, 16, 16)
     return torch.nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
 
-  sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", clip_sample=False,
-                                  steps_offset=1, timestep_spacing="leading")
+  sched = sched or diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", clip_sample=False,
+                                           steps_offset=1, timestep_spacing="leading")
   sched.set_timesteps(steps)
   shape = (8, 8, 4)
   import diffusers.schedulers.scheduling_ddpm as ddpm_mod
@@ -118,6 +119,27 @@ def test_reconstruction_parity(built, monkeypatch, scale, tokens):
   err = rel_err(ours, ref)
   print(f"reconstruction {scale}: rel_err {err:.2e}")
   assert err < 1e-3
+
+
+def test_dpmpp_20_steps_parity(built, monkeypatch):
+  """`--scheduler=dpmpp --steps=20`: the jitted CFG loop with the converted PUMA decoder equals
+  diffusers' DPMSolverMultistepScheduler loop with the same weights and initial noise."""
+  parts, dirs = built(16)
+  rec = reconstruct.load(str(dirs["decoder"]), str(dirs["clip"]), str(dirs["vae"]), "f2",
+                         SM.SamplerSettings(num_steps=20, scheduler="dpmpp"))
+  images = [synthetic_image(48, seed=5)]
+  ours = rec(images, seed=4)
+  ref_sched = diffusers.DPMSolverMultistepScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+      timestep_spacing="leading")
+  ref = _torch_pipeline(parts, images, "f2", SM.sample_keys(4, 1), 20, 2.0, monkeypatch,
+                        ref_sched)
+  err = rel_err(ours, ref)
+  print(f"reconstruction dpmpp 20 steps: rel_err {err:.2e}")
+  assert err < 1e-3
+  # Not DDPM's images: the scheduler choice reached the loop.
+  ddpm = _torch_pipeline(parts, images, "f2", SM.sample_keys(4, 1), 20, 2.0, monkeypatch)
+  assert rel_err(ours, ddpm) > 1e-2
 
 
 def test_cli_and_scale_mismatch(built, tmp_path, capsys):
