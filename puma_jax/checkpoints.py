@@ -72,19 +72,21 @@ def load_config(src: str | os.PathLike):
   return info["family"], registry.config_class(info["family"]).from_dict(info["config"])
 
 
-def load_module(src: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
-                rules=sharding.DEFAULT_RULES, family: str | None = None) -> nnx.Module:
-  """The `nnx.Module` stored in a converted directory, parameters in float32.
+def load_module(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                mesh=None, rules=sharding.DEFAULT_RULES, family: str | None = None) -> nnx.Module:
+  """The `nnx.Module` stored in a converted directory.
 
-  `dtype` is the compute dtype (e.g. `jnp.bfloat16`); `mesh` restores each parameter sharded by
-  its logical axes; `family`, when given, must match the stored one.
+  `dtype` is the compute dtype (e.g. `jnp.bfloat16`); `param_dtype` the dtype the parameters
+  are restored into (orbax casts while reading, so bfloat16 never holds a float32 copy);
+  `mesh` restores each parameter sharded by its logical axes; `family`, when given, must match
+  the stored one.
   """
   src = Path(src).absolute()
   stored, config = load_config(src)
   if family is not None and family != stored:
     raise CheckpointError(f"{src} holds a {stored!r} model, not {family!r}")
   abstract = nnx.eval_shape(lambda: registry.build(stored, config, dtype=dtype,
-                                                   rngs=nnx.Rngs(0)))
+                                                   param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if mesh is not None:
     shardings = sharding.state_shardings(params, mesh, rules)

@@ -34,6 +34,13 @@ def sample_keys(seed: int, batch: int) -> jax.Array:
   return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
 
 
+def example_keys(seeds) -> jax.Array:
+  """One key per example from its own seed: example b gets sample_keys(seeds[b], 1)[0], so it
+  is drawn alike in any batch and alone with `seed=seeds[b]`."""
+  seeds = jnp.asarray(seeds, jnp.uint32)
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seeds)
+
+
 def initial_noise(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
   """(B, *shape) N(0, 1) initial latents, one draw per key (before `init_noise_sigma`)."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape, dtype))(keys)

@@ -15,6 +15,7 @@ classifier-free guidance whose unconditional input is the black image's features
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -28,35 +29,90 @@ from puma_jax.models import clip as clip_lib, pooling
 
 
 class PumaPipeline:
+  """`decoders` maps scales to decoder modules or to converted decoder directories; a directory
+  (and a `vae` given as a directory) is loaded on first use, with `load_kw` (dtype,
+  param_dtype, mesh), so a request loads only the decoders it decodes with."""
 
   def __init__(self, model, *, encode, decode, special: seq.SpecialTokens,
                decoders: Mapping[str, object] | None = None, vae=None,
-               settings: sampler_lib.SamplerSettings = sampler_lib.SamplerSettings()):
+               settings: sampler_lib.SamplerSettings = sampler_lib.SamplerSettings(),
+               scheduler_config=None, load_kw: Mapping | None = None):
     self.model, self.encode, self.decode_text, self.special = model, encode, decode, special
-    self.decoders = dict(decoders or {})
-    for name, dec in self.decoders.items():
-      s = pooling.scale_index(name)
-      if dec.config.num_tokens != pooling.SCALE_TOKENS[s]:
-        raise ValueError(f"decoder given for scale {name} ({pooling.SCALE_TOKENS[s]} tokens) "
-                         f"was built for num_tokens={dec.config.num_tokens}")
-    self.vae = vae
+    self.decoders: dict[str, object] = {}
+    self._decoder_dirs: dict[str, str] = {}
+    for name, dec in (decoders or {}).items():
+      pooling.scale_index(name)
+      if isinstance(dec, (str, os.PathLike)):
+        self._decoder_dirs[name] = os.fspath(dec)
+      else:
+        self._check_decoder(name, dec)
+        self.decoders[name] = dec
+    self._vae = vae
     self.settings = settings
+    self.scheduler_config = scheduler_config
+    self.load_kw = dict(load_kw or {})
     self._samplers: dict[str, sampler_lib.DecoderSampler] = {}
     size = model.config.clip.image_size
     black = np.zeros((1, 1, size, size, 3), np.float32)
     black = (black - np.asarray(clip_lib.CLIP_MEAN)) / np.asarray(clip_lib.CLIP_STD)
-    self._black = np.asarray(model.encode_images(jnp.asarray(black, jnp.float32)))[0, 0]
+    self._black = np.asarray(model.encode_images(jnp.asarray(black, jnp.float32)),
+                             np.float32)[0, 0]
+
+  @staticmethod
+  def _check_decoder(name, dec):
+    s = pooling.scale_index(name)
+    if dec.config.num_tokens != pooling.SCALE_TOKENS[s]:
+      raise ValueError(f"decoder given for scale {name} ({pooling.SCALE_TOKENS[s]} tokens) "
+                       f"was built for num_tokens={dec.config.num_tokens}")
 
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
-           tokenizer: str = "byte", dtype=jnp.float32, **kw) -> "PumaPipeline":
+           tokenizer: str = "byte", dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
+           **kw) -> "PumaPipeline":
+    """The PumaModel is loaded now; decoders and the VAE when first needed (same dtypes)."""
     from puma_jax import checkpoints, tokenizer as tokenizer_lib
-    model = checkpoints.load_module(puma_dir, family="puma", dtype=dtype)
+    load_kw = {"dtype": dtype, "param_dtype": param_dtype, "mesh": mesh}
+    model = checkpoints.load_module(puma_dir, family="puma", **load_kw)
     encode, decode, special = tokenizer_lib.load(tokenizer)
-    decs = {s: checkpoints.load_module(d, family="puma-decoder", dtype=dtype)
-            for s, d in (decoders or {}).items()}
-    v = checkpoints.load_module(vae, family="vae", dtype=dtype) if vae else None
-    return cls(model, encode=encode, decode=decode, special=special, decoders=decs, vae=v, **kw)
+    return cls(model, encode=encode, decode=decode, special=special, decoders=decoders,
+               vae=vae or None, load_kw=load_kw, **kw)
+
+  @classmethod
+  def from_release(cls, release, **kw) -> "PumaPipeline":
+    """From a release directory (puma_jax/release.py; docs/SAMPLING.md) or `Release`."""
+    from puma_jax import release as release_lib
+    rel = release if isinstance(release, release_lib.Release) else release_lib.Release.open(
+        release)
+    return cls.load(str(rel.puma), decoders={s: str(p) for s, p in rel.decoders().items()},
+                    vae=str(rel.vae) if rel.has("vae") else "", tokenizer=rel.tokenizer, **kw)
+
+  @property
+  def scales(self) -> tuple[str, ...]:
+    """Scales this pipeline can decode (loaded or loadable), fine to coarse."""
+    return tuple(sorted(set(self.decoders) | set(self._decoder_dirs), key=pooling.scale_index))
+
+  def decoder(self, scale: str):
+    if scale not in self.decoders:
+      if scale not in self._decoder_dirs:
+        raise ValueError(f"no decoder for scale {scale}: pass decoders={{'{scale}': ...}} "
+                         f"(available: {list(self.scales) or 'none'})")
+      from puma_jax import checkpoints
+      dec = checkpoints.load_module(self._decoder_dirs[scale], family="puma-decoder",
+                                    **self.load_kw)
+      self._check_decoder(scale, dec)
+      self.decoders[scale] = dec
+    return self.decoders[scale]
+
+  @property
+  def vae(self):
+    if isinstance(self._vae, (str, os.PathLike)):
+      from puma_jax import checkpoints
+      self._vae = checkpoints.load_module(self._vae, family="vae", **self.load_kw)
+    return self._vae
+
+  @vae.setter
+  def vae(self, value):
+    self._vae = value
 
   # -- pieces ------------------------------------------------------------------------------------
 
@@ -75,19 +131,24 @@ class PumaPipeline:
     return [seq.build_prompt(segs, self.encode, self.special, open_image=True)
             for segs in segment_lists]
 
-  def decode_features(self, scale: str, features, seed: int = 0) -> np.ndarray:
-    """(B, tokens, F) features of `scale` -> uint8 images (B, H, W, 3)."""
-    if scale not in self.decoders:
-      raise ValueError(f"no decoder for scale {scale}: pass decoders={{'{scale}': ...}} "
-                       f"(loaded: {sorted(self.decoders) or 'none'})")
+  def decode_features(self, scale: str, features, seed: int | Sequence[int] = 0) -> np.ndarray:
+    """(B, tokens, F) features of `scale` -> uint8 images (B, H, W, 3).
+
+    `seed`: an int (sample b gets key fold_in(key(seed), b)) or one seed per example (example
+    b gets fold_in(key(seed[b]), 0), the image it would get alone with that int seed), so an
+    image does not depend on the batch it was drawn in."""
+    decoder = self.decoder(scale)
     if self.vae is None:
       raise ValueError("no VAE: pass vae=... to decode features into pixels")
     if scale not in self._samplers:
-      self._samplers[scale] = sampler_lib.DecoderSampler(self.decoders[scale], self.vae,
-                                                         self.settings)
+      self._samplers[scale] = sampler_lib.DecoderSampler(decoder, self.vae, self.settings,
+                                                         self.scheduler_config)
     features = jnp.asarray(features, jnp.float32)
     uncond = jnp.broadcast_to(jnp.asarray(self.uncond_features(scale)), features.shape)
-    keys = sampler_lib.sample_keys(seed, features.shape[0])
+    keys = sampler_lib.sample_keys(seed, features.shape[0]) if np.ndim(seed) == 0 else (
+        sampler_lib.example_keys(seed))
+    if keys.shape[0] != features.shape[0]:
+      raise ValueError(f"got {keys.shape[0]} seeds for {features.shape[0]} examples")
     return sampler_lib.to_uint8(self._samplers[scale](features, uncond, keys))
 
   def _generate(self, task: str, segment_lists, images, scales, seed, return_features,
