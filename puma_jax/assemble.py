@@ -80,10 +80,26 @@ def load_components(model, *, clip_dir: str = "", llm_dir: str = "", puma_dir: s
     _copy(model.llm, src, llm_dir, grow_rows=("embed_tokens.embedding", "lm_head.kernel"))
 
 
+def assemble(clip_dir, llm_dir, *, router: bool = False, seed: int = 0):
+  """(PumaConfig, PumaModel) from converted CLIP and LLaMA dirs: PUMA's 226 tokens ([IMG],
+  [/IMG], 224 positions) get the ids right after the LLaMA vocabulary, in that order, as
+  `tokenizer.PumaTokenizer` adds them to the LLaMA tokenizer."""
+  from puma_jax.models import puma
+  _, clip_cfg = checkpoints.load_config(clip_dir)
+  _, llm_cfg = checkpoints.load_config(llm_dir)
+  v = llm_cfg.vocab_size
+  cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
+                        img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
+                        pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
+                        else llm_cfg.eos_token_ids[0], router=router)
+  model = puma.PumaModel(cfg, rngs=nnx.Rngs(seed))
+  load_components(model, clip_dir=str(clip_dir), llm_dir=str(llm_dir))
+  return cfg, model
+
+
 def main(argv=None) -> int:
   import argparse
   import sys
-  from puma_jax.models import puma
   p = argparse.ArgumentParser(prog="python -m puma_jax.assemble", description=__doc__)
   p.add_argument("--clip", required=True)
   p.add_argument("--llm", required=True)
@@ -92,15 +108,7 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   try:
-    _, clip_cfg = checkpoints.load_config(a.clip)
-    _, llm_cfg = checkpoints.load_config(a.llm)
-    v = llm_cfg.vocab_size
-    cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
-                          img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
-                          pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
-                          else llm_cfg.eos_token_ids[0], router=a.router)
-    model = puma.PumaModel(cfg, rngs=nnx.Rngs(a.seed))
-    load_components(model, clip_dir=a.clip, llm_dir=a.llm)
+    cfg, model = assemble(a.clip, a.llm, router=a.router, seed=a.seed)
     checkpoints.save_module(a.dst, "puma", cfg, model)
   except (ValueError, checkpoints.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
