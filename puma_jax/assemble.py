@@ -1,4 +1,4 @@
-"""Assemble a PumaModel checkpoint from converted parts (DESIGN.md / issue 5, item 6).
+"""Assemble a PumaModel checkpoint from converted parts (docs/DESIGN.md §6).
 
     python -m puma_jax.assemble --clip=CLIP_DIR --llm=LLAMA_DIR --dst=OUT [--tokenizer=byte|DIR]
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from puma_jax import checkpoints
+from puma_jax import checkpoints, cli
 from puma_jax.convert.core import flatten_state
 
 
@@ -97,24 +98,33 @@ def assemble(clip_dir, llm_dir, *, router: bool = False, seed: int = 0):
   return cfg, model
 
 
-def main(argv=None) -> int:
-  import argparse
-  import sys
-  p = argparse.ArgumentParser(prog="python -m puma_jax.assemble", description=__doc__)
-  p.add_argument("--clip", required=True)
-  p.add_argument("--llm", required=True)
-  p.add_argument("--dst", required=True)
-  p.add_argument("--router", action="store_true", help="add the learned scale-router head")
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
-  try:
-    cfg, model = assemble(a.clip, a.llm, router=a.router, seed=a.seed)
-    checkpoints.save_module(a.dst, "puma", cfg, model)
-  except (ValueError, checkpoints.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"assembled PumaModel -> {a.dst}")
+# Own flag set, so that importing this module (tests, notebooks) defines no global flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("clip", None, "converted clip-vision directory", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("llm", None, "converted llama directory", flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", None, "output directory for the PumaModel", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_boolean("router", False, "add the learned scale-router head", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the newly initialized parts", flag_values=FLAGS)
+
+
+def _main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  cfg, model = assemble(f.clip, f.llm, router=f.router, seed=f.seed)
+  checkpoints.save_module(f.dst, "puma", cfg, model)
+  print(f"assembled PumaModel -> {f.dst}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  import sys
+  argv = sys.argv if argv is None else ["python -m puma_jax.assemble", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__,
+                 expected=(ValueError, checkpoints.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ leaves nothing at R, and an R that exists and is not empty is refused before any
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from puma_jax import checkpoints, release
+from absl import app, flags
+
+from puma_jax import checkpoints, cli, release
 from puma_jax.convert import convert
 from puma_jax.convert.core import ConversionError
 from puma_jax.models import pooling
@@ -178,33 +179,45 @@ def _add_puma(w: release.ReleaseWriter, progress: _Progress, clip: Path, llm: Pa
     w.set_tokenizer(release.TOKENIZER_DIR)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m puma_jax.convert puma-release",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--src", required=True,
-                 help="the PUMA snapshot (unet_N folders, or stable-diffusion-xl-base-1.0/)")
-  p.add_argument("--dst", required=True, help="the release to write (new or empty directory)")
-  p.add_argument("--clip", default="", help="HF CLIP-L folder (or a converted clip-vision one)")
-  p.add_argument("--vae", default="", help="SDXL VAE folder (or a converted vae one)")
-  p.add_argument("--llm", default="",
-                 help="HF or converted LLaMA folder with its tokenizer: adds puma/ (assembled "
-                      "with the CLIP) and tokenizer/ instead of clip/")
-  p.add_argument("--name", default=NAME, help="the release's name in release.json")
-  a = p.parse_args(argv)
+# Own flag set: `python -m puma_jax.convert` hands this command its arguments.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("src", None, "the PUMA snapshot (unet_N folders, or "
+                    "stable-diffusion-xl-base-1.0/ with them)", flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", None, "the release to write (a new or empty directory)",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("clip", "", "HF CLIP-L folder (or a converted clip-vision one)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("vae", "", "SDXL VAE folder (or a converted vae one); default: a vae/ "
+                    "folder next to the decoders", flag_values=FLAGS)
+flags.DEFINE_string("llm", "", "HF or converted LLaMA folder with its tokenizer files: adds "
+                    "puma/ (assembled with the CLIP) and tokenizer/ instead of clip/",
+                    flag_values=FLAGS)
+flags.DEFINE_string("name", NAME, "the release's name in release.json", flag_values=FLAGS)
+
+PROG = "python -m puma_jax.convert puma-release"
+EXPECTED = (ConversionError, checkpoints.CheckpointError, release.ReleaseError, ValueError,
+            FileNotFoundError)
+
+
+def _main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
   t0 = time.time()
-  try:
-    out = convert_release(a.src, a.dst, clip=a.clip or None, vae=a.vae or None,
-                          llm=a.llm or None, name=a.name)
-  except (ConversionError, checkpoints.CheckpointError, release.ReleaseError, ValueError,
-          FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out = convert_release(f.src, f.dst, clip=f.clip or None, vae=f.vae or None,
+                        llm=f.llm or None, name=f.name)
   m = release.load_manifest(out)
   print(f"release {out}: scales {', '.join(m['scales'])}, image_size {m['image_size']}, parts "
         f"{', '.join(sorted(m['parts']))} ({time.time() - t0:.1f}s)")
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command on `argv` (its flags, without the program name; default: the command
+  line after `puma-release`)."""
+  argv = [PROG, *(sys.argv[2:] if argv is None else argv)]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=EXPECTED)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))
