@@ -29,8 +29,9 @@ def _copy(dst_module: nnx.Module, src_module: nnx.Module, what: str, grow_rows=(
   dst_pure = nnx.to_pure_dict(dst_state)
   dst_flat = flatten_state(dst_pure)
   if set(src_flat) != set(dst_flat):
-    raise ValueError(f"{what}: parameter names differ: missing {sorted(set(dst_flat) - set(src_flat))[:5]}"
-                     f", unexpected {sorted(set(src_flat) - set(dst_flat))[:5]}")
+    raise ValueError(f"{what}: parameter names differ: missing "
+                     f"{sorted(set(dst_flat) - set(src_flat))[:5]}, unexpected "
+                     f"{sorted(set(src_flat) - set(dst_flat))[:5]}")
   out = {}
   for k, d in dst_flat.items():
     s = np.asarray(src_flat[k])

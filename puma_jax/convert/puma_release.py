@@ -111,7 +111,7 @@ class _Progress:
   def __init__(self, total: int):
     self.total, self.k = total, 0
 
-  def __call__(self, what: str, src) -> "_Progress":
+  def __call__(self, what: str, src) -> _Progress:
     self.k += 1
     print(f"[{self.k}/{self.total}] {what} <- {src} ...", end="", flush=True)
     return self
