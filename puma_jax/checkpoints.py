@@ -7,7 +7,8 @@ plus whatever the family carries along (tokenizer files for LLaMA).
 
 `load_module(dir)` rebuilds the module abstractly (no memory), then restores the parameters into
 it; with a `mesh`, each parameter is restored directly into its shard.
-(Training checkpoints, with optimizer and data-iterator state, are managed by `train.py`.)
+(Training checkpoints, with optimizer and data-iterator state, are in
+`puma_jax.training.checkpoints`.)
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def load_module(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
     raise CheckpointError(f"{src} holds a {stored!r} model, not {family!r}")
   abstract = nnx.eval_shape(lambda: registry.build(stored, config, dtype=dtype,
                                                    param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  params = nnx.state(abstract, nnx.Param)
   if mesh is not None:
     shardings = sharding.state_shardings(params, mesh, rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -95,10 +96,8 @@ def load_module(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                           nnx.to_pure_dict(params))
-  restored = restore_params(src / PARAMS_DIR, target)
-  nnx.replace_by_pure_dict(params, restored)
-  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-  return nnx.merge(graphdef, params, rest)
+  # Restored straight into the shards, so materialize needs no mesh to place them.
+  return sharding.materialize(abstract, restore_params(src / PARAMS_DIR, target))
 
 
 def restore_params(path: Path, target: dict) -> dict:
@@ -139,44 +138,3 @@ def param_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
   from puma_jax.convert.core import flatten_state
   return {k: np.asarray(v) for k, v in
           flatten_state(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints: parameters, optimizer state, step, frozen parts, data-iterator state and
-# the model/stage description (checked on resume).
-
-TRAIN_ITEMS = ("state", "frozen", "data", "meta")
-
-
-def train_manager(directory: Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(config.train.keep_checkpoints),
-      enable_async_checkpointing=bool(config.train.async_checkpointing),
-      create=True)
-  return ocp.CheckpointManager(Path(directory).absolute(), item_names=TRAIN_ITEMS,
-                               options=options)
-
-
-def save_train(manager: ocp.CheckpointManager, step: int, state, frozen, data_state: dict,
-               meta: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-      data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
-
-
-def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
-  """Refuses to resume from a checkpoint of another model or stage (nothing is deleted)."""
-  stored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if stored != json.loads(json.dumps(meta)):
-    diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
-    raise CheckpointError(
-        f"{manager.directory} holds a checkpoint (step {step}) of another model or stage "
-        f"(differs in {diff}); use a new --workdir, or the same config to resume. "
-        "Nothing was changed.")
-
-
-def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_frozen):
-  got = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      frozen=ocp.args.StandardRestore(abstract_frozen), data=ocp.args.JsonRestore()))
-  return got["state"], got["frozen"], got["data"]

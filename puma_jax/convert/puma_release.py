@@ -88,20 +88,14 @@ def _convert_or_copy(family: str, src: Path, dst: Path, flag: str) -> str:
 def _copy_tokenizer(llm: Path, converted_llm: Path, config, dst: Path) -> None:
   """PUMA's tokenizer (the LLaMA's plus [IMG], [/IMG], 224 positions) into `dst`, checked to
   give the ids the assembled model was built with."""
-  from puma_jax import tokenizer
+  from puma_jax import assemble, tokenizer
   tok_dir = next((d for d in (llm, converted_llm) if any(
       (d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))), None)
   if tok_dir is None:
     raise ConversionError(f"--llm={llm} has no tokenizer files (tokenizer.json or "
                           "tokenizer.model); a release with a PumaModel needs its tokenizer")
   tok = tokenizer.PumaTokenizer.from_dir(tok_dir)
-  got = (tok.img_start_id, tok.img_end_id, tok.pos_ids[0])
-  want = (config.img_start_id, config.img_end_id, config.pos0_id)
-  if got != want:
-    raise ConversionError(
-        f"--llm={llm}: its tokenizer ({len(tok.hf) - tok.num_added} tokens) gives PUMA's "
-        f"[IMG], [/IMG], <pos_0> the ids {got}, but the LLaMA's vocab_size "
-        f"{config.img_start_id} puts them at {want}")
+  assemble._check_token_ids(tok, config, f"--llm={llm}: its tokenizer")
   tok.save(dst)
 
 
