@@ -178,7 +178,7 @@ def test_cli_and_scale_mismatch(built, tmp_path, capsys):
   assert np.asarray(Image.open(tmp_path / "o_0.png")).shape == (16, 16, 3)
   # A 16-token decoder asked for scale f0 (256 tokens): a clear error, exit code 2.
   assert reconstruct.main(args + ["--scale=f0", f"--out={tmp_path / 'x.png'}"]) == 2
-  assert "num_tokens=16 (scale f2)" in capsys.readouterr().out
+  assert "num_tokens=16 (scale f2)" in capsys.readouterr().err
   info = json.loads((dirs["decoder"] / "puma_config.json").read_text())
   assert info["config"]["num_tokens"] == 16
   with pytest.raises(ValueError, match="num_tokens=16"):
