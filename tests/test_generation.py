@@ -11,7 +11,7 @@ from flax import nnx
 
 from puma_jax.convert import import_module
 from puma_jax.inference import generate_text
-from puma_jax.inference import text
+from puma_jax.inference import prompts, text
 from puma_jax.models import llama
 from tests.llama_helpers import make_hf
 from tests.utils import rel_err
@@ -188,7 +188,7 @@ def test_bad_generation_inputs(models):
 
 
 def test_left_pad_aligns_rows_at_the_right():
-  out = text.left_pad([{"tokens": [1, 2, 3], "image_index": [-1, 0, 0]},
+  out = prompts.left_pad([{"tokens": [1, 2, 3], "image_index": [-1, 0, 0]},
                        {"tokens": [4], "image_index": [-1]}], fill={"image_index": -1})
   assert out["tokens"].shape == (2, 16) and out["tokens"].dtype == np.int32
   np.testing.assert_array_equal(out["tokens"][:, -3:], [[1, 2, 3], [0, 0, 4]])
@@ -196,7 +196,7 @@ def test_left_pad_aligns_rows_at_the_right():
   np.testing.assert_array_equal(out["mask"].sum(1), [3, 1])
   assert out["mask"][1, -1] and not out["mask"][1, -2]
   with pytest.raises(ValueError, match="no prompts"):
-    text.left_pad([])
+    prompts.left_pad([])
 
 
 def test_sharded_generation_equals_unsharded(models):

@@ -2,9 +2,9 @@
 
 Text generation (chat, grounding) is `inference.text.generate_text`, the same decode path as a
 plain LLaMA; this module gives it the multimodal prompt arrays and input embeddings
-(`prompt_arrays`, `puma_inputs`). Prompts (`sequence.build_prompt` dicts) are left-padded by
-`text.left_pad`. Image-feature generation feeds each predicted feature back as the next input
-(f4, then f3, ... f0) and stops after the finest requested scale.
+(`inference.prompts`: `prompt_arrays`, `puma_inputs`; prompts are `sequence.build_prompt`
+dicts, left-padded by `prompts.left_pad`). Image-feature generation feeds each predicted
+feature back as the next input (f4, then f3, ... f0) and stops after the finest requested scale.
 Everything after the prompt runs inside one jitted `lax.scan` / `lax.while_loop`.
 """
 
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from puma_jax.inference.text import left_pad
+from puma_jax.inference.prompts import image_features, prompt_arrays, puma_inputs
 from puma_jax.models import pooling
-from puma_jax.sequence import IMAGE_TOKENS, SCALE_OFFSET
+from puma_jax.sequence import SCALE_OFFSET
 
 SCALE_NAMES = pooling.SCALE_NAMES
 
@@ -42,50 +42,16 @@ def scale_slice(features: jax.Array, scale: str | int) -> jax.Array:
   return features[:, start:start + n]
 
 
-def prompt_arrays(model, prompts: Sequence[dict], extra: int, *, images=None, features=None):
-  """Checked, left-padded prompt arrays for `extra` generated positions, and the image inputs.
-
-  Returns (arrays (B, P) with "mask", images or None, features or None)."""
-  images, features, max_images = _image_inputs(model, len(prompts), images, features)
-  context = model.config.llm.max_position_embeddings
-  for i, pr in enumerate(prompts):
-    n = len(pr["tokens"])
-    if n + extra > context:
-      raise ValueError(f"prompt {i} has {n} positions; with {extra} to generate it exceeds the "
-                       f"context length {context} (llm.max_position_embeddings)")
-    if pr["num_images"] > max_images:
-      raise ValueError(f"prompt {i} uses {pr['num_images']} images, more than the "
-                       f"{max_images} given")
-  rows = [{k: pr[k] for k in ("tokens", "image_index", "image_token")} for pr in prompts]
-  arrays = left_pad(rows, fill={"image_index": -1, "image_token": -1})
-  return arrays, images, features
-
-
-def puma_inputs(model, arrays, images, features):
-  """(language model, input embeddings) of multimodal prompts: text tokens and image slots."""
-  image_feats = _image_features(model, images, features)
-  feats = model.gather_features(image_feats, arrays["image_index"], arrays["image_token"])
-  x = model.input_embeddings(arrays["tokens"], arrays["image_index"], arrays["image_token"],
-                             feats)
-  return model.llm, x
-
-
 def _prefill(model, arrays, image_feats, slots):
   llm, x = puma_inputs(model, arrays, None, image_feats)
   cache = llm.init_cache(x.shape[0], slots)
   return llm.decode_embeddings(x, attention_mask=arrays["mask"], cache=cache)
 
 
-def _image_features(model, images, features):
-  if features is not None:
-    return features
-  return model.encode_images(images)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_slots"))
 def _gen_features(graphdef, state, arrays, images, features, *, num_slots):
   model = nnx.merge(graphdef, state)
-  image_feats = _image_features(model, images, features)
+  image_feats = image_features(model, images, features)
   p = arrays["tokens"].shape[1]
   hidden, cache = _prefill(model, arrays, image_feats, p + num_slots)
   last = hidden[:, -1]
@@ -105,31 +71,6 @@ def _gen_features(graphdef, state, arrays, images, features, *, num_slots):
   else:
     feats = first[:, None]
   return feats.astype(jnp.float32), router
-
-
-def _check_images(model, images, features):
-  if features is None and images is None:
-    return
-  c = model.config
-  if features is not None:
-    if features.ndim != 4 or features.shape[2:] != (IMAGE_TOKENS, c.feature_dim):
-      raise ValueError(f"image features must be (batch, images, {IMAGE_TOKENS}, "
-                       f"{c.feature_dim}); got {tuple(features.shape)}")
-    return
-  want = (c.clip.image_size, c.clip.image_size, c.clip.num_channels)
-  if images.ndim != 5 or tuple(images.shape[2:]) != want:
-    raise ValueError(f"images must be preprocessed (batch, images, {want[0]}, {want[1]}, "
-                     f"{want[2]}) arrays (see clip.preprocess_pil); got {tuple(images.shape)}")
-
-
-def _image_inputs(model, n_rows, images, features):
-  _check_images(model, images, features)
-  if images is None and features is None:
-    c = model.config
-    features = jnp.zeros((n_rows, 1, IMAGE_TOKENS, c.feature_dim), jnp.float32)
-  m = (features if features is not None else images).shape[1]
-  return (None if images is None else jnp.asarray(images),
-          None if features is None else jnp.asarray(features), m)
 
 
 def generate_features(model, prompts: Sequence[dict], through: str | int = "f0", *,

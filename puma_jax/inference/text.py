@@ -9,7 +9,7 @@ second call with similar shapes runs without tracing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -17,12 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from puma_jax.inference.prompts import bucket, left_pad, prompt_arrays, puma_inputs
 from puma_jax.models.llama import KVCache
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """Smallest power of two >= n (and >= minimum)."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 class Sampler(NamedTuple):
@@ -129,25 +125,6 @@ def trim_at_stop(out, max_new_tokens: int, stops) -> list[list[int]]:
   return result
 
 
-def left_pad(rows: Sequence[Mapping[str, Sequence[int]]],
-             fill: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-  """Left-pads rows of equal-length 1-D int fields into (B, P) int32 arrays plus a bool "mask",
-  P a power-of-two bucket: every row then writes its next token into the same cache slot, and
-  one compiled function serves prompts of different lengths. `fill`: pad value per field (0)."""
-  if not rows:
-    raise ValueError("no prompts given")
-  fill = dict(fill or {})
-  lens = [len(r["tokens"]) for r in rows]
-  p = bucket(max(lens))
-  out = {k: np.full((len(rows), p), fill.get(k, 0), np.int32) for k in rows[0]}
-  out["mask"] = np.zeros((len(rows), p), bool)
-  for i, (r, n) in enumerate(zip(rows, lens)):
-    for k in rows[0]:
-      out[k][i, p - n:] = r[k]
-    out["mask"][i, p - n:] = True
-  return out
-
-
 def llama_inputs(model, arrays, images, features):
   """(language model, input embeddings) of token-only prompts; see `_generate`."""
   del images, features
@@ -227,11 +204,10 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if hasattr(model, "input_embeddings"):  # PumaModel: prompts hold image slots
-    from puma_jax.inference import generation
     cfg = model.config.llm
-    arrays, images, features = generation.prompt_arrays(model, prompt_ids, max_new_tokens,
-                                                        images=images, features=features)
-    inputs = generation.puma_inputs
+    arrays, images, features = prompt_arrays(model, prompt_ids, max_new_tokens,
+                                             images=images, features=features)
+    inputs = puma_inputs
   else:
     if images is not None or features is not None:
       raise ValueError("images/features are for a PumaModel; this is a text-only model")

@@ -426,7 +426,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:paper",
                                             "Training config (and :variant).", lock_config=True)
@@ -438,10 +438,5 @@ if __name__ == "__main__":
                     "Attention kernel: xla (materialized scores) or flash (fused).")
   flags.DEFINE_float("usable_fraction", 0.9, "Fraction of device memory the step may use.")
 
-  def _run(argv):
-    try:
-      main(argv)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  app.run(_run)
+  from puma_jax import cli
+  sys.exit(cli.run(main, doc=__doc__))
