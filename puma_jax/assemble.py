@@ -79,8 +79,25 @@ def _check_token_ids(tok, cfg, where: str) -> None:
   bad = [f"{k}: tokenizer {v}, model {getattr(cfg, k)}" for k, v in got.items()
          if v != getattr(cfg, k)]
   if bad:
-    raise ValueError(f"--tokenizer={where}: PUMA token ids differ from the model's ({bad}); "
-                     "use the tokenizer of the --llm checkpoint")
+    raise ValueError(f"{where}: PUMA token ids differ from the model's ({bad}); use the "
+                     "tokenizer of the --llm checkpoint")
+
+
+def assemble(clip_dir, llm_dir, *, router: bool = False, seed: int = 0):
+  """(PumaConfig, PumaModel) from converted CLIP and LLaMA dirs: PUMA's 226 tokens ([IMG],
+  [/IMG], 224 positions) get the ids right after the LLaMA vocabulary, in that order, as
+  `tokenizer.PumaTokenizer` adds them to the LLaMA tokenizer."""
+  from puma_jax.models import puma
+  _, clip_cfg = checkpoints.load_config(clip_dir)
+  _, llm_cfg = checkpoints.load_config(llm_dir)
+  v = llm_cfg.vocab_size
+  cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
+                        img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
+                        pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
+                        else llm_cfg.eos_token_ids[0], router=router)
+  model = puma.PumaModel(cfg, rngs=nnx.Rngs(seed))
+  load_components(model, clip_dir=str(clip_dir), llm_dir=str(llm_dir))
+  return cfg, model
 
 
 # Own flag set, so that importing this module (tests, notebooks) defines no global flags.
@@ -98,23 +115,14 @@ flags.DEFINE_string("tokenizer", "byte", "'byte' (nothing stored) or an HF token
 
 
 def _main(argv: list[str]) -> int:
-  from puma_jax.models import puma
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
-  _, clip_cfg = checkpoints.load_config(f.clip)
-  _, llm_cfg = checkpoints.load_config(f.llm)
-  v = llm_cfg.vocab_size
-  cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
-                        img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
-                        pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
-                        else llm_cfg.eos_token_ids[0], router=f.router)
-  model = puma.PumaModel(cfg, rngs=nnx.Rngs(f.seed))
-  load_components(model, clip_dir=f.clip, llm_dir=f.llm)
+  cfg, model = assemble(f.clip, f.llm, router=f.router, seed=f.seed)
   tok = None
   if f.tokenizer != "byte":
     tok = tokenizer.PumaTokenizer.from_dir(f.tokenizer)
-    _check_token_ids(tok, cfg, f.tokenizer)
+    _check_token_ids(tok, cfg, f"--tokenizer={f.tokenizer}")
   checkpoints.save_module(f.dst, "puma", cfg, model)
   if tok is not None:
     tok.save(f.dst)

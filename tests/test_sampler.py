@@ -113,22 +113,25 @@ def test_ddpm_cfg_loop_matches_diffusers(monkeypatch):
   assert rel_err(other, ref) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp"])
 def test_deterministic_loops_match_diffusers(name):
   dec = ToyDecoder(1)
   cond, uncond = _features(2, 1)
   keys = SM.sample_keys(0, 2)
   spacing = "trailing" if name == "ddim" else "leading"
   cfg = S.SchedulerConfig(timestep_spacing=spacing, steps_offset=1)
-  sched = S.DDIM(cfg) if name == "ddim" else S.EulerDiscrete(cfg)
+  # Chosen by name, as `--scheduler=NAME` does.
+  sched = SM.make_scheduler(SM.SamplerSettings(scheduler=name, num_steps=20), cfg)
   schedule = sched.set_timesteps(20)
   ours = jax.jit(lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k,
                                                    (SIZE, SIZE, C), 3.0))(
       jnp.asarray(cond), jnp.asarray(uncond), keys)
   kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
             timestep_spacing=spacing)
-  ref_sched = (diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **kw)
-               if name == "ddim" else diffusers.EulerDiscreteScheduler(**kw))
+  ref_sched = {"ddim": lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False,
+                                                      **kw),
+               "euler": lambda: diffusers.EulerDiscreteScheduler(**kw),
+               "dpmpp": lambda: diffusers.DPMSolverMultistepScheduler(**kw)}[name]()
   ref = _reference_loop(dec.torch_fn(), ref_sched, 20, SM.initial_noise(keys, (SIZE, SIZE, C)),
                         torch.from_numpy(cond), torch.from_numpy(uncond), 3.0)
   assert rel_err(ours, ref) < 1e-4

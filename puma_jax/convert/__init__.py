@@ -1,6 +1,7 @@
 """Weight conversion: one module per family (a name table plus hooks), one strict loader.
 
     python -m puma_jax.convert clip-vision --src=HF_DIR --dst=OUT_DIR
+    python -m puma_jax.convert puma-release --src=SNAPSHOT --dst=RELEASE [--clip= --vae= --llm=]
 
 A family module defines `FAMILY` (the registry name), `load_config(src) -> ModelConfig`,
 `rules(config) -> list[Rule]`, and optionally `read_tensors(src)`, `check_tensors(config, tensors,
@@ -34,6 +35,11 @@ CONVERTERS: dict[str, str] = {
     "lpips-alex": "puma_jax.convert.lpips",
     "dino-vit": "puma_jax.convert.vit",
     "inception": "puma_jax.convert.inception",
+}
+
+# CLI sub-commands that write more than one model (each module has `main(argv) -> exit code`).
+COMMANDS: dict[str, str] = {
+    "puma-release": "puma_jax.convert.puma_release",
 }
 
 

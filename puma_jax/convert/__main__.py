@@ -1,4 +1,5 @@
 """CLI: python -m puma_jax.convert FAMILY --src=DIR --dst=DIR
+     python -m puma_jax.convert puma-release --src=SNAPSHOT --dst=RELEASE (see its --help)
 
 Exit status 0 on success; 2 with a one-line reason on bad input (nothing partial is left in an
 existing destination).
@@ -6,6 +7,7 @@ existing destination).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 
@@ -13,7 +15,7 @@ from absl import app, flags
 
 from puma_jax import cli
 from puma_jax.checkpoints import CheckpointError
-from puma_jax.convert import CONVERTERS, ConversionError, convert
+from puma_jax.convert import COMMANDS, CONVERTERS, ConversionError, convert
 
 # Own flag set: convert and convert.export (same flag names) are imported side by side.
 FLAGS = flags.FlagValues()
@@ -47,6 +49,8 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
   argv = sys.argv if argv is None else [PROG, *argv]
+  if len(argv) > 1 and argv[1] in COMMANDS:  # a command with flags of its own
+    return importlib.import_module(COMMANDS[argv[1]]).main(argv[2:])
   return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=EXPECTED)
 
 

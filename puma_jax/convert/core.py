@@ -258,6 +258,13 @@ def read_json(path: str | os.PathLike) -> dict:
     raise ConversionError(f"{path}: invalid JSON ({e})") from None
 
 
+def public_config(d: Mapping[str, Any]) -> dict:
+  """A diffusers config dict without its private keys: any key starting with `_`
+  (`_class_name`, `_diffusers_version`, `_name_or_path`, `_use_default_values`, ...) is metadata
+  about the file, never a setting of the model, so it must not stop a conversion."""
+  return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
 # ----------------------------------------------------------------------------------------------
 # Applying a table
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from puma_jax.convert.core import (WEIGHT_FILES, ConversionError, Rule, conv1x1_as_linear,
-                                    conv2d, identity, linear, read_checkpoint, read_json)
+                                    conv2d, identity, linear, public_config,
+                                    read_checkpoint, read_json)
 from puma_jax.models.unet import UNetConfig
 
 FAMILY = "sdxl-unet"
@@ -40,11 +41,12 @@ _MUST_BE = {
     # Dropout is an identity at inference; a non-zero rate would make training differ.
     "dropout": (0, 0.0),
 }
-# Recorded by diffusers, irrelevant to the computation.
-_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "addition_embed_type_num_heads")
+# Public fields irrelevant to the computation (private `_*` keys are dropped first).
+_IGNORED = ("addition_embed_type_num_heads",)
 
 
 def config_from_diffusers(d: dict, where: str = "config.json", *, extra_ignored=()) -> UNetConfig:
+  d = public_config(d)
   for key, allowed in _MUST_BE.items():
     if key in d and d[key] not in allowed and not (isinstance(d[key], list) and
                                                    all(v in allowed for v in d[key])):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puma_jax.convert.core import ConversionError, Rule, conv1x1_as_linear, conv2d, read_json
+from puma_jax.convert.core import (ConversionError, Rule, conv1x1_as_linear, conv2d,
+                                    public_config, read_json)
 from puma_jax.models import layers
 from puma_jax.models.vae import VAEConfig
 
@@ -36,6 +37,9 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> VAEConfig:
     if d.get(k) is not None:
       raise ConversionError(f"{where}: {k} is set; latent mean/std normalization (not SDXL's) is "
                             "not supported")
+  unknown = sorted(set(public_config(d)) - set(_FIELDS) - set(_IGNORED))
+  if unknown:
+    raise ConversionError(f"{where}: unknown VAE config field(s) {unknown}")
   kw = {k: (tuple(d[k]) if isinstance(d[k], list) else d[k]) for k in _FIELDS if k in d}
   if isinstance(kw.get("sample_size"), tuple):
     kw["sample_size"] = int(kw["sample_size"][0])

@@ -1,11 +1,14 @@
-"""DDPM, DDIM and Euler-discrete schedulers as pure JAX functions on explicit arrays.
+"""DDPM, DDIM, Euler-discrete and DPM-Solver++ (2M) schedulers as pure JAX functions on arrays.
 
-A scheduler object (`DDPM`, `DDIM`, `EulerDiscrete`) is a frozen, hashable dataclass holding only
-its static `SchedulerConfig`, so it can be closed over or passed as a static argument to `jit`.
+A scheduler object (`DDPM`, `DDIM`, `EulerDiscrete`, `DPMSolverMultistep`) is a frozen, hashable
+dataclass holding only its static `SchedulerConfig`, so it can be closed over or passed as a
+static argument to `jit`.
 `set_timesteps(n)` returns a `Schedule` (a pytree of arrays, built once on the host in numpy);
 `step(schedule, i, model_output, sample, noise)` is pure: the step index `i` may be a traced
 integer (a `lax.fori_loop` counter) and the stochastic part of a step is an explicit `noise`
-input, so nothing is mutated between steps and the whole loop can be jitted.
+input, so nothing is mutated between steps and the whole loop can be jitted. A multistep
+scheduler (`multistep = True`) also takes the previous step's `pred_original_sample` as
+`prev_x0`: that is all the history DPM-Solver++ (2M) needs.
 
 Numerics follow diffusers (0.42) step by step, including its quirks (DDIM's previous timestep is
 always `t - num_train_timesteps // n`, whatever the spacing; DDPM adds its tiny clamped variance
@@ -63,16 +66,24 @@ class SchedulerConfig:
 
 # Keys of diffusers scheduler configs that do not affect these schedulers (other scheduler
 # classes' options, or bookkeeping).
+# DPM-Solver's `lower_order_final` and `euler_at_final` only choose the order of the last step,
+# which is first order anyway for a second-order solver ending at sigma 0 (final_sigmas_type
+# "zero"); `flow_shift` and `time_shift_type` only act with flow sigmas / dynamic shifting.
 _IGNORED_KEYS = {"skip_prk_steps", "sample_max_value", "dynamic_thresholding_ratio", "sigma_min",
-                 "sigma_max", "use_exponential_sigmas", "use_beta_sigmas", "clip_sample_range"}
+                 "sigma_max", "clip_sample_range", "lower_order_final", "euler_at_final",
+                 "flow_shift", "time_shift_type"}
 # Keys that change the computation in ways not implemented: the accepted value of each.
 _REQUIRED = {"thresholding": False, "use_karras_sigmas": False, "timestep_type": "discrete",
-             "final_sigmas_type": "zero"}
+             "final_sigmas_type": "zero", "use_exponential_sigmas": False,
+             "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+             "use_dynamic_shifting": False, "algorithm_type": "dpmsolver++", "solver_order": 2,
+             "solver_type": "midpoint", "lambda_min_clipped": -float("inf")}
 
 
 def from_diffusers_config(d: dict[str, Any]) -> SchedulerConfig:
   """A `SchedulerConfig` from a diffusers `scheduler_config.json` dict (any of DDPM, DDIM, Euler,
-  e.g. SDXL's, which names EulerDiscreteScheduler). Unsupported values raise naming the key."""
+  DPMSolverMultistep, e.g. SDXL's, which names EulerDiscreteScheduler). Unsupported values raise
+  naming the key."""
   fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
   kw = {}
   for k, v in d.items():
@@ -256,6 +267,7 @@ class _Base:
   config: SchedulerConfig = SchedulerConfig()
 
   stochastic = False  # whether `step` consumes its `noise` argument
+  multistep = False  # whether `step` takes the previous step's x0 prediction as `prev_x0`
 
   def init_noise_sigma(self, schedule: Schedule) -> jax.Array:
     del schedule
@@ -372,7 +384,90 @@ class EulerDiscrete(_Base):
     return StepOutput(sample + derivative * (sigma_next - sigma), x0)
 
 
-SCHEDULERS = {"ddpm": DDPM, "ddim": DDIM, "euler": EulerDiscrete}
+def dpm_timesteps(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
+  """DPMSolverMultistepScheduler's n timesteps: "trailing" as the others, but "leading" and
+  "linspace" space n + 1 points over [0, T) and drop the last one (t = 0), so e.g. SDXL's
+  leading 20 steps run 941, 894, ..., 48 where DDPM's would run 951, ..., 1."""
+  T = cfg.num_train_timesteps
+  if not 1 <= num_steps <= T:
+    raise ValueError(f"num_inference_steps={num_steps} must be in [1, {T}] "
+                     "(num_train_timesteps)")
+  if cfg.timestep_spacing == "linspace":
+    return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+  if cfg.timestep_spacing == "leading":
+    ratio = T // (num_steps + 1)
+    ts = (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+    return ts + cfg.steps_offset
+  return inference_timesteps(cfg, num_steps)
+
+
+def _alpha_sigma(sigma):
+  """VP (alpha_t, sigma_t) of a VE sigma: alpha_t = 1 / sqrt(sigma^2 + 1)."""
+  alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
+  return alpha, sigma * alpha
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistep(_Base):
+  """DPM-Solver++ (2M), midpoint form (diffusers `DPMSolverMultistepScheduler` with
+  algorithm_type "dpmsolver++", solver_order 2, final sigma 0), deterministic. The first step
+  has no history and the last one lands on sigma = 0, so both are first order (DDIM-like);
+  every other step extrapolates from the current and previous data predictions (`prev_x0`).
+  `clip_sample` does not apply (diffusers has no such option for this scheduler)."""
+
+  multistep = True
+
+  def set_timesteps(self, num_steps: int) -> Schedule:
+    ts = dpm_timesteps(self.config, num_steps)
+    ac = alphas_cumprod(self.config)
+    if self.config.rescale_betas_zero_snr:
+      # As diffusers: the zero-SNR end would give sigma = inf; 2^-24 keeps it finite.
+      ac = ac.copy()
+      ac[-1] = 2.0 ** -24
+    train_sigmas = ((1 - ac) / ac) ** 0.5
+    sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    z = jnp.zeros((num_steps,), jnp.float32)
+    return Schedule(jnp.asarray(ts, jnp.int32), z, z, jnp.asarray(sigmas))
+
+  def _data_prediction(self, model_output, sample, sigma):
+    p = self.config.prediction_type
+    if p == "sample":
+      return model_output
+    alpha_t, sigma_t = _alpha_sigma(sigma)
+    if p == "epsilon":
+      return (sample - sigma_t * model_output) / alpha_t
+    return alpha_t * sample - sigma_t * model_output  # v_prediction
+
+  def step(self, schedule: Schedule, i, model_output, sample, noise=None,
+           prev_x0=None) -> StepOutput:
+    """One step from sigmas[i] to sigmas[i + 1]; `prev_x0` is the previous step's
+    `pred_original_sample` (ignored at the first and last steps; None: first order)."""
+    del noise
+    n = schedule.num_steps
+    sigmas = schedule.sigmas
+    alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
+    alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
+    alpha_s1, sigma_s1 = _alpha_sigma(sigmas[jnp.maximum(i - 1, 0)])
+    # At the last step sigma_t = 0: lambda_t = +inf, exp(-h) = 0, and the update returns x0.
+    lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
+    lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
+    x0 = self._data_prediction(model_output, sample, sigmas[i])
+    h = lambda_t - lambda_s0
+    phi = alpha_t * (jnp.exp(-h) - 1.0)
+    first = (sigma_t / sigma_s0) * sample - phi * x0
+    if prev_x0 is None:
+      return StepOutput(first, x0)
+    second_order = (i > 0) & (i < n - 1)
+    # r0 is 0 or nan where the second-order branch is not taken; keep that branch finite.
+    r0 = jnp.where(second_order, (lambda_s0 - lambda_s1) / h, 1.0)
+    d1 = (1.0 / r0) * (x0 - prev_x0)
+    second = first - 0.5 * phi * d1
+    return StepOutput(jnp.where(second_order, second, first), x0)
+
+
+SCHEDULERS = {"ddpm": DDPM, "ddim": DDIM, "euler": EulerDiscrete, "dpmpp": DPMSolverMultistep}
 
 
 def make(name: str, config: SchedulerConfig | None = None, **kw):
