@@ -112,7 +112,7 @@ def check_output_dir(dst: str | os.PathLike, what: str,
       raise OutputError(f"{what}: --dst {dst} exists and is not a directory")
     entries = sorted(p.name for p in dst.iterdir())
     if entries:
-      raise OutputError(f"{what}: --dst {dst} is not empty (holds {entries[:5]}); choose an "
+      raise OutputError(f"{what}: --dst {dst} is not empty (already holds {entries[:5]}); choose an "
                         "empty or new directory")
   parent = dst.parent
   while not parent.exists():

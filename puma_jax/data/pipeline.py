@@ -48,7 +48,8 @@ def parse_options(dcfg, scfg) -> parse.ParseOptions:
       canny_low=float(dcfg.conditional.canny_low), canny_high=float(dcfg.conditional.canny_high),
       derive_short_side=max(int(dcfg.image.clip_size), int(dcfg.image.vae_size),
                             int(dcfg.image.min_resolution)),
-      box_format=str(scfg.get("box_format", "normalized")))
+      box_format=str(scfg.get("box_format", "normalized")),
+      max_file_bytes=int(dcfg.max_file_bytes), max_text_chars=int(dcfg.text.max_chars))
 
 
 def image_options(dcfg) -> transforms.ImageOptions:
