@@ -165,7 +165,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-  """An exclusive lock on a work directory, held by a file `<dir>/.lock` naming its holder.
+  """An exclusive lock on a work directory, held by a file `<dir>/<name>` naming its holder.
 
   `fcntl.flock` is the lock proper: the kernel drops it when the holder dies, however it dies,
   so a lock file left by a killed run is detected as stale and taken over. The file's JSON
@@ -173,11 +173,9 @@ class WorkdirLock:
   without flock support, a live pid on this host is the fallback test.
   """
 
-  NAME = ".lock"
-
-  def __init__(self, directory: str | os.PathLike, what: str = "run"):
+  def __init__(self, directory: str | os.PathLike, what: str = "run", name: str = ".lock"):
     self.dir = Path(directory)
-    self.path = self.dir / self.NAME
+    self.path = self.dir / name
     self.what = what
     self._fd: int | None = None
     self.took_over: dict | None = None
