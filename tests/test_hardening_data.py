@@ -259,3 +259,33 @@ def test_validate_truncated_arrayrecord_and_missing_path_cli(tmp_path):
   err_lines = [l for l in r.stdout.splitlines() if "ERROR" in l]
   assert len(err_lines) == 1 and "truncated or corrupt" in err_lines[0], r.stdout
   assert "Traceback" not in r.stderr
+
+
+# --- tasks that never fit, task counters ------------------------------------------------------
+
+
+def test_fit_check_names_a_task_that_never_fits():
+  from puma_jax.data import sequences
+  from puma_jax.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  cfg = data_config.get_config("tiny")
+  for name in cfg.sources:
+    cfg.sources[name].weight = 1.0 if name in ("conditional", "edit", "pairs") else 0.0
+  report = sequences.fit_report(cfg, tok.encode, tok.special, sample=8)
+  warnings = sequences.check_fit(report, 768, 2)
+  assert len(warnings) == 1 and "task 'conditional' never fits" in warnings[0], warnings
+  assert "> seq_len=768" in warnings[0]
+  assert sequences.check_fit(report, 896, 2) == []
+  warnings = sequences.check_fit(report, 896, 1)
+  assert {w.split(":")[0] for w in warnings} == {"data.sources.conditional",
+                                                 "data.sources.edit"}
+  assert all("data.max_images=1" in w for w in warnings)
+
+
+def test_task_counters_name_real_tasks():
+  from puma_jax.data import pipeline
+  from puma_jax.sequence import TASKS
+  row = {"tokens": np.zeros(4, np.int32),
+         "task_id": np.array([TASKS.index("edit")] * 3 + [-1], np.int32)}
+  assert pipeline._task_name(row) == "edit"
+  assert pipeline._task_name({"task_id": np.array([-1], np.int32)}) == "other"

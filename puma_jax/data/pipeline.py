@@ -190,9 +190,10 @@ class _SkipSafe:
 def _task_name(item) -> str:
   if isinstance(item, Example):
     return item.task
-  if isinstance(item, dict) and "task" in item:
-    t = int(item["task"])
-    return TASKS[t] if 0 <= t < len(TASKS) else str(t)
+  if isinstance(item, dict) and ("task" in item or "task_id" in item):
+    # MLLM rows carry the task per position (`task_id`, -1 on padding): the first position's
+    t = int(np.asarray(item["task"] if "task" in item else item["task_id"]).flat[0])
+    return TASKS[t] if 0 <= t < len(TASKS) else "other"
   return "other"
 
 
