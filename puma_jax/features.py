@@ -19,7 +19,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from puma_jax import checkpoints, sharding
+from puma_jax import checkpoints, cli, sharding
 from puma_jax.models import clip, pooling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/clip.py:tiny", "CLIP config file.")
@@ -72,13 +72,10 @@ def load_image_files(paths, max_bytes: int = 256 << 20) -> list:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
-  try:
-    files = load_image_files(_IMAGES.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  files = load_image_files(_IMAGES.value)  # before the encoder: a bad file fails fast
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model = load_encoder(cfg, mesh)
   size = model.config.image_size
@@ -112,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))

@@ -26,7 +26,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from puma_jax import fileio
+from puma_jax import cli, fileio
 from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, sources
 
@@ -141,22 +141,19 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   dcfg = data_config.get_config("synthetic")
   dcfg.synthetic.image_size, dcfg.synthetic.num_train = _SYN_SIZE.value, _SYN_N.value
   fields = dict(kv.split("=", 1) for kv in _FIELDS.value.split(",") if kv)
   scfg = data_config.source(_FAMILY.value, 1.0, _FORMAT.value, _SRC.value, _IMAGE_ROOT.value,
                             fields, _BOX_FORMAT.value, tfds_name=_TFDS.value,
                             tfds_split=_SPLIT.value)
-  try:
-    report = convert(scfg, dcfg, _DST.value, _PER_FILE.value, _LIMIT.value, _SPLIT.value)
-  except (OSError, ValueError) as e:  # bad paths, formats, destinations: one line, exit 2
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  report = convert(scfg, dcfg, _DST.value, _PER_FILE.value, _LIMIT.value, _SPLIT.value)
   print(json.dumps(report, indent=2, default=lambda o: int(o) if np.isscalar(o) else str(o)))
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["format", "family", "dst"])
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))
