@@ -112,8 +112,8 @@ def check_output_dir(dst: str | os.PathLike, what: str,
       raise OutputError(f"{what}: --dst {dst} exists and is not a directory")
     entries = sorted(p.name for p in dst.iterdir())
     if entries:
-      raise OutputError(f"{what}: --dst {dst} is not empty (already holds {entries[:5]}); choose an "
-                        "empty or new directory")
+      raise OutputError(f"{what}: --dst {dst} is not empty (already holds {entries[:5]}); "
+                        "choose an empty or new directory")
   parent = dst.parent
   while not parent.exists():
     parent = parent.parent
@@ -187,7 +187,7 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> WorkdirLock:
     import fcntl
     self.dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -8,12 +8,11 @@ import re
 import shutil
 import struct
 
-import numpy as np
 import pytest
 import torch
 import transformers
 
-from puma_jax.convert import ConversionError, convert, core
+from puma_jax.convert import ConversionError, core
 from puma_jax.convert import clip as clip_convert
 from puma_jax.convert import config_check
 from puma_jax.convert import llama as llama_convert
@@ -94,8 +93,9 @@ def test_overlapping_offsets_are_refused_like_the_official_loader(tmp_path):
   header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
             "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
   write_raw_safetensors(tmp_path / "x.safetensors", header, bytes(8))
+  from safetensors import SafetensorError
   from safetensors.numpy import load_file
-  with pytest.raises(Exception):
+  with pytest.raises(SafetensorError, match="invalid offset"):
     load_file(tmp_path / "x.safetensors")
   with pytest.raises(ConversionError, match="overlap"):
     core.read_safetensors(tmp_path / "x.safetensors")

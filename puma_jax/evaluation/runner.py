@@ -111,7 +111,7 @@ class ShardFile:
     if good < len(raw):
       with open(self.path, "r+b") as f:
         f.truncate(good)
-    for n, ln in enumerate(lines, 1):
+    for ln in lines:
       if ln.get("features"):
         path = self.root / ln["features"]
         try:

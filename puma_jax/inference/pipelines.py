@@ -49,7 +49,7 @@ class PumaPipeline:
 
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
-           tokenizer: str = "byte", dtype=jnp.float32, **kw) -> "PumaPipeline":
+           tokenizer: str = "byte", dtype=jnp.float32, **kw) -> PumaPipeline:
     from puma_jax import checkpoints, tokenizer as tokenizer_lib
     model = checkpoints.load_module(puma_dir, family="puma", dtype=dtype)
     encode, decode, special = tokenizer_lib.load(tokenizer)
