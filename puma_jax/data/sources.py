@@ -27,6 +27,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TEXT_EXTS = (".txt", ".caption")
 
 
+class DataPathError(FileNotFoundError, ValueError):
+  """A data source path that matches no file, or names something that is not a regular file.
+  Also a ValueError: every CLI reports it as bad input (one line, exit 2)."""
+
+
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
   """Comma-separated or listed paths and globs -> sorted concrete files (errors name the path)."""
   if isinstance(paths, str):
@@ -35,12 +40,12 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
   for p in paths:
     hits = sorted(glob.glob(os.path.expanduser(p)))
     if not hits:
-      raise FileNotFoundError(f"data source path {p!r} matches no file")
+      raise DataPathError(f"data source path {p!r} matches no file")
     for h in hits:
       try:  # a FIFO would block the first read forever, /dev/zero never ends
         fileio.check_regular(h)
       except fileio.NotRegularFileError as e:
-        raise ValueError(f"data source path {h!r} {e.strerror}, not a regular file") from None
+        raise DataPathError(f"data source path {h!r} {e.strerror}, not a regular file") from None
     out.extend(hits)
   return out
 
