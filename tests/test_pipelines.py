@@ -80,9 +80,21 @@ def test_router_defaults_and_errors(pipe):
                            special=TOK.special, decoders={"f2": pipe.decoders["f3"]})
 
 
-def test_bad_inputs_are_refused_by_name(pipe):
+def unbuilt_pipeline(width=8):
+  """A PumaPipeline whose model and decoders are stand-ins holding only their configs: every
+  check below must refuse its input before anything is computed."""
+  from types import SimpleNamespace as NS
+  pipe = pipelines.PumaPipeline.__new__(pipelines.PumaPipeline)
+  pipe.model = NS(config=NS(clip=NS(image_size=16), feature_dim=width))
+  pipe.decoders = {"f3": NS(config=NS(mapping_dim=width, num_tokens=4))}
+  pipe.vae, pipe.encode, pipe.special = object(), TOK.encode, TOK.special
+  return pipe
+
+
+def test_bad_inputs_are_refused_by_name():
   """Mismatched counts, empty or NaN inputs, no scales: a ValueError naming the input, not a
   silently shorter, repeated or black result."""
+  pipe = unbuilt_pipeline()
   w = pipe.model.config.feature_dim
   cases = [
       (lambda: pipe.edit(images(2), ["make it blue"]), "2 image.*1 instructions"),
