@@ -261,11 +261,11 @@ def test_validate_truncated_arrayrecord_and_missing_path_cli(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-# --- tasks that never fit, task counters ------------------------------------------------------
+# --- sequence kinds that never fit, kind counters -------------------------------------------
 
 
-def test_fit_check_names_a_task_that_never_fits():
-  from puma_jax.data import sequences
+def test_fit_check_names_a_kind_that_never_fits():
+  from puma_jax.data import rows as sequences
   from puma_jax.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   cfg = data_config.get_config("tiny")
@@ -273,7 +273,7 @@ def test_fit_check_names_a_task_that_never_fits():
     cfg.sources[name].weight = 1.0 if name in ("conditional", "edit", "pairs") else 0.0
   report = sequences.fit_report(cfg, tok.encode, tok.special, sample=8)
   warnings = sequences.check_fit(report, 768, 2)
-  assert len(warnings) == 1 and "task 'conditional' never fits" in warnings[0], warnings
+  assert len(warnings) == 1 and "kind 'conditional' never fits" in warnings[0], warnings
   assert "> seq_len=768" in warnings[0]
   assert sequences.check_fit(report, 896, 2) == []
   warnings = sequences.check_fit(report, 896, 1)
@@ -282,10 +282,10 @@ def test_fit_check_names_a_task_that_never_fits():
   assert all("data.max_images=1" in w for w in warnings)
 
 
-def test_task_counters_name_real_tasks():
+def test_kind_counters_name_real_kinds():
   from puma_jax.data import pipeline
-  from puma_jax.sequence import TASKS
+  from puma_jax.sequence import KINDS
   row = {"tokens": np.zeros(4, np.int32),
-         "task_id": np.array([TASKS.index("edit")] * 3 + [-1], np.int32)}
-  assert pipeline._task_name(row) == "edit"
-  assert pipeline._task_name({"task_id": np.array([-1], np.int32)}) == "other"
+         "kind_id": np.array([KINDS.index("edit")] * 3 + [-1], np.int32)}
+  assert pipeline._kind_name(row) == "edit"
+  assert pipeline._kind_name({"kind_id": np.array([-1], np.int32)}) == "other"

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from puma_jax.data import parse, sources, synthetic, transforms
-from puma_jax.data.schema import TASKS, Example, Skip
+from puma_jax.data.schema import EXAMPLE_KINDS, Example, Skip
 
 
 
@@ -187,13 +187,13 @@ class _SkipSafe:
       return Skip(f"encode:{type(e).__name__}", ex.source, ex.key, str(e)[:300])
 
 
-def _task_name(item) -> str:
+def _kind_name(item) -> str:
   if isinstance(item, Example):
-    return item.task
-  if isinstance(item, dict) and ("task" in item or "task_id" in item):
-    # MLLM rows carry the task per position (`task_id`, -1 on padding): the first position's
-    t = int(np.asarray(item["task"] if "task" in item else item["task_id"]).flat[0])
-    return TASKS[t] if 0 <= t < len(TASKS) else "other"
+    return item.kind
+  if isinstance(item, dict) and ("kind" in item or "kind_id" in item):
+    # MLLM rows carry the kind per position (`kind_id`, -1 on padding): the first position's
+    t = int(np.asarray(item["kind"] if "kind" in item else item["kind_id"]).flat[0])
+    return EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else "other"
   return "other"
 
 
@@ -225,7 +225,7 @@ class CountingBatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._ds = ds
     self.examples = 0
-    self.per_task = collections.Counter()           # task name -> examples kept
+    self.per_task = collections.Counter()           # example kind -> examples kept
     self.skipped = collections.Counter()            # reason -> count
     self.skipped_by_source = collections.Counter()  # source -> count
     self.recent = collections.deque(maxlen=32)      # last Skip markers, for debugging
@@ -237,7 +237,7 @@ class CountingBatchIterator(grain.DatasetIterator):
       item = next(self._parent)   # StopIteration ends the epoch
       if not isinstance(item, Skip):
         self.examples += 1
-        self.per_task[_task_name(item)] += 1
+        self.per_task[_kind_name(item)] += 1
         return item
       self.skipped[item.reason] += 1
       self.skipped_by_source[item.source] += 1
@@ -277,8 +277,9 @@ class CountingBatchIterator(grain.DatasetIterator):
     self.skipped_by_source = collections.Counter(state["skipped_by_source"])
 
   def metrics(self) -> dict[str, int]:
-    """Counters for the training metrics: examples kept (in all and per task), skipped (in all
-    and per reason). Cumulative since the start of the run (restored with the state)."""
+    """Counters for the training metrics: examples kept (in all and per example kind; metric
+    names `data/task/<kind>`), skipped (in all and per reason). Cumulative since the start of
+    the run (restored with the state)."""
     out = {"data/examples": self.examples, "data/skipped": sum(self.skipped.values())}
     out.update({f"data/task/{t}": n for t, n in sorted(self.per_task.items())})
     out.update({f"data/skipped/{r}": n for r, n in sorted(self.skipped.items())})

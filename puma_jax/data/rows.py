@@ -1,4 +1,4 @@
-"""Task examples (`data.schema.Example`) -> MLLM training rows (`puma_jax.sequence`).
+"""Examples (`data.schema.Example`) -> MLLM training rows (`puma_jax.sequence`).
 
 `MLLMEncoder` is the `encode` callable of `data.pipeline.build`: every example becomes one row
 of `seq_len` positions plus its images (uint8, CLIP resolution; normalized on the device).
@@ -15,8 +15,8 @@ import numpy as np
 from puma_jax import sequence as seq
 from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example
 
-# data.schema task -> sequence task
-_TASK = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
+# example kind -> sequence kind
+_KIND = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
          "edit": "edit", "conditional": "conditional"}
 
 
@@ -57,10 +57,10 @@ def _chat(ex: Example) -> list[seq.Segment]:
 
 
 def segments(ex: Example) -> tuple[list[seq.Segment], str]:
-  """The segments and the sequence task of one example."""
-  if ex.task not in _TASK:
-    raise ValueError(f"task {ex.task!r} has no MLLM sequence (decoder-only data?)")
-  t = ex.task
+  """The segments and the sequence kind of one example."""
+  if ex.kind not in _KIND:
+    raise ValueError(f"example kind {ex.kind!r} has no MLLM sequence (decoder-only data?)")
+  t = ex.kind
   if t == "t2i":
     return seq.t2i(ex.text), t
   if t == "i2t":
@@ -85,12 +85,12 @@ class MLLMEncoder:
     self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
 
   def __call__(self, ex: Example) -> dict[str, np.ndarray]:
-    segs, task = segments(ex)
+    segs, kind = segments(ex)
     encode = self.encode
-    if task == "text":  # documents are cut to the row; everything else must fit whole
+    if kind == "text":  # documents are cut to the row; everything else must fit whole
       budget = self.seq_len - 2
       encode = lambda s: self.encode(s)[:budget]
-    built = seq.build(segs, encode, self.special, task, num_images=len(ex.images))
+    built = seq.build(segs, encode, self.special, kind, num_images=len(ex.images))
     if len(ex.images) > self.max_images:
       raise ValueError(f"{len(ex.images)} images > max_images={self.max_images}")
     row = seq.pack([built], self.seq_len, self.max_images, self.special.pad)
@@ -109,48 +109,48 @@ class MLLMEncoder:
 def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
                sample: int = 16) -> dict[str, dict]:
   """The row sizes the examples of each active source need: the first `sample` usable
-  examples of every source are built exactly as in training. Returns source -> task ->
+  examples of every source are built exactly as in training. Returns source -> sequence kind ->
   {"positions": [...], "images": [...]} (documents, which are cut to the row, count 0).
 
-  The one place that measures whether a task of the mix can be trained: the config check
+  The one place that measures whether a sequence kind of the mix can be trained: the config check
   (`check_fit`) reads it, and so can anything that sizes rows (packing)."""
   from puma_jax.data import parse, pipeline
   out: dict[str, dict] = {}
   for name, scfg in pipeline.active_sources(dcfg).items():
     reader = pipeline.open_source(name, scfg, dcfg, "train")
     parser = parse.Parser(scfg.family, name, pipeline.parse_options(dcfg, scfg))
-    tasks: dict[str, dict] = {}
+    kinds: dict[str, dict] = {}
     seen = 0
     for i in range(min(len(reader), 8 * sample)):
       ex = parser(reader[i])
       if not isinstance(ex, Example):
         continue
-      segs, task = segments(ex)
-      n = 0 if task == "text" else len(seq.build(segs, encode, special, task,
+      segs, kind = segments(ex)
+      n = 0 if kind == "text" else len(seq.build(segs, encode, special, kind,
                                                  num_images=len(ex.images)))
-      t = tasks.setdefault(task, {"positions": [], "images": []})
+      t = kinds.setdefault(kind, {"positions": [], "images": []})
       t["positions"].append(n)
       t["images"].append(len(ex.images))
       seen += 1
       if seen >= sample:
         break
-    out[name] = tasks
+    out[name] = kinds
   return out
 
 
 def check_fit(report: dict[str, dict], seq_len: int, max_images: int) -> list[str]:
-  """Warnings, one per (source, task) of which no sampled example fits a row of `seq_len`
-  positions and `max_images` images: that task would be skipped every time it comes round,
+  """Warnings, one per (source, sequence kind) of which no sampled example fits a row of
+  `seq_len` positions and `max_images` images: it would be skipped every time it comes round,
   i.e. never trained."""
   warnings = []
-  for name, tasks in report.items():
-    for task, t in sorted(tasks.items()):
+  for name, kinds in report.items():
+    for kind, t in sorted(kinds.items()):
       pos, imgs = t["positions"], t["images"]
       if not pos or any(p <= seq_len and k <= max_images for p, k in zip(pos, imgs)):
         continue
       why = (f"needs {min(pos)}..{max(pos)} positions > seq_len={seq_len}"
              if min(pos) > seq_len else f"needs {max(imgs)} images > data.max_images={max_images}")
-      warnings.append(f"data.sources.{name}: task {task!r} never fits a row: none of "
+      warnings.append(f"data.sources.{name}: sequence kind {kind!r} never fits a row: none of "
                       f"{len(pos)} sampled examples fit ({why}); raise seq_len / "
                       "data.max_images or give the source weight 0")
   return warnings
