@@ -22,7 +22,7 @@ def flag_values(default="configs/eval/reconstruction.py:toy"):
 
 def run(argv, fv, capsys):
   seen = {}
-  code = cli.run(lambda args: seen.update(task=fv.config.task), ["prog", *argv],
+  code = cli.run(lambda args: seen.update(protocol=fv.config.protocol), ["prog", *argv],
                  flag_values=fv)
   return code, capsys.readouterr().err.strip(), seen
 
@@ -32,11 +32,11 @@ def run(argv, fv, capsys):
 def test_config_path_resolves_from_another_directory(tmp_path, monkeypatch, capsys, arg):
   monkeypatch.chdir(tmp_path)
   code, err, seen = run([f"--config={arg}"] if arg else [], flag_values(), capsys)
-  assert code == 0 and seen["task"] == "reconstruction", err
+  assert code == 0 and seen["protocol"] == "reconstruction", err
   (tmp_path / "mine.py").write_text("from ml_collections import ConfigDict\n"
-                                    "def get_config():\n  return ConfigDict({'task': 'own'})\n")
+                                    "def get_config():\n  return ConfigDict({'protocol': 'own'})\n")
   code, err, seen = run(["--config=mine.py"], flag_values(), capsys)
-  assert code == 0 and seen["task"] == "own"  # the current directory comes first
+  assert code == 0 and seen["protocol"] == "own"  # the current directory comes first
 
 
 @pytest.mark.parametrize("arg,match", [
