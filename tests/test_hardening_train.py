@@ -102,7 +102,18 @@ def test_lock_damaged_checkpoint_strays_torn_metrics_and_finished_run(tmp_path, 
   assert set(aside) == {"4", "1000000"}  # set aside, not deleted: the damaged bytes are kept
   assert (aside["4"] / flipped.relative_to(work / "checkpoints" / "4")).read_bytes() == damaged
   assert (work / "checkpoints" / "notes.txt").read_text() == "mine"
-  # 4. The finished run rerun: the message, and nothing changes.
+  kinds = [k for k in got[4] if k.startswith("data/task/")]
+  assert kinds and "data/task/other" not in kinds, sorted(got[4])  # real sequence kinds
+  # 4. A checkpoint without a manifest (an older save) whose data file is cut short: its
+  # restore fails, it is set aside the same way, and the run resumes from the one before.
+  (work / "checkpoints" / "4" / checkpoints.MANIFEST).unlink()
+  data_file = flip_a_byte(work / "checkpoints" / "4")
+  data_file.write_bytes(data_file.read_bytes()[:100])
+  caplog.clear()
+  loop.train_and_evaluate(config(), str(work))
+  assert "checkpoints/4 is not a usable checkpoint (restore failed" in caplog.text
+  assert read_metrics(work)[4]["loss"] == ref[4]["loss"]
+  # 5. The finished run rerun: the message, and nothing changes.
   before = tree_digest(work / "checkpoints"), (work / "metrics.jsonl").read_text()
   assert loop.train_and_evaluate(config(), str(work)) == {}
   assert (tree_digest(work / "checkpoints"), (work / "metrics.jsonl").read_text()) == before
