@@ -52,8 +52,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   if fv.is_parsed():  # a second in-process call starts again from the defaults
     fv.unparse_flags()
   try:
+    argv = config_args(argv, fv)
     args = fv(argv)
-  except flags.Error as e:
+  except (flags.Error, ConfigArgError) as e:
     return _fail(e)
   try:
     code = main(args)
@@ -64,6 +65,94 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
       return _fail(e)
     raise
   return 0 if code is None else int(code)
+
+
+class ConfigArgError(ValueError):
+  """A config file that cannot be found or an override naming no field of the config."""
+
+
+def _config_flag_names(fv: flags.FlagValues) -> list[str]:
+  return [name for name in fv if type(fv[name].parser).__name__ == "ConfigFileFlagParser"]
+
+
+def resolve_config_path(value: str) -> str:
+  """`PATH[:ARG]` of a config flag, with PATH found in the current directory, else beside the
+  package (the repository root) or in its `configs/` (so `--config=pretrain.py:tiny` works
+  from any directory)."""
+  path, colon, arg = value.partition(":")
+  if os.path.exists(path):
+    return value
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tried = [os.path.join(root, path), os.path.join(root, "configs", path)]
+  for cand in tried:
+    if os.path.isfile(cand):
+      return cand + colon + arg
+  raise ConfigArgError(f"config file {path!r} not found in the current directory, {root} or "
+                       f"{tried[1].rsplit(os.sep, 1)[0]}")
+
+
+def _leaf_paths(node, prefix: str = "") -> list[str]:
+  from ml_collections import ConfigDict
+  out = []
+  for k in node.keys():
+    v = node[k]
+    p = f"{prefix}{k}"
+    out += _leaf_paths(v, p + ".") if isinstance(v, (ConfigDict, dict)) else [p]
+  return out
+
+
+def _did_you_mean(path: str, config) -> str:
+  import difflib
+  leaves = _leaf_paths(config)
+  leaf = path.rsplit(".", 1)[-1]
+  near = difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
+  if not near:  # `train.steps` -> `train.total_steps`: the name inside a longer one
+    near = sorted((p for p in leaves if leaf and leaf in p.rsplit(".", 1)[-1]),
+                  key=lambda p: (not p.startswith(path.rsplit(".", 1)[0]), len(p)))[:1]
+  if not near:
+    near = difflib.get_close_matches(path, leaves, n=1, cutoff=0.3)
+  return f"; did you mean {near[0]}?" if near else ""
+
+
+def config_args(argv: list[str], fv: flags.FlagValues) -> list[str]:
+  """Checks the config flags of `argv` before absl parses them: the config file is resolved
+  (`resolve_config_path`) and every `--config.a.b=...` override must name a field of the
+  config, else one ConfigArgError naming the full path and the nearest field. (Parsing would
+  raise an AttributeError through several chained tracebacks instead.)"""
+  names = _config_flag_names(fv)
+  if not names:
+    return argv
+  from ml_collections import ConfigDict
+  from ml_collections.config_flags import config_flags
+  out = list(argv)
+  for name in names:
+    idx = [i for i, a in enumerate(out) if a.startswith(f"--{name}=")]
+    value = out[idx[-1]].split("=", 1)[1] if idx else fv[name].default_as_str
+    value = value.strip("'\"") if value else value
+    if not value:
+      continue
+    resolved = resolve_config_path(value)
+    if resolved != value:
+      if idx:
+        out[idx[-1]] = f"--{name}={resolved}"
+      else:  # the default path, relative to the repository root
+        out.insert(1, f"--{name}={resolved}")
+    overrides = [a for a in out if a.startswith((f"--{name}.", f"--no{name}."))]
+    if not overrides:
+      continue
+    config = config_flags.ConfigFileFlagParser(name, lock_config=False).parse(resolved)
+    for a in overrides:
+      path = a.split("=", 1)[0].split(".", 1)[1]
+      node = config
+      for part in path.split("."):
+        if isinstance(node, (ConfigDict, dict)) and part in node:
+          node = node[part]
+        else:
+          raise ConfigArgError(f"--{name}.{path}: {path} is not a field of the config "
+                               f"{resolved}{_did_you_mean(path, config)}")
+  if out != list(argv) and sys.argv[1:] == list(argv)[1:]:
+    sys.argv[:] = out  # ml_collections reads the overrides from sys.argv itself
+  return out
 
 
 def usage(prog: str, flag_values: flags.FlagValues, doc: str | None) -> str:

@@ -48,16 +48,39 @@ def load_encoder(cfg, mesh=None) -> clip.CLIPVisionModel:
       lambda: clip.CLIPVisionModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(cfg.seed)), mesh)
 
 
+def load_image_files(paths, max_bytes: int = 256 << 20) -> list:
+  """Decoded PIL images of `paths`; a missing, non-regular, oversized, non-image or truncated
+  file raises ValueError naming it (decoding is forced here, not at first use)."""
+  import io
+
+  from PIL import Image
+
+  from puma_jax import fileio
+  out = []
+  for p in paths:
+    try:
+      data = fileio.read_regular(p, max_bytes)
+    except OSError as e:
+      raise ValueError(f"--image {p}: {e.strerror or e}") from None
+    try:
+      img = Image.open(io.BytesIO(data))
+      img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      raise ValueError(f"--image {p}: not a readable image ({type(e).__name__}: {e})") from None
+    out.append(img)
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
+  files = load_image_files(_IMAGES.value)  # before the encoder: a bad file fails fast
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model = load_encoder(cfg, mesh)
   size = model.config.image_size
-  if _IMAGES.value:
-    from PIL import Image
-    images = [Image.open(p) for p in _IMAGES.value]
+  if files:
+    images = files
   else:
     images = [synthetic_image(seed=i) for i in range(cfg.batch_size)]
   pixels = clip.preprocess_pil(images, size)

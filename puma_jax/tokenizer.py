@@ -134,8 +134,14 @@ class PumaTokenizer:
 
   def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
     """Token ids of `text`; `<s>` first when `bos` (added once, whether or not the tokenizer's
-    own post-processor adds it) and `</s>` last when `eos`."""
-    ids = list(self.hf(text, add_special_tokens=False)["input_ids"])
+    own post-processor adds it) and `</s>` last when `eos`.
+
+    `text` is user text (captions, prompts, answers): special-token strings in it (`[IMG]`,
+    `<pos_5>`, `</s>`) are split into ordinary tokens, so a user's words can neither open an
+    image slot nor end the sequence. Special ids come only from the sequence builder."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
+    ids = list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     if bos and self.bos_id is not None:
       ids = [self.bos_id] + ids
     if eos and self.eos_id is not None:

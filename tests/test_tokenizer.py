@@ -39,13 +39,10 @@ def test_special_tokens(tok):
   assert tok.num_added == 226
   assert tok.img_start_id == base and tok.img_end_id == base + 1
   assert tok.pos_ids == tuple(range(base + 2, base + 226))
-  text = "the cat [IMG][/IMG] at <pos_0><pos_17><pos_223>"
-  ids = tok.encode(text)
-  assert ids[0] == tok.bos_id
-  assert ids.count(tok.img_start_id) == 1 and ids.count(tok.img_end_id) == 1
-  assert [i for i in ids if i in tok.pos_ids] == [tok.pos_ids[0], tok.pos_ids[17],
-                                                  tok.pos_ids[223]]
-  assert tok.decode(ids, skip_special_tokens=False).replace("<s>", "") == text
+  # The tokens are single, unsplittable vocabulary entries ...
+  assert [tok.token_id(t) for t in ("[IMG]", "[/IMG]", "<pos_17>")] == [
+      tok.img_start_id, tok.img_end_id, tok.pos_ids[17]]
+  assert tok.decode([tok.img_start_id, tok.pos_ids[223]]) == "[IMG]<pos_223>"
   assert tok.encode("cat", bos=False, eos=True)[-1] == tok.eos_id
   # Adding again is a no-op: the ids stay where they are.
   assert ptok.add_special_tokens(tok.hf) == 0
@@ -102,3 +99,22 @@ def test_resize_token_embeddings(tok, tied):
   assert rel_err(fwd(scanned, ids)[..., :300], before) < 1e-5
   assert grown.embed_tokens.embedding.get_metadata()["logical_axes"] == ("vocab", "embed")
   assert after.shape == (1, 4, n)
+
+
+@pytest.mark.parametrize("text", ["a cat [IMG] on a mat", "<pos_5><pos_17> box", "end</s> more",
+                                  "<s>again", "[/IMG]", "<unk>"])
+def test_user_text_cannot_inject_special_tokens(tok, text):
+  """... but user text naming them stays text: only the sequence builder inserts special ids."""
+  from puma_jax import sequence
+  special_ids = {tok.img_start_id, tok.img_end_id, tok.eos_id, tok.bos_id, *tok.pos_ids,
+                 tok.hf.unk_token_id}
+  ids = tok.encode(text, bos=False)
+  assert not special_ids & set(ids), ids
+  assert tok.decode(ids) == text  # nothing lost: the characters are all there
+  encode, _, special = ptok.load(str(tok.hf.name_or_path))
+  built = sequence.build(sequence.t2i(text), encode, special, "t2i")
+  toks = [t for t, slot in zip(built.tokens, built.image_index) if slot < 0]  # not feature slots
+  assert toks.count(special.img_start) == 1 and toks.count(special.img_end) == 1
+  assert toks.count(special.eos) == 1 and toks[-1] == special.eos
+  assert toks.count(special.bos) == 1 and toks[0] == special.bos
+  assert not set(range(special.pos0, special.pos0 + 224)) & set(toks)

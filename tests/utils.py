@@ -24,3 +24,17 @@ def randomize_norms(torch_module, seed: int = 0, std: float = 0.2) -> None:
       if "norm" in low or "ln_" in low or ".ln" in low:
         base = 1.0 if name.endswith("weight") else 0.0
         p.copy_(base + std * torch.randn(p.shape, generator=g))
+
+
+def tree_digest(root) -> dict[str, str]:
+  """Relative path -> sha256 of every file under `root` (empty if absent): a test compares two
+  digests to show that a refused run changed nothing already saved."""
+  import hashlib
+  from pathlib import Path
+  root = Path(root)
+  if root.is_file():
+    return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+  if not root.exists():
+    return {}
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}

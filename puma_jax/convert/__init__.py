@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from puma_jax import checkpoints, sharding
+from puma_jax import checkpoints, fileio, sharding
 from puma_jax.convert import core
 from puma_jax.convert.core import ConversionError
 from puma_jax.models import registry
@@ -68,14 +68,19 @@ def import_module(name: str, src: str | os.PathLike, *, config=None):
 
 
 def convert(name: str, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-  """Converts a local source directory to a puma_jax model directory; returns `dst`."""
+  """Converts a local source directory to a puma_jax model directory; returns `dst`.
+
+  `dst` must be absent or empty and outside `src`; everything is written to a temporary
+  sibling that is renamed to `dst` only once complete, so a failure leaves nothing behind.
+  """
   fam = family_module(name)
-  dst = Path(dst)
-  if (dst / checkpoints.PARAMS_DIR).exists():
-    raise ConversionError(f"destination {dst} already holds converted weights; choose an empty "
-                          "directory")
+  fileio.check_output_dir(dst, "convert", src)  # before the (slow) read, to fail fast
   module, config = import_module(name, src)
-  out = checkpoints.save_module(dst, fam.FAMILY, config, module, source=str(Path(src).absolute()))
-  if hasattr(fam, "copy_extras"):
-    fam.copy_extras(Path(src), out)
-  return out
+  try:
+    with fileio.staged_output(dst, "convert", src) as tmp:
+      checkpoints.save_module(tmp, fam.FAMILY, config, module, source=str(Path(src).absolute()))
+      if hasattr(fam, "copy_extras"):
+        fam.copy_extras(Path(src), tmp)
+  except fileio.OutputError as e:
+    raise ConversionError(str(e)) from None
+  return Path(dst).absolute()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from puma_jax.convert import config_check
 from puma_jax.convert.core import (ConversionError, Rule, conv2d, identity, linear,
                                     read_checkpoint, read_json)
 from puma_jax.models.clip import CLIPVisionConfig
@@ -25,15 +26,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> CLIPVisionConfig:
   if "vision_config" in hf:  # a full CLIPModel config
     hf = hf["vision_config"]
     where = f"{where}:vision_config"
-  act = hf.get("hidden_act", "quick_gelu")
+  kw = config_check.check_fields(CLIPVisionConfig, {k: hf[k] for k in _FIELDS if k in hf}, where)
+  act = kw.get("hidden_act", "quick_gelu")
   if act not in layers.ACTIVATIONS:
     raise ConversionError(f"{where}: unsupported hidden_act={act!r}; supported: "
                           f"{sorted(layers.ACTIVATIONS)}")
-  kw = {k: hf[k] for k in _FIELDS if k in hf}
-  try:
-    return CLIPVisionConfig(**kw)
-  except ValueError as e:
-    raise ConversionError(f"{where}: {e}") from None
+  return config_check.build(CLIPVisionConfig, kw, where)
 
 
 def load_config(src: Path) -> CLIPVisionConfig:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from puma_jax.convert import clip as clip_vision
+from puma_jax.convert import config_check
 from puma_jax.convert.core import (ConversionError, Rule, identity, linear, read_checkpoint,
                                     read_json)
 from puma_jax.models import layers
@@ -43,26 +44,25 @@ def config_from_hf(hf: dict, where: str = "config.json") -> CLIPConfig:
   if hf.get("text_config") is None or hf.get("vision_config") is None:
     raise ConversionError(f"{where}: not a full CLIPModel config (needs text_config and "
                           "vision_config); for a vision tower alone use `clip-vision`")
-  text = hf["text_config"]
+  for tower in ("text_config", "vision_config"):
+    if not isinstance(hf[tower], dict):
+      raise ConversionError(f"{where}: {tower} is a JSON {type(hf[tower]).__name__}, not an "
+                            "object")
+  text = config_check.check_fields(
+      CLIPTextConfig, {k: v for k, v in hf["text_config"].items()
+                       if k in _TEXT_FIELDS and v is not None}, f"{where}:text_config")
   act = text.get("hidden_act", "quick_gelu")
   if act not in layers.ACTIVATIONS:
     raise ConversionError(f"{where}:text_config: unsupported hidden_act={act!r}")
   eos = text.get("eos_token_id", CLIPTextConfig.eos_token_id)
   if isinstance(eos, list):
     raise ConversionError(f"{where}:text_config: a list eos_token_id={eos} is not supported")
-  try:
-    text_cfg = CLIPTextConfig(**{k: text[k] for k in _TEXT_FIELDS if k in text and
-                                 text[k] is not None})
-  except ValueError as e:
-    raise ConversionError(f"{where}:text_config: {e}") from None
+  text_cfg = config_check.build(CLIPTextConfig, text, f"{where}:text_config")
   vision = {**HF_VISION_DEFAULTS, **{k: v for k, v in hf["vision_config"].items()
                                      if v is not None}}
   vision_cfg = clip_vision.config_from_hf(vision, f"{where}:vision_config")
-  try:
-    return CLIPConfig(text_config=text_cfg, vision_config=vision_cfg,
-                      projection_dim=hf.get("projection_dim", 512))
-  except ValueError as e:
-    raise ConversionError(f"{where}: {e}") from None
+  return config_check.build(CLIPConfig, dict(text_config=text_cfg, vision_config=vision_cfg,
+                                            projection_dim=hf.get("projection_dim", 512)), where)
 
 
 def load_config(src: Path) -> CLIPConfig:

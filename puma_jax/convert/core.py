@@ -111,6 +111,53 @@ _ST_DTYPES = {
 }
 
 
+def _safetensors_entries(header: Any, path: Path, data_len: int) -> dict[str, tuple]:
+  """Checks a parsed safetensors header as the official loader does: an object of tensors,
+  each with a known dtype, a shape of non-negative ints and in-range `data_offsets` whose byte
+  count matches the shape, no two tensors sharing bytes. Returns name -> (dtype, shape, b, e)."""
+  if not isinstance(header, dict):
+    raise ConversionError(f"{path}: safetensors header is a JSON {type(header).__name__}, not "
+                          "an object of tensors")
+  meta = header.pop("__metadata__", None)
+  if meta is not None and not isinstance(meta, dict):
+    raise ConversionError(f"{path}: safetensors __metadata__ is a JSON "
+                          f"{type(meta).__name__}, not an object")
+  out = {}
+  for name, info in header.items():
+    if not isinstance(info, dict):
+      raise ConversionError(f"{path}: tensor {name!r}: header entry is a JSON "
+                            f"{type(info).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+      if key not in info:
+        raise ConversionError(f"{path}: tensor {name!r}: header entry lacks {key!r}")
+    dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dt, str) or dt not in _ST_DTYPES:
+      raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(shape, list) or not all(map(is_int, shape)):
+      raise ConversionError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of "
+                            "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+            and offsets[0] <= offsets[1]):
+      raise ConversionError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not "
+                            "[begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+      raise ConversionError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
+                            f"{begin}..{end} of the data section but it has {data_len}")
+    dtype = np.dtype(_ST_DTYPES[dt])
+    if (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+      raise ConversionError(f"{path}: tensor {name!r}: byte range does not match shape "
+                            f"{tuple(shape)}")
+    out[name] = (dtype, tuple(shape), begin, end)
+  spans = sorted((b, e, n) for n, (_, _, b, e) in out.items() if e > b)
+  for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    if b1 < e0:
+      raise ConversionError(f"{path}: tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes "
+                            f"{b1}..{e1}) overlap in the data section")
+  return out
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into numpy (memory-mapped), checking it is complete.
 
@@ -131,26 +178,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
-  header.pop("__metadata__", None)
   data_start = 8 + n
   data_len = size - data_start
+  entries = _safetensors_entries(header, path, data_len)
   mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
       if data_len else np.zeros((0,), np.uint8)
-  out = {}
-  for name, info in header.items():
-    dt = info.get("dtype")
-    if dt not in _ST_DTYPES:
-      raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
-    begin, end = info["data_offsets"]
-    if end > data_len:
-      raise ConversionError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
-                            f"{begin}..{end} of the data section but it has {data_len}")
-    dtype = np.dtype(_ST_DTYPES[dt])
-    shape = tuple(info["shape"])
-    if (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-      raise ConversionError(f"{path}: tensor {name!r}: byte range does not match shape {shape}")
-    out[name] = mm[begin:end].view(dtype).reshape(shape)
-  return out
+  return {name: mm[b:e].view(dtype).reshape(shape)
+          for name, (dtype, shape, b, e) in entries.items()}
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -191,8 +225,14 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: cannot read PyTorch checkpoint safely: {e}") from None
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
     sd = sd["state_dict"]
+  if not isinstance(sd, dict):
+    raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a state dict (a mapping "
+                          "of tensor names to tensors)")
   out = {}
   for k, v in sd.items():
+    if not isinstance(k, str):
+      raise ConversionError(f"{path}: state dict key {k!r} is a {type(k).__name__}, not a "
+                            "tensor name")
     if not hasattr(v, "detach"):
       raise ConversionError(f"{path}: entry {k!r} is not a tensor ({type(v).__name__})")
     v = v.detach().cpu()
@@ -220,25 +260,7 @@ def read_checkpoint(src: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_safetensors(src) if src.suffix == ".safetensors" else read_torch_bin(src)
   for index_name in sorted(src.glob("*.safetensors.index.json")) + sorted(
       src.glob("*.bin.index.json")):
-    index = json.loads(index_name.read_text())
-    files = sorted(set(index.get("weight_map", {}).values()))
-    if not files:
-      raise ConversionError(f"{index_name}: index has no weight_map")
-    out: dict[str, np.ndarray] = {}
-    for fname in files:
-      fpath = src / fname
-      if not fpath.exists():
-        raise ConversionError(f"{index_name} names shard {fname}, which is missing from {src}")
-      part = read_safetensors(fpath) if fname.endswith(".safetensors") else read_torch_bin(fpath)
-      dup = set(out) & set(part)
-      if dup:
-        raise ConversionError(f"{fpath}: tensors also present in another shard: {sorted(dup)[:5]}")
-      out.update(part)
-    missing = set(index["weight_map"]) - set(out)
-    if missing:
-      raise ConversionError(f"{index_name}: tensors listed in the index but absent from the "
-                            f"shards: {sorted(missing)[:5]}")
-    return out
+    return read_indexed(index_name, src)
   for name in WEIGHT_FILES:
     if (src / name).exists():
       p = src / name
@@ -248,14 +270,60 @@ def read_checkpoint(src: str | os.PathLike) -> dict[str, np.ndarray]:
                         f" the directory holds {found[:10]}")
 
 
+def read_index(index_path: str | os.PathLike, src: str | os.PathLike) -> dict[str, str]:
+  """The `weight_map` (tensor name -> shard file) of a sharded checkpoint's index, checked:
+  an object of strings, every shard a relative path inside `src`."""
+  index_path, root = Path(index_path), Path(src).resolve()
+  index = read_json(index_path)
+  wm = index.get("weight_map")
+  if not isinstance(wm, dict) or not wm:
+    raise ConversionError(f"{index_path}: index has no weight_map (an object of tensor name -> "
+                          "shard file)")
+  for name, fname in wm.items():
+    if not isinstance(fname, str) or not fname:
+      raise ConversionError(f"{index_path}: weight_map[{name!r}] is {fname!r}, not a file name")
+    target = (root / fname).resolve()
+    if Path(fname).is_absolute() or root not in target.parents:
+      raise ConversionError(f"{index_path}: weight_map[{name!r}] names {fname!r}, which is "
+                            f"outside the source directory {src}")
+  return wm
+
+
+def read_indexed(index_path: str | os.PathLike, src: str | os.PathLike,
+                 read_file: Callable[[Path], dict] | None = None) -> dict[str, np.ndarray]:
+  """All tensors of a sharded checkpoint; each shard read by `read_file` (default by suffix)."""
+  src = Path(src)
+  weight_map = read_index(index_path, src)
+  out: dict[str, np.ndarray] = {}
+  for fname in sorted(set(weight_map.values())):
+    fpath = src / fname
+    if not fpath.exists():
+      raise ConversionError(f"{index_path} names shard {fname}, which is missing from {src}")
+    part = read_file(fpath) if read_file else (
+        read_safetensors(fpath) if fname.endswith(".safetensors") else read_torch_bin(fpath))
+    dup = set(out) & set(part)
+    if dup:
+      raise ConversionError(f"{fpath}: tensors also present in another shard: {sorted(dup)[:5]}")
+    out.update(part)
+  missing = set(weight_map) - set(out)
+  if missing:
+    raise ConversionError(f"{index_path}: tensors listed in the index but absent from the "
+                          f"shards: {sorted(missing)[:5]}")
+  return out
+
+
 def read_json(path: str | os.PathLike) -> dict:
+  """A JSON file that must hold an object (config.json, an index)."""
   path = Path(path)
   if not path.exists():
     raise ConversionError(f"{path} is missing")
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+    data = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: invalid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ConversionError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+  return data
 
 
 def public_config(d: Mapping[str, Any]) -> dict:

@@ -73,13 +73,18 @@ def export(family: str, src, dst, *, dtype: str = "float32", max_shard_bytes: in
   fam = family_module(family)
   if not hasattr(fam, "export_hf"):
     raise ConversionError(f"export: family {family!r} has no export to the HF layout")
-  dst = Path(dst)
-  if dst.exists() and any(dst.glob("*.safetensors")):
-    raise ConversionError(f"export: {dst} already holds safetensors files; choose an empty "
-                          "directory")
-  module = checkpoints.load_module(src, family=fam.FAMILY)
-  return fam.export_hf(module, dst, src_dir=Path(src), dtype=dtype,
-                       max_shard_bytes=max_shard_bytes)
+  from puma_jax import fileio
+  try:
+    # An HF directory (config.json, .bin weights, tokenizer files) is never written into: the
+    # export goes to a temporary sibling, renamed to `dst` once complete.
+    fileio.check_output_dir(dst, "export", src)
+    module = checkpoints.load_module(src, family=fam.FAMILY)
+    with fileio.staged_output(dst, "export", src) as tmp:
+      fam.export_hf(module, tmp, src_dir=Path(src), dtype=dtype,
+                    max_shard_bytes=max_shard_bytes)
+  except fileio.OutputError as e:
+    raise ConversionError(str(e)) from None
+  return Path(dst).absolute()
 
 
 def _main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from puma_jax.convert import config_check
 from puma_jax.convert.core import (ConversionError, Rule, identity, linear, map_to_source,
                                     read_json, flatten_state)
 from puma_jax.models import llama as llama_model
@@ -36,12 +37,14 @@ _PLAIN = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 def _rope_fields(hf: dict, where: str) -> dict:
   """HF's rope description: transformers 5 `rope_parameters` or the older `rope_theta` plus
   `rope_scaling` (whose type key was once `type`)."""
-  params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or {})
-  merged = {**scaling, **params}
+  for key in ("rope_parameters", "rope_scaling"):
+    if not isinstance(hf.get(key) or {}, dict):
+      raise ConversionError(f"{where}: {key}={hf[key]!r} is not an object")
+  merged = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
   theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = merged.get("rope_type", merged.get("type", "default"))
-  out = {"rope_theta": float(theta), "rope_type": rope_type}
+  # Values are checked (types, finiteness, sign) by config_check when the config is built.
+  out = {"rope_theta": theta, "rope_type": rope_type}
   if rope_type not in llama_model.ROPE_TYPES:
     raise ConversionError(f"{where}: unsupported rope_scaling.rope_type={rope_type!r}; "
                           f"supported: {llama_model.ROPE_TYPES}")
@@ -49,15 +52,15 @@ def _rope_fields(hf: dict, where: str) -> dict:
     if "factor" not in merged:
       raise ConversionError(f"{where}: rope_scaling.factor is required for rope_type "
                             f"{rope_type!r}")
-    out["rope_factor"] = float(merged["factor"])
+    out["rope_factor"] = merged["factor"]
   if rope_type == "llama3":
     for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
       if key not in merged:
         raise ConversionError(f"{where}: rope_scaling.{key} is required for rope_type 'llama3'")
-    out["rope_low_freq_factor"] = float(merged["low_freq_factor"])
-    out["rope_high_freq_factor"] = float(merged["high_freq_factor"])
-    out["rope_original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
-  if float(merged.get("partial_rotary_factor", 1.0)) != 1.0:
+    out["rope_low_freq_factor"] = merged["low_freq_factor"]
+    out["rope_high_freq_factor"] = merged["high_freq_factor"]
+    out["rope_original_max_position_embeddings"] = merged["original_max_position_embeddings"]
+  if merged.get("partial_rotary_factor", 1.0) != 1.0:
     raise ConversionError(f"{where}: partial_rotary_factor="
                           f"{merged['partial_rotary_factor']} is not supported")
   return out
@@ -67,22 +70,18 @@ def config_from_hf(hf: dict, where: str = "config.json") -> LlamaConfig:
   mt = hf.get("model_type", "llama")
   if mt != "llama":
     raise ConversionError(f"{where}: model_type={mt!r}; this converter reads 'llama' checkpoints")
-  heads = hf.get("num_attention_heads")
-  kv = hf.get("num_key_value_heads") or heads
+  kw = config_check.check_fields(LlamaConfig, {k: hf[k] for k in _PLAIN if hf.get(k) is not None},
+                                 where)
+  heads = kw.get("num_attention_heads")
+  kv = kw.get("num_key_value_heads") or heads
   if heads and kv and heads % kv:
     raise ConversionError(f"{where}: num_key_value_heads={kv} does not divide "
                           f"num_attention_heads={heads}")
-  if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+  if kw.get("hidden_act", "silu") not in ("silu", "swish"):
     raise ConversionError(f"{where}: unsupported hidden_act={hf['hidden_act']!r} (LLaMA uses "
                           "silu)")
-  kw = {k: hf[k] for k in _PLAIN if hf.get(k) is not None}
-  if isinstance(kw.get("eos_token_id"), list):
-    kw["eos_token_id"] = tuple(kw["eos_token_id"])
   kw.update(_rope_fields(hf, where))
-  try:
-    return LlamaConfig(**kw)
-  except (ValueError, TypeError) as e:
-    raise ConversionError(f"{where}: {e}") from None
+  return config_check.build(LlamaConfig, kw, where)
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: str = "float32") -> dict:

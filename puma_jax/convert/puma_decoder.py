@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from puma_jax.convert import unet as unet_convert
+from puma_jax.convert import config_check
 from puma_jax.convert.core import ConversionError, Rule, identity, linear, read_json
 from puma_jax.models.puma_decoder import PumaDecoderConfig
 
@@ -41,10 +42,12 @@ def config_from_sources(cfg: dict, shapes: dict, src: Path,
   pos = shapes.get("embed_img_pos")
   folder = _folder_tokens(src)
 
-  mapping_dim1 = cfg.get("mapping_dim1", m[0] if m else ctx)
-  mapping_dim = cfg.get("mapping_dim", m[1] if m else mapping_dim1)
-  if "num_tokens" in cfg:
-    num_tokens, origin = int(cfg["num_tokens"]), f"{where} num_tokens"
+  own = config_check.check_fields(PumaDecoderConfig, {k: cfg[k] for k in _PUMA_FIELDS if k in cfg},
+                                  where)
+  mapping_dim1 = own.get("mapping_dim1", m[0] if m else ctx)
+  mapping_dim = own.get("mapping_dim", m[1] if m else mapping_dim1)
+  if "num_tokens" in own:
+    num_tokens, origin = own["num_tokens"], f"{where} num_tokens"
   elif pos is not None:
     num_tokens, origin = int(pos[1]), f"tensor embed_img_pos {tuple(pos)}"
   elif folder is not None:
@@ -56,13 +59,10 @@ def config_from_sources(cfg: dict, shapes: dict, src: Path,
   if folder is not None and folder != num_tokens:
     raise ConversionError(f"{src}: folder name {Path(src).name} says {folder} tokens, but "
                           f"{origin} says {num_tokens}")
-  use_embeds = bool(cfg.get("use_embeds", num_tokens == 256))
-  try:
-    return PumaDecoderConfig(unet=u, mapping_dim=int(mapping_dim),
-                             mapping_dim1=int(mapping_dim1), num_tokens=num_tokens,
-                             use_embeds=use_embeds)
-  except ValueError as e:
-    raise ConversionError(f"{where}: {e}") from None
+  use_embeds = own.get("use_embeds", num_tokens == 256)
+  return config_check.build(PumaDecoderConfig, dict(
+      unet=u, mapping_dim=int(mapping_dim), mapping_dim1=int(mapping_dim1),
+      num_tokens=num_tokens, use_embeds=use_embeds), where)
 
 
 def load_config(src: Path) -> PumaDecoderConfig:

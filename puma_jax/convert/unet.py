@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from puma_jax.convert import config_check
 from puma_jax.convert.core import (WEIGHT_FILES, ConversionError, Rule, conv1x1_as_linear,
-                                    conv2d, identity, linear, public_config,
-                                    read_checkpoint, read_json)
+                                    conv2d, identity, linear, public_config, read_checkpoint,
+                                    read_indexed, read_json)
 from puma_jax.models.unet import UNetConfig
 
 FAMILY = "sdxl-unet"
@@ -58,10 +59,7 @@ def config_from_diffusers(d: dict, where: str = "config.json", *, extra_ignored=
   kw = {k: d[k] for k in _FIELDS if k in d}
   if kw.get("norm_num_groups", 32) is None:
     raise ConversionError(f"{where}: norm_num_groups=None (no output norm) is not supported")
-  try:
-    return UNetConfig(**kw)
-  except (TypeError, ValueError) as e:
-    raise ConversionError(f"{where}: {e}") from None
+  return config_check.build(UNetConfig, kw, where)
 
 
 def load_config(src: Path) -> UNetConfig:
@@ -125,13 +123,5 @@ def read_tensors(src: Path) -> dict:
     if (src / name).exists():
       return read_checkpoint(src / name)
   for index_path in sorted(src.glob("*.index.fp16.json")):
-    files = sorted(set(read_json(index_path).get("weight_map", {}).values()))
-    if not files:
-      raise ConversionError(f"{index_path}: index has no weight_map")
-    out: dict = {}
-    for fname in files:
-      if not (src / fname).exists():
-        raise ConversionError(f"{index_path} names shard {fname}, which is missing from {src}")
-      out.update(read_checkpoint(src / fname))
-    return out
+    return read_indexed(index_path, src, read_file=read_checkpoint)
   return read_checkpoint(src)  # raises, listing what the directory holds

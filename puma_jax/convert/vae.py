@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from puma_jax.convert import config_check
 from puma_jax.convert.core import (ConversionError, Rule, conv1x1_as_linear, conv2d,
                                     public_config, read_json)
 from puma_jax.models import layers
@@ -30,7 +31,7 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> VAEConfig:
   cls = d.get("_class_name", "AutoencoderKL")
   if cls != "AutoencoderKL":
     raise ConversionError(f"{where}: _class_name={cls!r}; only AutoencoderKL is supported")
-  act = d.get("act_fn", "silu")
+  act = config_check.check_value(VAEConfig, "act_fn", d.get("act_fn", "silu"), where)
   if act not in layers.ACTIVATIONS:
     raise ConversionError(f"{where}: unsupported act_fn={act!r}")
   for k in _IGNORED:
@@ -41,12 +42,9 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> VAEConfig:
   if unknown:
     raise ConversionError(f"{where}: unknown VAE config field(s) {unknown}")
   kw = {k: (tuple(d[k]) if isinstance(d[k], list) else d[k]) for k in _FIELDS if k in d}
-  if isinstance(kw.get("sample_size"), tuple):
-    kw["sample_size"] = int(kw["sample_size"][0])
-  try:
-    return VAEConfig(**kw)
-  except (ValueError, TypeError) as e:
-    raise ConversionError(f"{where}: {e}") from None
+  if isinstance(kw.get("sample_size"), tuple) and kw["sample_size"]:
+    kw["sample_size"] = kw["sample_size"][0]
+  return config_check.build(VAEConfig, kw, where)
 
 
 def load_config(src: Path) -> VAEConfig:

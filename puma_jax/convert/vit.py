@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from puma_jax.convert import config_check
 from puma_jax.convert.core import ConversionError, Rule, conv2d, linear, read_json
 from puma_jax.models import layers
 from puma_jax.models.vit import ViTConfig
@@ -26,18 +27,19 @@ _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attenti
 def config_from_hf(hf: dict, where: str = "config.json") -> ViTConfig:
   for key in ("image_size", "patch_size"):
     if isinstance(hf.get(key), (list, tuple)):
+      if len(hf[key]) != 2:
+        raise ConversionError(f"{where}: {key}={hf[key]} is not one size or a (height, width) "
+                              "pair")
       a, b = hf[key]
       if a != b:
         raise ConversionError(f"{where}: non-square {key}={hf[key]} is not supported")
       hf = {**hf, key: a}
-  act = hf.get("hidden_act", "gelu")
+  kw = config_check.check_fields(ViTConfig, {k: hf[k] for k in _FIELDS if k in hf}, where)
+  act = kw.get("hidden_act", "gelu")
   if act not in layers.ACTIVATIONS:
     raise ConversionError(f"{where}: unsupported hidden_act={act!r}; supported: "
                           f"{sorted(layers.ACTIVATIONS)}")
-  try:
-    return ViTConfig(**{k: hf[k] for k in _FIELDS if k in hf})
-  except ValueError as e:
-    raise ConversionError(f"{where}: {e}") from None
+  return config_check.build(ViTConfig, kw, where)
 
 
 def load_config(src: Path) -> ViTConfig:

@@ -55,6 +55,7 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   d.num_workers = 0        # grain worker processes for decode/augment; 0: in-process
   d.num_threads = 4        # read/transform threads per process (grain ReadOptions)
   d.prefetch = 16          # examples read ahead per process
+  d.max_file_bytes = 64 << 20  # image files read by path above this size are skipped unread
   d.max_consecutive_skips = 10_000  # this many bad records in a row: stop with a report
                                     # (a broken path or format, not scattered bad records)
 
@@ -67,6 +68,8 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   d.text = ml_collections.ConfigDict()
   d.text.i2t_fraction = 0.5     # image-text pairs routed to i2t (the rest to t2i)
   d.text.max_len = 64           # ArrayEncoder: text tokens kept per example
+  d.text.max_chars = 65_536     # before tokenizing: longer documents are cut, longer captions,
+                                # instructions and chat turns skipped ("text_too_long")
 
   d.max_images = 2              # ArrayEncoder: image slots per example (edit needs 2)
   d.max_boxes = 8               # ArrayEncoder: grounding boxes kept per example

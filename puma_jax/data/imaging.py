@@ -40,7 +40,26 @@ def decode_image(data: bytes) -> np.ndarray:
     raise BadRecord("decode_error", f"{type(e).__name__}: {e}") from None
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+  """High-bit-depth single-channel images (16-bit PNG "I;16*" / "I", float "F") -> 8-bit "L",
+  scaled over their value range. PIL's own `convert` clips them to 0..255 instead, so a 16-bit
+  photograph becomes nearly all white: only values 0 and 255 would survive.
+
+  "I" is taken as 16-bit (what PIL decodes 16-bit grayscale PNG and TIFF into); "F" as [0, 1]
+  when its values lie there, else as 0..255. Other modes are returned unchanged.
+  """
+  if img.mode.startswith("I;16") or img.mode == "I":
+    a = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257.0).astype(np.uint8), "L")
+  if img.mode == "F":
+    a = np.nan_to_num(np.asarray(img, np.float64))
+    scale = 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 1.0
+    return Image.fromarray(np.round(np.clip(a * scale, 0, 255)).astype(np.uint8), "L")
+  return img
+
+
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
+  img = to_8bit(img)
   if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
     # Composite on white: transparent pixels otherwise come out as arbitrary stored colours.
     img = img.convert("RGBA")

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from puma_jax import fileio
 from puma_jax.data import imaging
 from puma_jax.data.schema import (COND_TYPES, IMAGE_PLACEHOLDER, BadRecord, Example, Skip, Turn)
 
@@ -44,9 +45,11 @@ class ParseOptions:
                                         # condition is derived (canny on 4k images is wasted)
   box_format: str = "normalized"        # grounding boxes: "normalized" [0,1] or "pixels"
   box_tolerance: float = 1e-3           # coordinates this far outside [0,1] are clipped, not bad
+  max_file_bytes: int = 64 << 20        # image files larger than this are skipped, unread
+  max_text_chars: int = 65_536          # longer captions / turns are skipped, documents cut
 
 
-def load_image(value, rec: dict) -> np.ndarray:
+def load_image(value, rec: dict, opt: ParseOptions) -> np.ndarray:
   if value is None:
     raise BadRecord("missing_image")
   if isinstance(value, np.ndarray):
@@ -56,15 +59,31 @@ def load_image(value, rec: dict) -> np.ndarray:
   if isinstance(value, str):
     path = os.path.join(rec.get("__image_root__", ""), value)
     try:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = fileio.read_regular(path, opt.max_file_bytes)
+    except fileio.NotRegularFileError as e:
+      raise BadRecord("not_a_regular_file", f"{path}: {e.strerror}") from None
+    except fileio.FileTooLargeError as e:
+      raise BadRecord("file_too_large", f"{path}: {e.strerror}") from None
     except OSError as e:
       raise BadRecord("missing_image_file", f"{path}: {e.strerror}") from None
     return imaging.decode_image(data)
   raise BadRecord("wrong_type:image", f"image field is {type(value).__name__}")
 
 
-def _text(rec: dict, field: str, missing: str, seed: int = 0, key: str = "") -> str:
+def _capped(v: str, field: str, opt: ParseOptions, cut: bool = False) -> str:
+  """A text over `opt.max_text_chars` is cut (documents) or refused (captions, instructions,
+  turns) here, before it reaches the tokenizer: tokenizing megabytes per example costs
+  gigabytes of memory and seconds, only for the sequence builder to drop the result."""
+  if len(v) <= opt.max_text_chars:
+    return v
+  if cut:
+    return v[:opt.max_text_chars]
+  raise BadRecord("text_too_long", f"{field} has {len(v)} characters (cap "
+                  f"{opt.max_text_chars}, data.text.max_chars)")
+
+
+def _text(rec: dict, field: str, missing: str, opt: ParseOptions, key: str = "",
+          cut: bool = False) -> str:
   v = rec.get(field)
   if v is None:
     raise BadRecord(missing)
@@ -72,25 +91,25 @@ def _text(rec: dict, field: str, missing: str, seed: int = 0, key: str = "") -> 
     v = [c for c in v if isinstance(c, str) and c.strip()]
     if not v:
       raise BadRecord(missing, "no usable caption in the list")
-    v = v[int(key_hash(seed, key, "caption") * len(v))]
+    v = v[int(key_hash(opt.seed, key, "caption") * len(v))]
   if not isinstance(v, str):
     raise BadRecord(f"wrong_type:{field}", f"{field} is {type(v).__name__}")
-  v = v.strip()
+  v = _capped(v, field, opt, cut).strip()
   if not v:
     raise BadRecord(missing, f"empty {field}")
   return v
 
 
 def parse_pairs(rec, key, opt: ParseOptions) -> Example:
-  image = load_image(rec.get("image"), rec)
-  caption = _text(rec, "caption", "missing_caption", opt.seed, key)
+  image = load_image(rec.get("image"), rec, opt)
+  caption = _text(rec, "caption", "missing_caption", opt, key)
   kind = "i2t" if key_hash(opt.seed, key, "pair-task") < opt.i2t_fraction else "t2i"
   return Example(kind=kind, images=(image,), text=caption)
 
 
 def parse_grounding(rec, key, opt: ParseOptions) -> Example:
-  image = load_image(rec.get("image"), rec)
-  caption = _text(rec, "caption", "missing_caption")
+  image = load_image(rec.get("image"), rec, opt)
+  caption = _text(rec, "caption", "missing_caption", opt)
   chunks = rec.get("noun_chunks")
   if not isinstance(chunks, (list, tuple)) or not chunks:
     raise BadRecord("missing_boxes")
@@ -120,7 +139,7 @@ def parse_grounding(rec, key, opt: ParseOptions) -> Example:
 
 def parse_text(rec, key, opt: ParseOptions) -> Example:
   field = "text" if "text" in rec else "caption"
-  return Example(kind="text", text=_text(rec, field, "missing_text"))
+  return Example(kind="text", text=_text(rec, field, "missing_text", opt, cut=True))
 
 
 def parse_chat(rec, key, opt: ParseOptions) -> Example:
@@ -134,10 +153,10 @@ def parse_chat(rec, key, opt: ParseOptions) -> Example:
     role = _ROLE.get(t.get("from"))
     if role is None:
       raise BadRecord("bad_conversation", f"turn {i}: unknown speaker {t.get('from')!r}")
-    turns.append(Turn(role, t["value"].strip()))
+    turns.append(Turn(role, _capped(t["value"], f"turn {i}", opt).strip()))
   img = rec.get("image")
   paths = [] if img is None else list(img) if isinstance(img, (list, tuple)) else [img]
-  images = tuple(load_image(p, rec) for p in paths)
+  images = tuple(load_image(p, rec, opt) for p in paths)
   if images and not any(IMAGE_PLACEHOLDER in t.text for t in turns):
     # LLaVA data always has the placeholder, but some converted sets drop it: the image then
     # goes before the first user message, where LLaVA puts it.
@@ -149,9 +168,9 @@ def parse_chat(rec, key, opt: ParseOptions) -> Example:
 
 
 def parse_edit(rec, key, opt: ParseOptions) -> Example:
-  src = load_image(rec.get("source"), rec)
-  tgt = load_image(rec.get("target"), rec)
-  instr = _text(rec, "instruction", "missing_instruction")
+  src = load_image(rec.get("source"), rec, opt)
+  tgt = load_image(rec.get("target"), rec, opt)
+  instr = _text(rec, "instruction", "missing_instruction", opt)
   return Example(kind="edit", images=(src, tgt), instruction=instr)
 
 
@@ -165,12 +184,13 @@ def _downscale_short_side(img: np.ndarray, short: int) -> np.ndarray:
 
 
 def parse_conditional(rec, key, opt: ParseOptions) -> Example:
-  image = load_image(rec.get("image"), rec)
+  image = load_image(rec.get("image"), rec, opt)
   caption = rec.get("caption", "")
   if caption is None:
     caption = ""
   if not isinstance(caption, str):
     raise BadRecord("wrong_type:caption", f"caption is {type(caption).__name__}")
+  caption = _capped(caption, "caption", opt)
   if not opt.cond_types:
     raise ValueError("parse options: cond_types is empty")
   cond = opt.cond_types[int(key_hash(opt.seed, key, "cond-type") * len(opt.cond_types))]
@@ -191,9 +211,10 @@ def parse_conditional(rec, key, opt: ParseOptions) -> Example:
 
 def parse_images(rec, key, opt: ParseOptions) -> Example:
   """Images for decoder training; a caption is kept when present and well-formed."""
-  image = load_image(rec.get("image"), rec)
+  image = load_image(rec.get("image"), rec, opt)
   cap = rec.get("caption")
-  return Example(kind="image", images=(image,), text=cap.strip() if isinstance(cap, str) else "")
+  cap = _capped(cap, "caption", opt) if isinstance(cap, str) else ""
+  return Example(kind="image", images=(image,), text=cap.strip())
 
 
 def parse_example(rec, key, opt: ParseOptions) -> Example:

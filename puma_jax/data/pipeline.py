@@ -48,7 +48,8 @@ def parse_options(dcfg, scfg) -> parse.ParseOptions:
       canny_low=float(dcfg.conditional.canny_low), canny_high=float(dcfg.conditional.canny_high),
       derive_short_side=max(int(dcfg.image.clip_size), int(dcfg.image.vae_size),
                             int(dcfg.image.min_resolution)),
-      box_format=str(scfg.get("box_format", "normalized")))
+      box_format=str(scfg.get("box_format", "normalized")),
+      max_file_bytes=int(dcfg.max_file_bytes), max_text_chars=int(dcfg.text.max_chars))
 
 
 def image_options(dcfg) -> transforms.ImageOptions:
@@ -189,9 +190,10 @@ class _SkipSafe:
 def _kind_name(item) -> str:
   if isinstance(item, Example):
     return item.kind
-  if isinstance(item, dict) and "kind" in item:
-    t = int(item["kind"])
-    return EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else str(t)
+  if isinstance(item, dict) and ("kind" in item or "kind_id" in item):
+    # MLLM rows carry the kind per position (`kind_id`, -1 on padding): the first position's
+    t = int(np.asarray(item["kind"] if "kind" in item else item["kind_id"]).flat[0])
+    return EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else "other"
   return "other"
 
 

@@ -16,14 +16,17 @@ training time from the seed.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 from absl import app, flags
 
-from puma_jax import cli
+from puma_jax import cli, fileio
 from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, sources
 
@@ -51,22 +54,23 @@ def _define_flags():
                                   "Grounding box coordinates in the input.")
 
 
-def inline_images(rec: dict) -> dict:
-  """Replace image paths by their bytes so the output does not depend on an image folder."""
+def inline_images(rec: dict, max_bytes: int) -> dict:
+  """Replace image paths by their bytes so the output does not depend on an image folder.
+  Only regular files of at most `max_bytes` are read (OSError otherwise)."""
   root = rec.get("__image_root__", "")
   out = dict(rec)
   for k in ("image", "source", "target"):
     v = out.get(k)
     if isinstance(v, str):
-      with open(os.path.join(root, v), "rb") as f:
-        out[k] = f.read()
+      out[k] = fileio.read_regular(os.path.join(root, v), max_bytes)
     elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
-      data = []
-      for p in v:
-        with open(os.path.join(root, p), "rb") as f:
-          data.append(f.read())
-      out[k] = data
+      out[k] = [fileio.read_regular(os.path.join(root, p), max_bytes) for p in v]
   return out
+
+
+def existing_outputs(prefix: str) -> list[str]:
+  """Files a previous run wrote under `prefix`: a later read of PREFIX-* would mix them in."""
+  return sorted(glob.glob(glob.escape(prefix) + "-*.array_record"))
 
 
 def write_array_records(records, prefix: str, per_file: int) -> list[str]:
@@ -87,7 +91,19 @@ def write_array_records(records, prefix: str, per_file: int) -> list[str]:
 
 def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
             split: str = "train") -> dict:
-  """Read, check and serialize one source. Returns a report dict."""
+  """Read, check and serialize one source. Returns a report dict.
+
+  Refuses a `dst` prefix that already has shards. The shards are written into a temporary
+  sibling folder and moved next to `dst` only when all are complete, so a failed run leaves
+  no partial shard for a later read to pick up.
+  """
+  if not dst or dst.endswith(os.sep) or os.path.isdir(dst):
+    raise fileio.OutputError(f"prepare: --dst {dst!r} must be a file prefix (e.g. "
+                             f"{os.path.join(dst or 'DIR', 'pairs')}), not a directory")
+  stale = existing_outputs(dst)
+  if stale:
+    raise fileio.OutputError(f"prepare: --dst {dst} already has {len(stale)} shard(s) (e.g. "
+                             f"{stale[0]}); remove them or choose another prefix")
   reader = pipeline.open_source("prepare", scfg, dcfg, split)
   parser = parse.Parser(scfg.family, "prepare", pipeline.parse_options(dcfg, scfg))
   kept, skipped = [], {}
@@ -96,7 +112,7 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
     rec = reader[i]
     try:
       if isinstance(rec, dict) and "__error__" not in rec:
-        rec = inline_images(rec)
+        rec = inline_images(rec, int(dcfg.max_file_bytes))
     except OSError:
       pass   # the parser reports the missing file with its reason
     result = parser(rec)
@@ -104,7 +120,23 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
       skipped[result.reason] = skipped.get(result.reason, 0) + 1
       continue
     kept.append(sources.pack_record(rec))
-  paths = write_array_records(kept, dst, per_file)
+  parent, name = os.path.split(os.path.abspath(dst))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  except OSError as e:
+    raise fileio.OutputError(f"prepare: cannot write under {parent}: {e.strerror}") from None
+  try:
+    staged = write_array_records(kept, os.path.join(tmp, name), per_file)
+    if existing_outputs(dst):
+      raise fileio.OutputError(f"prepare: shards appeared under --dst {dst} during the run "
+                               "(another prepare?); nothing was moved")
+    paths = []
+    for p in staged:
+      paths.append(os.path.join(parent, os.path.basename(p)))
+      os.rename(p, paths[-1])
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return {"read": n, "written": len(kept), "skipped": skipped, "files": paths}
 
 

@@ -104,3 +104,53 @@ class MLLMEncoder:
       images[i] = im
     row["images"] = images
     return row
+
+
+def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
+               sample: int = 16) -> dict[str, dict]:
+  """The row sizes the examples of each active source need: the first `sample` usable
+  examples of every source are built exactly as in training. Returns source -> sequence kind ->
+  {"positions": [...], "images": [...]} (documents, which are cut to the row, count 0).
+
+  The one place that measures whether a sequence kind of the mix can be trained: the config check
+  (`check_fit`) reads it, and so can anything that sizes rows (packing)."""
+  from puma_jax.data import parse, pipeline
+  out: dict[str, dict] = {}
+  for name, scfg in pipeline.active_sources(dcfg).items():
+    reader = pipeline.open_source(name, scfg, dcfg, "train")
+    parser = parse.Parser(scfg.family, name, pipeline.parse_options(dcfg, scfg))
+    kinds: dict[str, dict] = {}
+    seen = 0
+    for i in range(min(len(reader), 8 * sample)):
+      ex = parser(reader[i])
+      if not isinstance(ex, Example):
+        continue
+      segs, kind = segments(ex)
+      n = 0 if kind == "text" else len(seq.build(segs, encode, special, kind,
+                                                 num_images=len(ex.images)))
+      t = kinds.setdefault(kind, {"positions": [], "images": []})
+      t["positions"].append(n)
+      t["images"].append(len(ex.images))
+      seen += 1
+      if seen >= sample:
+        break
+    out[name] = kinds
+  return out
+
+
+def check_fit(report: dict[str, dict], seq_len: int, max_images: int) -> list[str]:
+  """Warnings, one per (source, sequence kind) of which no sampled example fits a row of
+  `seq_len` positions and `max_images` images: it would be skipped every time it comes round,
+  i.e. never trained."""
+  warnings = []
+  for name, kinds in report.items():
+    for kind, t in sorted(kinds.items()):
+      pos, imgs = t["positions"], t["images"]
+      if not pos or any(p <= seq_len and k <= max_images for p, k in zip(pos, imgs)):
+        continue
+      why = (f"needs {min(pos)}..{max(pos)} positions > seq_len={seq_len}"
+             if min(pos) > seq_len else f"needs {max(imgs)} images > data.max_images={max_images}")
+      warnings.append(f"data.sources.{name}: sequence kind {kind!r} never fits a row: none of "
+                      f"{len(pos)} sampled examples fit ({why}); raise seq_len / "
+                      "data.max_images or give the source weight 0")
+  return warnings

@@ -21,8 +21,15 @@ from collections.abc import Mapping, Sequence
 import msgpack
 import numpy as np
 
+from puma_jax import fileio
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TEXT_EXTS = (".txt", ".caption")
+
+
+class DataPathError(FileNotFoundError, ValueError):
+  """A data source path that matches no file, or names something that is not a regular file.
+  Also a ValueError: every CLI reports it as bad input (one line, exit 2)."""
 
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
@@ -33,7 +40,12 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
   for p in paths:
     hits = sorted(glob.glob(os.path.expanduser(p)))
     if not hits:
-      raise FileNotFoundError(f"data source path {p!r} matches no file")
+      raise DataPathError(f"data source path {p!r} matches no file")
+    for h in hits:
+      try:  # a FIFO would block the first read forever, /dev/zero never ends
+        fileio.check_regular(h)
+      except fileio.NotRegularFileError as e:
+        raise DataPathError(f"data source path {h!r} {e.strerror}, not a regular file") from None
     out.extend(hits)
   return out
 
@@ -276,7 +288,16 @@ class ArrayRecordSource(_Source):
     import grain.python as gp
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
-    self._src = gp.ArrayRecordDataSource(self.paths)
+    try:
+      self._src = gp.ArrayRecordDataSource(self.paths)
+    except RuntimeError:  # array_record's message is empty: find and name the file
+      for p in self.paths:
+        try:
+          gp.ArrayRecordDataSource([p])
+        except RuntimeError as e:
+          raise ValueError(f"{p}: not a readable ArrayRecord file (truncated or corrupt"
+                           f"{': ' + str(e) if str(e) else ''})") from None
+      raise
 
   def __len__(self):
     return len(self._src)
@@ -284,6 +305,8 @@ class ArrayRecordSource(_Source):
   def __getitem__(self, i):
     try:
       rec = msgpack.unpackb(self._src[i], raw=False)
+    except RuntimeError as e:  # a damaged chunk inside a file whose index still reads
+      return {"__error__": "read_error", "key": str(i), "__detail__": str(e)[:200]}
     except (msgpack.UnpackException, ValueError, UnicodeDecodeError) as e:
       return {"__error__": "bad_record_encoding", "key": str(i), "__detail__": str(e)[:200]}
     return self._finish(rec, str(rec.get("key", i)) if isinstance(rec, dict) else str(i))

@@ -7,7 +7,8 @@
 
 For every source with weight > 0: records read, examples kept per kind (and per derived
 condition), skips per reason with example keys, image short-side statistics. Exit status 1 when
-a source yields no usable example or skips more than --max_skip_fraction of what it read.
+a source yields no usable example or skips more than --max_skip_fraction of what it read; 2
+when a source cannot be opened (its path matches no file, a file is truncated or unreadable).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"sources": reports, "problems": problems}, f, indent=2)
-  return 1 if problems else 0
+  # A source that cannot be opened (missing, unreadable, truncated file) is bad input: 2.
+  return 2 if any("error" in r for r in reports) else 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def read_jsonl(path: str, protocol: str) -> list[dict]:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
       raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+      raise EvalDataError(f"{path}:{n}: a record must be a JSON object, got "
+                          f"{type(rec).__name__}")
     missing = [f for f in REQUIRED[protocol] if f not in rec]
     if missing:
       raise EvalDataError(f"{path}:{n}: {protocol} record lacks field(s) {missing}")

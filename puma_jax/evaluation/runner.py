@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from puma_jax import sharding
+from puma_jax import fileio, sharding
 from puma_jax.evaluation import evaluators as E
 from puma_jax.evaluation import models, records as R
 
@@ -92,23 +92,50 @@ class ShardFile:
       return []
     lines, good = [], 0
     raw = self.path.read_bytes()
-    for line in raw.split(b"\n"):
+    chunks = raw.split(b"\n")
+    for n, line in enumerate(chunks, 1):
       if not line.strip():
         good += len(line) + 1
         continue
       try:
-        lines.append(json.loads(line))
-      except json.JSONDecodeError:
+        ln = json.loads(line)
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        if n < len(chunks) - 1 and any(c.strip() for c in chunks[n:]):
+          # Complete lines follow: not a torn tail but a damaged file; refuse to guess.
+          raise EvalError(f"{self.path}:{n}: not JSON; remove the file (or the workdir) to "
+                          "score this host's records again") from None
         break  # a torn write from an interrupted run: everything after it is redone
+      self._check_line(ln, n)
+      lines.append(ln)
       good += len(line) + 1
     if good < len(raw):
       with open(self.path, "r+b") as f:
         f.truncate(good)
     for ln in lines:
       if ln.get("features"):
-        with np.load(self.root / ln["features"]) as z:
-          ln["feats"] = {k: z[k] for k in z.files}
+        path = self.root / ln["features"]
+        try:
+          with np.load(path, allow_pickle=False) as z:
+            ln["feats"] = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+          raise EvalError(f"{self.path}: batch {ln['batch']} names features file {path}, "
+                          f"which cannot be read ({type(e).__name__}: {e})") from None
     return lines
+
+  def _check_line(self, ln, n: int) -> None:
+    """A line must be {"batch": int, "items": [{"id", "idx", ...}], "features"?: str}."""
+    where = f"{self.path}:{n}"
+    if not isinstance(ln, dict) or not isinstance(ln.get("batch"), int) or not isinstance(
+        ln.get("items"), list):
+      raise EvalError(f"{where}: not a shard line ({{\"batch\": int, \"items\": [...]}}); "
+                      f"got {str(ln)[:80]}")
+    for it in ln["items"]:
+      if not isinstance(it, dict) or "id" not in it or not isinstance(it.get("idx"), int):
+        raise EvalError(f"{where}: an item is not an object with \"id\" and \"idx\"; got "
+                        f"{str(it)[:80]}")
+    feats = ln.get("features")
+    if feats is not None and (not isinstance(feats, str) or os.path.basename(feats) != feats):
+      raise EvalError(f"{where}: features {feats!r} is not a file name in {self.root}")
 
   def append(self, batch: int, items: list[dict], feats: dict) -> None:
     line = {"batch": batch, "items": items}
@@ -152,6 +179,25 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   workdir = Path(workdir)
   shard_dir = workdir / "shards"
   shard_dir.mkdir(parents=True, exist_ok=True)
+  pi, pc = _host(cfg)
+  # One run per host share: two runs appending to one shard file would double every result.
+  lock = fileio.WorkdirLock(shard_dir, f"eval run (host {pi} of {pc})",
+                            name=f"host{pi:03d}-of-{pc:03d}.lock")
+  try:
+    lock.acquire()
+  except fileio.LockedError as e:
+    raise EvalError(str(e)) from None
+  if lock.took_over:
+    log(f"[eval {protocol}] taking over the lock of a run that died (pid "
+        f"{lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+  try:
+    return _evaluate(cfg, workdir, shard_dir, pi, pc, log)
+  finally:
+    lock.release()
+
+
+def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dict | None:
+  protocol = cfg.protocol
   pinned = workdir / "eval_config.json"
   fp = _fingerprint(cfg)
   if pinned.exists():
@@ -166,7 +212,6 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
     recs = recs[:int(cfg.max_items)]
   for i, r in enumerate(recs):
     r["idx"] = i
-  pi, pc = _host(cfg)
   mine = recs[pi::pc]
   shard = ShardFile(shard_dir, pi, pc)
   done_lines = shard.read()
@@ -216,6 +261,10 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
       return None
     lines += other.read()
   items, feats = _gather(lines)
+  idx = [it["idx"] for it in items]
+  if len(set(idx)) != len(idx):
+    raise EvalError(f"shard files in {shard_dir} hold {len(idx) - len(set(idx))} duplicate "
+                    "result(s) (written by two runs at once?); remove them to score again")
   if len(items) != len(recs):
     raise EvalError(f"shard files hold {len(items)} results for {len(recs)} records")
   if not any("values" in it for it in items):

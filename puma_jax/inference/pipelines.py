@@ -137,6 +137,7 @@ class PumaPipeline:
     decoder = self.decoder(scale)
     if self.vae is None:
       raise ValueError("no VAE: pass vae=... to decode features into pixels")
+    _check_features(scale, features, self.decoders[scale].config)
     if scale not in self._samplers:
       self._samplers[scale] = sampler_lib.DecoderSampler(decoder, self.vae, self.settings,
                                                          self.scheduler_config)
@@ -180,11 +181,15 @@ class PumaPipeline:
     """{scale: uint8 images (B, H, W, 3)} for each requested scale (figure 9 of the paper);
     `scales=None`: one scale per prompt chosen by the router (its names under "chosen")."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _check_texts(prompts, "prompts")
+    _check_scales(scales)
     return self._generate("t2i", [[seq.Text(p)] for p in prompts], None, scales, seed,
                           return_features)
 
   def edit(self, images: Sequence, instructions: Sequence[str], scales=None, *, seed: int = 0,
            return_features: bool = False) -> dict:
+    _check_pairs(images, instructions, "instructions")
+    _check_scales(scales)
     segs = [[seq.Image(0), seq.Text(t)] for t in instructions]
     return self._generate("edit", segs, self.pixels(images), scales, seed, return_features)
 
@@ -192,6 +197,8 @@ class PumaPipeline:
                   scales=None, *, seed: int = 0, return_features: bool = False) -> dict:
     """canny-to-image, inpainting or colorization from condition images (one prompt for all,
     or one per image)."""
+    _check_images(images)
+    _check_scales(scales)
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
       raise ValueError(f"got {len(prompts)} prompts for {len(images)} condition images")
@@ -202,6 +209,7 @@ class PumaPipeline:
   def chat(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64,
            **sampling) -> list[str]:
     """Answers with the paper's system message (LLaVA-1.5 layout)."""
+    _check_pairs(images, questions, "questions")
     segs = [[seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0),
              seq.Text("\n" + q + " ASSISTANT:")] for q in questions]
     prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]
@@ -212,6 +220,7 @@ class PumaPipeline:
   def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float] | None]:
     """One normalized [x_min, y_min, x_max, y_max] box per phrase (None if the model did not
     answer with four position tokens)."""
+    _check_pairs(images, phrases, "phrases")
     prompts = [seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special)
                for p in phrases]
     out = text.generate_text(self.model, prompts, 5, images=self.pixels(images),
@@ -222,3 +231,58 @@ class PumaPipeline:
       bins = [t - p0 for t in toks if 0 <= t - p0 < seq.NUM_POSITION_TOKENS][:4]
       boxes.append(seq.bins_to_box(bins) if len(bins) == 4 else None)
     return boxes
+
+
+# -- input checks of the public methods: a wrong input is a ValueError naming it, never a
+# silently shorter (zip) or black (NaN) result.
+
+
+def _check_texts(texts, what: str) -> None:
+  if isinstance(texts, str) or not isinstance(texts, Sequence):
+    raise ValueError(f"{what} must be a list of strings, got {type(texts).__name__}")
+  if not texts:
+    raise ValueError(f"{what} is empty: give at least one")
+  bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+  if bad:
+    raise ValueError(f"{what}[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
+
+
+def _check_images(images) -> None:
+  if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
+    raise ValueError(f"images must be a list of images, got {type(images).__name__}")
+  if len(images) == 0:
+    raise ValueError("images is empty: give at least one")
+  for i, img in enumerate(images):
+    size = getattr(img, "size", None)
+    shape = (size[1], size[0]) if isinstance(size, tuple) else np.shape(img)[:2]
+    if len(shape) < 2 or min(shape) < 1:
+      raise ValueError(f"images[{i}] is empty (size {tuple(shape)})")
+
+
+def _check_pairs(images, texts, what: str) -> None:
+  """One text per image: a mismatch would otherwise drop or repeat examples silently."""
+  _check_images(images)
+  _check_texts(texts, what)
+  if len(images) != len(texts):
+    raise ValueError(f"got {len(images)} image(s) and {len(texts)} {what}: give one per image")
+
+
+def _check_scales(scales) -> None:
+  if scales is None:
+    return
+  names = (scales,) if isinstance(scales, str) else tuple(scales)
+  if not names:
+    raise ValueError("scales=() names no scale: give one or more of f0..f4, or None to let "
+                     "the router choose")
+  for s in names:
+    pooling.scale_index(s)
+
+
+def _check_features(scale: str, features, config) -> None:
+  shape = tuple(np.shape(features))
+  want = (pooling.SCALE_TOKENS[pooling.scale_index(scale)], config.mapping_dim)
+  if len(shape) != 3 or shape[0] < 1 or shape[1:] != want:
+    raise ValueError(f"features for {scale} must have shape (B >= 1, {want[0]}, {want[1]}); "
+                     f"got {shape}")
+  if not np.all(np.isfinite(np.asarray(features, np.float32))):
+    raise ValueError(f"features for {scale} contain NaN or infinite values")

@@ -202,8 +202,10 @@ def preprocess_pil(images: Sequence, size: int = 224) -> np.ndarray:
   `images`: PIL images or uint8 HWC arrays. Returns float32 NHWC.
   """
   from PIL import Image
+
+  from puma_jax.data.imaging import to_8bit
   out = []
-  for img in images:
+  for i, img in enumerate(images):
     if not isinstance(img, Image.Image):
       arr = np.asarray(img)
       _check_images(arr, "image")
@@ -212,7 +214,9 @@ def preprocess_pil(images: Sequence, size: int = 224) -> np.ndarray:
       if arr.dtype != np.uint8:
         raise ValueError(f"array images must be uint8 (0..255); got {arr.dtype}")
       img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    if img.width < 1 or img.height < 1:
+      raise ValueError(f"image {i} is {img.width}x{img.height}: empty images cannot be encoded")
+    img = to_8bit(img).convert("RGB").resize((size, size), Image.BILINEAR)
     out.append(np.asarray(img, np.float32) / 255.0)
   return normalize(np.stack(out))
 

@@ -48,3 +48,102 @@ def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state, abs
       state=ocp.args.StandardRestore(abstract_state),
       frozen=ocp.args.StandardRestore(abstract_frozen), data=ocp.args.JsonRestore()))
   return got["state"], got["frozen"], got["data"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: a manifest of file hashes per checkpoint, and setting aside what fails it.
+#
+# Orbax checks no content on restore (its zarr3 crc32c covers only the chunk index), so a
+# flipped byte in a data file restores silently. After a save has completed, every file of
+# the step directory is hashed (sha256) into MANIFEST inside it; a resume checks the hashes
+# before loading and never loads a step that fails. Steps without a manifest (saved by an
+# older version, or a kill between the save and its manifest) are tried, with a warning.
+
+MANIFEST = "puma_manifest.json"
+SET_ASIDE = "checkpoints.unreadable"  # sibling of checkpoints/: what resume would not load
+
+
+class UnreadableCheckpoint(Exception):
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"step {step}: {reason}")
+    self.step, self.reason = step, reason
+
+
+def _hash_file(path: Path) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _step_files(step_dir: Path) -> dict[str, str]:
+  return {str(p.relative_to(step_dir)): _hash_file(p) for p in sorted(step_dir.rglob("*"))
+          if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifests(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending saves, then writes the manifest of every step that lacks one."""
+  import jax
+  manager.wait_until_finished()
+  if jax.process_index() != 0:
+    return
+  root = Path(manager.directory)
+  for step in manager.all_steps():
+    step_dir = root / str(step)
+    if step_dir.is_dir() and not (step_dir / MANIFEST).exists():
+      tmp = step_dir / (MANIFEST + ".tmp")
+      tmp.write_text(json.dumps({"sha256": _step_files(step_dir)}, indent=0, sort_keys=True))
+      tmp.replace(step_dir / MANIFEST)
+
+
+def verify(step_dir: Path) -> str | None:
+  """None if the step directory matches its manifest (or has none); else what is wrong."""
+  if not (step_dir / "_CHECKPOINT_METADATA").exists():
+    return "not an orbax checkpoint (no _CHECKPOINT_METADATA)"
+  path = step_dir / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    want = json.loads(path.read_text())["sha256"]
+  except (ValueError, KeyError, TypeError) as e:
+    return f"unreadable {MANIFEST} ({type(e).__name__})"
+  have = _step_files(step_dir)
+  missing = sorted(set(want) - set(have))
+  if missing:
+    return f"file {missing[0]} is missing"
+  changed = sorted(k for k in want if have[k] != want[k])
+  if changed:
+    return f"file {changed[0]} does not match its sha256 in {MANIFEST}"
+  return None
+
+
+def set_aside(directory: Path, name: str, reason: str, log) -> None:
+  """Moves `directory/name` to `directory/../checkpoints.unreadable/` (nothing is deleted),
+  out of orbax's way: orbax would count it as the latest step and refuse to save below it."""
+  import time
+  dst_root = Path(directory).parent / SET_ASIDE
+  dst_root.mkdir(exist_ok=True)
+  dst = dst_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+  Path(directory, name).rename(dst)
+  log(f"checkpoints/{name} is not a usable checkpoint ({reason}); moved to {dst} and ignored")
+
+
+def sanitize(directory: Path, log) -> None:
+  """Before orbax lists the steps: numeric entries that are no complete checkpoint or fail
+  their manifest are set aside; other stray entries are left where they are, with a warning
+  (orbax ignores them)."""
+  import jax
+  directory = Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return
+  for p in sorted(directory.iterdir()):
+    if p.name.isdigit() and p.is_dir():
+      reason = verify(p)
+      if reason:
+        set_aside(directory, p.name, reason, log)
+    elif p.name.isdigit():
+      set_aside(directory, p.name, "not a directory", log)
+    elif ".orbax-checkpoint-tmp" not in p.name:  # orbax's own partial saves: its to clean
+      log(f"checkpoints/{p.name} is not a checkpoint; ignored")

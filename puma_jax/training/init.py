@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from puma_jax import sharding
+from puma_jax.checkpoints import CheckpointError
 from puma_jax.training import checkpoints, optim
 from puma_jax.training.stage import Stage
 from puma_jax.training.steps import TrainState
@@ -103,9 +104,16 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
   a = abstract_state(stage, mesh, rules)
   latest = manager.latest_step() if manager is not None else None
   if latest is not None:
-    checkpoints.check_train_meta(manager, latest, stage.meta())
-    state, frozen, data_state = checkpoints.restore_train(manager, latest, a.state(),
-                                                          a.frozen_structs())
+    try:
+      checkpoints.check_train_meta(manager, latest, stage.meta())
+      state, frozen, data_state = checkpoints.restore_train(manager, latest, a.state(),
+                                                            a.frozen_structs())
+    except CheckpointError:
+      raise  # another model's checkpoint: refuse, touch nothing
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      raise checkpoints.UnreadableCheckpoint(
+          latest, f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+          if str(e) else f"restore failed: {type(e).__name__}") from None
     rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), a.rest)
     logging.info("restored step %d from %s", latest, manager.directory)
     return Initialized(a, state, frozen, rest, data_state)

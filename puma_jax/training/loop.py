@@ -21,7 +21,9 @@ arrays, and the pure step function. Everything else lives here once:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as logging_std
 import math
 import signal
 import time
@@ -32,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from puma_jax import distributed, sharding
+from puma_jax import distributed, fileio, sharding
 from puma_jax.training import checkpoints, data as data_lib, init as init_lib, registry
 
 # Dense bf16 peak FLOP/s per device, for MFU (None: unknown, MFU not reported).
@@ -53,26 +55,33 @@ class StopTraining(RuntimeError):
 
 
 class _Signals:
-  """SIGTERM (preemption, scancel) -> save at the current step and exit cleanly."""
+  """SIGTERM (preemption, scancel) or Ctrl-C -> save at the current step and exit cleanly.
+  A second Ctrl-C aborts at once (KeyboardInterrupt), without saving."""
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.requested = None  # the signal's name once one arrived
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (tests calling train in a thread)
-      self._old = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (tests calling train in a thread)
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C aborts
+      if jax.process_index() == 0:
+        print("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again aborts "
+              "without saving)", flush=True)
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 class MetricsLog:
@@ -83,8 +92,17 @@ class MetricsLog:
     self.is_main = jax.process_index() == 0
     if self.is_main and self.path.exists():
       # After a resume, steps past the restored checkpoint are recomputed: drop their old lines.
-      keep = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      # A line that does not parse (the torn tail of a killed run) is dropped with a warning.
+      keep, torn = [], 0
+      for line in self.path.read_text(errors="replace").splitlines():
+        try:
+          rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+          rec, torn = None, torn + 1
+        if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+          keep.append(line)
+      if torn:
+        logging.warning("%s: dropped %d unreadable line(s) (a write cut short)", self.path, torn)
       self.path.write_text("".join(l + "\n" for l in keep))
     self.writer = None
     if self.is_main:
@@ -110,14 +128,83 @@ class MetricsLog:
       self.writer.close()
 
 
+class _ConsoleFilter(logging_std.Filter):
+  """Keeps the console calm: orbax's INFO records and records marked `file_only` go to the
+  log file only; records below the verbosity the run started with stay off the console."""
+
+  def __init__(self, level: int):
+    super().__init__()
+    self.level = level
+
+  def filter(self, record) -> bool:
+    if getattr(record, "file_only", False) or record.levelno < self.level:
+      return False
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def _log_file(workdir: Path):
+  """Every INFO record of the run (orbax's included) to workdir/train.log (train-hostN.log on
+  host N > 0), while the console keeps its verbosity minus orbax's INFO."""
+  pi = jax.process_index()
+  name = "train.log" if pi == 0 else f"train-host{pi}.log"
+  handler = logging_std.FileHandler(workdir / name)
+  handler.setLevel(logging_std.INFO)
+  handler.setFormatter(logging.PythonFormatter())
+  absl_logger = logging.get_absl_logger()
+  # The console: absl's handler (installed by cli.run) and whatever else sits on the root
+  # logger (a library's basicConfig).
+  consoles = {logging.get_absl_handler(), *logging_std.getLogger().handlers}
+  level_before = absl_logger.getEffectiveLevel()
+  flt = _ConsoleFilter(level_before)
+  for h in consoles:
+    h.addFilter(flt)
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(min(level_before, logging_std.INFO))
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level_before)
+    absl_logger.removeHandler(handler)
+    for h in consoles:
+      h.removeFilter(flt)
+    handler.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.stage` in `workdir` (resuming from its latest checkpoint). Returns the last
-  logged metrics."""
+  logged metrics.
+
+  One run per work directory: a second one is refused with the holder's pid and host; the
+  lock of a run that died is taken over (fileio.WorkdirLock)."""
   stage_cls = registry.get_stage(str(config.stage))
   distributed.initialize(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  stage = stage_cls(config, workdir)
+  lock = fileio.WorkdirLock(workdir, "training run",
+                            name=f".train-host{jax.process_index():03d}.lock")
+  try:
+    lock.acquire()
+  except fileio.LockedError as e:
+    raise StopTraining(str(e)) from None
+  try:
+    with _log_file(workdir):
+      if lock.took_over:
+        logging.warning("taking over the work directory lock of a run that died (pid %s on %s)",
+                        lock.took_over.get("pid"), lock.took_over.get("host"))
+      return _train(stage_cls(config, workdir), config, workdir)
+  finally:
+    lock.release()
+
+
+def _open_manager(config, directory: Path):
+  """The checkpoint manager, after setting aside what is no usable checkpoint."""
+  say = lambda msg: logging.warning("%s", msg) if jax.process_index() == 0 else None
+  checkpoints.sanitize(directory, say)
+  return checkpoints.train_manager(directory, config)
+
+
+def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
   n_dev = int(config.get("num_devices", 0) or 0)
   if n_dev and jax.process_count() > 1:
     raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "
@@ -126,13 +213,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rules = sharding.DEFAULT_RULES
   global_batch = data_lib.check_batch_divides(config, mesh)
   total = int(config.train.total_steps)
-  manager = checkpoints.train_manager(workdir / "checkpoints", config)
-
-  data = stage.train_data()  # before init: a bad data or tokenizer setting fails fast
-  got = init_lib.restore_or_init(stage, manager, mesh, rules)
+  data = stage.train_data()  # first: a bad data or tokenizer setting fails fast, writing nothing
+  ckpt_dir = workdir / "checkpoints"
+  manager = _open_manager(config, ckpt_dir)
+  while True:  # newest readable checkpoint first; what fails is set aside, never loaded
+    try:
+      got = init_lib.restore_or_init(stage, manager, mesh, rules)
+      break
+    except checkpoints.UnreadableCheckpoint as e:
+      manager.close()
+      if jax.process_index() == 0:
+        checkpoints.set_aside(ckpt_dir, str(e.step), e.reason,
+                              lambda msg: logging.warning("%s", msg))
+      manager = _open_manager(config, ckpt_dir)
+  if got.data_state is not None:
+    logging.warning("resuming from step %d (%s)", int(got.state.step), manager.directory)
   a, state, frozen, rest = got.abstract, got.state, got.frozen, got.rest
   graphdef, tx, schedules = a.graphdef, a.tx, a.schedules
   start = int(state.step)
+  if start >= total:
+    msg = f"already at step {start}; raise train.total_steps to go on"
+    logging.info("%s", msg, extra={"file_only": True})
+    if jax.process_index() == 0:
+      print(msg, flush=True)
+    manager.close()
+    return {}
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
@@ -153,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, last = [], {}
   t_log, steps_since = time.perf_counter(), 0
   t_start = time.perf_counter()
+  t_compiled, step_compiled = None, start  # the ETA counts steps after the first (compile)
   with _Signals() as sig, sharding.use_mesh(mesh, rules):
     step = start
     while step < total:
@@ -162,6 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       steps_since += 1
       pending.append(metrics)
+      if t_compiled is None:
+        jax.block_until_ready(metrics)
+        t_compiled, step_compiled = time.perf_counter(), step
       if float(metrics["finite"]) < 1:
         manager.wait_until_finished()
         raise StopTraining(
@@ -180,23 +289,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars.update(stage.throughput(global_batch, steps_per_s, peak, jax.device_count()))
         scalars.update(data.metrics())
         log.write(step, scalars)
-        eta = (total - step) / max(steps_per_s, 1e-9)
-        logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, total,
-                     scalars["loss"], steps_per_s, _fmt_time(eta))
-        if jax.process_index() == 0:
-          print(f"step {step}/{total}  loss {scalars['loss']:.4f}  "
+        after = step - step_compiled
+        eta = ((total - step) * (time.perf_counter() - t_compiled) / after if after > 0
+               else float("nan"))
+        line = (f"step {step}/{total}  loss {scalars['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()
                             if k in stage.progress_keys) +
-                f"  {steps_per_s:.2f} steps/s  ETA {_fmt_time(eta)}", flush=True)
+                f"  {steps_per_s:.2f} steps/s  ETA {_fmt_time(eta)}")
+        logging.info("%s", line, extra={"file_only": True})  # the console has the print
+        if jax.process_index() == 0:
+          print(line, flush=True)
         last, pending, t_log, steps_since = scalars, [], time.perf_counter(), 0
       if int(config.train.eval_every) and step % int(config.train.eval_every) == 0:
         log.write(step, stage.evaluate(graphdef, state, frozen, rest, mesh), prefix="eval/")
       if step % int(config.train.checkpoint_every) == 0 or step == total or sig.requested:
+        checkpoints.write_manifests(manager)  # of the previous save, now complete
         checkpoints.save_train(manager, step, state, frozen, data.get_state(), stage.meta())
       if sig.requested:
-        logging.warning("SIGTERM: saved step %d, exiting", step)
+        checkpoints.write_manifests(manager)
+        logging.warning("%s: saved step %d, exiting", sig.requested, step)
         break
-  manager.wait_until_finished()
+  checkpoints.write_manifests(manager)
   manager.close()
   log.close()
   logging.info("done in %s", _fmt_time(time.perf_counter() - t_start))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from puma_jax import assemble, tokenizer
@@ -121,8 +122,25 @@ class MLLMStage:
     if split != "train":
       dcfg = dcfg.copy_and_resolve_references()
       dcfg.num_epochs, dcfg.shuffle = 1, False
+    else:
+      self.check_fit()
     return data_lib.host_data(dcfg, split, self._encoder(),
                               bool(self.config.train.same_data_on_hosts))
+
+  def check_fit(self) -> list[str]:
+    """Warns loudly (stderr and the log) about every sequence kind of the mix of which no
+    sampled example fits a row: it would be skipped every time, i.e. never trained."""
+    import sys
+
+    from puma_jax.data import rows
+    encode, _, special = self._tokenizer
+    report = rows.fit_report(self.config.data, encode, special)
+    warnings = rows.check_fit(report, int(self.config.seq_len), int(self.config.data.max_images))
+    for w in warnings:
+      logging.warning("%s", w)
+      if jax.process_index() == 0:
+        print(f"WARNING: {w}", file=sys.stderr, flush=True)
+    return warnings
 
   def device_arrays(self, host_batch: dict) -> dict:
     return {k: v for k, v in host_batch.items() if k != "num_images"}

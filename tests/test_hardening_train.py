@@ -1,0 +1,201 @@
+"""The training loop under adversarial conditions: a second run on one workdir, a killed run's
+lock, a damaged latest checkpoint, stray entries in checkpoints/, a torn metrics.jsonl, Ctrl-C,
+a finished run rerun, a noisy console, and CLI mistakes. Each case is refused in one line or
+recovered from, and nothing already saved is changed or lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from puma_jax.training import checkpoints, loop
+from tests.test_train import REPO, read_metrics, small_config
+from tests.utils import tree_digest
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """Every run here compiles the same step: compile it once (a minute on a loaded 2-core
+  machine), then load it from JAX's persistent cache (seconds)."""
+  import jax
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = [getattr(jax.config, n) for n in names]
+  for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
+    jax.config.update(n, v)
+  yield
+  for n, v in zip(names, old):
+    jax.config.update(n, v)
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def config(total=4):
+  c = small_config()
+  c.optim.total_steps = total
+  c.train.checkpoint_every = 2
+  return c
+
+
+def lock_holder(workdir: Path):
+  """A child process that takes the training lock of `workdir` and keeps it until killed."""
+  code = ("import sys, time; from puma_jax.fileio import WorkdirLock; "
+          "WorkdirLock(sys.argv[1], 'training run', name='.train-host000.lock').acquire(); "
+          "print('held', flush=True); time.sleep(300)")
+  p = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE,
+                       text=True, env=ENV)
+  assert p.stdout.readline().strip() == "held"
+  return p
+
+
+def flip_a_byte(step_dir: Path) -> Path:
+  f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+          key=lambda p: p.stat().st_size)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+  return f
+
+
+def test_lock_damaged_checkpoint_strays_torn_metrics_and_finished_run(tmp_path, caplog):
+  work = tmp_path / "w"
+  work.mkdir()
+  # 1. Another live run holds the workdir: refused at once, naming it; nothing written.
+  holder = lock_holder(work)
+  try:
+    with pytest.raises(loop.StopTraining, match=f"in use by another training run \\(pid "
+                       f"{holder.pid} on host "):
+      loop.train_and_evaluate(config(), str(work))
+    assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # 2. Its lock, left by the killed process, is taken over; the run trains steps 1..4.
+  caplog.set_level("WARNING")
+  loop.train_and_evaluate(config(), str(work))
+  assert f"lock of a run that died (pid {holder.pid}" in caplog.text
+  ref = read_metrics(work)
+  assert sorted(ref) == [1, 2, 3, 4]
+  for step in (2, 4):
+    assert (work / "checkpoints" / str(step) / checkpoints.MANIFEST).exists()
+  # 3. A flipped byte in the latest checkpoint, a stray step directory and file, a torn line.
+  flipped = flip_a_byte(work / "checkpoints" / "4")
+  damaged = flipped.read_bytes()
+  (work / "checkpoints" / "1000000").mkdir()
+  (work / "checkpoints" / "notes.txt").write_text("mine")
+  with open(work / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')
+  caplog.clear()
+  loop.train_and_evaluate(config(), str(work))
+  text = caplog.text
+  assert "checkpoints/4 is not a usable checkpoint (file state/" in text
+  assert "does not match its sha256" in text and "checkpoints/1000000 is not a usable" in text
+  assert "checkpoints/notes.txt is not a checkpoint; ignored" in text
+  assert "resuming from step 2" in text and "dropped 1 unreadable line" in text
+  got = read_metrics(work)
+  assert sorted(got) == [1, 2, 3, 4] and got[4]["loss"] == ref[4]["loss"]
+  aside = {p.name.split("-")[0]: p for p in (work / "checkpoints.unreadable").iterdir()}
+  assert set(aside) == {"4", "1000000"}  # set aside, not deleted: the damaged bytes are kept
+  assert (aside["4"] / flipped.relative_to(work / "checkpoints" / "4")).read_bytes() == damaged
+  assert (work / "checkpoints" / "notes.txt").read_text() == "mine"
+  kinds = [k for k in got[4] if k.startswith("data/task/")]
+  assert kinds and "data/task/other" not in kinds, sorted(got[4])  # real sequence kinds
+  # 4. A checkpoint without a manifest (an older save) whose data file is cut short: its
+  # restore fails, it is set aside the same way, and the run resumes from the one before.
+  (work / "checkpoints" / "4" / checkpoints.MANIFEST).unlink()
+  data_file = flip_a_byte(work / "checkpoints" / "4")
+  data_file.write_bytes(data_file.read_bytes()[:100])
+  caplog.clear()
+  loop.train_and_evaluate(config(), str(work))
+  assert "checkpoints/4 is not a usable checkpoint (restore failed" in caplog.text
+  assert read_metrics(work)[4]["loss"] == ref[4]["loss"]
+  # 5. The finished run rerun: the message, and nothing changes.
+  before = tree_digest(work / "checkpoints"), (work / "metrics.jsonl").read_text()
+  assert loop.train_and_evaluate(config(), str(work)) == {}
+  assert (tree_digest(work / "checkpoints"), (work / "metrics.jsonl").read_text()) == before
+
+
+def test_sigint_saves_console_is_calm_and_eta_skips_compilation(tmp_path, capfd):
+  """Ctrl-C in the middle of a run (sent from a thread, as a terminal would) saves the step
+  and returns; the console has one progress line per step and no orbax INFO (the log has)."""
+  import threading
+  work = tmp_path / "w"
+
+  def interrupt():
+    deadline = time.time() + 600
+    while time.time() < deadline:
+      path = work / "metrics.jsonl"
+      if path.exists() and path.read_text().strip():
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+      time.sleep(0.02)
+  t = threading.Thread(target=interrupt, daemon=True)
+  t.start()
+  loop.train_and_evaluate(config(), str(work))
+  t.join()
+  out, err = capfd.readouterr()
+  saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 1 <= saved[0] < 4 and max(read_metrics(work)) == saved[0]
+  assert "Ctrl-C: saving a checkpoint" in out
+  progress = [l for l in out.splitlines() if l.startswith("step ")]
+  assert [l.split()[1] for l in progress] == [f"{s}/4" for s in range(1, saved[0] + 1)], out
+  assert "ETA ?" in progress[0]  # the first step's time is compilation: no ETA from it
+  assert "orbax" not in err and "Finished saving checkpoint" not in out + err
+  log = (work / "train.log").read_text()
+  assert "Finished saving checkpoint" in log and f"SIGINT: saved step {saved[0]}" in log
+  # the run goes on from there to the same numbers as an uninterrupted one
+  loop.train_and_evaluate(config(), str(work))
+  assert sorted(read_metrics(work)) == [1, 2, 3, 4]
+
+
+def test_second_ctrl_c_aborts_at_once():
+  sig = loop._Signals()
+  with sig:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert sig.requested == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def main_cli(args, cwd):
+  return subprocess.run([sys.executable, "-m", "puma_jax.main", *args], capture_output=True,
+                        text=True, cwd=cwd, env=ENV, timeout=300)
+
+
+def test_cli_help_wrong_field_and_config_from_anywhere(tmp_path):
+  r = main_cli(["--help"], tmp_path)
+  assert r.returncode == 0 and "--workdir" in r.stdout, r.stderr[-2000:]
+  r = main_cli(["--config=pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
+                "--config.train.steps=abc"], tmp_path)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert "did you mean train.total_steps?" in lines[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_tiny_pretraining_fits_every_task():
+  from configs import pretrain
+  from puma_jax.training import registry
+  c = pretrain.get_config("tiny")
+  assert registry.make(c).check_fit() == []
+  c.seq_len = 768
+  warnings = registry.make(c).check_fit()
+  assert len(warnings) == 1 and "kind 'conditional' never fits" in warnings[0]
+
+
+def test_data_path_matching_no_file_is_a_value_error(tmp_path):
+  """The training CLI reports ValueErrors in one line with exit 2 (cli.run)."""
+  from puma_jax.data.sources import DataPathError
+  c = config()
+  c.data.sources.text.format = "jsonl"
+  c.data.sources.text.paths = str(tmp_path / "nothing-*.jsonl")
+  with pytest.raises(DataPathError, match="nothing-\\*.jsonl' matches no file") as e:
+    loop.train_and_evaluate(c, str(tmp_path / "w"))
+  assert isinstance(e.value, ValueError)
+  assert not (tmp_path / "w" / "checkpoints").exists()
