@@ -68,7 +68,12 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   d.text.i2t_fraction = 0.5     # image-text pairs routed to i2t (the rest to t2i)
   d.text.max_len = 64           # ArrayEncoder: text tokens kept per example
 
-  d.max_images = 2              # ArrayEncoder: image slots per example (edit needs 2)
+  d.max_images = 2              # image slots per example of unpacked rows (edit needs 2)
+  d.pack = True                 # MLLM training rows: pack examples first fit into rows of
+                                # seq_len, image slots from seq_len (data.sequences.image_slots);
+                                # eval splits and array batches stay one example per row
+  d.pack_bins = 16              # rows open at once for first fit: more fill rows better and
+                                # hold more examples in memory
   d.max_boxes = 8               # ArrayEncoder: grounding boxes kept per example
 
   d.conditional = ml_collections.ConfigDict()
