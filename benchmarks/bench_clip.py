@@ -1,6 +1,6 @@
 """ViT-L/14 forward: jitted JAX vs PyTorch eager (transformers) on this machine, same run.
 
-  python -m benchmarks.bench_clip [--batches 1 8] [--repeats 5] [--config vit_l14|tiny]
+  python -m benchmarks.bench_clip [--batches=1,8] [--repeats=5] [--config=vit_l14|tiny]
 
 Both models hold the same random weights (converted through our CLI path in memory). Timings
 alternate between the two frameworks so that load from other processes hits both alike; the
@@ -9,9 +9,9 @@ median of `repeats` runs is reported, and the ratio JAX / PyTorch (below 1 = JAX
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -20,19 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from absl import app, flags
 from flax import nnx
 
+from puma_jax import cli
 from puma_jax.convert import import_module
 from puma_jax.models import clip
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--config", default="vit_l14", choices=["vit_l14", "tiny"])
-  p.add_argument("--threads", type=int, default=os.cpu_count())
-  args = p.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_list("batches", ["1", "8"], "batch sizes, comma-separated")
+flags.DEFINE_integer("repeats", 5, "timed runs per batch size (median reported)")
+flags.DEFINE_enum("config", "vit_l14", ["vit_l14", "tiny"], "CLIP config")
+flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   torch.set_num_threads(args.threads)
   cfg = getattr(clip, args.config)()
   hf_cfg = transformers.CLIPVisionConfig(**{k: v for k, v in cfg.to_dict().items()})
@@ -44,10 +50,11 @@ def main():
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   print(f"# {args.config}: {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}")
+        f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
+        f"torch {torch.__version__}")
   print("| batch | JAX jit (ms) | PyTorch eager (ms) | JAX / PyTorch | max rel diff |")
   print("|---|---|---|---|---|")
-  for b in args.batches:
+  for b in map(int, args.batches):
     x = np.random.RandomState(b).randn(b, cfg.image_size, cfg.image_size, 3).astype(np.float32)
     xj, xt = jnp.asarray(x), torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     yj = fwd(state, xj).block_until_ready()  # compile
@@ -68,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

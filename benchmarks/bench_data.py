@@ -11,7 +11,6 @@ real one). The last line compares one tiny-config batch against a tiny CLIP forw
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -22,8 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from puma_jax import cli  # noqa: E402
 from puma_jax.data import config as data_config  # noqa: E402
 from puma_jax.data import imaging, parse, pipeline, transforms  # noqa: E402
 
@@ -54,13 +55,17 @@ def write_shard(path, n, size, rng):
         tar.addfile(info, io.BytesIO(data))
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--n", type=int, default=300)
-  ap.add_argument("--size", type=int, default=512, help="short side of the JPEGs")
-  ap.add_argument("--workers", type=int, default=0)
-  ap.add_argument("--hf_tokenizer", default="")
-  args = ap.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n", 300, "JPEGs to write and time")
+flags.DEFINE_integer("size", 512, "short side of the JPEGs")
+flags.DEFINE_integer("workers", 0, "grain worker processes")
+flags.DEFINE_string("hf_tokenizer", "", "HF tokenizer directory to time instead of bytes")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   tokenize = lambda s: list(s.encode())  # noqa: E731
   if args.hf_tokenizer:
     from transformers import AutoTokenizer
@@ -103,7 +108,7 @@ def main():
                                                                  derive_short_side=512))
     _, w, c = cpu_timed(lambda r: full(pc(r)), raws)
     rows.append((f"conditional {cond} (512) end to end", w, c))
-  for name, w, c in rows:
+  for name, _, c in rows:
     print(f"  {name:38s} {args.n / c:8.1f} ex/s/core   ({1e3 * c / args.n:6.2f} ms CPU/ex)")
 
   # Whole pipeline, in-process (num_threads=1) unless --workers.
@@ -152,4 +157,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

@@ -15,14 +15,17 @@ Ratios > 1 mean puma_jax is faster. The machine is shared, so ratios are the rel
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import app, flags
+
+from puma_jax import cli
 
 
 def best_time(fn, repeats):
@@ -34,14 +37,18 @@ def best_time(fn, repeats):
   return min(times)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser()
-  p.add_argument("--new_tokens", type=int, default=128)
-  p.add_argument("--prompt", type=int, default=32)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--prefill", type=int, default=512)
-  p.add_argument("--repeats", type=int, default=3)
-  args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("new_tokens", 128, "tokens generated per timed run")
+flags.DEFINE_integer("prompt", 32, "prompt length")
+flags.DEFINE_integer("batch", 1, "prompts per batch")
+flags.DEFINE_integer("prefill", 512, "prompt length of the prefill timing")
+flags.DEFINE_integer("repeats", 3, "timed runs (best reported)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
 
   import torch
   import transformers
@@ -126,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

@@ -1,7 +1,7 @@
 """The memory plan's estimate next to XLA's own buffer assignment for the compiled train step.
 
-  python -m benchmarks.bench_memory_plan [--devices 1] [--batch 8] [--remat none full dots]
-      [--seq_len 768] [--layers 2] [--hidden 64]
+  python -m benchmarks.bench_memory_plan [--devices=1] [--batch=8] [--remat=none,full,dots]
+      [--seq_len=768] [--layers=2,6] [--hidden 64]
 
 Builds the MLLM step exactly as train.py jits it (in/out shardings, donated state), lowers it
 on abstract inputs and compiles it (nothing is allocated), then prints
@@ -13,8 +13,8 @@ buffer assignment differs from GPU/TPU.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
 if "--devices" in os.sys.argv:
   n = os.sys.argv[os.sys.argv.index("--devices") + 1]
@@ -25,11 +25,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from puma_jax import optim, sharding, tasks  # noqa: E402
+from puma_jax import cli, optim, sharding, tasks  # noqa: E402
 from puma_jax.steps import TrainState  # noqa: E402
 from puma_jax.tools import memory_plan as mp  # noqa: E402
 
@@ -70,24 +71,27 @@ def compiled_memory(config, mesh):
   return compiled.memory_analysis()
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--devices", type=int, default=1)
-  p.add_argument("--batch", type=int, default=8, help="global batch")
-  p.add_argument("--seq_len", type=int, default=768)
-  p.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--scan", action="store_true", help="scan_layers=True (as the paper config)")
-  p.add_argument("--layers", type=int, nargs="+", default=[2, 6],
-                 help="LLaMA depths; the slope of XLA's temporaries over depth is the bytes "
-                      "saved per layer, the plan's per-layer term")
-  args = p.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("devices", 1, "devices to plan for")
+flags.DEFINE_integer("batch", 8, "global batch")
+flags.DEFINE_integer("seq_len", 768, "sequence length")
+flags.DEFINE_list("remat", ["none", "full", "dots"], "remat policies, comma-separated")
+flags.DEFINE_string("dtype", "float32", "compute dtype")
+flags.DEFINE_boolean("scan", False, "scan_layers=True (as the paper config)")
+flags.DEFINE_list("layers", ["2", "6"], "LLaMA depths, comma-separated; the slope of XLA's "
+                  "temporaries over depth is the bytes saved per layer, the plan's per-layer term")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   print(f"{'remat':<8}{'layers':>7}{'plan static':>12}{'XLA args':>10}"
         f"{'plan act+logits+trans':>23}{'XLA temp':>10}   (MiB per device, {args.devices} "
         f"{jax.devices()[0].platform} devices, batch {args.batch}, seq {args.seq_len}, "
         f"{args.dtype})")
   slopes = []
-  for remat, layers in [(r, n) for r in args.remat for n in args.layers]:
+  for remat, layers in [(r, n) for r in args.remat for n in map(int, args.layers)]:
     c = pretrain.get_config("tiny")
     with c.unlocked():
       c.model.llm.remat_policy = remat
@@ -113,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

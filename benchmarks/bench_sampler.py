@@ -11,7 +11,6 @@ resident memory, and the ratio JAX / torch of the steady-state times.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -20,6 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from absl import app, flags
+
+from puma_jax import cli
 
 SIZES = {
     # UNet levels, latent size, cross-attention width, feature width, tokens
@@ -134,14 +137,18 @@ def run_torch(tmp: Path, s: dict, steps: int, batch: int) -> dict:
               shape=list(img.shape), threads=torch.get_num_threads())
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--size", default="mid", choices=sorted(SIZES))
-  ap.add_argument("--steps", type=int, default=50)
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--child", default="", choices=("", "jax", "torch"))
-  ap.add_argument("--dir", default="")
-  a = ap.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("size", "mid", sorted(SIZES), "decoder config size")
+flags.DEFINE_integer("steps", 50, "DDPM steps")
+flags.DEFINE_integer("batch", 1, "images per sample call")
+flags.DEFINE_enum("child", "", ["", "jax", "torch"], "internal: run one side in this process")
+flags.DEFINE_string("dir", "", "internal: the parent's weights directory")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  a = FLAGS
   s = SIZES[a.size]
   if a.child:
     fn = run_jax if a.child == "jax" else run_torch
@@ -159,9 +166,11 @@ def main() -> None:
         raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
       res[side] = json.loads(line[0][7:])
   j, t = res["jax"], res["torch"]
-  print(f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 (UNet {s['block_out_channels']}, "
+  print(f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 "
+        f"(UNet {s['block_out_channels']}, "
         f"latent {s['sample_size']}x{s['sample_size']}, {s['tokens']} tokens)")
-  print(f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), steady {j['steady_s']:.2f}s, "
+  print(f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), "
+        f"steady {j['steady_s']:.2f}s, "
         f"peak RSS {j['peak_rss_mib']:.0f} MiB (+{j['peak_over_imports_mib']:.0f} after imports)")
   print(f"  torch eager: {t['steady_s']:.2f}s, peak RSS {t['peak_rss_mib']:.0f} MiB "
         f"(+{t['peak_over_imports_mib']:.0f} after imports), {t['threads']} threads")
@@ -170,4 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

@@ -12,7 +12,6 @@ which for JAX includes compilation) and the JAX / PyTorch ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
+
+from puma_jax import cli
 
 CONFIG = dict(
     sample_size=64, block_out_channels=(128, 256, 512), layers_per_block=2,
@@ -75,7 +77,6 @@ def run_jax(args, src):
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda st, s, t, c: nnx.merge(graphdef, st)(s, t, c))
   x = {k: jax.numpy.asarray(v) for k, v in _inputs(args).items()}
-  t0 = time.perf_counter()
   first = time.perf_counter()
   fwd(state, x["sample"], x["timesteps"], x["context"]).block_until_ready()
   compile_s = time.perf_counter() - first
@@ -92,14 +93,18 @@ def child(args):
   print(json.dumps({"sec": sec, "extra": extra, "peak_mib": peak_mib}))
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--size", type=int, default=64)
-  p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--side", choices=("jax", "torch"))
-  p.add_argument("--src")
-  args = p.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("size", 64, "latent side")
+flags.DEFINE_integer("batch", 2, "batch size")
+flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
+flags.DEFINE_enum("side", None, ["jax", "torch"], "internal: run one side in this process")
+flags.DEFINE_string("src", None, "internal: the parent's diffusers directory")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   if args.side:
     return child(args)
   import torch
@@ -129,4 +134,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

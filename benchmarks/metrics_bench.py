@@ -9,7 +9,6 @@ Reports compile time and steady-state images/s for: LPIPS (AlexNet, 256x256 pair
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,8 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from puma_jax import cli  # noqa: E402
 from puma_jax.evaluation import fid, metrics  # noqa: E402
 from puma_jax.models import clip_text, inception, lpips, vit  # noqa: E402
 
@@ -54,12 +55,16 @@ def bench(name, fn, args, n_images, iters=5):
         f"{n_images / dt:8.1f} images/s   out {tuple(np.shape(out))}", flush=True)
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--only", default="lpips,clip,dino,fid")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  args = p.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 8, "images per batch")
+flags.DEFINE_string("only", "lpips,clip,dino,fid", "metrics to time, comma-separated")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   b, dtype, only = args.batch, jnp.dtype(args.dtype), set(args.only.split(","))
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.uniform(0, 1, (b, 256, 256, 3)).astype(np.float32))
@@ -85,4 +90,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

@@ -1,4 +1,4 @@
-"""PUMA decoder training (seed 7.1): one SDXL-based decoder per feature scale.
+"""PUMA decoder training (PUMA paper, appendix 7.1): one SDXL-based decoder per feature scale.
 
 Variants (`--config=configs/decoder.py:VARIANT`):
   tiny, tiny_f0 .. tiny_f4  (default tiny = tiny_f2) toy CLIP / VAE / UNet on the synthetic set
@@ -55,8 +55,8 @@ def get_config(arg: str = "tiny"):
   c.init.vae = ""       # converted vae dir (SDXL VAE)
   c.init.decoder = ""   # converted sdxl-unet dir (paper's init) or a puma-decoder dir
 
-  c.noise_offset = 0.1     # seed 7.1
-  c.cfg_drop_prob = 0.1    # seed 7.1: features replaced by the blank image's
+  c.noise_offset = 0.1     # PUMA paper, appendix 7.1.2
+  c.cfg_drop_prob = 0.1    # app. 7.1.2, docs/DESIGN.md §5: features replaced by the blank image's
 
   c.data = data_config.get_config("tiny" if tiny else "decoder")
   if tiny:
@@ -66,16 +66,16 @@ def get_config(arg: str = "tiny"):
   c.data.batch_size = 8 if tiny else 1024 // 256   # per host (paper: 1024 in total)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr_groups = ml_collections.ConfigDict({"default": 1e-3 if tiny else 8e-5})  # seed 7.1
+  c.optim.lr_groups = ml_collections.ConfigDict({"default": 1e-3 if tiny else 8e-5})  # app. 7.1.2
   c.optim.total_steps = 200 if tiny else PAPER_STEPS[scale]
   c.optim.warmup_steps = 10 if tiny else 0   # (ours for tiny) the paper states no warm-up
-  c.optim.decay = "linear"       # seed 7.1
+  c.optim.decay = "linear"       # PUMA paper, appendix 7.1.2
   c.optim.end_factor = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 1e-2    # (ours) PyTorch AdamW's default
-  c.optim.grad_clip = 1.0        # seed 7.1
+  c.optim.weight_decay = 1e-2    # (ours) PyTorch AdamW's default (docs/DESIGN.md §5)
+  c.optim.grad_clip = 1.0        # PUMA paper, appendix 7.1.2
 
   c.train = ml_collections.ConfigDict()
   c.train.total_steps = c.optim.get_ref("total_steps")

@@ -1,4 +1,4 @@
-"""MLLM pretraining (seed 7.2.2-7.2.3).
+"""MLLM pretraining (PUMA paper, appendix 7.2.2-7.2.3; docs/DESIGN.md §11).
 
 Variants (`--config=configs/pretrain.py:VARIANT`):
   tiny   (default) toy PumaModel on the built-in synthetic set; a few minutes on a 2-core CPU.

@@ -1,4 +1,4 @@
-"""Assemble a PumaModel checkpoint from converted parts (DESIGN.md / issue 5, item 6).
+"""Assemble a PumaModel checkpoint from converted parts (docs/DESIGN.md §6).
 
     python -m puma_jax.assemble --clip=CLIP_DIR --llm=LLAMA_DIR --dst=OUT [--tokenizer=byte|DIR]
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from puma_jax import checkpoints
+from puma_jax import checkpoints, cli
 from puma_jax.convert.core import flatten_state
 
 
@@ -80,33 +81,42 @@ def load_components(model, *, clip_dir: str = "", llm_dir: str = "", puma_dir: s
     _copy(model.llm, src, llm_dir, grow_rows=("embed_tokens.embedding", "lm_head.kernel"))
 
 
-def main(argv=None) -> int:
-  import argparse
-  import sys
+# Own flag set, so that importing this module (tests, notebooks) defines no global flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("clip", None, "converted clip-vision directory", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("llm", None, "converted llama directory", flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", None, "output directory for the PumaModel", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_boolean("router", False, "add the learned scale-router head", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the newly initialized parts", flag_values=FLAGS)
+
+
+def _main(argv: list[str]) -> int:
   from puma_jax.models import puma
-  p = argparse.ArgumentParser(prog="python -m puma_jax.assemble", description=__doc__)
-  p.add_argument("--clip", required=True)
-  p.add_argument("--llm", required=True)
-  p.add_argument("--dst", required=True)
-  p.add_argument("--router", action="store_true", help="add the learned scale-router head")
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
-  try:
-    _, clip_cfg = checkpoints.load_config(a.clip)
-    _, llm_cfg = checkpoints.load_config(a.llm)
-    v = llm_cfg.vocab_size
-    cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
-                          img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
-                          pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
-                          else llm_cfg.eos_token_ids[0], router=a.router)
-    model = puma.PumaModel(cfg, rngs=nnx.Rngs(a.seed))
-    load_components(model, clip_dir=a.clip, llm_dir=a.llm)
-    checkpoints.save_module(a.dst, "puma", cfg, model)
-  except (ValueError, checkpoints.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"assembled PumaModel -> {a.dst}")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  _, clip_cfg = checkpoints.load_config(f.clip)
+  _, llm_cfg = checkpoints.load_config(f.llm)
+  v = llm_cfg.vocab_size
+  cfg = puma.PumaConfig(llm=llm_cfg.replace(vocab_size=v + 226), clip=clip_cfg,
+                        img_start_id=v, img_end_id=v + 1, pos0_id=v + 2,
+                        pad_id=llm_cfg.pad_token_id if llm_cfg.pad_token_id is not None
+                        else llm_cfg.eos_token_ids[0], router=f.router)
+  model = puma.PumaModel(cfg, rngs=nnx.Rngs(f.seed))
+  load_components(model, clip_dir=f.clip, llm_dir=f.llm)
+  checkpoints.save_module(f.dst, "puma", cfg, model)
+  print(f"assembled PumaModel -> {f.dst}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  import sys
+  argv = sys.argv if argv is None else ["python -m puma_jax.assemble", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__,
+                 expected=(ValueError, checkpoints.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c.data.num_workers = 0 if tiny else 8  # grain worker processes per host
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.text_weight = 0.02      # seed 7.2.1
-  c.loss.image_weight = 1.0      # seed 7.2.1 (per-scale weights 1024..1: puma_jax/sequence.py)
-  c.loss.router_weight = 0.1     # (ours) weight of the router head's cross-entropy
+  c.loss.text_weight = 0.02      # PUMA paper, appendix 7.2.1
+  c.loss.image_weight = 1.0      # appendix 7.2.1 (per-scale weights 1024..1: puma_jax/sequence.py)
+  c.loss.router_weight = 0.1     # (ours) router head's CE weight, docs/DESIGN.md §7
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr_groups = ml_collections.ConfigDict({
@@ -50,12 +50,12 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   })
   c.optim.total_steps = steps      # schedule length (= train.total_steps)
   c.optim.warmup_steps = warmup    # linear warm-up
-  c.optim.decay = "cosine"         # seed 7.2.3 / 7.2.4
+  c.optim.decay = "cosine"         # PUMA paper, appendix 7.2.3 / 7.2.4
   c.optim.end_factor = 0.0         # final lr = peak x end_factor
   c.optim.b1 = 0.9                 # AdamW betas/eps: PyTorch defaults (the paper's AdamW)
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0       # (ours) unstated in the paper; HF Trainer's default
+  c.optim.weight_decay = 0.0       # (ours) HF Trainer's default, docs/DESIGN.md §11
   c.optim.grad_clip = grad_clip    # global-norm clipping
 
   c.train = ml_collections.ConfigDict()

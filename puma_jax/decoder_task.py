@@ -1,8 +1,8 @@
-"""Decoder training (seed 7.1): one scale's PUMA decoder, frozen CLIP and VAE.
+"""Decoder training (PUMA paper, appendix 7.1): one scale's PUMA decoder, frozen CLIP and VAE.
 
 Per example: CLIP features of the image at the decoder's scale; 10% of them replaced by the
 black image's features with the positional embedding off (the CFG unconditional input, as at
-inference: DESIGN.md, ours); VAE latent (a draw from the latent distribution, x scaling_factor);
+inference: docs/DESIGN.md §5); VAE latent (a draw from the latent distribution, x scaling_factor);
 offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction target (epsilon).
 """
 

@@ -14,6 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from puma_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/<task>.py[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for shard files and results "
@@ -24,21 +26,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from puma_jax.evaluation import metrics, records, runner
-  try:
-    out = runner.evaluate(_CONFIG.value, _WORKDIR.value)
-  except (records.EvalDataError, runner.EvalError, metrics.MissingWeightsError,
-          metrics.MetricInputError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from puma_jax.evaluation import runner
+  out = runner.evaluate(_CONFIG.value, _WORKDIR.value)
   if out is not None:
     if out["random_weights"]:
-      print(f"note: stand-ins built in-process (random weights or the toy generator): {', '.join(out['random_weights'])}"
-            " (no checkpoint dirs given); the numbers test the pipeline, not PUMA")
+      print("note: stand-ins built in-process (random weights or the toy generator): "
+            f"{', '.join(out['random_weights'])} (no checkpoint dirs given); the numbers test "
+            "the pipeline, not PUMA")
     print(runner.markdown(out), end="")
     print(f"wrote {_WORKDIR.value}/results.json and results.md")
 
 
+def _expected():
+  from puma_jax.evaluation import metrics, records, runner  # late: `--help` should not wait
+  return (records.EvalDataError, runner.EvalError, metrics.MissingWeightsError,
+          metrics.MetricInputError, ValueError)
+
+
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=_expected))

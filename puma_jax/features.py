@@ -9,6 +9,7 @@ seeded random weights (no pretrained weights can be downloaded here).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -18,7 +19,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from puma_jax import checkpoints, sharding
+from puma_jax import checkpoints, cli, sharding
 from puma_jax.models import clip, pooling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/clip.py:tiny", "CLIP config file.")
@@ -48,7 +49,8 @@ def load_encoder(cfg, mesh=None) -> clip.CLIPVisionModel:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model = load_encoder(cfg, mesh)
@@ -84,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))

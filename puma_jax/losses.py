@@ -1,4 +1,4 @@
-"""PUMA's training losses (DESIGN.md section 1) and the diffusion loss.
+"""PUMA's training losses (docs/DESIGN.md §7) and the diffusion loss.
 
 MLLM: loss = 0.02 * text_CE + 1.0 * image_MSE, where text_CE is the mean cross-entropy over the
 batch's supervised text positions, and image_MSE is the mean over the batch's supervised image
@@ -29,7 +29,7 @@ def mllm_loss(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, b
   forcing), whose shift by one position is the target. `batch` holds `text_target`,
   `text_mask`, `feature_weight`, `target_scale`, `task_id` (see puma_jax.sequence).
   With `router_logits` (B, T, 5), adds `router_weight` x the mean router cross-entropy at the
-  positions with a `router_label` (ours: the router is an extra head, not in the paper's loss).
+  positions with a `router_label` (ours, docs/DESIGN.md §7: the router is not in the paper's loss).
   """
   f32 = jnp.float32
   text_mask = batch["text_mask"].astype(f32)

@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from puma_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
                                           "Training config file (and :variant).",
                                           lock_config=True)
@@ -24,14 +26,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from puma_jax import train
   logging.set_verbosity(logging.INFO)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, train.StopTraining) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def _expected():
+  from puma_jax import train  # imported late: `--help` should not wait for JAX
+  return (ValueError, train.StopTraining)
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=_expected))

@@ -1,7 +1,7 @@
 """Optimizers: AdamW with per-group learning rates, warm-up + decay, global-norm clipping.
 
 Parameter groups are chosen by the first path component of each trainable parameter (e.g. the
-MLLM's `llm` at 3e-5 and the projector/heads at 1e-4 during pretraining, seed 7.2.3). Frozen
+MLLM's `llm` at 3e-5 and the projector/heads at 1e-4 in pretraining, PUMA paper, app. 7.2.3). Frozen
 parts (CLIP, VAE) are not given to the optimizer at all: `split_trainable` separates them, so
 they hold no optimizer state and get no gradient.
 """

@@ -20,8 +20,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
+from puma_jax import cli
 from puma_jax.diffusion import sampler as SM
 from puma_jax.diffusion import schedulers as S
 from puma_jax.models import clip as clip_lib
@@ -96,39 +98,43 @@ def output_paths(out: str, n: int) -> list[Path]:
   return [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(n)]
 
 
-def main(argv=None) -> int:
-  import argparse
+# Own flag set, so that importing this module (tests, notebooks) defines no global flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("decoder", None, "converted puma-decoder directory", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("clip", None, "converted clip-vision directory", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("vae", None, "converted vae directory", flag_values=FLAGS, required=True)
+flags.DEFINE_enum("scale", "f0", pooling.SCALE_NAMES, "feature scale to reconstruct from",
+                  flag_values=FLAGS)
+flags.DEFINE_multi_string("image", None, "input image (repeatable)", flag_values=FLAGS,
+                          required=True)
+flags.DEFINE_string("out", None, "output .png", flag_values=FLAGS, required=True)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 50, "sampler steps", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("guidance", 2.0, "classifier-free guidance scale", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 1, "reconstructions per input image", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("scheduler", "ddpm", sorted(S.SCHEDULERS), "sampler", flag_values=FLAGS)
+flags.DEFINE_string("scheduler_config", "",
+                    "diffusers scheduler_config.json (default: SDXL base's values)",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype",
+                  flag_values=FLAGS)
+
+
+def _main(argv: list[str]) -> int:
   from PIL import Image
-  ap = argparse.ArgumentParser(prog="python -m puma_jax.reconstruct", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--decoder", required=True, help="converted puma-decoder directory")
-  ap.add_argument("--clip", required=True, help="converted clip-vision directory")
-  ap.add_argument("--vae", required=True, help="converted vae directory")
-  ap.add_argument("--scale", default="f0", choices=pooling.SCALE_NAMES)
-  ap.add_argument("--image", required=True, action="append", help="input image (repeatable)")
-  ap.add_argument("--out", required=True, help="output .png")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--steps", type=int, default=50)
-  ap.add_argument("--guidance", type=float, default=2.0)
-  ap.add_argument("--batch", type=int, default=1, help="reconstructions per input image")
-  ap.add_argument("--scheduler", default="ddpm", choices=sorted(S.SCHEDULERS))
-  ap.add_argument("--scheduler_config", default="",
-                  help="diffusers scheduler_config.json (default: SDXL base's values)")
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  args = ap.parse_args(argv)
-  if args.batch < 1 or args.steps < 1:
-    ap.error("--batch and --steps must be >= 1")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   sched_cfg = (S.from_diffusers_config(json.loads(Path(args.scheduler_config).read_text()))
                if args.scheduler_config else None)
   settings = SM.SamplerSettings(num_steps=args.steps, guidance_scale=args.guidance,
                                 scheduler=args.scheduler)
-  try:
-    rec = load(args.decoder, args.clip, args.vae, args.scale, settings, sched_cfg,
-               jnp.dtype(args.dtype))
-    images = [Image.open(p) for p in args.image]
-  except (ValueError, OSError) as e:
-    print(f"error: {e}")
-    return 2
+  rec = load(args.decoder, args.clip, args.vae, args.scale, settings, sched_cfg,
+             jnp.dtype(args.dtype))
+  images = [Image.open(p) for p in args.image]
   t0 = time.perf_counter()
   out = jax.block_until_ready(rec(images, args.seed, args.batch))
   dt = time.perf_counter() - t0
@@ -140,6 +146,13 @@ def main(argv=None) -> int:
         f"guidance {args.guidance}: {out.shape[0]} image(s) of {out.shape[1]}x{out.shape[2]} "
         f"in {dt:.1f}s (with compilation) -> {', '.join(map(str, paths))}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  import sys
+  argv = sys.argv if argv is None else ["python -m puma_jax.reconstruct", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":

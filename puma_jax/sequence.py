@@ -1,7 +1,7 @@
 """PUMA training sequences: text and multi-granular image features in one token stream.
 
 An example is a list of segments. Each image becomes `[IMG] f4 f3 f2 f1 f0 [/IMG]`: 341 feature
-slots, coarse to fine, between two special tokens (DESIGN.md section 1). The builder returns
+slots, coarse to fine, between two special tokens (docs/DESIGN.md §6). The builder returns
 per-position arrays; the model fills feature slots in-graph from the CLIP features of the images
 (`image_index`, `image_token` say which image and which of its 341 tokens).
 
@@ -9,7 +9,7 @@ Supervision follows the next-token convention: position p predicts position p+1.
   * text: cross-entropy on `text_target[p]` where `text_mask[p]` (next token is a supervised
     token);
   * features: MSE on the feature at p+1 with weight `feature_weight[p]` (next slot is a feature
-    of a supervised image; the weight is its scale's, DESIGN.md: f4..f0 = 1024, 512, 64, 8, 1).
+    of a supervised image; its scale's weight, docs/DESIGN.md §7: f4..f0 = 1024, 512, 64, 8, 1).
 Examples are packed with `segment_ids` (1, 2, ...; 0 = padding) and positions restarting per
 example, so no attention crosses example boundaries.
 """
@@ -42,7 +42,7 @@ SLOT_POS = np.concatenate([np.arange(SCALE_TOKENS[s]) for s in GEN_ORDER]).astyp
 
 TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
 # (ours) The scale each generating task decodes by default, from the paper's use of the scales
-# (DESIGN.md table): coarse for diverse text-to-image, fine where the output must keep the
+# (docs/DESIGN.md §1, §9): coarse for diverse text-to-image, fine where the output must keep the
 # input's layout. These are also the router's training labels unless an example overrides them.
 TASK_SCALE = {"t2i": 3, "edit": 1, "conditional": 0}
 SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. The "
@@ -199,7 +199,7 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
 
 
 # ----------------------------------------------------------------------------------------------
-# Task templates (DESIGN.md: pretraining and unified tuning tasks)
+# Task templates (docs/DESIGN.md §10)
 
 
 def t2i(caption: str) -> list[Segment]:

@@ -150,7 +150,8 @@ def test_sharded_init_materializes_sharded():
   assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert k.addressable_shards[0].data.shape == (cfg.hidden_size // 4, cfg.hidden_size // 2)
   ref = clip.CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
-  np.testing.assert_array_equal(np.asarray(k), np.asarray(ref.encoder.layers[1].self_attn.q_proj.kernel[...]))
+  np.testing.assert_array_equal(np.asarray(k),
+                                np.asarray(ref.encoder.layers[1].self_attn.q_proj.kernel[...]))
 
 
 def test_real_size_vit_l14_eval_shape():

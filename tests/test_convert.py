@@ -114,7 +114,8 @@ def test_missing_tensor(hf_dir, tmp_path, capsys):
 
 def test_unexpected_tensor(hf_dir, tmp_path, capsys):
   src, _ = hf_dir
-  rewrite_weights(src, lambda t: t.__setitem__("encoder.layers.0.extra_gate", np.zeros(3, np.float32)))
+  rewrite_weights(src, lambda t: t.__setitem__("encoder.layers.0.extra_gate",
+                                               np.zeros(3, np.float32)))
   code, err = run_cli(src, tmp_path / "out", capsys)
   assert code == 2 and "unexpected" in err and "extra_gate" in err
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from puma_jax import checkpoints, sharding
+from puma_jax import sharding
 from puma_jax.convert import ConversionError, convert, import_module
 from puma_jax.evaluation import fid, metrics
 from puma_jax.models import inception

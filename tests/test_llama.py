@@ -177,7 +177,8 @@ def test_sharded_forward_equals_unsharded(converted):
     model = checkpoints.load_module(ours, mesh=mesh)
     if scan:
       model = sharding.shard_module(llama.set_scan_layers(model, True), mesh)
-    q = model.layers[0].self_attn.q_proj.kernel if not scan else model.layers.self_attn.q_proj.kernel
+    q = (model.layers[0].self_attn.q_proj.kernel if not scan
+         else model.layers.self_attn.q_proj.kernel)
     want = ("fsdp", "tensor") if not scan else (None, "fsdp", "tensor")
     assert tuple(q[...].sharding.spec) == want
     graphdef, state = nnx.split(model)

@@ -1,6 +1,5 @@
 """AlexNet trunk and LPIPS vs a PyTorch re-implementation of the lpips forward (random weights)."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

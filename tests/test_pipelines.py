@@ -1,6 +1,5 @@
 """PumaPipeline with tiny random components: every task runs, features route to decoders."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

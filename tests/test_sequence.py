@@ -41,7 +41,7 @@ def test_t2i_masks_by_hand():
     expect[img + j] = seq.SCALE_WEIGHTS[int(seq.SLOT_SCALE[j])]
   np.testing.assert_array_equal(b.feature_weight, expect)
   assert b.target_scale[img] == 4 and b.target_scale[img + 340] == 0 and b.target_scale[0] == -1
-  # weight x tokens compensates the token counts (DESIGN.md)
+  # weight x tokens compensates the token counts (docs/DESIGN.md §7)
   per_scale = {s: expect[b.target_scale == s].sum() for s in range(5)}
   assert per_scale == {4: 1024, 3: 2048, 2: 1024, 1: 512, 0: 256}
 
@@ -116,7 +116,8 @@ def test_text_only_and_partial_scales():
 
 
 def test_pack_layout():
-  exs = [build(seq.i2t("y"), "i2t"), build(seq.edit("x"), "edit"), build(seq.text_only("z"), "text")]
+  exs = [build(seq.i2t("y"), "i2t"), build(seq.edit("x"), "edit"),
+         build(seq.text_only("z"), "text")]
   n = [len(e) for e in exs]
   row = seq.pack(exs, seq_len=sum(n) + 5, max_images=3, pad_id=0)
   assert row["packed"] == 3 and row["num_images"] == 3
@@ -133,7 +134,7 @@ def test_pack_layout():
 
 
 def numpy_reference_loss(rows, logits, pred, feats):
-  """The loss written out by hand from DESIGN.md, position by position."""
+  """The loss written out by hand from docs/DESIGN.md §7, position by position."""
   ce_terms, mse_terms = [], []
   for b, row in enumerate(rows):
     T = len(row["tokens"])

@@ -45,7 +45,8 @@ def overrides(c) -> list[str]:
   return [f"--config.seq_len={c.seq_len}", "--config.data.sources.chat.weight=0",
           "--config.data.sources.edit.weight=0", "--config.data.sources.conditional.weight=0",
           "--config.data.max_images=1", f"--config.data.batch_size={c.data.batch_size}",
-          "--config.train.log_every=1", f"--config.train.checkpoint_every={c.train.checkpoint_every}",
+          "--config.train.log_every=1",
+          f"--config.train.checkpoint_every={c.train.checkpoint_every}",
           "--config.train.eval_every=0", "--config.train.async_checkpointing=False",
           f"--config.optim.total_steps={c.optim.total_steps}",
           f"--config.optim.warmup_steps={c.optim.warmup_steps}"]

@@ -1,4 +1,4 @@
-"""Eval: text_to_image -- CLIP-I, CLIP-T, LPIPS_d and FID per scale and the 5-scale max (paper: COCO-30K).
+"""Eval: text_to_image -- CLIP-I, CLIP-T, LPIPS_d, FID per scale and the 5-scale max (COCO-30K).
 
 Variants (`--config=configs/eval/text_to_image.py:VARIANT`):
   paper  converted checkpoints (set model.* and metrics.* dirs) on jsonl records (data.path).
@@ -7,7 +7,8 @@ Variants (`--config=configs/eval/text_to_image.py:VARIANT`):
   toy    as tiny but with a parameter-free stand-in generator: seconds.
 
 Run:
-  python -m puma_jax.eval --config=configs/eval/text_to_image.py:toy --workdir=/tmp/eval_text_to_image
+  python -m puma_jax.eval --config=configs/eval/text_to_image.py:toy \
+      --workdir=/tmp/eval_text_to_image
   python -m puma_jax.eval --config=configs/eval/text_to_image.py:paper --workdir=DIR \
       --config.data.path=records.jsonl --config.model.puma=PUMA_DIR ...
 Every field is described in puma_jax/evaluation/config.py.

@@ -7,7 +7,8 @@ Variants (`--config=configs/eval/understanding.py:VARIANT`):
   toy    as tiny but with a parameter-free stand-in generator: seconds.
 
 Run:
-  python -m puma_jax.eval --config=configs/eval/understanding.py:toy --workdir=/tmp/eval_understanding
+  python -m puma_jax.eval --config=configs/eval/understanding.py:toy \
+      --workdir=/tmp/eval_understanding
   python -m puma_jax.eval --config=configs/eval/understanding.py:paper --workdir=DIR \
       --config.data.path=records.jsonl --config.model.puma=PUMA_DIR ...
 Every field is described in puma_jax/evaluation/config.py.

@@ -6,28 +6,48 @@ existing destination).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from puma_jax.convert import CONVERTERS, ConversionError, convert
+from absl import app, flags
+
+from puma_jax import cli
 from puma_jax.checkpoints import CheckpointError
+from puma_jax.convert import CONVERTERS, ConversionError, convert
+
+# Own flag set: convert and convert.export (same flag names) are imported side by side.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("src", None, "local HF/diffusers directory (or weights file)",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", None, "output directory for the converted model", flag_values=FLAGS,
+                    required=True)
+
+PROG = "python -m puma_jax.convert"
+EXPECTED = (ConversionError, CheckpointError, ValueError, FileNotFoundError)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m puma_jax.convert", description=__doc__)
-  p.add_argument("family", choices=sorted(CONVERTERS), help="weight family to convert")
-  p.add_argument("--src", required=True, help="local HF/diffusers directory (or weights file)")
-  p.add_argument("--dst", required=True, help="output directory for the converted model")
-  args = p.parse_args(argv)
+def family_arg(argv: list[str]) -> str:
+  """The one positional argument, a family of `CONVERTERS` (shared with convert.export)."""
+  if len(argv) != 2:
+    raise app.UsageError(f"expected one FAMILY argument ({', '.join(sorted(CONVERTERS))}), "
+                         f"got {argv[1:]}")
+  if argv[1] not in CONVERTERS:
+    raise app.UsageError(f"unknown family {argv[1]!r}; choose from {sorted(CONVERTERS)}")
+  return argv[1]
+
+
+def _main(argv: list[str]) -> int:
+  family = family_arg(argv)
   t0 = time.time()
-  try:
-    out = convert(args.family, args.src, args.dst)
-  except (ConversionError, CheckpointError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"converted {args.family} {args.src} -> {out} in {time.time() - t0:.1f}s")
+  out = convert(family, FLAGS.src, FLAGS.dst)
+  print(f"converted {family} {FLAGS.src} -> {out} in {time.time() - t0:.1f}s")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  argv = sys.argv if argv is None else [PROG, *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=EXPECTED)
 
 
 if __name__ == "__main__":

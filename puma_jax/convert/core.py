@@ -183,7 +183,8 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise ConversionError(f"{path}: reading .bin checkpoints needs PyTorch "
-                          "(pip install -r requirements-test.txt), or convert it to safetensors")
+                          "(pip install -r requirements-test.txt), or convert it to safetensors"
+                          ) from None
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # the message of torch's unpickler is already specific
@@ -335,7 +336,8 @@ def source_name(rules: Iterable[Rule], path: str) -> str | None:
   return None
 
 
-def map_to_source(flat_params: Mapping[str, np.ndarray], rules: Iterable[Rule]) -> dict[str, np.ndarray]:
+def map_to_source(flat_params: Mapping[str, np.ndarray],
+                  rules: Iterable[Rule]) -> dict[str, np.ndarray]:
   """Export: our flat parameters -> source-format tensors, through the inverse hooks."""
   rules = list(rules)
   out = {}

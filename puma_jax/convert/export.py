@@ -8,7 +8,6 @@ max_shard_bytes)` in its `puma_jax.convert.<family>` module.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -16,10 +15,21 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from absl import flags
 
+from puma_jax import cli
 from puma_jax.convert.core import ConversionError, write_safetensors
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+# Own flag set: convert and convert.export (same flag names) are imported side by side.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("src", None, "converted puma_jax model directory", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("dst", None, "output HF directory", flag_values=FLAGS, required=True)
+flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES), "dtype of the written tensors",
+                  flag_values=FLAGS)
+flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors shard, GiB", flag_values=FLAGS)
 
 
 def np_dtype(name: str):
@@ -72,24 +82,21 @@ def export(family: str, src, dst, *, dtype: str = "float32", max_shard_bytes: in
                        max_shard_bytes=max_shard_bytes)
 
 
-def main(argv=None) -> int:
-  from puma_jax.checkpoints import CheckpointError
-  from puma_jax.convert import CONVERTERS
-  p = argparse.ArgumentParser(prog="python -m puma_jax.convert.export", description=__doc__)
-  p.add_argument("family", choices=sorted(CONVERTERS))
-  p.add_argument("--src", required=True, help="converted puma_jax model directory")
-  p.add_argument("--dst", required=True, help="output HF directory")
-  p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-  p.add_argument("--max_shard_gb", type=float, default=5.0)
-  args = p.parse_args(argv)
-  try:
-    out = export(args.family, args.src, args.dst, dtype=args.dtype,
-                 max_shard_bytes=int(args.max_shard_gb * 2**30))
-  except (ConversionError, CheckpointError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported {args.family} {args.src} -> {out}")
+def _main(argv: list[str]) -> int:
+  from puma_jax.convert.__main__ import family_arg
+  family = family_arg(argv)
+  out = export(family, FLAGS.src, FLAGS.dst, dtype=FLAGS.dtype,
+               max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+  print(f"exported {family} {FLAGS.src} -> {out}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  from puma_jax.checkpoints import CheckpointError
+  argv = sys.argv if argv is None else ["python -m puma_jax.convert.export", *argv]
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__,
+                 expected=(ConversionError, CheckpointError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,17 @@
 Presets (`get_config(preset)`):
   synthetic  the built-in shapes set, every task, CLIP views at 224 (default)
   tiny       the shapes set at 32 px with 32 px CLIP views: the tiny CLIP encoder's input
-  pretrain   PUMA pretraining mix (seed 7.2): pairs (-> t2i / i2t 50/50), GRIT grounding,
+  pretrain   pretraining mix (PUMA paper, appendix 7.2): pairs (-> t2i / i2t 50/50), GRIT grounding,
              text-only, OCR-VQA / LLaVAR as chat. Paths are empty: fill them in, e.g.
              --config.data.sources.pairs.paths=/data/laion/{00000..00999}.tar
-  unified    unified tuning mix (seed 7.2.4): t2i pairs, editing, conditional, chat
+  unified    unified tuning mix (PUMA paper, appendix 7.2.4): t2i pairs, editing, conditional, chat
   decoder    decoder training: images (captions optional), >= 512 px, centre crop, VAE view
 
 A source is `sources.<name>` with: format (synthetic | webdataset | parquet | jsonl | json |
 arrayrecord | tfds), paths (comma-separated files or globs), family (pairs | grounding | text |
 chat | edit | conditional | images), weight (mixing weight; 0 disables), image_root (folder
-for relative image paths), fields (canonical key -> the format's own key), box_format (grounding boxes:
-normalized | pixels), tfds_name / tfds_split / tfds_data_dir (format tfds).
+for relative image paths), fields (canonical key -> the format's own key), box_format
+(grounding boxes: normalized | pixels), tfds_name / tfds_split / tfds_data_dir (format tfds).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
       d.synthetic.image_size = 32
       d.image.clip_size = 32
   elif preset == "pretrain":
-    # Weights are ours: the paper gives the datasets, not their mixing ratios.
+    # Weights are ours: the paper gives the datasets, not their mixing ratios (docs/DESIGN.md §11).
     d.sources.pairs = source("pairs", 6.0, "webdataset")       # LAION / CC / COYO style shards
     d.sources.grit = source("grounding", 1.0, "webdataset")    # GRIT-20M shards (.json noun_chunks)
     d.sources.text = source("text", 1.0, "jsonl")              # The Pile ({"text": ...})

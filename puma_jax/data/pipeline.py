@@ -117,7 +117,7 @@ def active_sources(dcfg) -> dict:
 
 def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None = None,
           encode: str | Callable | None = "arrays", host_index: int | None = None,
-          host_count: int | None = None, readers: dict | None = None) -> "CountingBatchDataset":
+          host_count: int | None = None, readers: dict | None = None) -> CountingBatchDataset:
   """The whole pipeline. `encode`: "arrays" (transforms.ArrayEncoder, fixed-shape batches), a
   callable Example -> dict of arrays (e.g. the MLLM sequence builder), or None (batches are
   lists of preprocessed Examples). Hosts default to jax.process_index() / process_count().
@@ -222,7 +222,7 @@ class CountingBatchDataset(grain.IterDataset):
     self.batch_size, self.drop_remainder = batch_size, drop_remainder
     self.max_consecutive_skips = max_consecutive_skips
 
-  def __iter__(self) -> "CountingBatchIterator":
+  def __iter__(self) -> CountingBatchIterator:
     return CountingBatchIterator(self._parent.__iter__(), self)
 
   def __str__(self):

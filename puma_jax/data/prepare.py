@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
 
+from puma_jax import cli
 from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, sources
 
@@ -107,7 +109,8 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   dcfg = data_config.get_config("synthetic")
   dcfg.synthetic.image_size, dcfg.synthetic.num_train = _SYN_SIZE.value, _SYN_N.value
   fields = dict(kv.split("=", 1) for kv in _FIELDS.value.split(",") if kv)
@@ -121,4 +124,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["format", "family", "dst"])
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))

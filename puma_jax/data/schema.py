@@ -82,7 +82,7 @@ class Example:
   vae_images: tuple = ()         # filled by transforms.Preprocess
   token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
-  def validate(self) -> "Example":
+  def validate(self) -> Example:
     """Raises BadRecord naming what is wrong; returns self when the record is usable."""
     validate(self)
     return self

@@ -40,7 +40,7 @@ def _grounded_caption(ex: Example) -> list[seq.Segment]:
 
 
 def _chat(ex: Example) -> list[seq.Segment]:
-  """LLaVA-1.5 layout with the seed's system message; images where the user put `<image>`."""
+  """LLaVA-1.5 layout with the paper's system message; images where the user put `<image>`."""
   segs: list[seq.Segment] = [seq.Text(seq.SYSTEM_MESSAGE)]
   k = 0
   for turn in ex.conversation:

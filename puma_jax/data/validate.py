@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from puma_jax import cli
 from puma_jax.data import parse, pipeline, transforms
 from puma_jax.data.schema import Skip
 
@@ -112,7 +113,8 @@ def format_report(reports, problems) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
   dcfg = cfg.data if "data" in cfg else cfg
   reports, problems = validate(dcfg, _LIMIT.value, _SPLIT.value, _MAX_SKIP.value)
@@ -120,9 +122,9 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"sources": reports, "problems": problems}, f, indent=2)
-  sys.exit(1 if problems else 0)
+  return 1 if problems else 0
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))

@@ -1,6 +1,6 @@
 """Classifier-free-guided sampling: the whole denoising loop as one jitted `lax.fori_loop`.
 
-PUMA's decoder inference (DESIGN.md section 1): DDPM from SDXL's scheduler config, 50 steps,
+PUMA's decoder inference (docs/DESIGN.md §4): DDPM from SDXL's scheduler config, 50 steps,
 guidance 2.0, `eps = uncond + g * (cond - uncond)` where the unconditional branch sees the CLIP
 features of an all-black image (pooled to the same scale) with the positional embedding off;
 initial latents are N(0, 1) times `init_noise_sigma`; images are `vae.decode(latents /
@@ -142,7 +142,8 @@ class DecoderSampler:
   `latents(...)` stops before the VAE.
   """
 
-  def __init__(self, decoder: nnx.Module, vae: nnx.Module, settings: SamplerSettings = SamplerSettings(),
+  def __init__(self, decoder: nnx.Module, vae: nnx.Module,
+               settings: SamplerSettings = SamplerSettings(),
                scheduler_config: S.SchedulerConfig | None = None,
                latent_size: int | None = None):
     ucfg = decoder.config.unet

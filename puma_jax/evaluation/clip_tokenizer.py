@@ -25,7 +25,8 @@ def load(path):
   return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, texts: Sequence[str],
+             max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
   """-> (input_ids, attention_mask), int32 arrays of shape (len(texts), max_length)."""
   if isinstance(texts, str):
     raise TypeError("tokenize expects a list of strings, not one string")

@@ -17,7 +17,7 @@ def base(task: str, variant: str) -> ml_collections.ConfigDict:
   c.task = task                 # reconstruction | text_to_image | editing | understanding
   c.seed = 0                    # sampling seed (LPIPS_d uses seed and seed + 1)
   c.scales = tuple(pooling.SCALE_NAMES)  # scales generated and scored (f0 finest .. f4)
-  c.image_size = 64 if small else 256    # side images are compared at (seed 8.1: 256x256)
+  c.image_size = 64 if small else 256    # compared images' side (PUMA paper, app. 8.1)
   c.batch_size = 4 if small else 16      # records per host per batch
   c.max_new_tokens = 8 if small else 64  # understanding: answer length cap
   c.max_items = 0                 # use only the first N records (0: all)

@@ -1,4 +1,4 @@
-"""The paper's four evaluation protocols (DESIGN.md section 2), one shape for all:
+"""The paper's four evaluation protocols (docs/DESIGN.md §13), one shape for all:
 
     ev = EVALUATORS[task](config, generator, nets, put)
     ev.run(records) -> {name: value}                      # everything in memory
@@ -18,7 +18,7 @@ their size, the padding dropped again), so the metric networks run data-parallel
                   "max/*": per-example best over the scales (the paper's 5-scale oracle).
   editing         per scale: CLIP-I (output vs source), CLIP-T (output vs target caption),
                   DINO (output vs source); "max/*" as above.
-  understanding   LLaVA-1.5 prompts (`PumaPipeline.chat` adds the seed's system message):
+  understanding   LLaVA-1.5 prompts (`PumaPipeline.chat` adds the paper's system message):
                   short answers (VQAv2/GQA exact match), multiple choice (MMBench letter),
                   yes/no pairs (MME accuracy, accuracy+ and score).
 """

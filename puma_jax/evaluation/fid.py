@@ -67,7 +67,7 @@ class FeatureStats:
     self.sum = np.zeros(dim, np.float64)
     self.outer = np.zeros((dim, dim), np.float64)
 
-  def add(self, feats) -> "FeatureStats":
+  def add(self, feats) -> FeatureStats:
     f = np.asarray(feats, np.float64)
     if f.ndim != 2 or f.shape[1] != self.dim:
       raise ValueError(f"FeatureStats.add: expected (batch, {self.dim}) features; got {f.shape}")
@@ -76,7 +76,7 @@ class FeatureStats:
     self.outer += f.T @ f
     return self
 
-  def merge(self, other: "FeatureStats") -> "FeatureStats":
+  def merge(self, other: FeatureStats) -> FeatureStats:
     if other.dim != self.dim:
       raise ValueError(f"FeatureStats.merge: dimensions {self.dim} and {other.dim} differ")
     self.n += other.n
@@ -97,7 +97,7 @@ class FeatureStats:
     os.replace(tmp, path)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "FeatureStats":
+  def load(cls, path: str | os.PathLike) -> FeatureStats:
     with np.load(path) as z:
       out = cls(int(z["sum"].shape[0]))
       out.n, out.sum, out.outer = int(z["n"]), z["sum"].copy(), z["outer"].copy()

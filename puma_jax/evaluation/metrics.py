@@ -1,4 +1,4 @@
-"""Image metrics of the paper's evaluation protocols (DESIGN.md section 2), in JAX.
+"""Image metrics of the paper's evaluation protocols (docs/DESIGN.md §13), in JAX.
 
 Two layers:
   * pure, jit-able, batched functions of (model, images): `psnr`, `lpips`, `clip_image_embeds`,

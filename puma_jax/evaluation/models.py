@@ -96,7 +96,8 @@ class ToyGenerator:
     answers = []
     for im, q in zip(images, questions):
       mean = np.asarray(im, np.float64).reshape(-1, 3).mean(0)
-      name = min(synthetic.COLORS, key=lambda c: np.sum((np.array(synthetic.COLORS[c]) - mean) ** 2))
+      name = min(synthetic.COLORS,
+                 key=lambda c: np.sum((np.array(synthetic.COLORS[c]) - mean) ** 2))
       if "yes or no" in q.lower():
         answers.append("Yes" if name in q.lower() else "No")
       else:

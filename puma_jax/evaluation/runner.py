@@ -30,7 +30,7 @@ from puma_jax import sharding
 from puma_jax.evaluation import evaluators as E
 from puma_jax.evaluation import models, records as R
 
-# Paper numbers (DESIGN.md section 2) beside the metric names that correspond to them.
+# Paper numbers (docs/DESIGN.md §13) beside the metric names that correspond to them.
 PAPER = {
     "reconstruction": {"f0/psnr": 18.16, "f0/lpips": 0.2215, "f1/psnr": 13.26, "f1/lpips": 0.4325,
                        "f2/psnr": 12.35, "f2/lpips": 0.4992, "f3/psnr": 11.04, "f3/lpips": 0.5971,
@@ -41,7 +41,8 @@ PAPER = {
                       "short/accuracy": "60.6 (GQA) / 76.2 (VQAv2)"},
 }
 # Fields that change how a run is executed but not its numbers.
-_EXECUTION_ONLY = ("mesh", "num_devices", "batch_size", "max_items_this_run", "process_index", "process_count")
+_EXECUTION_ONLY = ("mesh", "num_devices", "batch_size", "max_items_this_run", "process_index",
+                   "process_count")
 
 
 class EvalError(RuntimeError):
@@ -224,8 +225,8 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   results = ev.aggregate(items, feats)
   out = {"task": task, "metrics": results, "records": len(recs), "hosts": pc,
          "devices_per_host": len(devices), "model": cfg.model.kind,
-         "random_weights": sorted(set(nets.random) | ({f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma"
-                                                        else set())),
+         "random_weights": sorted(set(nets.random) | (
+             {f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma" else set())),
          "config": fp}
   (workdir / "results.json").write_text(json.dumps(out, indent=1, sort_keys=True))
   (workdir / "results.md").write_text(markdown(out))
@@ -241,8 +242,9 @@ def markdown(out: dict) -> str:
   paper = PAPER.get(task, {})
   lines = [f"# {task}: {out['records']} records, model {out['model']}", ""]
   if out["random_weights"]:
-    lines += [f"Stand-ins built in-process (random weights or the toy generator): {', '.join(out['random_weights'])} (the numbers "
-              "exercise the pipeline; they say nothing about PUMA).", ""]
+    lines += ["Stand-ins built in-process (random weights or the toy generator): "
+              f"{', '.join(out['random_weights'])} (the numbers exercise the pipeline; they say "
+              "nothing about PUMA).", ""]
   lines += ["| metric | ours | paper (PUMA) |", "|---|---|---|"]
   for k in sorted(res):
     lines.append(f"| {k} | {_fmt(res[k])} | {_fmt(paper[k]) if k in paper else ''} |")

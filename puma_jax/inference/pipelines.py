@@ -10,7 +10,7 @@
 Image features are generated coarse to fine with the KV cache (`generation.generate_features`),
 stopping after the finest scale needed; each requested scale is decoded by its own decoder with
 classifier-free guidance whose unconditional input is the black image's features at that scale
-(DESIGN.md section 1). `scales=None` lets the router choose (`router.choose`).
+(docs/DESIGN.md §4). `scales=None` lets the router choose (`router.choose`).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class PumaPipeline:
 
   def chat(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64,
            **sampling) -> list[str]:
-    """Answers with the seed's system message (LLaVA-1.5 layout)."""
+    """Answers with the paper's system message (LLaVA-1.5 layout)."""
     segs = [[seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0),
              seq.Text("\n" + q + " ASSISTANT:")] for q in questions]
     prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]

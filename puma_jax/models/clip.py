@@ -1,7 +1,7 @@
 """CLIP vision tower (pre-LN ViT, HF `CLIPVisionModel` layout) and PUMA's image preprocessing.
 
 PUMA's image features are `model(pixel_values)[:, 1:]`: the final layer's patch tokens, class
-token dropped, *before* `post_layernorm` (DESIGN.md section 1). `post_layernorm` is kept (it is
+token dropped, *before* `post_layernorm` (docs/DESIGN.md §2). `post_layernorm` is kept (it is
 part of the checkpoint and of the pooled output that CLIP scores use).
 """
 
@@ -202,7 +202,7 @@ def patch_features(model: CLIPVisionModel, pixel_values: jax.Array) -> jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing (DESIGN.md: resize to exactly 224x224, bilinear, no crop; CLIP mean/std)
+# Preprocessing (docs/DESIGN.md §2: resize to exactly 224x224, bilinear, no crop; CLIP mean/std)
 
 
 def normalize(images01):

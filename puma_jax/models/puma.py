@@ -1,6 +1,6 @@
 """PumaModel: frozen CLIP -> five scales -> projector -> LLaMA -> LM head + feature head.
 
-DESIGN.md section 1, with our decisions marked there: an input projector (2-layer MLP,
+docs/DESIGN.md §6, with our decisions marked there: an input projector (2-layer MLP,
 feature_dim -> d_model) plus a learned embedding per scale and per position within the scale
 maps features into the sequence; an output head (2-layer MLP, d_model -> feature_dim) regresses
 at each position the *next* feature token. An optional router head reads the hidden state at

@@ -6,7 +6,7 @@
 (1024-d for ViT-L/14). They go through `mapping_layer` (Linear 1024 -> 2048, SDXL's
 cross-attention width), plus, for the 256-token decoder only, the learned positional embedding
 `embed_img_pos` (1, 256, 2048); the result is the UNet's cross-attention context. The UNet has
-no added (`text_time`) embedding (DESIGN.md section 1).
+no added (`text_time`) embedding (docs/DESIGN.md §3).
 
 `use_pos_embed` switches the positional embedding off for the unconditional CFG branch (the
 black image's features, as the public pipeline does). It may also be a weight array, scalar or
