@@ -19,14 +19,17 @@ seconds in all (a smoke test of the benchmark, not a measurement).
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
+
+from puma_jax import cli
 
 
 def alternate(fns: dict, repeats: int) -> dict:
@@ -199,24 +202,35 @@ BENCHES = {"pack": bench_pack, "attention": bench_attention, "decode": bench_dec
            "sample": bench_sample}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser()
-  p.add_argument("--tiny", action="store_true", help="small sizes: a smoke test in seconds")
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--seq_len", type=int, default=2048)
-  p.add_argument("--rows", type=int, default=4)
-  p.add_argument("--only", default=",".join(BENCHES))
-  args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("tiny", False, "small sizes: a smoke test in seconds")
+flags.DEFINE_integer("repeats", 5, "timed runs per side (median reported)")
+flags.DEFINE_integer("seq_len", 2048, "positions per row of the packing benchmark")
+flags.DEFINE_integer("rows", 4, "rows per batch of the packing benchmark")
+flags.DEFINE_list("only", list(BENCHES), f"benchmarks to run, of {sorted(BENCHES)}")
+
+
+class _Args:
+  def __init__(self):
+    for k in ("tiny", "repeats", "seq_len", "rows", "only"):
+      setattr(self, k, FLAGS[k].value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  args = _Args()
   if args.tiny:
     args.repeats, args.seq_len, args.rows = min(args.repeats, 2), min(args.seq_len, 1024), 2
+  bad = [n for n in args.only if n not in BENCHES]
+  if bad:
+    raise ValueError(f"--only: unknown benchmark(s) {bad}; choose from {sorted(BENCHES)}")
   dev = jax.devices()[0]
   print(f"device: {dev.platform} {dev.device_kind}; median of {args.repeats} alternating runs; "
         "speedup = right side over left (> 1: right is faster)")
-  for name in args.only.split(","):
-    if name not in BENCHES:
-      raise SystemExit(f"--only: unknown benchmark {name!r}; choose from {sorted(BENCHES)}")
+  for name in args.only:
     BENCHES[name](args)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))

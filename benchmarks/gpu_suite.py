@@ -20,12 +20,16 @@ Sections:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+from absl import app, flags
+
+from puma_jax import cli
 
 TOKENS = 256  # the f0 decoder's feature tokens
 
@@ -384,12 +388,23 @@ SECTIONS = {"mllm": section_mllm, "decoder_jax": section_decoder_jax,
             "sample_torch": section_sample_torch}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser()
-  p.add_argument("section", choices=sorted(SECTIONS) + ["report"])
-  p.add_argument("--out", required=True, type=Path)
-  p.add_argument("--tiny", action="store_true")
-  args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "folder for the sections' JSON results")
+flags.DEFINE_bool("tiny", False, "toy sizes on any device (the CPU smoke test)")
+
+
+class _Args:
+  def __init__(self, section):
+    self.section, self.tiny = section, FLAGS.tiny
+    self.out = Path(FLAGS.out)
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in (*SECTIONS, "report"):
+    raise app.UsageError(f"give one section of {sorted(SECTIONS) + ['report']}; got {argv[1:]}")
+  if not FLAGS.out:
+    raise app.UsageError("--out (the results folder) is required")
+  args = _Args(argv[1])
   args.out.mkdir(parents=True, exist_ok=True)
   if args.section == "report":
     report(args.out)
@@ -404,4 +419,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, doc=__doc__))
