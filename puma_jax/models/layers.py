@@ -272,18 +272,43 @@ def _splash_kernel(t: int, heads: int, causal: bool, interpret: bool):
                               head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, is_causal, scale):
+def _splash_local(q, k, v, seg, *, is_causal, scale):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
-  b, t, h, d = q.shape
+  _, t, h, _ = q.shape
   kernel = _splash_kernel(t, h, bool(is_causal), bool(_SPLASH_INTERPRET.get()))
-  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  scale = (1.0 / float(d) ** 0.5) if scale is None else scale
 
   def one(q, k, v, s):  # (T, H, D) -> the kernel's (H, T, D); grouped K/V heads are native
     o = kernel(jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 0, 1), jnp.swapaxes(k, 0, 1),
                jnp.swapaxes(v, 0, 1), segment_ids=sa.SegmentIds(s, s))
     return jnp.swapaxes(o, 0, 1)
   return jax.vmap(one)(q, k, v, seg)
+
+
+def _splash(q, k, v, segment_ids, is_causal, scale):
+  """Splash attention; under a multi-device mesh (`sharding.use_mesh`) inside `shard_map`, as
+  XLA cannot partition a Pallas kernel: rows split like the batch, heads like the (kv) heads
+  when query and key/value heads split alike (so each shard keeps its own GQA groups), and the
+  sequence whole on every shard."""
+  from puma_jax import sharding
+  b, t, _, d = q.shape
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  fn = functools.partial(_splash_local, is_causal=is_causal,
+                         scale=(1.0 / float(d) ** 0.5) if scale is None else scale)
+  ctx = sharding.current()
+  if ctx is None or ctx[0].size == 1:
+    return fn(q, k, v, seg)
+  mesh, rules = ctx
+  spec = lambda names, x: tuple(sharding.logical_to_spec(names, rules, x.shape, mesh))
+  pad = lambda p: p + (None,) * (4 - len(p))
+  qs, ks = pad(spec(("batch", None, "act_heads"), q)), pad(spec(("batch", None, "act_kv_heads"),
+                                                                k))
+  if qs[2] != ks[2]:
+    qs, ks = qs[:2] + (None, None), ks[:2] + (None, None)
+  if qs[0] != ks[0]:
+    raise ValueError(f"attention: query and key batches shard differently ({qs[0]} vs {ks[0]})")
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(*qs), P(*ks), P(*ks), P(qs[0], None)),
+                       out_specs=P(*qs), check_vma=False)(q, k, v, seg)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
