@@ -200,8 +200,8 @@ def section_decoder_jax(args) -> dict:
   feats = jnp.asarray(r.randn(batch, dcfg.num_tokens, dcfg.mapping_dim), jnp.float32)
   sched = S.SchedulerConfig()
 
-  @jax.jit
-  def step(params, opt, key):
+  @jax.jit  # data as arguments: closed-over arrays would be constant-folded through the VAE
+  def step(params, opt, key, images, feats):
     k1, k2 = jax.random.split(key)
     lat = jax.lax.stop_gradient(
         nnx.merge(vg, vstate).sample_latent(k1, images) * vcfg.scaling_factor)
@@ -218,7 +218,8 @@ def section_decoder_jax(args) -> dict:
 
   def run():
     state["i"] += 1
-    state["p"], state["o"], lv = step(state["p"], state["o"], jax.random.key(state["i"]))
+    state["p"], state["o"], lv = step(state["p"], state["o"], jax.random.key(state["i"]),
+                                      images, feats)
     return lv
   t = timed(run, 1 if args.tiny else 5)
   return {"batch": batch, "size": size, "step_s": t, "images_per_s": batch / t}
