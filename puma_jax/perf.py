@@ -122,3 +122,57 @@ def mfu(flops_per_real_token: float, real_tokens_per_s: float, n_devices: int,
   if not peak:
     return None
   return flops_per_real_token * real_tokens_per_s / n_devices / peak
+
+
+class ThroughputWindow:
+  """Steps, real tokens and wall time between two logged steps, without the time spent in
+  evaluations and checkpoints (`paused()`), so a window that contains one does not read low.
+
+      window = ThroughputWindow(flops_per_token, peak, n_devices)
+      window.add(real_tokens)            # after each step
+      with window.paused(): evaluate()   # not counted
+      scalars = window.read()            # and start the next window
+  """
+
+  def __init__(self, flops_per_real_token: float | None, peak: float | None, n_devices: int,
+               clock=None):
+    import time
+    self.flops, self.peak, self.n_devices = flops_per_real_token, peak, n_devices
+    self._clock = clock or time.perf_counter
+    self._reset()
+
+  def _reset(self):
+    self.steps, self.real_tokens, self._excluded = 0, 0, 0.0
+    self._start = self._clock()
+
+  def add(self, real_tokens: int = 0) -> None:
+    self.steps += 1
+    self.real_tokens += int(real_tokens)
+
+  def paused(self):
+    import contextlib
+
+    @contextlib.contextmanager
+    def pause():
+      t0 = self._clock()
+      try:
+        yield
+      finally:
+        self._excluded += self._clock() - t0
+    return pause()
+
+  def read(self) -> dict[str, float]:
+    """steps_per_s, real_tokens_per_s and, with FLOPs per token, tflops_per_s_per_device and
+    mfu (where the peak is known) over the window; starts the next window."""
+    dt = max(self._clock() - self._start - self._excluded, 1e-9)
+    out = {"steps_per_s": self.steps / dt}
+    if self.real_tokens:
+      tps = self.real_tokens / dt
+      out["real_tokens_per_s"] = tps
+      if self.flops:
+        out["tflops_per_s_per_device"] = self.flops * tps / self.n_devices / 1e12
+        m = mfu(self.flops, tps, self.n_devices, self.peak)
+        if m is not None:
+          out["mfu"] = m
+    self._reset()
+    return out

@@ -48,3 +48,22 @@ def test_device_peaks_match_exactly():
   assert perf.peak_flops("cpu") is None
   assert perf.mfu(1e9, 1e3, 1, None) is None
   assert perf.mfu(1e9, 1e3, 2, 1e12) == pytest.approx(0.5)
+
+
+def test_throughput_window_excludes_paused_time_and_counts_real_tokens():
+  now = [0.0]
+  w = perf.ThroughputWindow(1e9, 1e12, 2, clock=lambda: now[0])
+  for _ in range(4):
+    now[0] += 1.0
+    w.add(real_tokens=500)
+  with w.paused():          # an evaluation: 10 s that must not lower the rates
+    now[0] += 10.0
+  r = w.read()
+  assert r["steps_per_s"] == pytest.approx(1.0)
+  assert r["real_tokens_per_s"] == pytest.approx(500.0)
+  assert r["mfu"] == pytest.approx(1e9 * 500 / 2 / 1e12)
+  now[0] += 2.0             # the next window starts at the read
+  w.add(real_tokens=100)
+  assert perf.ThroughputWindow(None, None, 1).read()["steps_per_s"] == 0.0
+  r = w.read()
+  assert r["steps_per_s"] == pytest.approx(0.5) and r["real_tokens_per_s"] == pytest.approx(50)
