@@ -61,7 +61,7 @@ def bench_pack(args):
   from puma_jax import steps
   from puma_jax.data import config as data_config
   from puma_jax.data import pipeline
-  from puma_jax.data.sequences import MLLMEncoder
+  from puma_jax.data.rows import MLLMEncoder
   from puma_jax.models import puma
   from puma_jax.tokenizer import ByteTokenizer
 

@@ -72,7 +72,7 @@ def _packed_batches(seq_len: int, rows: int, image_size: int, n: int):
   import jax.numpy as jnp
   from puma_jax.data import config as data_config
   from puma_jax.data import pipeline
-  from puma_jax.data.sequences import MLLMEncoder
+  from puma_jax.data.rows import MLLMEncoder
   from puma_jax.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   c = data_config.get_config("synthetic")

@@ -17,38 +17,27 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from puma_jax import checkpoints, cli
-from puma_jax.convert.core import flatten_state
+from puma_jax import checkpoints, cli, tokenizer
+from puma_jax.convert.core import flatten_state, unflatten_state
 
 
-def _copy(dst_module: nnx.Module, src_module: nnx.Module, what: str, grow_rows=()) -> None:
-  """Copies every parameter of src into dst (same paths); rows of `grow_rows` parameters may
-  be fewer in src (vocabulary growth: new rows = mean of the old ones)."""
+def _copy(dst_module: nnx.Module, src_module: nnx.Module, what: str) -> None:
+  """Copies every parameter of src into dst (same paths and shapes)."""
   dst_state = nnx.state(dst_module, nnx.Param)
   src_flat = flatten_state(nnx.to_pure_dict(nnx.state(src_module, nnx.Param)))
   dst_pure = nnx.to_pure_dict(dst_state)
   dst_flat = flatten_state(dst_pure)
   if set(src_flat) != set(dst_flat):
-    raise ValueError(f"{what}: parameter names differ: missing {sorted(set(dst_flat) - set(src_flat))[:5]}"
-                     f", unexpected {sorted(set(src_flat) - set(dst_flat))[:5]}")
+    raise ValueError(f"{what}: parameter names differ: missing "
+                     f"{sorted(set(dst_flat) - set(src_flat))[:5]}, unexpected "
+                     f"{sorted(set(src_flat) - set(dst_flat))[:5]}")
   out = {}
   for k, d in dst_flat.items():
     s = np.asarray(src_flat[k])
-    if s.shape == d.shape:
-      out[k] = jnp.asarray(s, d.dtype)
-      continue
-    grown = next((g for g in grow_rows if k.endswith(g)), None)
-    if grown is None:
+    if s.shape != d.shape:
       raise ValueError(f"{what}: parameter {k} has shape {s.shape} in the checkpoint, "
                        f"{tuple(d.shape)} in the model")
-    axis = 0 if grown.endswith("embedding") else 1  # embedding (V, D); lm_head kernel (D, V)
-    n_old, n_new = s.shape[axis], d.shape[axis]
-    if n_old > n_new or s.shape[1 - axis] != d.shape[1 - axis]:
-      raise ValueError(f"{what}: cannot grow {k} from {s.shape} to {tuple(d.shape)}")
-    mean = s.mean(axis=axis, keepdims=True)
-    extra = np.repeat(mean, n_new - n_old, axis=axis)
-    out[k] = jnp.asarray(np.concatenate([s, extra], axis=axis), d.dtype)
-  from puma_jax.convert.core import unflatten_state
+    out[k] = jnp.asarray(s, d.dtype)
   nnx.replace_by_pure_dict(dst_state, unflatten_state(out, dst_pure))
   nnx.update(dst_module, dst_state)
 
@@ -78,7 +67,20 @@ def load_components(model, *, clip_dir: str = "", llm_dir: str = "", puma_dir: s
     if src.config.scan_layers != want.scan_layers:
       from puma_jax.models import llama
       src = llama.set_scan_layers(src, want.scan_layers)
-    _copy(model.llm, src, llm_dir, grow_rows=("embed_tokens.embedding", "lm_head.kernel"))
+    # PUMA's added tokens: new embedding/output rows start at the mean of the old ones.
+    _copy(model.llm, tokenizer.resize_token_embeddings(src, want.vocab_size), llm_dir)
+
+
+def _check_token_ids(tok, cfg, where: str) -> None:
+  """The model config places [IMG], [/IMG] and the position tokens right after the LLaMA
+  vocabulary; a tokenizer numbering them otherwise would feed the wrong embedding rows."""
+  got = {"img_start_id": tok.img_start_id, "img_end_id": tok.img_end_id,
+         "pos0_id": tok.pos_ids[0]}
+  bad = [f"{k}: tokenizer {v}, model {getattr(cfg, k)}" for k, v in got.items()
+         if v != getattr(cfg, k)]
+  if bad:
+    raise ValueError(f"--tokenizer={where}: PUMA token ids differ from the model's ({bad}); "
+                     "use the tokenizer of the --llm checkpoint")
 
 
 # Own flag set, so that importing this module (tests, notebooks) defines no global flags.
@@ -90,6 +92,9 @@ flags.DEFINE_string("dst", None, "output directory for the PumaModel", flag_valu
                     required=True)
 flags.DEFINE_boolean("router", False, "add the learned scale-router head", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "seed of the newly initialized parts", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "byte", "'byte' (nothing stored) or an HF tokenizer directory "
+                    "(usually the LLaMA source): saved into --dst with PUMA's tokens, whose ids "
+                    "must match the model's", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> int:
@@ -106,7 +111,13 @@ def _main(argv: list[str]) -> int:
                         else llm_cfg.eos_token_ids[0], router=f.router)
   model = puma.PumaModel(cfg, rngs=nnx.Rngs(f.seed))
   load_components(model, clip_dir=f.clip, llm_dir=f.llm)
+  tok = None
+  if f.tokenizer != "byte":
+    tok = tokenizer.PumaTokenizer.from_dir(f.tokenizer)
+    _check_token_ids(tok, cfg, f.tokenizer)
   checkpoints.save_module(f.dst, "puma", cfg, model)
+  if tok is not None:
+    tok.save(f.dst)
   print(f"assembled PumaModel -> {f.dst}")
   return 0
 
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
   import sys
   argv = sys.argv if argv is None else ["python -m puma_jax.assemble", *argv]
   return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__,
-                 expected=(ValueError, checkpoints.CheckpointError))
+                 expected=(ValueError, FileNotFoundError, checkpoints.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def load_module(src: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
     raise CheckpointError(f"{src} holds a {stored!r} model, not {family!r}")
   abstract = nnx.eval_shape(lambda: registry.build(stored, config, dtype=dtype,
                                                    rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  params = nnx.state(abstract, nnx.Param)
   if mesh is not None:
     shardings = sharding.state_shardings(params, mesh, rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -93,10 +93,8 @@ def load_module(src: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
   else:
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                           nnx.to_pure_dict(params))
-  restored = restore_params(src / PARAMS_DIR, target)
-  nnx.replace_by_pure_dict(params, restored)
-  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-  return nnx.merge(graphdef, params, rest)
+  # Restored straight into the shards, so materialize needs no mesh to place them.
+  return sharding.materialize(abstract, restore_params(src / PARAMS_DIR, target))
 
 
 def restore_params(path: Path, target: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Entry point: python -m puma_jax.eval --config=configs/eval/<task>.py[:variant] --workdir=DIR
+"""Entry point: python -m puma_jax.eval --config=configs/eval/<protocol>.py[:variant] --workdir=DIR
 [--config.key=value ...]
 
 Scores this host's share of the records (resuming from DIR/shards), and on process 0 writes
@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from puma_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/<task>.py[:variant]",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/<protocol>.py[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for shard files and results "
                                "(a partly finished run there is resumed).")

@@ -13,7 +13,7 @@ trained matmul; rematerialization is not counted, as in the usual MFU definition
     (segment masking of packed rows saves no work in dense kernels, so it is not subtracted);
   * PUMA adds the input projector and the feature head (both run at every position), the
     router, and the frozen CLIP forward (no backward), amortized over the row's positions:
-    CLIP encodes every image slot of a row (`data.sequences.image_slots`).
+    CLIP encodes every image slot of a row (`data.rows.image_slots`).
 Padding does its share of the work but is not a real token: the logged MFU multiplies this
 by real tokens/s, so padding counts as waste.
 """
@@ -111,7 +111,7 @@ def flops_per_token(model_config, seq_len: int, images_per_token: float | None =
   if model_config.router:
     trained += 2 * d * puma.NUM_SCALES
   if images_per_token is None:
-    from puma_jax.data.sequences import image_slots
+    from puma_jax.data.rows import image_slots
     images_per_token = image_slots(seq_len) / seq_len
   return 3 * trained + images_per_token * clip_forward_flops(model_config.clip)
 

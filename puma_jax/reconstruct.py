@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
@@ -28,11 +27,6 @@ from puma_jax.diffusion import sampler as SM
 from puma_jax.diffusion import schedulers as S
 from puma_jax.models import clip as clip_lib
 from puma_jax.models import pooling
-
-
-def black_image(size: int) -> np.ndarray:
-  """The all-black picture whose features are CFG's unconditional input (uint8 HWC)."""
-  return np.zeros((size, size, 3), np.uint8)
 
 
 class Reconstructor:
@@ -68,7 +62,7 @@ class Reconstructor:
       return pooling.pool(patches, tokens)
 
     self._features = lambda pixels: features(cstate, jnp.asarray(pixels))
-    self.uncond = self.features([black_image(self.image_size)])
+    self.uncond = clip_lib.black_features(clip_model, tokens)
 
   def features(self, images: Sequence) -> jax.Array:
     """(B, tokens, D) features of `images` at this scale."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import numpy as np
 
@@ -40,11 +39,13 @@ del _o, _s
 SLOT_SCALE = np.concatenate([np.full(SCALE_TOKENS[s], s) for s in GEN_ORDER]).astype(np.int32)
 SLOT_POS = np.concatenate([np.arange(SCALE_TOKENS[s]) for s in GEN_ORDER]).astype(np.int32)
 
-TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
-# (ours) The scale each generating task decodes by default, from the paper's use of the scales
+# The sequence kinds: the layouts `build` knows (the data's example kinds are
+# `data.schema.EXAMPLE_KINDS`; a packed row's `kind_id` indexes this tuple).
+KINDS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
+# (ours) The scale each generating kind decodes by default, from the paper's use of the scales
 # (docs/DESIGN.md §1, §9): coarse for diverse text-to-image, fine where the output must keep the
 # input's layout. These are also the router's training labels unless an example overrides them.
-TASK_SCALE = {"t2i": 3, "edit": 1, "conditional": 0}
+KIND_SCALE = {"t2i": 3, "edit": 1, "conditional": 0}
 SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. The "
                   "assistant gives helpful, detailed, and polite answers to the user's questions.")
 NUM_POSITION_TOKENS = 224
@@ -73,7 +74,7 @@ class Image:
   # Generated images may stop after a coarser scale: slots of finer scales are then not
   # supervised. None = all five scales.
   scales: tuple[int, ...] | None = None
-  # Scale the router should pick for this generated image (0..4); None = the task default.
+  # Scale the router should pick for this generated image (0..4); None = the kind's default.
   route: int | None = None
 
 
@@ -113,17 +114,17 @@ class Built:
   target_scale: np.ndarray  # int32 scale of the next feature slot, -1 elsewhere (for metrics)
   router_label: np.ndarray  # int32 scale to decode, at the [IMG] of a generated image; else -1
   num_images: int
-  task: int
+  kind: int  # index in KINDS
 
   def __len__(self):
     return len(self.tokens)
 
 
 def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
-          special: SpecialTokens, task: str, num_images: int | None = None) -> Built:
+          special: SpecialTokens, kind: str, num_images: int | None = None) -> Built:
   """`<s> segments... </s>`; the final `</s>` is supervised if the last segment is."""
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+  if kind not in KINDS:
+    raise ValueError(f"unknown sequence kind {kind!r}; kinds are {KINDS}")
   toks: list[int] = [special.bos]
   img_idx: list[int] = [-1]
   img_tok: list[int] = [-1]
@@ -152,8 +153,8 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
       if not keep <= set(range(5)):
         raise ValueError(f"image scales {seg.scales} must be scale indices 0..4 "
                          f"({', '.join(SCALE_NAMES)})")
-      if seg.supervised and (seg.route is not None or task in TASK_SCALE):
-        label = seg.route if seg.route is not None else TASK_SCALE[task]
+      if seg.supervised and (seg.route is not None or kind in KIND_SCALE):
+        label = seg.route if seg.route is not None else KIND_SCALE[kind]
         if not 0 <= label < 5:
           raise ValueError(f"image route {label} must be a scale index 0..4")
         route[len(toks)] = label
@@ -195,11 +196,12 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
     router_label[p] = label
   return Built(tokens=toks_a, image_index=idx_a, image_token=tok_a, text_target=text_target,
                text_mask=text_mask, feature_weight=feature_weight, target_scale=target_scale,
-               router_label=router_label, num_images=max(n_img, num_images or 0), task=TASKS.index(task))
+               router_label=router_label, num_images=max(n_img, num_images or 0),
+               kind=KINDS.index(kind))
 
 
 # ----------------------------------------------------------------------------------------------
-# Task templates (docs/DESIGN.md §10)
+# Sequence templates (docs/DESIGN.md §10)
 
 
 def t2i(caption: str) -> list[Segment]:
@@ -234,7 +236,7 @@ COND_PROMPTS = {"canny": "Generate an image from this edge map.",
 
 def conditional(cond_type: str, prompt: str = "") -> list[Segment]:
   if cond_type not in COND_PROMPTS:
-    raise ValueError(f"unknown conditional task {cond_type!r}; choose from {sorted(COND_PROMPTS)}")
+    raise ValueError(f"unknown condition type {cond_type!r}; choose from {sorted(COND_PROMPTS)}")
   text = COND_PROMPTS[cond_type] + (" " + prompt if prompt else "")
   return [Image(0), Text(text), Image(1, supervised=True)]
 
@@ -259,12 +261,12 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
          pad_id: int) -> dict[str, np.ndarray]:
   """Packs examples greedily, in order, into one row of `seq_len` positions.
 
-  Returns the row's arrays plus `segment_ids`, `positions` and `task_id`; `image_index` is
+  Returns the row's arrays plus `segment_ids`, `positions` and `kind_id`; `image_index` is
   re-based so it indexes the row's image list (the first `max_images` images). Raises if an
   example does not fit at all; returns only the examples that fit under key `packed`.
   """
   row = {k: [] for k in FIELDS}
-  seg, pos, task = [], [], []
+  seg, pos, kind = [], [], []
   used, images = 0, 0
   packed = 0
   for i, ex in enumerate(examples):
@@ -279,7 +281,7 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
       row[k].append(v)
     seg.append(np.full(len(ex), i + 1, np.int32))
     pos.append(np.arange(len(ex), dtype=np.int32))
-    task.append(np.full(len(ex), ex.task, np.int32))
+    kind.append(np.full(len(ex), ex.kind, np.int32))
     used += len(ex)
     images += ex.num_images
     packed += 1
@@ -293,7 +295,7 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
     out[k] = np.concatenate(parts).astype(dtype)
   out["segment_ids"] = np.concatenate(seg + [np.zeros(pad, np.int32)])
   out["positions"] = np.concatenate(pos + [np.zeros(pad, np.int32)])
-  out["task_id"] = np.concatenate(task + [np.full(pad, -1, np.int32)])
+  out["kind_id"] = np.concatenate(kind + [np.full(pad, -1, np.int32)])
   out["num_images"] = np.int32(images)
   out["packed"] = packed
   return out

@@ -21,7 +21,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -104,13 +106,19 @@ def _rule_map(rules) -> dict[str, tuple[str, ...]]:
   return out
 
 
+# (what, shape, logical name, mesh axis) already reported, so each replication is logged once.
+_WARNED: set[tuple] = set()
+
+
 def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES,
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None, *,
+                    strict: bool = False, what: str = "array") -> P:
   """Maps logical axis names to a PartitionSpec.
 
   A mesh axis is used at most once per array (first dimension wins). With `shape` and `mesh`
   given, mesh axes that do not divide a dimension are dropped (that dimension stays replicated
-  over them), so small configs shard as far as they can instead of failing.
+  over them), so small configs shard as far as they can instead of failing; each such drop is
+  logged once as a warning naming `what`, and `strict=True` raises instead.
   """
   table = _rule_map(rules)
   used: set[str] = set()
@@ -122,8 +130,16 @@ def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES,
       if a in used:
         continue
       if mesh is not None and shape is not None:
-        size = mesh.shape[a]
-        if shape[d] % (math.prod(mesh.shape[k] for k in kept) * size):
+        ways = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
+        if shape[d] % ways:
+          msg = (f"{what} {tuple(shape)}: dimension {d} ({name!r}, size {shape[d]}) does not "
+                 f"divide into {ways} shards over mesh axis {a!r}")
+          if strict:
+            raise ValueError(msg)
+          key = (what, tuple(shape), name, a)
+          if key not in _WARNED:
+            _WARNED.add(key)
+            logging.warning("%s; it stays replicated over %r", msg, a)
           continue
       kept.append(a)
     used.update(kept)
@@ -141,19 +157,24 @@ def variable_axes(var: nnx.Variable) -> tuple | None:
   return var.get_metadata().get("logical_axes")
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for every variable of an (abstract or concrete) state, same tree."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES, *, strict: bool = False):
+  """NamedShardings for every variable of an (abstract or concrete) state, same tree.
 
-  def one(var):
+  `strict`: a logical axis whose mesh axes do not divide the dimension is an error (naming the
+  variable) instead of a logged, replicated dimension."""
+
+  def one(path, var):
     axes = variable_axes(var)
     shape = var.value.shape
+    what = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     if axes is None:
       axes = (None,) * len(shape)
     if len(axes) != len(shape):
-      raise ValueError(f"logical axes {axes} do not match the shape {shape} of a variable")
-    return var.replace(NamedSharding(mesh, logical_to_spec(axes, rules, shape, mesh)))
+      raise ValueError(f"{what}: logical axes {axes} do not match the shape {shape}")
+    spec = logical_to_spec(axes, rules, shape, mesh, strict=strict, what=what)
+    return var.replace(NamedSharding(mesh, spec))
 
-  return jax.tree.map(one, state, is_leaf=_is_var)
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
 @contextlib.contextmanager
@@ -167,10 +188,6 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
     _CTX.reset(token)
 
 
-def current() -> tuple[Mesh, tuple] | None:
-  return _CTX.get()
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   ctx = _CTX.get()
@@ -179,7 +196,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = ctx
   if len(names) != x.ndim:
     raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of rank {x.ndim}")
-  spec = logical_to_spec(names, rules, x.shape, mesh)
+  spec = logical_to_spec(names, rules, x.shape, mesh, what=f"activation {tuple(names)}")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -199,6 +216,36 @@ def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh | None = None,
   with use_mesh(mesh, rules):
     state = init()
   return nnx.merge(graphdef, state)
+
+
+def materialize(abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None,
+                rules=DEFAULT_RULES) -> nnx.Module:
+  """A concrete module from an abstract one (`nnx.eval_shape`) and its parameters.
+
+  `params` is a pure dict of every `nnx.Param` (arrays; same tree as
+  `nnx.to_pure_dict(nnx.state(abstract, nnx.Param))`). Every other variable (RNG counters,
+  caches) is zero-filled: loaded weights never carry them, and building them would allocate the
+  whole model. With `mesh`, each parameter is placed by its logical axes.
+  """
+  graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+  want, got = _leaf_shapes(nnx.to_pure_dict(state)), _leaf_shapes(params)
+  if want != got:  # a missing leaf would silently stay abstract
+    bad = [f"{k}: given {got[k]}, model {want[k]}" for k in sorted(set(want) & set(got))
+           if want[k] != got[k]]
+    raise ValueError(f"materialize: parameters do not match the module: missing "
+                     f"{sorted(set(want) - set(got))[:5]}, unexpected "
+                     f"{sorted(set(got) - set(want))[:5]}, shape mismatches {bad[:5]}")
+  nnx.replace_by_pure_dict(state, params)
+  if mesh is not None:
+    state = jax.device_put(state, state_shardings(state, mesh, rules))
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  return nnx.merge(graphdef, state, rest)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  key = lambda p: str(getattr(p, "key", getattr(p, "idx", p)))
+  return {".".join(key(p) for p in path): tuple(np.shape(v))
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:

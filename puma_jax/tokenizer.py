@@ -17,11 +17,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from puma_jax import sharding
 from puma_jax.sequence import NUM_POSITION_TOKENS, SpecialTokens
 
 IMG_START = "[IMG]"
@@ -93,7 +93,7 @@ class PumaTokenizer:
     self._pos_index = {t: i for i, t in enumerate(self.pos_ids)}
 
   @classmethod
-  def from_dir(cls, path: str | os.PathLike, add_puma_tokens: bool = True) -> "PumaTokenizer":
+  def from_dir(cls, path: str | os.PathLike, add_puma_tokens: bool = True) -> PumaTokenizer:
     """Loads the tokenizer files of a local HF (or converted puma_jax) directory."""
     from transformers import AutoTokenizer
     path = Path(path)
@@ -205,10 +205,7 @@ def resize_token_embeddings(model, vocab_size: int, *, pad_to_multiple_of: int |
   param_dtype = params["embed_tokens"]["embedding"].dtype
   abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype,
                                                      param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, new_params, rest = nnx.split(abstract, nnx.Param, ...)
-  nnx.replace_by_pure_dict(new_params, params)
-  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-  return nnx.merge(graphdef, new_params, rest)
+  return sharding.materialize(abstract, params)
 
 
 def prepare(model, tokenizer: PumaTokenizer, *, pad_to_multiple_of: int | None = None):

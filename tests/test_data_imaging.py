@@ -126,7 +126,7 @@ def test_conditional_pairs(cond):
   img[..., 1] = 0   # magenta square: grayscale differs from the colour image
   p = parse.Parser("conditional", "s", parse.ParseOptions(cond_types=(cond,)))
   ex = p({"key": "a", "image": img, "caption": "square"})
-  assert ex.task == "conditional" and ex.cond_type == cond
+  assert ex.kind == "conditional" and ex.cond_type == cond
   condition, target = ex.images
   np.testing.assert_array_equal(target, img)
   if cond == "canny":

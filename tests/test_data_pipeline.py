@@ -8,7 +8,7 @@ import pytest
 
 from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, synthetic
-from puma_jax.data.schema import TASK_IDS, TASKS
+from puma_jax.data.schema import EXAMPLE_KIND_IDS, EXAMPLE_KINDS
 
 
 def tiny_cfg(**kw):
@@ -47,7 +47,7 @@ def test_same_seed_same_batches_other_seed_differs():
   assert_batches_equal(a, b)
   c = take(iter(pipeline.build(tiny_cfg(seed=1), tokenize=tok, host_index=0, host_count=1)), 5)
   assert any(not np.array_equal(x["images"], y["images"]) for x, y in zip(a, c))
-  assert set(a[0]) >= {"task", "images", "num_images", "text_ids", "text_len", "boxes"}
+  assert set(a[0]) >= {"kind", "images", "num_images", "text_ids", "text_len", "boxes"}
   assert a[0]["images"].shape == (4, 2, 16, 16, 3) and a[0]["images"].dtype == np.uint8
 
 
@@ -102,12 +102,12 @@ def test_host_shards_disjoint_and_covering(hosts):
 def test_mixing_follows_weights():
   cfg = tiny_cfg(batch_size=50)
   it = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
-  tasks = np.concatenate([b["task"] for b in take(it, 4)])
-  counts = collections.Counter(TASKS[t] for t in tasks)
+  kinds = np.concatenate([b["kind"] for b in take(it, 4)])
+  counts = collections.Counter(EXAMPLE_KINDS[t] for t in kinds)
   assert {k: v for k, v in it.metrics().items() if k.startswith("data/task/")} == {
       f"data/task/{t}": n for t, n in counts.items()}
   total = sum(float(s.weight) for s in cfg.sources.values())
-  # pairs (weight 2) become t2i + i2t; every other family maps to one task.
+  # pairs (weight 2) become t2i + i2t; every other family maps to one kind.
   assert abs((counts["t2i"] + counts["i2t"]) / 200 - 2 / total) < 0.03
   for fam in ("grounding", "text", "chat", "edit", "conditional"):
     assert abs(counts[fam] / 200 - 1 / total) < 0.03, (fam, counts)
@@ -116,14 +116,14 @@ def test_mixing_follows_weights():
 def test_pair_split_is_deterministic_per_example_and_balanced():
   src = synthetic.SyntheticSource("pairs", num_train=400, image_size=8)
   p = parse.Parser("pairs", "pairs", parse.ParseOptions(seed=3))
-  tasks = {p(src[i]).key: p(src[i]).task for i in range(400)}
-  # Order-independent: reading in reverse gives each key the same task.
-  assert all(p(src[i]).task == tasks[f"pairs/{src[i]['key']}"] for i in reversed(range(400)))
-  share = sum(t == "i2t" for t in tasks.values()) / 400
+  kinds = {p(src[i]).key: p(src[i]).kind for i in range(400)}
+  # Order-independent: reading in reverse gives each key the same kind.
+  assert all(p(src[i]).kind == kinds[f"pairs/{src[i]['key']}"] for i in reversed(range(400)))
+  share = sum(t == "i2t" for t in kinds.values()) / 400
   assert 0.42 < share < 0.58
   other = parse.Parser("pairs", "pairs", parse.ParseOptions(seed=4))
-  assert any(other(src[i]).task != tasks[other(src[i]).key] for i in range(400))
-  assert all(parse.Parser("pairs", "p", parse.ParseOptions(i2t_fraction=0.0))(src[i]).task ==
+  assert any(other(src[i]).kind != kinds[other(src[i]).key] for i in range(400))
+  assert all(parse.Parser("pairs", "p", parse.ParseOptions(i2t_fraction=0.0))(src[i]).kind ==
              "t2i" for i in range(20))
   # Inside the pipeline the split is the same whatever the shuffle seed or host sharding.
   cfg = tiny_cfg(num_epochs=1, drop_remainder=False, seed=3)
@@ -132,20 +132,20 @@ def test_pair_split_is_deterministic_per_example_and_balanced():
     cfg.sources[name].weight = 1.0 if name == "pairs" else 0.0
   cfg.synthetic.image_size = 8
   cfg.image.clip_size = 8
-  got = {ex.key: ex.task for h in range(2)
+  got = {ex.key: ex.kind for h in range(2)
          for b in pipeline.build(cfg, encode=None, host_index=h, host_count=2) for ex in b}
-  assert got == tasks
+  assert got == kinds
 
 
-def test_every_task_reaches_the_batches():
+def test_every_kind_reaches_the_batches():
   cfg = tiny_cfg(batch_size=64)
   b = next(iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1)))
-  assert set(b["task"].tolist()) == {TASK_IDS[t] for t in TASKS if t != "image"}
-  edit = b["task"] == TASK_IDS["edit"]
+  assert set(b["kind"].tolist()) == {EXAMPLE_KIND_IDS[t] for t in EXAMPLE_KINDS if t != "image"}
+  edit = b["kind"] == EXAMPLE_KIND_IDS["edit"]
   assert np.all(b["num_images"][edit] == 2)
-  text = b["task"] == TASK_IDS["text"]
+  text = b["kind"] == EXAMPLE_KIND_IDS["text"]
   assert np.all(b["num_images"][text] == 0) and np.all(b["images"][text] == 0)
-  g = b["task"] == TASK_IDS["grounding"]
+  g = b["kind"] == EXAMPLE_KIND_IDS["grounding"]
   assert np.all(b["num_boxes"][g] >= 1)
   assert np.all(b["text_len"] > 0)
 
@@ -184,10 +184,10 @@ def test_decoder_preset_filters_small_images_and_aligns_views():
   records += [{"key": f"s{i}", "image": im, "caption": "small"} for i, im in enumerate(small)]
   it = iter(pipeline.build(cfg, host_index=0, host_count=1, readers={"images": records}))
   batches = list(it)
-  assert sum(len(b["task"]) for b in batches) == 6
+  assert sum(len(b["kind"]) for b in batches) == 6
   assert it.metrics()["data/skipped/too_small"] == 3
   b = batches[0]
-  assert np.all(b["task"] == TASK_IDS["image"])
+  assert np.all(b["kind"] == EXAMPLE_KIND_IDS["image"])
   assert b["images"].shape[2:] == (16, 16, 3) and b["vae_images"].shape[2:] == (24, 24, 3)
   from PIL import Image
 

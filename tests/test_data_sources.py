@@ -129,7 +129,7 @@ def test_llava_json(tmp_path):
   (tmp_path / "llava.json").write_text(json.dumps(data))
   src = sources.JsonListSource(str(tmp_path / "llava.json"), image_root=str(tmp_path))
   out = parse_all(src, "chat")
-  assert out[0].task == "chat" and len(out[0].images) == 1 and len(out[0].conversation) == 4
+  assert out[0].kind == "chat" and len(out[0].images) == 1 and len(out[0].conversation) == 4
   assert [t.role for t in out[0].conversation] == ["user", "assistant"] * 2
   assert out[0].key == "src/a1"
   assert out[1].images == () and out[1].conversation[1].text == "Hello"

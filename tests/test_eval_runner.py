@@ -15,8 +15,8 @@ from puma_jax.evaluation import config as eval_config
 from puma_jax.evaluation import evaluators, metrics, records, runner
 
 
-def cfg_for(task, **over):
-  c = eval_config.base(task, "toy")
+def cfg_for(protocol, **over):
+  c = eval_config.base(protocol, "toy")
   c.scales = ("f0", "f4")
   c.image_size = 32
   c.batch_size = 3

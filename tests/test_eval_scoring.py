@@ -90,5 +90,5 @@ def test_synthetic_records():
   yes, no = und[2], und[3]
   assert (yes["answer"], no["answer"]) == ("yes", "no") and yes["image_id"] == no["image_id"]
   assert und[1]["options"][und[1]["answer"]] in synthetic.BACKGROUNDS
-  with pytest.raises(records.EvalDataError, match="unknown task"):
+  with pytest.raises(records.EvalDataError, match="unknown eval protocol"):
     records.synthetic_records("captioning", cfg)

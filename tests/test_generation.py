@@ -183,6 +183,20 @@ def test_bad_generation_inputs(models):
     generate_text(ours, [[3]], 4, temperature=1.0, top_p=0.0)
   with pytest.raises(ValueError, match="attention_mask shape"):
     generate_text(ours, np.ones((2, 4), int), 4, attention_mask=np.ones((2, 3)))
+  with pytest.raises(ValueError, match="images/features are for a PumaModel"):
+    generate_text(ours, [[3]], 4, images=np.zeros((1, 1, 8, 8, 3)))
+
+
+def test_left_pad_aligns_rows_at_the_right():
+  out = text.left_pad([{"tokens": [1, 2, 3], "image_index": [-1, 0, 0]},
+                       {"tokens": [4], "image_index": [-1]}], fill={"image_index": -1})
+  assert out["tokens"].shape == (2, 16) and out["tokens"].dtype == np.int32
+  np.testing.assert_array_equal(out["tokens"][:, -3:], [[1, 2, 3], [0, 0, 4]])
+  np.testing.assert_array_equal(out["image_index"][0, -4:], [-1, -1, 0, 0])
+  np.testing.assert_array_equal(out["mask"].sum(1), [3, 1])
+  assert out["mask"][1, -1] and not out["mask"][1, -2]
+  with pytest.raises(ValueError, match="no prompts"):
+    text.left_pad([])
 
 
 def test_sharded_generation_equals_unsharded(models):

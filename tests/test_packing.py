@@ -12,7 +12,7 @@ from flax import nnx
 from puma_jax import steps
 from puma_jax.data import config as data_config
 from puma_jax.data import pipeline
-from puma_jax.data.sequences import MLLMEncoder, image_slots
+from puma_jax.data.rows import MLLMEncoder, image_slots
 from puma_jax.models import puma
 from puma_jax.tokenizer import ByteTokenizer
 

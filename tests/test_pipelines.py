@@ -69,7 +69,7 @@ def test_router_defaults_and_errors(pipe):
   assert router.default_scale("conditional", "inpaint") == "f0"
   assert router.default_scale("conditional", "canny") == "f1"
   assert router.choose("t2i", np.eye(5)[[4, 0]]) == ["f4", "f0"]
-  with pytest.raises(ValueError, match="no default output scale for task 'chat'"):
+  with pytest.raises(ValueError, match="no default output scale for sequence kind 'chat'"):
     router.default_scale("chat")
   with pytest.raises(ValueError, match="no decoder for scale f0"):
     pipe.text_to_image(["x"], scales=("f0",))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from puma_jax import losses, sequence as seq, sharding
-from puma_jax.inference import generation
+from puma_jax.inference import generation, text
 from puma_jax.models import puma
 
 from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
@@ -25,8 +25,8 @@ def model():
   return m
 
 
-def build(segs, task):
-  return seq.build(segs, TOK.encode, SP, task)
+def build(segs, kind):
+  return seq.build(segs, TOK.encode, SP, kind)
 
 
 def rows_to_batch(rows, images):
@@ -104,7 +104,7 @@ def test_cached_text_generation_equals_full_forwards(model):
   images = jnp.asarray(rng.randn(2, 1, 32, 32, 3).astype(np.float32))
   prompts = [seq.build_prompt(seq.chat([("What is it?", "")])[:-1], TOK.encode, SP),
              seq.build_prompt([seq.Image(0), seq.Text("Caption:")], TOK.encode, SP)]
-  got = generation.generate_text(model, prompts, 12, images=images, stop_tokens=())
+  got = text.generate_text(model, prompts, 12, images=images, stop_tokens=())
   feats_in = model.encode_images(images)
   forward = jitted_forward(model)
   for i, pr in enumerate(prompts):
@@ -146,15 +146,15 @@ def test_bad_inputs(model):
   with pytest.raises(ValueError, match="must end with \\[IMG\\]"):
     generation.generate_features(model, [seq.build_prompt([seq.Text("x")], TOK.encode, SP)], "f4")
   with pytest.raises(ValueError, match="uses 1 images, more than the 0"):
-    generation.generate_text(model, [p], 4, features=jnp.zeros((1, 0, 341, 64)))
+    text.generate_text(model, [p], 4, features=jnp.zeros((1, 0, 341, 64)))
   with pytest.raises(ValueError, match="clip.image_size=64 / patch_size=2"):
     puma.PumaConfig(llm=model.config.llm, clip=model.config.clip.replace(image_size=64))
 
 
 def test_sampled_text_generation_runs_and_is_seeded(model):
   p = [seq.build_prompt([seq.Text("hello")], TOK.encode, SP)]
-  a = generation.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
-                               stop_tokens=())
-  b = generation.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
-                               stop_tokens=())
+  a = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
+                         stop_tokens=())
+  b = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
+                         stop_tokens=())
   assert a == b and len(a[0]) == 6 and all(0 <= t < model.config.llm.vocab_size for t in a[0])

@@ -29,8 +29,8 @@ def test_reconstructor_toy_decoder():
   want = pooling.multi_granular(clip.patch_features(cm, jnp.asarray(pix)))[2]
   assert rel_err(rec.features(imgs), want) < 1e-5
   black = clip.preprocess_pil([np.zeros((32, 32, 3), np.uint8)], 32)
-  want = pooling.multi_granular(clip.patch_features(cm, jnp.asarray(black)))[2]
-  assert rel_err(rec.uncond, want) < 1e-5
+  black_want = pooling.multi_granular(clip.patch_features(cm, jnp.asarray(black)))[2]
+  assert rel_err(rec.uncond, black_want) < 1e-5
   out = rec(imgs, seed=5, samples_per_image=2)
   assert out.shape == (4, 16, 16, 3)
   # The same as driving the sampler directly with the same per-sample keys.

@@ -1,4 +1,4 @@
-"""Sequence builder masks for every task, box tokens, packing, and the loss vs NumPy by hand."""
+"""Sequence builder masks for every sequence kind, box tokens, packing, the loss vs NumPy."""
 
 import numpy as np
 import pytest
@@ -12,8 +12,8 @@ def encode(text):  # byte-level toy tokenizer: ids 10..265
   return [10 + b for b in text.encode()]
 
 
-def build(segs, task):
-  return seq.build(segs, encode, SP, task)
+def build(segs, kind):
+  return seq.build(segs, encode, SP, kind)
 
 
 def test_image_layout_constants():
@@ -65,11 +65,11 @@ def test_chat_follows_system_message_and_supervises_answers_only():
   assert b.text_target[b.text_mask][-1] == 2  # </s> after the last answer
 
 
-@pytest.mark.parametrize("segs,task", [(seq.edit("make it blue"), "edit"),
+@pytest.mark.parametrize("segs,kind", [(seq.edit("make it blue"), "edit"),
                                        (seq.conditional("canny"), "conditional"),
                                        (seq.conditional("inpaint", "a cat"), "conditional")])
-def test_edit_and_conditional_supervise_the_second_image_only(segs, task):
-  b = build(segs, task)
+def test_edit_and_conditional_supervise_the_second_image_only(segs, kind):
+  b = build(segs, kind)
   assert b.num_images == 2
   first = b.image_index == 0
   second = b.image_index == 1
@@ -111,7 +111,7 @@ def test_text_only_and_partial_scales():
   assert (b.feature_weight > 0).sum() == 5
   with pytest.raises(ValueError, match="scale indices"):
     build([seq.Image(0, scales=(5,))], "t2i")
-  with pytest.raises(ValueError, match="unknown task"):
+  with pytest.raises(ValueError, match="unknown sequence kind"):
     build([], "painting")
 
 
@@ -126,7 +126,7 @@ def test_pack_layout():
   assert row["positions"][n[0]] == 0 and row["positions"][n[0] - 1] == n[0] - 1
   # the edit example's images become 1 and 2 of the row
   assert set(row["image_index"][n[0]:n[0] + n[1]]) == {-1, 1, 2}
-  assert list(row["task_id"][[0, n[0], n[0] + n[1]]]) == [1, 3, 6]
+  assert list(row["kind_id"][[0, n[0], n[0] + n[1]]]) == [1, 3, 6]
   with pytest.raises(ValueError, match="longer than seq_len"):
     seq.pack(exs, seq_len=10, max_images=3, pad_id=0)
   row = seq.pack(exs, seq_len=sum(n) + 5, max_images=1, pad_id=0)
@@ -182,13 +182,13 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
                              rtol=1e-5)
 
 
-def test_router_labels_default_per_task_and_override():
+def test_router_labels_default_per_kind_and_override():
   b = build(seq.t2i("x"), "t2i")
   img = int(np.nonzero(b.tokens == SP.img_start)[0][0])
-  assert b.router_label[img] == seq.TASK_SCALE["t2i"] and (b.router_label >= 0).sum() == 1
+  assert b.router_label[img] == seq.KIND_SCALE["t2i"] and (b.router_label >= 0).sum() == 1
   b = build(seq.edit("y"), "edit")
   starts = np.nonzero(b.tokens == SP.img_start)[0]
-  assert b.router_label[starts[0]] == -1 and b.router_label[starts[1]] == seq.TASK_SCALE["edit"]
+  assert b.router_label[starts[0]] == -1 and b.router_label[starts[1]] == seq.KIND_SCALE["edit"]
   b = build([seq.Text("z"), seq.Image(0, supervised=True, route=4)], "t2i")
   assert set(b.router_label[b.router_label >= 0]) == {4}
   assert (build(seq.i2t("q"), "i2t").router_label == -1).all()

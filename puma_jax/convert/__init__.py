@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from puma_jax import checkpoints
+from puma_jax import checkpoints, sharding
 from puma_jax.convert import core
 from puma_jax.convert.core import ConversionError
 from puma_jax.models import registry
@@ -54,13 +54,11 @@ def import_module(name: str, src: str | os.PathLike, *, config=None):
   if hasattr(fam, "check_tensors"):  # family-specific checks with clearer messages
     fam.check_tensors(config, tensors, src)
   abstract = nnx.eval_shape(lambda: registry.build(fam.FAMILY, config, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  pure = nnx.to_pure_dict(params)
+  pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   shapes = {k: (v.shape, v.dtype) for k, v in core.flatten_state(pure).items()}
   filled = core.map_to_target(tensors, fam.rules(config), shapes, what=f"{name} {src}")
-  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, core.unflatten_state(filled, pure)))
-  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-  return nnx.merge(graphdef, params, rest), config
+  params = jax.tree.map(jnp.asarray, core.unflatten_state(filled, pure))
+  return sharding.materialize(abstract, params), config
 
 
 def convert(name: str, src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -70,7 +70,7 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
 
   d.max_images = 2              # image slots per example of unpacked rows (edit needs 2)
   d.pack = True                 # MLLM training rows: pack examples first fit into rows of
-                                # seq_len, image slots from seq_len (data.sequences.image_slots);
+                                # seq_len, image slots from seq_len (data.rows.image_slots);
                                 # eval splits and array batches stay one example per row
   d.pack_bins = 16              # rows open at once for first fit: more fill rows better and
                                 # hold more examples in memory

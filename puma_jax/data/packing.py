@@ -6,7 +6,7 @@ would need a second pass to re-base `image_index` onto the row's image list, and
 the pipeline's `Skip` markers, which must reach the counting stage in order. This stage decides
 only *which* examples share a row (first fit over `num_bins` open rows, grain's algorithm); the
 row itself is built by the packer (for MLLM rows, `sequence.pack` through
-`data.sequences.RowPacker`), so there is one row layout in the package.
+`data.rows.RowPacker`), so there is one row layout in the package.
 
 A packer has `capacity` (a tuple of budgets, e.g. (positions, image slots)), `size(item)` (the
 item's use of each budget) and `row(items)` (the packed row).

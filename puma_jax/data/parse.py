@@ -1,4 +1,4 @@
-"""Raw records -> validated `Example`s, one parser per task family.
+"""Raw records -> validated `Example`s, one parser per source family.
 
 Parsers raise `BadRecord(reason)` for anything unusable; `Parser.__call__` turns that into a
 `Skip` marker (never an exception), so one bad record can neither crash a run nor be trained on.
@@ -17,7 +17,7 @@ import numpy as np
 from puma_jax.data import imaging
 from puma_jax.data.schema import (COND_TYPES, IMAGE_PLACEHOLDER, BadRecord, Example, Skip, Turn)
 
-# The task families a source can hold ("pairs" become t2i or i2t).
+# The families a source can hold ("pairs" become t2i or i2t).
 PARSERS = ("pairs", "grounding", "text", "chat", "edit", "conditional", "images", "example")
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -84,8 +84,8 @@ def _text(rec: dict, field: str, missing: str, seed: int = 0, key: str = "") -> 
 def parse_pairs(rec, key, opt: ParseOptions) -> Example:
   image = load_image(rec.get("image"), rec)
   caption = _text(rec, "caption", "missing_caption", opt.seed, key)
-  task = "i2t" if key_hash(opt.seed, key, "pair-task") < opt.i2t_fraction else "t2i"
-  return Example(task=task, images=(image,), text=caption)
+  kind = "i2t" if key_hash(opt.seed, key, "pair-task") < opt.i2t_fraction else "t2i"
+  return Example(kind=kind, images=(image,), text=caption)
 
 
 def parse_grounding(rec, key, opt: ParseOptions) -> Example:
@@ -115,12 +115,12 @@ def parse_grounding(rec, key, opt: ParseOptions) -> Example:
   if np.any(b < -tol) or np.any(b > 1 + tol):
     raise BadRecord("box_out_of_range", f"box outside the image: {b.min():.3f}..{b.max():.3f}")
   b = np.clip(b, 0.0, 1.0).astype(np.float32)
-  return Example(task="grounding", images=(image,), text=caption, boxes=b, phrases=tuple(spans))
+  return Example(kind="grounding", images=(image,), text=caption, boxes=b, phrases=tuple(spans))
 
 
 def parse_text(rec, key, opt: ParseOptions) -> Example:
   field = "text" if "text" in rec else "caption"
-  return Example(task="text", text=_text(rec, field, "missing_text"))
+  return Example(kind="text", text=_text(rec, field, "missing_text"))
 
 
 def parse_chat(rec, key, opt: ParseOptions) -> Example:
@@ -145,14 +145,14 @@ def parse_chat(rec, key, opt: ParseOptions) -> Example:
     if first is None:
       raise BadRecord("bad_conversation", "no user turn to attach the image to")
     turns[first] = Turn("user", IMAGE_PLACEHOLDER * len(images) + "\n" + turns[first].text)
-  return Example(task="chat", images=images, conversation=tuple(turns))
+  return Example(kind="chat", images=images, conversation=tuple(turns))
 
 
 def parse_edit(rec, key, opt: ParseOptions) -> Example:
   src = load_image(rec.get("source"), rec)
   tgt = load_image(rec.get("target"), rec)
   instr = _text(rec, "instruction", "missing_instruction")
-  return Example(task="edit", images=(src, tgt), instruction=instr)
+  return Example(kind="edit", images=(src, tgt), instruction=instr)
 
 
 def _downscale_short_side(img: np.ndarray, short: int) -> np.ndarray:
@@ -185,7 +185,7 @@ def parse_conditional(rec, key, opt: ParseOptions) -> Example:
     condition = imaging.apply_mask(image, mask)
   else:
     raise ValueError(f"parse options: unknown cond_type {cond!r}; choose from {COND_TYPES}")
-  return Example(task="conditional", images=(condition, image), text=caption.strip(),
+  return Example(kind="conditional", images=(condition, image), text=caption.strip(),
                  cond_type=cond, mask=mask)
 
 
@@ -193,7 +193,7 @@ def parse_images(rec, key, opt: ParseOptions) -> Example:
   """Images for decoder training; a caption is kept when present and well-formed."""
   image = load_image(rec.get("image"), rec)
   cap = rec.get("caption")
-  return Example(task="image", images=(image,), text=cap.strip() if isinstance(cap, str) else "")
+  return Example(kind="image", images=(image,), text=cap.strip() if isinstance(cap, str) else "")
 
 
 def parse_example(rec, key, opt: ParseOptions) -> Example:
@@ -213,7 +213,7 @@ class Parser:
 
   def __init__(self, family: str, source: str, options: ParseOptions = ParseOptions()):
     if family not in _FUNCS:
-      raise ValueError(f"unknown task family {family!r}; choose from {PARSERS}")
+      raise ValueError(f"unknown source family {family!r}; choose from {PARSERS}")
     self.family, self.source, self.options = family, source, options
 
   def __call__(self, rec):

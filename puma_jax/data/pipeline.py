@@ -15,7 +15,7 @@ Order of operations, and why:
   * sources are mixed by weight (grain's deterministic weighted mix of infinite datasets);
   * bad records travel as `Skip` markers to the last stage, which runs in the main process:
     its counters are exact with any number of worker processes and are part of the state;
-  * training rows of an encoder that can pack (`data.sequences.MLLMEncoder`) are packed first
+  * training rows of an encoder that can pack (`data.rows.MLLMEncoder`) are packed first
     fit, several examples per row (`data.pack`, `data.packing`), in the main process after the
     workers; evaluation splits stay one example per row.
 """
@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from puma_jax.data import packing, parse, sources, synthetic, transforms
-from puma_jax.data.schema import TASKS, Example, Skip
+from puma_jax.data.schema import EXAMPLE_KINDS, Example, Skip
 
 
 
@@ -198,12 +198,12 @@ class _SkipSafe:
       return Skip(f"encode:{type(e).__name__}", ex.source, ex.key, str(e)[:300])
 
 
-def _task_name(item) -> str:
+def _kind_name(item) -> str:
   if isinstance(item, Example):
-    return item.task
-  if isinstance(item, dict) and "task" in item:
-    t = int(item["task"])
-    return TASKS[t] if 0 <= t < len(TASKS) else str(t)
+    return item.kind
+  if isinstance(item, dict) and "kind" in item:
+    t = int(item["kind"])
+    return EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else str(t)
   return "other"
 
 
@@ -238,7 +238,7 @@ class CountingBatchIterator(grain.DatasetIterator):
     self.rows = 0                                   # items that are packed rows
     self.real_positions = 0                         # positions of rows holding an example
     self.positions = 0
-    self.per_task = collections.Counter()           # task name -> examples kept
+    self.per_task = collections.Counter()           # example kind -> examples kept
     self.skipped = collections.Counter()            # reason -> count
     self.skipped_by_source = collections.Counter()  # source -> count
     self.recent = collections.deque(maxlen=32)      # last Skip markers, for debugging
@@ -258,7 +258,7 @@ class CountingBatchIterator(grain.DatasetIterator):
           self.real_positions += int(np.count_nonzero(seg))
           self.positions += seg.size
         self.examples += n
-        self.per_task[_task_name(item)] += n
+        self.per_task[_kind_name(item)] += n
         return item
       self.skipped[item.reason] += 1
       self.skipped_by_source[item.source] += 1
@@ -302,10 +302,10 @@ class CountingBatchIterator(grain.DatasetIterator):
     self.skipped_by_source = collections.Counter(state["skipped_by_source"])
 
   def metrics(self) -> dict[str, float]:
-    """Counters for the training metrics: examples kept (in all and per task), skipped (in all
-    and per reason); for sequence rows the fraction of positions holding an example (the rest
-    is padding) and examples per row. Cumulative since the start of the run (restored with the
-    state)."""
+    """Counters for the training metrics: examples kept (in all and per example kind; metric
+    names `data/task/<kind>`), skipped (in all and per reason); for sequence rows the fraction
+    of positions holding an example (the rest is padding) and examples per row. Cumulative
+    since the start of the run (restored with the state)."""
     out = {"data/examples": self.examples, "data/skipped": sum(self.skipped.values())}
     if self.rows:
       out["data/real_token_fraction"] = self.real_positions / max(self.positions, 1)

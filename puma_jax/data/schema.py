@@ -1,6 +1,6 @@
-"""The task-example record every PUMA data source yields, and the skip marker for bad records.
+"""The example record every PUMA data source yields, and the skip marker for bad records.
 
-An `Example` is what the sequence builder (`puma_jax.sequence`) consumes. Per task:
+An `Example` is what the sequence builder (`puma_jax.sequence`) consumes. Per kind (`Example.kind`):
 
 - `t2i`: images (target,); `text` = caption (the prompt).
 - `i2t`: images (image,); `text` = caption (the answer).
@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-# Same order as `puma_jax.sequence.TASKS` (so task ids agree), plus "image" (decoder training).
-TASKS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text", "image")
-TASK_IDS = {t: i for i, t in enumerate(TASKS)}
+# The kinds of `Example`: the sequence kinds (`puma_jax.sequence.KINDS`, same order so the ids
+# agree) plus "image" (decoder training).
+EXAMPLE_KINDS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text", "image")
+EXAMPLE_KIND_IDS = {t: i for i, t in enumerate(EXAMPLE_KINDS)}
 COND_TYPES = ("canny", "inpaint", "colorize")
 ROLES = ("user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
-# How many images each task carries (chat: any number up to a config limit).
+# How many images each kind carries (chat: any number up to a config limit).
 NUM_IMAGES = {"t2i": 1, "i2t": 1, "grounding": 1, "text": 0, "edit": 2, "conditional": 2,
               "image": 1}
 
@@ -68,7 +69,7 @@ class Turn:
 
 @dataclasses.dataclass
 class Example:
-  task: str
+  kind: str                      # one of EXAMPLE_KINDS
   key: str = ""                  # "<source name>/<record key>": stable id, used for hashing
   source: str = ""               # source name from the data config
   images: tuple = ()             # uint8 HWC RGB arrays
@@ -105,31 +106,31 @@ def _check_text(value: Any, field: str, allow_empty: bool = False) -> None:
 
 
 def validate(ex: Example) -> None:
-  if ex.task not in TASKS:
-    raise BadRecord("unknown_task", repr(ex.task))
+  if ex.kind not in EXAMPLE_KINDS:
+    raise BadRecord("unknown_kind", repr(ex.kind))
   if not isinstance(ex.images, tuple):
     raise BadRecord("wrong_type:images", type(ex.images).__name__)
   for i, img in enumerate(ex.images):
     _check_image(img, f"images[{i}]")
-  want = NUM_IMAGES.get(ex.task)
+  want = NUM_IMAGES.get(ex.kind)
   if want is not None and len(ex.images) != want:
-    raise BadRecord("wrong_image_count", f"{ex.task} needs {want} image(s), got {len(ex.images)}")
-  if ex.task in ("t2i", "i2t", "grounding", "text"):
+    raise BadRecord("wrong_image_count", f"{ex.kind} needs {want} image(s), got {len(ex.images)}")
+  if ex.kind in ("t2i", "i2t", "grounding", "text"):
     _check_text(ex.text, "text")
-  if ex.task == "edit":
+  if ex.kind == "edit":
     _check_text(ex.instruction, "instruction")
-  if ex.task == "conditional":
+  if ex.kind == "conditional":
     if ex.cond_type not in COND_TYPES:
       raise BadRecord("bad_cond_type", repr(ex.cond_type))
     _check_text(ex.text, "text", allow_empty=True)
     if ex.cond_type == "inpaint":
       if not isinstance(ex.mask, np.ndarray) or ex.mask.shape != ex.images[1].shape[:2]:
         raise BadRecord("bad_mask", "inpaint needs a mask of the target's (H, W)")
-  if ex.task == "image":
+  if ex.kind == "image":
     _check_text(ex.text, "text", allow_empty=True)
-  if ex.task == "chat":
+  if ex.kind == "chat":
     _validate_conversation(ex)
-  if ex.task == "grounding":
+  if ex.kind == "grounding":
     _validate_boxes(ex)
 
 

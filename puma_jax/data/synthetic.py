@@ -169,7 +169,7 @@ def edit(scene: Scene, rng) -> tuple[Scene, str]:
 
 
 class SyntheticSource:
-  """Random-access raw records of one task family for one split (grain data source).
+  """Random-access raw records of one source family for one split (grain data source).
 
   Train scenes are ids 0..num_train-1; held-out scenes come from a disjoint id range and are
   kept only if their descriptor never occurs among the training scenes.

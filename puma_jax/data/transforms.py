@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from puma_jax.data import imaging
-from puma_jax.data.schema import TASK_IDS, BadRecord, Example, Skip
+from puma_jax.data.schema import EXAMPLE_KIND_IDS, BadRecord, Example, Skip
 
 Tokenize = Callable[[str], list]
 
@@ -60,7 +60,7 @@ class Preprocess:
         crop = imaging.center_crop_box(h, w)
         top, left, s, _ = crop
         im = im[top:top + s, left:left + s]
-        if ex.task == "grounding" and boxes is not None:
+        if ex.kind == "grounding" and boxes is not None:
           boxes, keep = imaging.crop_boxes(boxes, h, w, crop)
           if not keep.any():
             raise BadRecord("boxes_cropped_out", "every box lies outside the centre crop")
@@ -102,9 +102,9 @@ def quantize_boxes(boxes: np.ndarray, bins: int = 224) -> np.ndarray:
 
 
 class ArrayEncoder:
-  """Example -> dict of fixed-shape arrays, so examples of every task batch together.
+  """Example -> dict of fixed-shape arrays, so examples of every kind batch together.
 
-  Keys: task (int32, `schema.TASK_IDS`), images (uint8 [max_images, clip, clip, 3]),
+  Keys: kind (int32, `schema.EXAMPLE_KIND_IDS`), images (uint8 [max_images, clip, clip, 3]),
   vae_images (uint8 [max_images, vae, vae, 3], when vae_size), num_images, text_ids (int32
   [max_text_len], the main text: caption / document / instruction / the conversation's turns
   joined), text_len, boxes (float32 [max_boxes, 4]), num_boxes. It is the default for
@@ -126,7 +126,7 @@ class ArrayEncoder:
     images = np.zeros((self.max_images, c, c, 3), np.uint8)
     for i, im in enumerate(ex.images):
       images[i] = im
-    out = {"task": np.int32(TASK_IDS[ex.task]), "images": images,
+    out = {"kind": np.int32(EXAMPLE_KIND_IDS[ex.kind]), "images": images,
            "num_images": np.int32(len(ex.images))}
     if v:
       vae = np.zeros((self.max_images, v, v, 3), np.uint8)

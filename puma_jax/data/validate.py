@@ -5,7 +5,7 @@
   python -m puma_jax.data.validate --config=puma_jax/data/config.py:pretrain \
       --config.sources.pairs.paths='/data/cc3m/*.tar' --limit=1000 --json=report.json
 
-For every source with weight > 0: records read, examples kept per task (and per derived
+For every source with weight > 0: records read, examples kept per kind (and per derived
 condition), skips per reason with example keys, image short-side statistics. Exit status 1 when
 a source yields no usable example or skips more than --max_skip_fraction of what it read.
 """
@@ -42,7 +42,7 @@ def validate_source(name: str, scfg, dcfg, limit: int = 0, split: str = "train")
   reader = pipeline.open_source(name, scfg, dcfg, split)
   parser = parse.Parser(scfg.family, name, pipeline.parse_options(dcfg, scfg))
   prep = transforms.Preprocess(pipeline.image_options(dcfg))
-  tasks, conds, reasons = collections.Counter(), collections.Counter(), collections.Counter()
+  kinds, conds, reasons = collections.Counter(), collections.Counter(), collections.Counter()
   examples = collections.defaultdict(list)
   shorts = []
   n = len(reader) if not limit else min(limit, len(reader))
@@ -56,12 +56,12 @@ def validate_source(name: str, scfg, dcfg, limit: int = 0, split: str = "train")
       if len(examples[ex.reason]) < 3:
         examples[ex.reason].append(f"{ex.key} {ex.detail}".strip()[:160])
       continue
-    tasks[ex.task] += 1
+    kinds[ex.kind] += 1
     if ex.cond_type:
       conds[ex.cond_type] += 1
   report = {"source": name, "format": scfg.format, "family": scfg.family,
             "weight": float(scfg.weight), "records": len(reader), "read": n,
-            "kept": sum(tasks.values()), "tasks": dict(tasks), "skipped": dict(reasons),
+            "kept": sum(kinds.values()), "kinds": dict(kinds), "skipped": dict(reasons),
             "skip_examples": dict(examples)}
   if conds:
     report["conditions"] = dict(conds)
@@ -100,7 +100,7 @@ def format_report(reports, problems) -> str:
       continue
     lines.append(f"[{r['source']}] {r['format']}/{r['family']} weight {r['weight']:g}: "
                  f"{r['records']} records, read {r['read']}, kept {r['kept']}")
-    lines.append(f"  tasks: {r['tasks']}" + (f"  conditions: {r['conditions']}"
+    lines.append(f"  kinds: {r['kinds']}" + (f"  conditions: {r['conditions']}"
                                               if "conditions" in r else ""))
     if "image_short_side" in r:
       lines.append(f"  image short side: {r['image_short_side']}")

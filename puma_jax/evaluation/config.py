@@ -7,14 +7,14 @@ import ml_collections
 from puma_jax.models import pooling
 
 
-def base(task: str, variant: str) -> ml_collections.ConfigDict:
+def base(protocol: str, variant: str) -> ml_collections.ConfigDict:
   """`variant`: "paper" (converted checkpoints, the paper's protocol), "tiny" (random-weight tiny
   PUMA built in-process; slow on CPU) or "toy" (a deterministic stand-in generator; seconds)."""
   if variant not in ("paper", "tiny", "toy"):
     raise ValueError(f"unknown eval variant {variant!r}; choose paper, tiny or toy")
   small = variant != "paper"
   c = ml_collections.ConfigDict()
-  c.task = task                 # reconstruction | text_to_image | editing | understanding
+  c.protocol = protocol         # reconstruction | text_to_image | editing | understanding
   c.seed = 0                    # sampling seed (LPIPS_d uses seed and seed + 1)
   c.scales = tuple(pooling.SCALE_NAMES)  # scales generated and scored (f0 finest .. f4)
   c.image_size = 64 if small else 256    # compared images' side (PUMA paper, app. 8.1)
@@ -29,7 +29,7 @@ def base(task: str, variant: str) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic" if small else "jsonl"  # synthetic | jsonl
-  c.data.path = ""              # jsonl records (records.py lists the fields per task)
+  c.data.path = ""              # jsonl records (records.py lists the fields per protocol)
   c.data.mixed_sizes = "resize"  # images of another size than image_size: resize | skip
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.seed = 0          # synthetic set seed

@@ -1,6 +1,6 @@
 """The paper's four evaluation protocols (docs/DESIGN.md §13), one shape for all:
 
-    ev = EVALUATORS[task](config, generator, nets, put)
+    ev = EVALUATORS[protocol](config, generator, nets, put)
     ev.run(records) -> {name: value}                      # everything in memory
     items, feats = ev.score(batch)                          # what the sharded runner calls
     ev.aggregate(all_items, all_feats) -> {name: value}     # per-item results -> the table
@@ -49,7 +49,7 @@ def _floats(x) -> np.ndarray:
 
 
 class Evaluator:
-  task = ""
+  protocol = ""
 
   def __init__(self, cfg, generator, nets, put=None):
     self.cfg, self.gen, self.nets = cfg, generator, nets
@@ -105,7 +105,7 @@ class Evaluator:
 
   def run(self, records) -> dict[str, float]:
     if not records:
-      raise R.EvalDataError(f"{self.task}: no records to evaluate")
+      raise R.EvalDataError(f"{self.protocol}: no records to evaluate")
     items, feats = [], defaultdict(list)
     bs = int(self.cfg.batch_size)
     for i in range(0, len(records), bs):
@@ -129,7 +129,7 @@ class Evaluator:
 
 
 class ReconstructionEvaluator(Evaluator):
-  task = "reconstruction"
+  protocol = "reconstruction"
 
   def score(self, records):
     kept, images, skips = self._load(records, "image")
@@ -146,7 +146,7 @@ class ReconstructionEvaluator(Evaluator):
 
 
 class TextToImageEvaluator(Evaluator):
-  task = "text_to_image"
+  protocol = "text_to_image"
 
   def score(self, records):
     kept, refs, skips = self._load(records, "image", int(self.cfg.image_size))
@@ -188,7 +188,7 @@ class TextToImageEvaluator(Evaluator):
 
 
 class EditingEvaluator(Evaluator):
-  task = "editing"
+  protocol = "editing"
 
   def score(self, records):
     kept, sources, skips = self._load(records, "source", int(self.cfg.image_size))
@@ -224,7 +224,7 @@ def understanding_prompt(record) -> str:
 
 
 class UnderstandingEvaluator(Evaluator):
-  task = "understanding"
+  protocol = "understanding"
 
   def score(self, records):
     prompts = [understanding_prompt(r) for r in records]  # bad kinds fail before generation
@@ -258,5 +258,5 @@ class UnderstandingEvaluator(Evaluator):
     return out
 
 
-EVALUATORS = {e.task: e for e in (ReconstructionEvaluator, TextToImageEvaluator,
+EVALUATORS = {e.protocol: e for e in (ReconstructionEvaluator, TextToImageEvaluator,
                                   EditingEvaluator, UnderstandingEvaluator)}

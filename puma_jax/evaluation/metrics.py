@@ -171,7 +171,7 @@ def resize_center_crop(images: jax.Array, size: int, method: str = "cubic") -> j
 
 def clip_pixels(images: jax.Array, size: int) -> jax.Array:
   x = resize_center_crop(images.astype(jnp.float32), size)
-  return (x - jnp.asarray(clip_vision.CLIP_MEAN)) / jnp.asarray(clip_vision.CLIP_STD)
+  return clip_vision.normalize(x)
 
 
 def clip_image_embeds(model, images: jax.Array) -> jax.Array:

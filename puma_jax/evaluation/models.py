@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from puma_jax import sharding
 from puma_jax.data import imaging, synthetic
 from puma_jax.evaluation import fid as fid_lib
 from puma_jax.evaluation import metrics as M
@@ -178,14 +179,14 @@ def _tiny_parts(seed: int, scales, steps: int):
   return decoders, vae, SM.SamplerSettings(num_steps=steps), puma, clip
 
 
-def build_generator(task: str, mcfg, scales):
+def build_generator(protocol: str, mcfg, scales):
   kind = mcfg.kind
   if kind == "toy":
     return ToyGenerator(int(mcfg.toy_size))
   from puma_jax.diffusion import sampler as SM
   if kind == "tiny":
     decoders, vae, settings, puma, clip = _tiny_parts(int(mcfg.seed), scales, int(mcfg.steps))
-    if task == "reconstruction":
+    if protocol == "reconstruction":
       from puma_jax import reconstruct
       cm = numpy_random_module(lambda: clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0)),
                                int(mcfg.seed))
@@ -202,7 +203,7 @@ def build_generator(task: str, mcfg, scales):
   if kind == "puma":
     settings = SM.SamplerSettings(num_steps=int(mcfg.steps), guidance_scale=float(mcfg.guidance))
     decs = {s: d for s, d in dict(mcfg.decoders).items() if d}
-    if task == "reconstruction":
+    if protocol == "reconstruction":
       from puma_jax import reconstruct
       missing = [s for s in scales if s not in decs]
       if missing or not mcfg.clip or not mcfg.vae:
@@ -228,7 +229,7 @@ def numpy_random_module(build, seed: int, gain: float = 1.0, nonneg: str = "") -
   `gain`: kernel scale over 1/sqrt(fan_in) (sqrt(2) keeps deep ReLU stacks such as Inception
   from collapsing to one output for every image); parameters whose path contains `nonneg` are
   made non-negative (LPIPS's linear heads are, so distances stay >= 0)."""
-  graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  abstract = nnx.eval_shape(build)
   rs = np.random.RandomState(seed)
 
   def fill(path, v):
@@ -240,10 +241,8 @@ def numpy_random_module(build, seed: int, gain: float = 1.0, nonneg: str = "") -
     base = 1.0 if "scale" in str(path[-1]) or "var" in str(path[-1]) else 0.0
     return np.asarray(base + 0.1 * rs.randn(*v.shape), np.float32)
 
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
-      fill, nnx.to_pure_dict(params)))
-  rest = jax.tree_util.tree_map(np.asarray, rest)
-  return nnx.merge(graphdef, params, rest)
+  pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  return sharding.materialize(abstract, jax.tree_util.tree_map_with_path(fill, pure))
 
 
 class ByteClipTokenizer:

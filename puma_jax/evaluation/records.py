@@ -21,7 +21,7 @@ import numpy as np
 
 from puma_jax.data import imaging, synthetic
 
-TASKS = ("reconstruction", "text_to_image", "editing", "understanding")
+PROTOCOLS = ("reconstruction", "text_to_image", "editing", "understanding")
 REQUIRED = {"reconstruction": ("image",), "text_to_image": ("caption", "image"),
             "editing": ("source", "instruction", "target_caption"),
             "understanding": ("image", "question", "answer", "kind")}
@@ -29,7 +29,7 @@ IMAGE_FIELDS = ("image", "source")
 
 
 class EvalDataError(ValueError):
-  """A dataset that cannot be evaluated at all (empty, malformed line, unknown task)."""
+  """A dataset that cannot be evaluated at all (empty, malformed line, unknown protocol)."""
 
 
 class ItemSkip(Exception):
@@ -40,10 +40,10 @@ class ItemSkip(Exception):
     self.reason = reason
 
 
-def read_jsonl(path: str, task: str) -> list[dict]:
+def read_jsonl(path: str, protocol: str) -> list[dict]:
   path = Path(path)
   if not path.exists():
-    raise EvalDataError(f"{task}: records file {path} does not exist")
+    raise EvalDataError(f"{protocol}: records file {path} does not exist")
   root = path.parent
   out = []
   for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -53,9 +53,9 @@ def read_jsonl(path: str, task: str) -> list[dict]:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
       raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
-    missing = [f for f in REQUIRED[task] if f not in rec]
+    missing = [f for f in REQUIRED[protocol] if f not in rec]
     if missing:
-      raise EvalDataError(f"{path}:{n}: {task} record lacks field(s) {missing}")
+      raise EvalDataError(f"{path}:{n}: {protocol} record lacks field(s) {missing}")
     for f in IMAGE_FIELDS:
       if isinstance(rec.get(f), str) and not Path(rec[f]).is_absolute():
         rec[f] = str(root / rec[f])
@@ -94,16 +94,16 @@ def _source(family: str, cfg):
                                    num_train=int(cfg.num_train), num_eval=int(cfg.num_items))
 
 
-def synthetic_records(task: str, cfg) -> list[dict]:
+def synthetic_records(protocol: str, cfg) -> list[dict]:
   """`cfg`: seed, size, num_train, num_items (the synthetic set's held-out scenes)."""
-  if task == "reconstruction":
+  if protocol == "reconstruction":
     src = _source("pairs", cfg)
     return [{"id": r["key"], "image": r["image"]} for r in (src[i] for i in range(len(src)))]
-  if task == "text_to_image":
+  if protocol == "text_to_image":
     src = _source("pairs", cfg)
     return [{"id": r["key"], "caption": r["caption"], "image": r["image"]}
             for r in (src[i] for i in range(len(src)))]
-  if task == "editing":
+  if protocol == "editing":
     src = _source("edit", cfg)
     out = []
     for i in range(len(src)):
@@ -117,9 +117,9 @@ def synthetic_records(task: str, cfg) -> list[dict]:
                   "target_caption": synthetic.caption(target)[0],
                   "source_caption": synthetic.caption(scene)[0]})
     return out
-  if task == "understanding":
+  if protocol == "understanding":
     return _understanding(_source("chat", cfg))
-  raise EvalDataError(f"unknown task {task!r}; choose from {TASKS}")
+  raise EvalDataError(f"unknown eval protocol {protocol!r}; choose from {PROTOCOLS}")
 
 
 def _understanding(src) -> list[dict]:
@@ -146,23 +146,23 @@ def _understanding(src) -> list[dict]:
   return out
 
 
-def load_records(task: str, data_cfg) -> list[dict]:
-  if task not in TASKS:
-    raise EvalDataError(f"unknown task {task!r}; choose from {TASKS}")
+def load_records(protocol: str, data_cfg) -> list[dict]:
+  if protocol not in PROTOCOLS:
+    raise EvalDataError(f"unknown eval protocol {protocol!r}; choose from {PROTOCOLS}")
   if data_cfg.source == "synthetic":
-    recs = synthetic_records(task, data_cfg.synthetic)
+    recs = synthetic_records(protocol, data_cfg.synthetic)
   elif data_cfg.source == "jsonl":
     if not data_cfg.path:
-      raise EvalDataError(f"{task}: data.source='jsonl' needs data.path")
-    recs = read_jsonl(data_cfg.path, task)
+      raise EvalDataError(f"{protocol}: data.source='jsonl' needs data.path")
+    recs = read_jsonl(data_cfg.path, protocol)
   else:
     raise EvalDataError(f"data.source={data_cfg.source!r}; choose synthetic or jsonl")
   if not recs:
-    raise EvalDataError(f"{task}: the dataset is empty ({data_cfg.source}"
+    raise EvalDataError(f"{protocol}: the dataset is empty ({data_cfg.source}"
                         f"{': ' + str(data_cfg.path) if data_cfg.source == 'jsonl' else ''})")
   ids = [str(r["id"]) for r in recs]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
-    raise EvalDataError(f"{task}: record id {dup!r} occurs more than once (ids key the resume "
+    raise EvalDataError(f"{protocol}: record id {dup!r} occurs more than once (ids key the resume "
                         "files)")
   return recs

@@ -146,9 +146,9 @@ def _gather(lines) -> tuple[list[dict], dict]:
 def evaluate(cfg, workdir: str, log=print) -> dict | None:
   """Runs (or resumes) this host's share; process 0 returns the gathered results (others and
   runs stopped by `max_items_this_run` return None)."""
-  task = cfg.task
-  if task not in E.EVALUATORS:
-    raise EvalError(f"task={task!r}; choose from {sorted(E.EVALUATORS)}")
+  protocol = cfg.protocol
+  if protocol not in E.EVALUATORS:
+    raise EvalError(f"protocol={protocol!r}; choose from {sorted(E.EVALUATORS)}")
   workdir = Path(workdir)
   shard_dir = workdir / "shards"
   shard_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   else:
     pinned.write_text(json.dumps(fp, indent=1, sort_keys=True))
 
-  recs = R.load_records(task, cfg.data)
+  recs = R.load_records(protocol, cfg.data)
   if cfg.max_items > 0:
     recs = recs[:int(cfg.max_items)]
   for i, r in enumerate(recs):
@@ -172,7 +172,7 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   done_lines = shard.read()
   finished = {it["id"] for ln in done_lines for it in ln["items"]}
   pending = [r for r in mine if str(r["id"]) not in finished]
-  log(f"[eval {task}] host {pi}/{pc}: {len(mine)} records, {len(mine) - len(pending)} "
+  log(f"[eval {protocol}] host {pi}/{pc}: {len(mine)} records, {len(mine) - len(pending)} "
       f"already done, {len(pending)} to score")
 
   devices = jax.local_devices()
@@ -182,14 +182,14 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
     devices = devices[:int(cfg.num_devices)]
   mesh = sharding.make_mesh(dict(cfg.mesh), devices=devices)
   nets = models.MetricNets(cfg.metrics, mesh)
-  gen = models.build_generator(task, cfg.model, tuple(cfg.scales)) if pending else None
-  ev = E.EVALUATORS[task](cfg, gen, nets, make_put(mesh))
+  gen = models.build_generator(protocol, cfg.model, tuple(cfg.scales)) if pending else None
+  ev = E.EVALUATORS[protocol](cfg, gen, nets, make_put(mesh))
   bs, budget = int(cfg.batch_size), int(cfg.max_items_this_run)
   batch_no = max((ln["batch"] for ln in done_lines), default=-1) + 1
   t0, scored = time.time(), 0
   for start in range(0, len(pending), bs):
     if budget > 0 and scored >= budget:
-      log(f"[eval {task}] stopping after {scored} items (max_items_this_run); rerun to resume")
+      log(f"[eval {protocol}] stopping after {scored} items (max_items_this_run); rerun to resume")
       return None
     batch = pending[start:start + bs]
     items, feats = ev.score(batch)
@@ -200,7 +200,7 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
     batch_no += 1
     scored += len(batch)
   if pending:
-    log(f"[eval {task}] host {pi}: scored {scored} records in {time.time() - t0:.1f}s")
+    log(f"[eval {protocol}] host {pi}: scored {scored} records in {time.time() - t0:.1f}s")
   shard.done_path.write_text(json.dumps({"records": len(mine)}))
 
   if pc > 1 and cfg.process_count < 0:
@@ -212,7 +212,7 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   for h in range(pc):
     other = ShardFile(shard_dir, h, pc)
     if not other.done_path.exists():
-      log(f"[eval {task}] host {h} has not finished; results are written once it has")
+      log(f"[eval {protocol}] host {h} has not finished; results are written once it has")
       return None
     lines += other.read()
   items, feats = _gather(lines)
@@ -220,10 +220,10 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
     raise EvalError(f"shard files hold {len(items)} results for {len(recs)} records")
   if not any("values" in it for it in items):
     reasons = sorted({it["skip"] for it in items})
-    raise EvalError(f"{task}: every record was skipped ({', '.join(reasons)}); first: "
+    raise EvalError(f"{protocol}: every record was skipped ({', '.join(reasons)}); first: "
                     f"{items[0].get('detail', '')}")
   results = ev.aggregate(items, feats)
-  out = {"task": task, "metrics": results, "records": len(recs), "hosts": pc,
+  out = {"protocol": protocol, "metrics": results, "records": len(recs), "hosts": pc,
          "devices_per_host": len(devices), "model": cfg.model.kind,
          "random_weights": sorted(set(nets.random) | (
              {f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma" else set())),
@@ -238,9 +238,9 @@ def _fmt(v) -> str:
 
 
 def markdown(out: dict) -> str:
-  task, res = out["task"], out["metrics"]
-  paper = PAPER.get(task, {})
-  lines = [f"# {task}: {out['records']} records, model {out['model']}", ""]
+  protocol, res = out["protocol"], out["metrics"]
+  paper = PAPER.get(protocol, {})
+  lines = [f"# {protocol}: {out['records']} records, model {out['model']}", ""]
   if out["random_weights"]:
     lines += ["Stand-ins built in-process (random weights or the toy generator): "
               f"{', '.join(out['random_weights'])} (the numbers exercise the pipeline; they say "

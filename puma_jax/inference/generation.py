@@ -1,8 +1,10 @@
-"""PumaModel generation with the KV cache: image features coarse to fine, and text.
+"""PumaModel generation with the KV cache: image features coarse to fine.
 
-Prompts (`sequence.build_prompt` dicts) are left-padded to a power-of-two bucket so one compiled
-function serves prompts of different lengths. Image-feature generation feeds each predicted
-feature back as the next input (f4, then f3, ... f0) and stops after the finest requested scale.
+Text generation (chat, grounding) is `inference.text.generate_text`, the same decode path as a
+plain LLaMA; this module gives it the multimodal prompt arrays and input embeddings
+(`prompt_arrays`, `puma_inputs`). Prompts (`sequence.build_prompt` dicts) are left-padded by
+`text.left_pad`. Image-feature generation feeds each predicted feature back as the next input
+(f4, then f3, ... f0) and stops after the finest requested scale.
 Everything after the prompt runs inside one jitted `lax.scan` / `lax.while_loop`.
 """
 
@@ -13,10 +15,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from puma_jax.inference.text import Sampler, bucket, decode_loop, trim_at_stop
+from puma_jax.inference.text import left_pad
 from puma_jax.models import pooling
 from puma_jax.sequence import IMAGE_TOKENS, SCALE_OFFSET
 
@@ -41,38 +42,38 @@ def scale_slice(features: jax.Array, scale: str | int) -> jax.Array:
   return features[:, start:start + n]
 
 
-def pad_prompts(prompts: Sequence[dict], max_images: int, context: int,
-                extra: int) -> dict[str, np.ndarray]:
-  """Left-pads prompt dicts into (B, P) arrays with an attention mask."""
-  if not prompts:
-    raise ValueError("no prompts given")
-  lens = [len(p["tokens"]) for p in prompts]
-  for i, n in enumerate(lens):
+def prompt_arrays(model, prompts: Sequence[dict], extra: int, *, images=None, features=None):
+  """Checked, left-padded prompt arrays for `extra` generated positions, and the image inputs.
+
+  Returns (arrays (B, P) with "mask", images or None, features or None)."""
+  images, features, max_images = _image_inputs(model, len(prompts), images, features)
+  context = model.config.llm.max_position_embeddings
+  for i, pr in enumerate(prompts):
+    n = len(pr["tokens"])
     if n + extra > context:
       raise ValueError(f"prompt {i} has {n} positions; with {extra} to generate it exceeds the "
                        f"context length {context} (llm.max_position_embeddings)")
-    if prompts[i]["num_images"] > max_images:
-      raise ValueError(f"prompt {i} uses {prompts[i]['num_images']} images, more than the "
+    if pr["num_images"] > max_images:
+      raise ValueError(f"prompt {i} uses {pr['num_images']} images, more than the "
                        f"{max_images} given")
-  p = bucket(max(lens))
-  out = {"tokens": np.zeros((len(prompts), p), np.int32),
-         "image_index": np.full((len(prompts), p), -1, np.int32),
-         "image_token": np.full((len(prompts), p), -1, np.int32),
-         "mask": np.zeros((len(prompts), p), bool)}
-  for i, pr in enumerate(prompts):
-    n = lens[i]
-    for k in ("tokens", "image_index", "image_token"):
-      out[k][i, p - n:] = pr[k]
-    out["mask"][i, p - n:] = True
-  return out
+  rows = [{k: pr[k] for k in ("tokens", "image_index", "image_token")} for pr in prompts]
+  arrays = left_pad(rows, fill={"image_index": -1, "image_token": -1})
+  return arrays, images, features
 
 
-def _prefill(model, arrays, image_feats, slots):
+def puma_inputs(model, arrays, images, features):
+  """(language model, input embeddings) of multimodal prompts: text tokens and image slots."""
+  image_feats = _image_features(model, images, features)
   feats = model.gather_features(image_feats, arrays["image_index"], arrays["image_token"])
   x = model.input_embeddings(arrays["tokens"], arrays["image_index"], arrays["image_token"],
                              feats)
-  cache = model.llm.init_cache(x.shape[0], slots)
-  return model.llm.decode_embeddings(x, attention_mask=arrays["mask"], cache=cache)
+  return model.llm, x
+
+
+def _prefill(model, arrays, image_feats, slots):
+  llm, x = puma_inputs(model, arrays, None, image_feats)
+  cache = llm.init_cache(x.shape[0], slots)
+  return llm.decode_embeddings(x, attention_mask=arrays["mask"], cache=cache)
 
 
 def _image_features(model, images, features):
@@ -140,49 +141,11 @@ def generate_features(model, prompts: Sequence[dict], through: str | int = "f0",
   input images.
   """
   num_slots = slots_through(through)
-  images, features, m = _image_inputs(model, len(prompts), images, features)
-  arrays = pad_prompts(prompts, m, model.config.llm.max_position_embeddings, num_slots)
+  arrays, images, features = prompt_arrays(model, prompts, num_slots, images=images,
+                                           features=features)
   for i, pr in enumerate(prompts):
     if pr["tokens"][-1] != model.config.img_start_id:
       raise ValueError(f"prompt {i} must end with [IMG] (build it with open_image=True)")
   graphdef, state = nnx.split(model)
   return _gen_features(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
                        num_slots=num_slots)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "sampler"))
-def _gen_text(graphdef, state, arrays, images, features, key, stop_ids, num_steps, temperature,
-              top_k, top_p, *, capacity, sampler):
-  model = nnx.merge(graphdef, state)
-  image_feats = _image_features(model, images, features)
-  p = arrays["tokens"].shape[1]
-  hidden, cache = _prefill(model, arrays, image_feats, p + capacity)
-
-  def step(prev, cache):
-    h, cache = model.llm.decode_embeddings(model.llm.embed(prev[:, None]), cache=cache)
-    return model.llm.logits(h)[:, -1], cache
-
-  return decode_loop(step, model.llm.logits(hidden[:, -1:])[:, 0], cache, key, stop_ids,
-                     num_steps, temperature, top_k, top_p, capacity=capacity, sampler=sampler)
-
-
-def generate_text(model, prompts: Sequence[dict], max_new_tokens: int, *, images=None,
-                  features=None, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, stop_tokens: Sequence[int] | None = None,
-                  seed: int = 0) -> list[list[int]]:
-  """Text after multimodal prompts; each list ends at (and includes) its first stop token."""
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  cfg = model.config.llm
-  images, features, m = _image_inputs(model, len(prompts), images, features)
-  arrays = pad_prompts(prompts, m, cfg.max_position_embeddings, max_new_tokens)
-  stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
-  capacity = bucket(max_new_tokens)
-  sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
-  graphdef, state = nnx.split(model)
-  out = _gen_text(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
-                  jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
-                  jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
-                  jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
-                  capacity=capacity, sampler=sampler)
-  return trim_at_stop(out, max_new_tokens, stops)

@@ -23,7 +23,7 @@ import numpy as np
 
 from puma_jax import sequence as seq
 from puma_jax.diffusion import sampler as sampler_lib
-from puma_jax.inference import generation, router
+from puma_jax.inference import generation, router, text
 from puma_jax.models import clip as clip_lib, pooling
 
 
@@ -42,14 +42,11 @@ class PumaPipeline:
     self.vae = vae
     self.settings = settings
     self._samplers: dict[str, sampler_lib.DecoderSampler] = {}
-    size = model.config.clip.image_size
-    black = np.zeros((1, 1, size, size, 3), np.float32)
-    black = (black - np.asarray(clip_lib.CLIP_MEAN)) / np.asarray(clip_lib.CLIP_STD)
-    self._black = np.asarray(model.encode_images(jnp.asarray(black, jnp.float32)))[0, 0]
+    self._uncond: dict[str, np.ndarray] = {}
 
   @classmethod
   def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
-           tokenizer: str = "byte", dtype=jnp.float32, **kw) -> "PumaPipeline":
+           tokenizer: str = "byte", dtype=jnp.float32, **kw) -> PumaPipeline:
     from puma_jax import checkpoints, tokenizer as tokenizer_lib
     model = checkpoints.load_module(puma_dir, family="puma", dtype=dtype)
     encode, decode, special = tokenizer_lib.load(tokenizer)
@@ -67,9 +64,10 @@ class PumaPipeline:
 
   def uncond_features(self, scale: str) -> np.ndarray:
     """The black image's features at `scale` (the CFG unconditional input)."""
-    s = pooling.scale_index(scale)
-    start = seq.SCALE_OFFSET[s]
-    return self._black[start:start + pooling.SCALE_TOKENS[s]]
+    if scale not in self._uncond:
+      tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
+      self._uncond[scale] = np.asarray(clip_lib.black_features(self.model.clip, tokens))[0]
+    return self._uncond[scale]
 
   def _prompts(self, segment_lists) -> list[dict]:
     return [seq.build_prompt(segs, self.encode, self.special, open_image=True)
@@ -90,7 +88,7 @@ class PumaPipeline:
     keys = sampler_lib.sample_keys(seed, features.shape[0])
     return sampler_lib.to_uint8(self._samplers[scale](features, uncond, keys))
 
-  def _generate(self, task: str, segment_lists, images, scales, seed, return_features,
+  def _generate(self, kind: str, segment_lists, images, scales, seed, return_features,
                 cond_type=None):
     prompts = self._prompts(segment_lists)
     if isinstance(scales, str):
@@ -101,8 +99,8 @@ class PumaPipeline:
     through = "f0" if scales is None else min(scales, key=pooling.scale_index)
     feats, logits = generation.generate_features(self.model, prompts, through, images=images)
     if scales is None:
-      chosen = (router.choose(task, logits) if logits is not None else
-                [router.default_scale(task, cond_type)] * len(prompts))
+      chosen = (router.choose(kind, logits) if logits is not None else
+                [router.default_scale(kind, cond_type)] * len(prompts))
       scales = tuple(sorted(set(chosen), key=pooling.scale_index))
       per_example = chosen
     else:
@@ -115,7 +113,7 @@ class PumaPipeline:
       out["chosen"] = list(per_example)
     return out
 
-  # -- tasks -------------------------------------------------------------------------------------
+  # -- end-user pipelines ----------------------------------------------------------------------
 
   def text_to_image(self, prompts: str | Sequence[str], scales=("f3",), *, seed: int = 0,
                     return_features: bool = False) -> dict:
@@ -130,12 +128,12 @@ class PumaPipeline:
     segs = [[seq.Image(0), seq.Text(t)] for t in instructions]
     return self._generate("edit", segs, self.pixels(images), scales, seed, return_features)
 
-  def conditional(self, images: Sequence, task: str, prompt: str = "", scales=None, *,
+  def conditional(self, images: Sequence, cond_type: str, prompt: str = "", scales=None, *,
                   seed: int = 0, return_features: bool = False) -> dict:
     """canny-to-image, inpainting or colorization from condition images."""
-    segs = [seq.conditional(task, prompt)[:2] for _ in images]
+    segs = [seq.conditional(cond_type, prompt)[:2] for _ in images]
     return self._generate("conditional", segs, self.pixels(images), scales, seed,
-                          return_features, cond_type=task)
+                          return_features, cond_type=cond_type)
 
   def chat(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64,
            **sampling) -> list[str]:
@@ -143,9 +141,8 @@ class PumaPipeline:
     segs = [[seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0),
              seq.Text("\n" + q + " ASSISTANT:")] for q in questions]
     prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]
-    out = generation.generate_text(self.model, prompts, max_new_tokens,
-                                   images=self.pixels(images),
-                                   stop_tokens=(self.special.eos,), **sampling)
+    out = text.generate_text(self.model, prompts, max_new_tokens, images=self.pixels(images),
+                             stop_tokens=(self.special.eos,), **sampling)
     return [self.decode_text([t for t in o if t != self.special.eos]).strip() for o in out]
 
   def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float] | None]:
@@ -153,8 +150,8 @@ class PumaPipeline:
     answer with four position tokens)."""
     prompts = [seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special)
                for p in phrases]
-    out = generation.generate_text(self.model, prompts, 5, images=self.pixels(images),
-                                   stop_tokens=(self.special.eos,))
+    out = text.generate_text(self.model, prompts, 5, images=self.pixels(images),
+                             stop_tokens=(self.special.eos,))
     p0 = self.special.pos0
     boxes = []
     for toks in out:

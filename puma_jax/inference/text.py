@@ -9,7 +9,7 @@ second call with similar shapes runs without tracing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -129,20 +129,48 @@ def trim_at_stop(out, max_new_tokens: int, stops) -> list[list[int]]:
   return result
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "capacity", "sampler"))
-def _generate(graphdef, state, tokens, mask, key, stop_ids, num_steps, temperature, top_k, top_p, *,
-              slots, capacity, sampler):
-  """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop."""
-  model = nnx.merge(graphdef, state)
-  cache = model.init_cache(tokens.shape[0], slots)
-  logits, cache = model(tokens, attention_mask=mask, cache=cache)
+def left_pad(rows: Sequence[Mapping[str, Sequence[int]]],
+             fill: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+  """Left-pads rows of equal-length 1-D int fields into (B, P) int32 arrays plus a bool "mask",
+  P a power-of-two bucket: every row then writes its next token into the same cache slot, and
+  one compiled function serves prompts of different lengths. `fill`: pad value per field (0)."""
+  if not rows:
+    raise ValueError("no prompts given")
+  fill = dict(fill or {})
+  lens = [len(r["tokens"]) for r in rows]
+  p = bucket(max(lens))
+  out = {k: np.full((len(rows), p), fill.get(k, 0), np.int32) for k in rows[0]}
+  out["mask"] = np.zeros((len(rows), p), bool)
+  for i, (r, n) in enumerate(zip(rows, lens)):
+    for k in rows[0]:
+      out[k][i, p - n:] = r[k]
+    out["mask"][i, p - n:] = True
+  return out
+
+
+def llama_inputs(model, arrays, images, features):
+  """(language model, input embeddings) of token-only prompts; see `_generate`."""
+  del images, features
+  return model, model.embed(arrays["tokens"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "inputs", "capacity", "sampler"))
+def _generate(graphdef, state, arrays, images, features, key, stop_ids, num_steps, temperature,
+              top_k, top_p, *, inputs, capacity, sampler):
+  """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop.
+
+  `inputs(model, arrays, images, features) -> (llm, embeddings (B, P, D))` is the only part
+  that differs between a plain LLaMA and PumaModel (whose prompts embed image features)."""
+  llm, x = inputs(nnx.merge(graphdef, state), arrays, images, features)
+  cache = llm.init_cache(x.shape[0], x.shape[1] + capacity)
+  hidden, cache = llm.decode_embeddings(x, attention_mask=arrays["mask"], cache=cache)
 
   def step(prev, cache):
-    logits, cache = model(prev[:, None], cache=cache)
-    return logits[:, -1], cache
+    h, cache = llm.decode_embeddings(llm.embed(prev[:, None]), cache=cache)
+    return llm.logits(h)[:, -1], cache
 
-  return decode_loop(step, logits[:, -1], cache, key, stop_ids, num_steps, temperature, top_k,
-                     top_p, capacity=capacity, sampler=sampler)
+  return decode_loop(step, llm.logits(hidden[:, -1:])[:, 0], cache, key, stop_ids, num_steps,
+                     temperature, top_k, top_p, capacity=capacity, sampler=sampler)
 
 
 def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
@@ -166,21 +194,8 @@ def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
   return [row[keep].astype(np.int64) for row, keep in zip(arr, m)]
 
 
-def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  stop_tokens: Sequence[int] | None = None, seed: int = 0,
-                  attention_mask=None) -> list[list[int]]:
-  """New token ids per prompt (each list ends at and includes its first stop token).
-
-  prompt_ids: a list of token-id sequences of any lengths, or a padded (B, T) array with its
-  `attention_mask`. temperature 0 is greedy; otherwise softmax sampling at `temperature`,
-  restricted to the `top_k` most likely tokens and/or the `top_p` nucleus. `stop_tokens`
-  defaults to the config's `eos_token_id` (pass `()` to never stop early).
-  """
-  cfg = model.config
+def _llama_prompts(cfg, prompt_ids, attention_mask, max_new_tokens) -> dict[str, np.ndarray]:
   rows = _as_rows(prompt_ids, attention_mask)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   for i, r in enumerate(rows):
     if r.size == 0:
       raise ValueError(f"prompt {i} is empty")
@@ -193,6 +208,36 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
     if r.size + max_new_tokens > cfg.max_position_embeddings:
       raise ValueError(f"prompt {i} ({r.size} tokens) + max_new_tokens={max_new_tokens} exceeds "
                        f"the context (max_position_embeddings={cfg.max_position_embeddings})")
+  return left_pad([{"tokens": r} for r in rows])
+
+
+def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  stop_tokens: Sequence[int] | None = None, seed: int = 0,
+                  attention_mask=None, *, images=None, features=None) -> list[list[int]]:
+  """New token ids per prompt (each list ends at and includes its first stop token).
+
+  For a LLaMA model, prompt_ids is a list of token-id sequences of any lengths, or a padded
+  (B, T) array with its `attention_mask`. For a PumaModel, it is a list of
+  `sequence.build_prompt` dicts, whose images come from `images` (B, M, H, W, 3) preprocessed
+  or `features` (B, M, 341, F). temperature 0 is greedy; otherwise softmax sampling at
+  `temperature`, restricted to the `top_k` most likely tokens and/or the `top_p` nucleus.
+  `stop_tokens` defaults to the config's `eos_token_id` (pass `()` to never stop early).
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if hasattr(model, "input_embeddings"):  # PumaModel: prompts hold image slots
+    from puma_jax.inference import generation
+    cfg = model.config.llm
+    arrays, images, features = generation.prompt_arrays(model, prompt_ids, max_new_tokens,
+                                                        images=images, features=features)
+    inputs = generation.puma_inputs
+  else:
+    if images is not None or features is not None:
+      raise ValueError("images/features are for a PumaModel; this is a text-only model")
+    cfg = model.config
+    arrays = _llama_prompts(cfg, prompt_ids, attention_mask, max_new_tokens)
+    inputs = llama_inputs
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0")
   if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
@@ -200,19 +245,12 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
-
-  p = bucket(max(r.size for r in rows))
   capacity = bucket(max_new_tokens)
-  tokens = np.zeros((len(rows), p), np.int32)
-  mask = np.zeros((len(rows), p), bool)
-  for i, r in enumerate(rows):
-    tokens[i, p - r.size:] = r
-    mask[i, p - r.size:] = True
   sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+  out = _generate(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
                   jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
                   jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
                   jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
-                  slots=p + capacity, capacity=capacity, sampler=sampler)
+                  inputs=inputs, capacity=capacity, sampler=sampler)
   return trim_at_stop(out, max_new_tokens, stops)

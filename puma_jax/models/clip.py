@@ -65,60 +65,16 @@ def tiny() -> CLIPVisionConfig:
                           num_attention_heads=4, image_size=32, patch_size=2, projection_dim=32)
 
 
-class CLIPAttention(nnx.Module):
-
-  def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    d = cfg.hidden_size
-    self.num_heads = cfg.num_attention_heads
-    mk = lambda axes: layers.Dense(d, d, axes=axes, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj = mk(("embed", "heads")), mk(("embed", "heads")), mk(
-        ("embed", "heads"))
-    self.out_proj = mk(("heads", "embed"))
-
-  def __call__(self, x, mask=None):
-    b, t, d = x.shape
-    split = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
-                                         ("batch", "act_seq", "act_heads", None))
-    o = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                         mask=mask)
-    return self.out_proj(o.reshape(b, t, d))
-
-
-class CLIPMLP(nnx.Module):
-
-  def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    self.act = layers.activation(cfg.hidden_act)
-    self.fc1 = layers.Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"),
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = layers.Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"),
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x):
-    h = sharding.constrain(self.act(self.fc1(x)), ("batch", "act_seq", "act_mlp"))
-    return self.fc2(h)
-
-
-class CLIPEncoderLayer(nnx.Module):
-
-  def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    ln = lambda: layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
-                                  param_dtype=param_dtype)
-    self.layer_norm1 = ln()
-    self.self_attn = CLIPAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layer_norm2 = ln()
-    self.mlp = CLIPMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x, mask=None):
-    x = x + self.self_attn(self.layer_norm1(x), mask=mask)
-    x = x + self.mlp(self.layer_norm2(x))
-    return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
+# HF `CLIPEncoderLayer` attribute names (the parameter paths of converted checkpoints).
+BLOCK_NAMES = layers.BlockNames(norm1="layer_norm1", attn="self_attn", out_proj="out_proj",
+                                norm2="layer_norm2")
 
 
 class CLIPEncoder(nnx.Module):
 
   def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([layers.EncoderLayer(cfg, BLOCK_NAMES, dtype=dtype,
+                                                param_dtype=param_dtype, rngs=rngs)
                             for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, x, mask=None):
@@ -223,6 +179,15 @@ def normalize_uint8(images: jax.Array) -> jax.Array:
 def black_image(size: int) -> np.ndarray:
   """The all-black picture whose features are CFG's unconditional input (uint8 HWC)."""
   return np.zeros((size, size, 3), np.uint8)
+
+
+def black_features(model: CLIPVisionModel, tokens: int) -> jax.Array:
+  """CFG's unconditional decoder input: the black image's patch features pooled to `tokens`
+  (1, tokens, D), through the same normalization as every real image."""
+  from puma_jax.models import pooling
+  size = model.config.image_size
+  pixels = normalize_uint8(black_image(size)[None])
+  return pooling.pool(patch_features(model, pixels), tokens)
 
 
 def _check_images(images, what="images"):

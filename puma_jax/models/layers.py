@@ -12,19 +12,22 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from puma_jax import sharding
+
 Initializer = Callable[..., jax.Array]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
+          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
   """A parameter with logical axis names; `rngs` may be None for deterministic initializers."""
   if len(axes) != len(shape):
     raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
@@ -289,7 +292,6 @@ def _splash(q, k, v, segment_ids, is_causal, scale):
   XLA cannot partition a Pallas kernel: rows split like the batch, heads like the (kv) heads
   when query and key/value heads split alike (so each shard keeps its own GQA groups), and the
   sequence whole on every shard."""
-  from puma_jax import sharding
   b, t, _, d = q.shape
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   fn = functools.partial(_splash_local, is_causal=is_causal,
@@ -347,3 +349,76 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
                                         scale=scale, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                       scale=scale, implementation="xla")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pre-LN transformer encoder layer of the ViT family (CLIP vision and text towers, DINO's
+# ViT). One implementation; each family keeps its checkpoint layout's attribute names, which are
+# the parameter paths the conversion tables address.
+
+
+class BlockNames(NamedTuple):
+  norm1: str  # layer norm before attention
+  attn: str  # the attention module
+  out_proj: str  # attention output projection, inside `attn`
+  norm2: str  # layer norm before the MLP
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with q/k/v/out projections (B, T, D) -> (B, T, D)."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True,
+               out_name: str = "out_proj", dtype, param_dtype, rngs: nnx.Rngs):
+    self.num_heads, self.out_name = num_heads, out_name
+    mk = lambda axes, bias: Dense(dim, dim, axes=axes, use_bias=bias, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = mk(("embed", "heads"), qkv_bias)
+    self.k_proj = mk(("embed", "heads"), qkv_bias)
+    self.v_proj = mk(("embed", "heads"), qkv_bias)
+    setattr(self, out_name, mk(("heads", "embed"), True))
+
+  def __call__(self, x, mask=None):
+    b, t, d = x.shape
+    split = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
+                                         ("batch", "act_seq", "act_heads", None))
+    o = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                  mask=mask)
+    return getattr(self, self.out_name)(o.reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+  """fc1 -> activation -> fc2."""
+
+  def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.act = activation(act)
+    self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
+    self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(sharding.constrain(self.act(self.fc1(x)), ("batch", "act_seq", "act_mlp")))
+
+
+class EncoderLayer(nnx.Module):
+  """x + attn(norm1(x)), then x + mlp(norm2(x)). `cfg` needs hidden_size, intermediate_size,
+  num_attention_heads, hidden_act and layer_norm_eps (a CLIP or ViT config)."""
+
+  def __init__(self, cfg, names: BlockNames, *, qkv_bias: bool = True, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.names = names
+    d = cfg.hidden_size
+    ln = lambda: LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    setattr(self, names.norm1, ln())
+    setattr(self, names.attn, SelfAttention(d, cfg.num_attention_heads, qkv_bias=qkv_bias,
+                                            out_name=names.out_proj, dtype=dtype,
+                                            param_dtype=param_dtype, rngs=rngs))
+    setattr(self, names.norm2, ln())
+    self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, mask=None):
+    n = self.names
+    x = x + getattr(self, n.attn)(getattr(self, n.norm1)(x), mask=mask)
+    x = x + self.mlp(getattr(self, n.norm2)(x))
+    return sharding.constrain(x, ("batch", "act_seq", "act_embed"))

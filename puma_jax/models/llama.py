@@ -186,7 +186,7 @@ class KVCache:
   length: jax.Array
 
   @classmethod
-  def init(cls, cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+  def init(cls, cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
@@ -514,10 +514,7 @@ def set_scan_layers(model: LlamaForCausalLM, scan: bool) -> LlamaForCausalLM:
   flat = restack(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.num_hidden_layers, scan)
   abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype,
                                                      rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  nnx.replace_by_pure_dict(params, flat)
-  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-  return nnx.merge(graphdef, params, rest)
+  return sharding.materialize(abstract, flat)
 
 
 def restack(params: dict, num_layers: int, to_scanned: bool) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -162,10 +161,6 @@ class PumaModel(nnx.Module):
     if self.router is not None:
       out["router_logits"] = self.router(hidden).astype(jnp.float32)
     return out
-
-  def frozen_filter(self):
-    """Parameters the optimizer never touches: the CLIP encoder."""
-    return nnx.All(nnx.Param, nnx.PathContains("clip"))
 
 
 def tiny(vocab_size: int = 512, router: bool = True, **llm_kw) -> PumaConfig:

@@ -39,10 +39,6 @@ def config_class(family: str):
   return _lookup(family)[0]
 
 
-def model_class(family: str):
-  return _lookup(family)[1]
-
-
 def build(family: str, config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32,
           rngs: nnx.Rngs | None = None) -> nnx.Module:
   cfg_cls, cls = _lookup(family)

@@ -59,53 +59,10 @@ def dino_vits16() -> ViTConfig:
                    num_attention_heads=6, image_size=224, patch_size=16)
 
 
-class ViTAttention(nnx.Module):
-
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs):
-    d = cfg.hidden_size
-    self.num_heads = cfg.num_attention_heads
-    mk = lambda axes, bias: layers.Dense(d, d, axes=axes, use_bias=bias, dtype=dtype,
-                                         param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = mk(("embed", "heads"), cfg.qkv_bias)
-    self.k_proj = mk(("embed", "heads"), cfg.qkv_bias)
-    self.v_proj = mk(("embed", "heads"), cfg.qkv_bias)
-    self.o_proj = mk(("heads", "embed"), True)
-
-  def __call__(self, x):
-    b, t, d = x.shape
-    split = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
-                                         ("batch", "act_seq", "act_heads", None))
-    o = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
-    return self.o_proj(o.reshape(b, t, d))
-
-
-class ViTMLP(nnx.Module):
-
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs):
-    self.act = layers.activation(cfg.hidden_act)
-    self.fc1 = layers.Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"),
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = layers.Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"),
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x):
-    return self.fc2(sharding.constrain(self.act(self.fc1(x)), ("batch", "act_seq", "act_mlp")))
-
-
-class ViTLayer(nnx.Module):
-
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs):
-    ln = lambda: layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
-                                  param_dtype=param_dtype)
-    self.layernorm_before = ln()
-    self.attention = ViTAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layernorm_after = ln()
-    self.mlp = ViTMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.attention(self.layernorm_before(x))
-    x = x + self.mlp(self.layernorm_after(x))
-    return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
+# HF `ViTLayer` attribute names, as our checkpoints store them (`attention.o_proj` is HF's
+# `attention.output.dense`; see convert/vit.py).
+BLOCK_NAMES = layers.BlockNames(norm1="layernorm_before", attn="attention", out_proj="o_proj",
+                                norm2="layernorm_after")
 
 
 class ViTEmbeddings(nnx.Module):
@@ -138,7 +95,8 @@ class ViTModel(nnx.Module):
     self.config, self.dtype = config, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = ViTEmbeddings(config, **kw)
-    self.layers = nnx.List([ViTLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+    self.layers = nnx.List([layers.EncoderLayer(config, BLOCK_NAMES, qkv_bias=config.qkv_bias,
+                                                **kw) for _ in range(config.num_hidden_layers)])
     self.layernorm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
                                       param_dtype=param_dtype)
 

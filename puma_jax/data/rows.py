@@ -1,9 +1,10 @@
-"""Task examples (`data.schema.Example`) -> MLLM training rows (`puma_jax.sequence`).
+"""Examples (`data.schema.Example`) -> MLLM training rows (`puma_jax.sequence`).
 
 `MLLMEncoder` is the `encode` callable of `data.pipeline.build`: every example becomes one row
 of `seq_len` positions plus its images (uint8, CLIP resolution; normalized on the device).
-With `pack=encoder.packer()` the pipeline instead packs several examples into each row, first
-fit (`data.packing`), with `image_slots(seq_len)` image slots per row.
+With `data.pack` on the training split the pipeline instead packs several examples into each
+row, first fit (`data.packing`, through `MLLMEncoder.packer()`), with `image_slots(seq_len)`
+image slots per row.
 An example that cannot be encoded (too long, too many images) raises ValueError, which the
 pipeline counts as a skip.
 """
@@ -18,8 +19,8 @@ import numpy as np
 from puma_jax import sequence as seq
 from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example
 
-# data.schema task -> sequence task
-_TASK = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
+# example kind -> sequence kind
+_KIND = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
          "edit": "edit", "conditional": "conditional"}
 
 
@@ -60,10 +61,10 @@ def _chat(ex: Example) -> list[seq.Segment]:
 
 
 def segments(ex: Example) -> tuple[list[seq.Segment], str]:
-  """The segments and the sequence task of one example."""
-  if ex.task not in _TASK:
-    raise ValueError(f"task {ex.task!r} has no MLLM sequence (decoder-only data?)")
-  t = ex.task
+  """The segments and the sequence kind of one example."""
+  if ex.kind not in _KIND:
+    raise ValueError(f"example kind {ex.kind!r} has no MLLM sequence (decoder-only data?)")
+  t = ex.kind
   if t == "t2i":
     return seq.t2i(ex.text), t
   if t == "i2t":
@@ -114,12 +115,12 @@ class MLLMEncoder:
 
   def example(self, ex: Example, max_images: int | None = None) -> Encoded:
     max_images = self.max_images if max_images is None else max_images
-    segs, task = segments(ex)
+    segs, kind = segments(ex)
     encode = self.encode
-    if task == "text":  # documents are cut to the row; everything else must fit whole
+    if kind == "text":  # documents are cut to the row; everything else must fit whole
       budget = self.seq_len - 2
       encode = lambda s: self.encode(s)[:budget]
-    built = seq.build(segs, encode, self.special, task, num_images=len(ex.images))
+    built = seq.build(segs, encode, self.special, kind, num_images=len(ex.images))
     if len(built) > self.seq_len:
       raise ValueError(f"example of {len(built)} positions is longer than "
                        f"seq_len={self.seq_len}")
