@@ -3,8 +3,8 @@
   python -m benchmarks.bench_memory_plan [--devices=1] [--batch=8] [--remat=none,full,dots]
       [--seq_len=768] [--layers=2,6] [--hidden 64]
 
-Builds the MLLM step exactly as train.py jits it (in/out shardings, donated state), lowers it
-on abstract inputs and compiles it (nothing is allocated), then prints
+Builds the MLLM step exactly as training/loop.py jits it (in/out shardings, donated state),
+lowers it on abstract inputs and compiles it (nothing is allocated), then prints
 `compiled.memory_analysis()` per device (arguments, outputs, temporaries) beside the plan's
 rows. The plan's params+grads+optimizer correspond to XLA's argument/output bytes; its
 activations+logits+transient to XLA's temporaries. Run it on the device kind you plan for: CPU
@@ -22,52 +22,30 @@ if "--devices" in os.sys.argv:
                              + f" --xla_force_host_platform_device_count={n}")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from puma_jax import cli, optim, sharding, tasks  # noqa: E402
-from puma_jax.steps import TrainState  # noqa: E402
+from puma_jax import cli, sharding  # noqa: E402
 from puma_jax.tools import memory_plan as mp  # noqa: E402
+from puma_jax.training import data as data_lib, init, registry  # noqa: E402
 
 MiB = 2 ** 20
 
 
 def compiled_memory(config, mesh):
-  task = tasks.make(config)
-  abstract = nnx.eval_shape(lambda: task.build(nnx.Rngs(0)))
-  graphdef, trainable_a, frozen_a, rest_a = optim.split_trainable(abstract, task.frozen)
-  pure = nnx.to_pure_dict
-  p_shard = pure(sharding.state_shardings(trainable_a, mesh))
-  f_shard = pure(sharding.state_shardings(frozen_a, mesh))
-  rep = NamedSharding(mesh, P())
-  r_shard = jax.tree.map(lambda _: rep, pure(rest_a))
-  tx, _ = task.optimizer(pure(trainable_a))
-  opt_a = jax.eval_shape(tx.init, pure(trainable_a))
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  opt_shard = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_a, p_shard,
-                                    transform_non_params=lambda x: x if masked(x) else rep,
-                                    is_leaf=masked)
-  sds = lambda t, s: jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                                     sharding=sh), t, s)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                     params=sds(pure(trainable_a), p_shard), opt_state=sds(opt_a, opt_shard))
-  state_shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard)
-  host = task.device_arrays(next(task.train_data()))
+  stage = registry.make(config)
+  a = init.abstract_state(stage, mesh)
+  host = stage.device_arrays(next(stage.train_data()))
   gb = int(config.data.batch_size)
-  bshard = NamedSharding(mesh, P(("data", "fsdp")))
+  bshard = data_lib.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((gb,) + np.shape(v)[1:], np.asarray(v).dtype, sharding=bshard)
            for k, v in host.items()}
-  step = jax.jit(task.train_step(graphdef, tx),
-                 in_shardings=(state_shard, f_shard, r_shard, bshard),
-                 out_shardings=(state_shard, None), donate_argnums=(0,))
+  step = jax.jit(stage.train_step(a.graphdef, a.tx),
+                 in_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding, bshard),
+                 out_shardings=(a.state_sharding, None), donate_argnums=(0,))
   with sharding.use_mesh(mesh):
-    compiled = step.lower(state, sds(pure(frozen_a), f_shard), sds(pure(rest_a), r_shard),
-                          batch).compile()
+    compiled = step.lower(a.state(), a.frozen_structs(), a.rest_structs(), batch).compile()
   return compiled.memory_analysis()
 
 

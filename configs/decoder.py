@@ -12,11 +12,13 @@ Run:
   python -m puma_jax.main --config=configs/decoder.py --workdir=/tmp/puma_decoder
   python -m puma_jax.main --config=configs/decoder.py:f0 --workdir=/ckpt/decoder_f0 \
       --config.init.clip=/ckpt/clip_l14 --config.init.vae=/ckpt/sdxl_vae \
-      --config.init.decoder=/ckpt/sdxl_unet --config.data.sources.images.paths=/data/laion/{00000..09999}.tar
+      --config.init.decoder=/ckpt/sdxl_unet \
+      --config.data.sources.images.paths=/data/laion/{00000..09999}.tar
 """
 
 import ml_collections
 
+from puma_jax import config_lib
 from puma_jax.data import config as data_config
 from puma_jax.diffusion import schedulers as S
 from puma_jax.models import clip, pooling, puma_decoder, vae
@@ -31,7 +33,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/decoder.py: unknown variant {arg!r}; use f0..f4 or tiny_f0..f4")
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
   c = ml_collections.ConfigDict()
-  c.stage = "decoder"       # which task train.py runs (puma_jax/decoder_task.py)
+  c.stage = "decoder"       # training stage (puma_jax/training/registry.py)
   c.scale = scale           # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
   c.seed = 0                # initialization and the per-step noise / dropout keys
   c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
@@ -65,34 +67,21 @@ def get_config(arg: str = "tiny"):
     c.data.image.vae_size = 32      # = unet.sample_size x VAE downsampling (16 x 2)
   c.data.batch_size = 8 if tiny else 1024 // 256   # per host (paper: 1024 in total)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr_groups = ml_collections.ConfigDict({"default": 1e-3 if tiny else 8e-5})  # app. 7.1.2
-  c.optim.total_steps = 200 if tiny else PAPER_STEPS[scale]
-  c.optim.warmup_steps = 10 if tiny else 0   # (ours for tiny) the paper states no warm-up
-  c.optim.decay = "linear"       # PUMA paper, appendix 7.1.2
-  c.optim.end_factor = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 1e-2    # (ours) PyTorch AdamW's default (docs/DESIGN.md §5)
-  c.optim.grad_clip = 1.0        # PUMA paper, appendix 7.1.2
-
-  c.train = ml_collections.ConfigDict()
-  c.train.total_steps = c.optim.get_ref("total_steps")
-  c.train.grad_accum_steps = 1
-  c.train.log_every = 10 if tiny else 50
-  c.train.checkpoint_every = 50 if tiny else 1000
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpointing = True
-  c.train.eval_every = 100 if tiny else 2000  # steps between sample images (0: never)
-  c.train.eval_batches = 1
+  c.optim = config_lib.optim(
+      {"default": 1e-3 if tiny else 8e-5},  # PUMA paper, appendix 7.1.2 (tiny: ours)
+      total_steps=200 if tiny else PAPER_STEPS[scale],
+      warmup_steps=10 if tiny else 0,       # (ours for tiny) the paper states no warm-up
+      decay="linear",                       # PUMA paper, appendix 7.1.2
+      weight_decay=1e-2,                    # (ours) PyTorch AdamW's default (docs/DESIGN.md §5)
+      grad_clip=1.0)                        # PUMA paper, appendix 7.1.2
+  # eval_every: steps between sample images (0: never)
+  c.train = config_lib.train(c.optim, grad_accum_steps=1, log_every=10 if tiny else 50,
+                             checkpoint_every=50 if tiny else 1000,
+                             eval_every=100 if tiny else 2000, eval_batches=1)
   c.train.sample_images = 4      # held-out images reconstructed at each evaluation
   c.train.sample_steps = 10 if tiny else 50  # sampler steps for those (DDPM, guidance 2.0)
-  c.train.same_data_on_hosts = False  # testing only (see configs/pretrain.py)
 
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
-                                     {"data": 1, "fsdp": -1, "tensor": 1})
-  c.distributed = ml_collections.ConfigDict({"auto": False, "coordinator_address": "",
-                                             "num_processes": 0, "process_id": -1})
+  c.mesh = config_lib.mesh(tiny)
+  c.distributed = config_lib.distributed()
   return c

@@ -10,7 +10,8 @@ Run:
   python -m puma_jax.main --config=configs/pretrain.py --workdir=/tmp/puma_pretrain
   python -m puma_jax.main --config=configs/pretrain.py:paper --workdir=/ckpt/pretrain \
       --config.init.clip=/ckpt/clip_l14 --config.init.llm=/ckpt/llama3_8b \
-      --config.tokenizer=/ckpt/llama3_8b --config.data.sources.pairs.paths=/data/laion/{00000..09999}.tar
+      --config.tokenizer=/ckpt/llama3_8b \
+      --config.data.sources.pairs.paths=/data/laion/{00000..09999}.tar
 """
 
 from puma_jax import config_lib

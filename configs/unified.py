@@ -1,4 +1,5 @@
-"""Unified tuning (PUMA paper, appendix 7.2.4): one model for t2i, editing, conditional, chat.
+"""Unified tuning (PUMA paper, appendix 7.2.4): one model for t2i, editing, conditional
+generation and chat.
 
 Variants: tiny (default; synthetic set, CPU) and paper (batch 2048, 30k steps, lr 1e-5, 1k
 warm-up, cosine; start from a pretrained PumaModel with --config.init.puma=DIR).

@@ -43,7 +43,7 @@ mkdir -p "$LOG_DIR"
 pids=()
 tail_pid=
 cleanup() {
-  # Stop whatever is still running: TERM first (train.py saves a checkpoint on SIGTERM), then KILL.
+  # Stop whatever is still running: TERM first (the training loop saves a checkpoint on SIGTERM), then KILL.
   local alive=()
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
   if ((${#alive[@]})); then

@@ -7,7 +7,8 @@ plus whatever the family carries along (tokenizer files for LLaMA).
 
 `load_module(dir)` rebuilds the module abstractly (no memory), then restores the parameters into
 it; with a `mesh`, each parameter is restored directly into its shard.
-(Training checkpoints, with optimizer and data-iterator state, are managed by `train.py`.)
+(Training checkpoints, with optimizer and data-iterator state, are in
+`puma_jax.training.checkpoints`.)
 """
 
 from __future__ import annotations
@@ -135,44 +136,3 @@ def param_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
   from puma_jax.convert.core import flatten_state
   return {k: np.asarray(v) for k, v in
           flatten_state(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints: parameters, optimizer state, step, frozen parts, data-iterator state and
-# the model/stage description (checked on resume).
-
-TRAIN_ITEMS = ("state", "frozen", "data", "meta")
-
-
-def train_manager(directory: Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(config.train.keep_checkpoints),
-      enable_async_checkpointing=bool(config.train.async_checkpointing),
-      create=True)
-  return ocp.CheckpointManager(Path(directory).absolute(), item_names=TRAIN_ITEMS,
-                               options=options)
-
-
-def save_train(manager: ocp.CheckpointManager, step: int, state, frozen, data_state: dict,
-               meta: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-      data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
-
-
-def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
-  """Refuses to resume from a checkpoint of another model or stage (nothing is deleted)."""
-  stored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if stored != json.loads(json.dumps(meta)):
-    diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
-    raise CheckpointError(
-        f"{manager.directory} holds a checkpoint (step {step}) of another model or stage "
-        f"(differs in {diff}); use a new --workdir, or the same config to resume. "
-        "Nothing was changed.")
-
-
-def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_frozen):
-  got = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      frozen=ocp.args.StandardRestore(abstract_frozen), data=ocp.args.JsonRestore()))
-  return got["state"], got["frozen"], got["data"]

@@ -1,4 +1,10 @@
-"""Shared builders for the configs in configs/ (every field commented where it is set)."""
+"""Shared builders for the configs in configs/ (every field commented where it is set).
+
+  mllm(...)         a whole MLLM-stage config (configs/pretrain.py, configs/unified.py)
+  optim(...)        the `optim` block (AdamW groups, schedule, clipping)
+  train(...)        the `train` block (loop, checkpoints, evaluation)
+  mesh(tiny)        the `mesh` block; distributed() the `distributed` block
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
     raise ValueError(f"unknown variant {variant!r}; choose tiny or paper")
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
-  c.stage = "mllm"            # which task train.py runs (puma_jax/tasks.py)
+  c.stage = "mllm"            # training stage (puma_jax/training/registry.py)
   c.seed = 0                  # parameter initialization
   c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
   c.tokenizer = "byte" if tiny else ""  # "byte" (tiny) or a converted LLaMA dir's tokenizer
@@ -40,43 +46,71 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
 
   c.loss = ml_collections.ConfigDict()
   c.loss.text_weight = 0.02      # PUMA paper, appendix 7.2.1
-  c.loss.image_weight = 1.0      # appendix 7.2.1 (per-scale weights 1024..1: puma_jax/sequence.py)
+  c.loss.image_weight = 1.0      # PUMA paper, appendix 7.2.1 (per-scale weights 1024..1:
+                                 # puma_jax/sequence.py)
   c.loss.router_weight = 0.1     # (ours) router head's CE weight, docs/DESIGN.md §7
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr_groups = ml_collections.ConfigDict({
-      "llm": lr_llm,        # the LLaMA backbone
-      "default": lr_other,  # projector, embeddings, heads, router
-  })
-  c.optim.total_steps = steps      # schedule length (= train.total_steps)
-  c.optim.warmup_steps = warmup    # linear warm-up
-  c.optim.decay = "cosine"         # PUMA paper, appendix 7.2.3 / 7.2.4
-  c.optim.end_factor = 0.0         # final lr = peak x end_factor
-  c.optim.b1 = 0.9                 # AdamW betas/eps: PyTorch defaults (the paper's AdamW)
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0       # (ours) HF Trainer's default, docs/DESIGN.md §11
-  c.optim.grad_clip = grad_clip    # global-norm clipping
-
-  c.train = ml_collections.ConfigDict()
-  c.train.total_steps = c.optim.get_ref("total_steps")  # steps to run
-  c.train.grad_accum_steps = 1 if tiny else 2  # microbatches per step (= one big batch)
-  c.train.log_every = 10 if tiny else 50      # steps between metric lines
-  c.train.checkpoint_every = 50 if tiny else 1000  # steps between checkpoints
-  c.train.keep_checkpoints = 3     # newest checkpoints kept
-  c.train.async_checkpointing = True  # save in the background
-  c.train.eval_every = 100 if tiny else 5000  # steps between held-out evaluations (0: never)
-  c.train.eval_batches = 2 if tiny else 50    # batches per evaluation
-  c.train.same_data_on_hosts = False  # testing only: every host reads the global stream and
-                                      # keeps its slice (multi-process == one process)
-
+  c.optim = optim({"llm": lr_llm,        # the LLaMA backbone
+                   "default": lr_other},  # projector, embeddings, heads, router
+                  total_steps=steps, warmup_steps=warmup,
+                  decay="cosine",        # PUMA paper, appendix 7.2.3 / 7.2.4
+                  weight_decay=0.0,      # (ours) HF Trainer's default, docs/DESIGN.md §11
+                  grad_clip=grad_clip)
+  c.train = train(c.optim, grad_accum_steps=1 if tiny else 2, log_every=10 if tiny else 50,
+                  checkpoint_every=50 if tiny else 1000, eval_every=100 if tiny else 5000,
+                  eval_batches=2 if tiny else 50)
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
-                                     {"data": 1, "fsdp": -1, "tensor": 1})  # -1: the rest
-
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.auto = False             # SLURM / TPU pods: let JAX find the coordinator
-  c.distributed.coordinator_address = ""  # host:port of process 0 (else env PUMA_COORDINATOR)
-  c.distributed.num_processes = 0        # else env PUMA_NUM_PROCESSES
-  c.distributed.process_id = -1          # else env PUMA_PROCESS_ID
+  c.mesh = mesh(tiny)
+  c.distributed = distributed()
   return c
+
+
+def optim(lr_groups: dict, *, total_steps: int, warmup_steps: int, decay: str,
+          weight_decay: float, grad_clip: float) -> ml_collections.ConfigDict:
+  """The `optim` block (puma_jax/training/optim.py)."""
+  o = ml_collections.ConfigDict()
+  o.lr_groups = ml_collections.ConfigDict(lr_groups)  # peak lr per group (first path component)
+  o.total_steps = total_steps      # schedule length (= train.total_steps)
+  o.warmup_steps = warmup_steps    # linear warm-up
+  o.decay = decay                  # after warm-up: cosine | linear | constant
+  o.end_factor = 0.0               # final lr = peak x end_factor
+  o.b1 = 0.9                       # AdamW betas/eps: PyTorch defaults (the paper's AdamW)
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = weight_decay    # on matrices only
+  o.grad_clip = grad_clip          # global-norm clipping (0: none)
+  return o
+
+
+def train(optim_block: ml_collections.ConfigDict, *, grad_accum_steps: int, log_every: int,
+          checkpoint_every: int, eval_every: int, eval_batches: int) -> ml_collections.ConfigDict:
+  """The `train` block (puma_jax/training/loop.py); total_steps follows optim.total_steps."""
+  t = ml_collections.ConfigDict()
+  t.total_steps = optim_block.get_ref("total_steps")  # steps to run
+  t.grad_accum_steps = grad_accum_steps  # microbatches per step (= one big batch)
+  t.log_every = log_every                # steps between metric lines
+  t.checkpoint_every = checkpoint_every  # steps between checkpoints
+  t.keep_checkpoints = 3                 # newest checkpoints kept
+  t.async_checkpointing = True           # save in the background
+  t.eval_every = eval_every              # steps between held-out evaluations (0: never)
+  t.eval_batches = eval_batches          # batches per evaluation
+  t.same_data_on_hosts = False  # testing only: every host reads the global stream and
+                                # keeps its slice (multi-process == one process)
+  return t
+
+
+def mesh(tiny: bool) -> ml_collections.ConfigDict:
+  """The `mesh` block: data parallel for the toy configs, FSDP over every device for the
+  paper's. -1: the axis takes the remaining devices."""
+  return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
+                                   {"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def distributed() -> ml_collections.ConfigDict:
+  """The `distributed` block (puma_jax/distributed.py)."""
+  d = ml_collections.ConfigDict()
+  d.auto = False             # SLURM / TPU pods: let JAX find the coordinator
+  d.coordinator_address = ""  # host:port of process 0 (else env PUMA_COORDINATOR)
+  d.num_processes = 0        # else env PUMA_NUM_PROCESSES
+  d.process_id = -1          # else env PUMA_PROCESS_ID
+  return d

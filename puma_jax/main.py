@@ -1,7 +1,8 @@
 """Entry point: python -m puma_jax.main --config=configs/pretrain.py[:variant] [--workdir=DIR]
 [--config.key=value ...]
 
-Thin on purpose (as in the Flax examples): parse flags, then `train.train_and_evaluate`.
+Thin on purpose (as in the Flax examples): parse flags, check the stage name against
+`training.registry`, then `training.loop.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from puma_jax import train
+  from puma_jax.training import loop, registry
   logging.set_verbosity(logging.INFO)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  registry.get_stage(str(_CONFIG.value.stage))
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def _expected():
-  from puma_jax import train  # imported late: `--help` should not wait for JAX
-  return (ValueError, train.StopTraining)
+  from puma_jax.training import loop  # imported late: `--help` should not wait for JAX
+  return (ValueError, loop.StopTraining)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from puma_jax import distributed
+from puma_jax import config_lib, distributed
 
 
 def main() -> int:
@@ -19,8 +19,8 @@ def main() -> int:
   if os.environ.get("PUMA_TEST_FAIL_PROCESS") == str(pid):
     print(f"process {pid}: failing on purpose", flush=True)
     return 3
-  distributed.initialize(ml_collections.ConfigDict({"distributed": {
-      "auto": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}}))
+  # the configs' block: the coordinator and process ids come from the PUMA_* environment
+  distributed.initialize(ml_collections.ConfigDict({"distributed": config_lib.distributed()}))
   n = jax.process_count()
   mesh = jax.make_mesh((jax.device_count(),), ("d",))
   # every local device holds (process id + 1): the global sum needs every process's data

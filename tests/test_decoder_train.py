@@ -6,8 +6,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from puma_jax import sharding, train
-from puma_jax import tasks as tasks_lib
+from puma_jax import sharding
+from puma_jax.training import data as data_lib, init as init_lib, loop, registry
+from tests.test_train import accumulation_config, assert_same_update
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,19 +34,19 @@ def small_config():
 
 
 def one_step(config, mesh):
-  task = tasks_lib.make(config)
+  stage = registry.make(config)
   with sharding.use_mesh(mesh):
-    graphdef, state, frozen, rest, _, _, tx, _ = train._restore_or_init(
-        task, None, mesh, sharding.DEFAULT_RULES, config)
-  batch = train._global_batch(task.device_arrays(next(task.train_data())), mesh)
+    got = init_lib.restore_or_init(stage, None, mesh)
+  batch = data_lib.global_batch(stage.device_arrays(next(stage.train_data())), mesh)
+  step = stage.train_step(got.abstract.graphdef, got.abstract.tx)
   with sharding.use_mesh(mesh):
-    return jax.jit(task.train_step(graphdef, tx))(state, frozen, rest, batch)
+    return (*jax.jit(step)(got.state, got.frozen, got.rest, batch), got.state.params)
 
 
 def test_decoder_sharded_step_equals_single_device():
   config = small_config()
-  ref, ref_m = one_step(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-  new, m = one_step(config, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  ref, ref_m, _ = one_step(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  new, m, _ = one_step(config, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
   worst = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
               for a, b in zip(jax.tree.leaves(jax.device_get(new.params)),
@@ -55,12 +56,26 @@ def test_decoder_sharded_step_equals_single_device():
   assert set(new.params) == {"decoder"}
 
 
-def test_decoder_grad_accumulation_matches_shapes_and_runs(tmp_path):
+def test_decoder_grad_accumulation_equals_one_big_batch():
+  """Per-example keys: 4 microbatches draw what one batch draws, so the update is the same."""
+  config = accumulation_config(small_config())
+  config.cfg_drop_prob = 0.5  # both the dropped and the kept path in an 8-example batch
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  ref, ref_m, init = one_step(config, mesh)
+  assert 0 < float(ref_m["dropped"]) < 1
+  config.train.grad_accum_steps = 4
+  new, m, _ = one_step(config, mesh)
+  for key in ("loss", "diffusion_mse", "dropped"):
+    np.testing.assert_allclose(float(m[key]), float(ref_m[key]), rtol=1e-5, err_msg=key)
+  assert_same_update(new, ref, init)
+
+
+def test_decoder_grad_accumulation_runs(tmp_path):
   config = small_config()
   config.train.grad_accum_steps = 2
   config.data.batch_size = 16  # two microbatches of 8, one example per fake device
   config.optim.total_steps = 4
-  last = train.train_and_evaluate(config, str(tmp_path))
+  last = loop.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(last["loss"])
 
 
@@ -69,7 +84,7 @@ def test_tiny_decoder_learns(tmp_path):
   config.train.eval_every = 16
   config.train.sample_images = 2
   config.train.sample_steps = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   from PIL import Image
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_16.png"))
   assert grid.shape == (64, 64, 3)  # 2 held-out inputs above their 2 samples, 32 px each

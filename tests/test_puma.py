@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from puma_jax import losses, sequence as seq, sharding
+from puma_jax import sequence as seq, sharding
 from puma_jax.inference import generation, text
+from puma_jax.training import losses
 from puma_jax.models import puma
 
 from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
@@ -50,10 +51,12 @@ def test_packing_equals_separate_examples(model):
     np.testing.assert_allclose(out_p[key][0, :n1], out_s[key][0, :n1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out_p[key][0, n1:n1 + n2], out_s[key][1, :n2], rtol=1e-4,
                                atol=1e-5)
+  weights = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
   lp, _ = losses.mllm_loss(out_p["logits"], out_p["feature_pred"], out_p["features"],
-                           rows_to_batch([packed], None))
+                           rows_to_batch([packed], None), weights,
+                           router_logits=out_p["router_logits"])
   ls, _ = losses.mllm_loss(out_s["logits"], out_s["feature_pred"], out_s["features"],
-                           rows_to_batch(sep, None))
+                           rows_to_batch(sep, None), weights, router_logits=out_s["router_logits"])
   np.testing.assert_allclose(float(lp), float(ls), rtol=1e-5)
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from puma_jax import losses, sequence as seq
+from puma_jax import sequence as seq
+from puma_jax.training import losses
 
 SP = seq.SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4, pos0=300)
 
@@ -169,12 +170,22 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
   logits = rng.randn(B, T, V).astype(np.float32) * 3
   pred = rng.randn(B, T, D).astype(np.float32)
   feats = rng.randn(B, T, D).astype(np.float32) * (batch["image_index"] >= 0)[..., None]
-  loss, m = losses.mllm_loss(jnp.asarray(logits), jnp.asarray(pred), jnp.asarray(feats),
-                             {k: jnp.asarray(v) for k, v in batch.items()})
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  m = losses.mllm_sums(jnp.asarray(logits), jnp.asarray(pred), jnp.asarray(feats), jbatch)
+  # The paper's weights (the reference hard-codes 0.02 and 1.0); no router head.
+  weights = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.0}
+  # What training optimizes: the objective over the full batch's normalizers ...
+  loss = losses.mllm_objective(m, losses.mllm_normalizers(jbatch), weights)
   ref, n_ce, n_mse = numpy_reference_loss(rows, logits, pred, feats)
   assert float(m["text_count"]) == n_ce and float(m["image_count"]) == n_mse
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  s = losses.summarize(m)
+  # ... and, as two microbatches whose shares add up, the accumulated step's loss.
+  halves = [losses.mllm_objective(
+      losses.mllm_sums(jnp.asarray(logits[i:i + 2]), jnp.asarray(pred[i:i + 2]),
+                       jnp.asarray(feats[i:i + 2]), {k: v[i:i + 2] for k, v in jbatch.items()}),
+      losses.mllm_normalizers(jbatch), weights) for i in (0, 2)]
+  np.testing.assert_allclose(float(sum(halves)), ref, rtol=1e-5)
+  s = losses.summarize(m, weights)
   np.testing.assert_allclose(s["loss"], ref, rtol=1e-5)
   assert {"mse_f0", "mse_f4", "text_ce/chat", "image_mse/edit", "text_ce/grounding"} <= set(s)
   # per-task image sums add up to the total

@@ -62,7 +62,7 @@ class PumaDecoderConfig(ModelConfig):
                        f"{self.mapping_dim} must be positive")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "PumaDecoderConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> PumaDecoderConfig:
     d = dict(d)
     if isinstance(d.get("unet"), Mapping):
       d["unet"] = unet.UNetConfig.from_dict(d["unet"])

@@ -13,8 +13,8 @@ How each row is computed (every number is per device):
                scatters them); with `train.grad_accum_steps > 1` two copies (the scan's
                accumulator and the current microbatch's gradient).
   optimizer    `jax.eval_shape(tx.init)` of the configured optax chain, leaves sharded like the
-               parameter they belong to (as train.py places them): AdamW mu and nu for trainable
-               parameters only; frozen CLIP has none.
+               parameter they belong to (`training.init.abstract_state`, as training places
+               them): AdamW mu and nu for trainable parameters only; frozen CLIP has none.
   activations  saved for the backward pass, LLaMA (MLLM stage), per token of the microbatch on
                this device (tokens = global batch / grad_accum / (data x fsdp) x seq_len), in the
                compute dtype (b bytes) unless noted; d hidden, q = heads*head_dim, k = kv_heads*
@@ -39,7 +39,8 @@ How each row is computed (every number is per device):
                recomputed with nothing saved (the `none` row for a single layer); FSDP's
                all-gathered weights of the largest block (a layer or the LM head) in the compute
                dtype plus its float32 gradient before the reduce-scatter, plus the next layer
-               prefetched in the compute dtype; the optimizer's update tree (float32, trainable-sized).
+               prefetched in the compute dtype; the optimizer's update tree (float32,
+               trainable-sized).
 
 Calibration (benchmarks/bench_memory_plan.py: the slope over depth of XLA's temporaries for the
 compiled step, scanned layers, float32, CPU): per layer saved none 43.8 MiB measured vs 43.5
@@ -63,11 +64,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from puma_jax import optim, sharding
+from puma_jax import sharding
+from puma_jax.training import init, registry
 
 GiB = 1024 ** 3
 ATTENTION_IMPLS = ("xla", "flash")
@@ -142,45 +142,21 @@ def _tensors(pure, shards, trainable: bool) -> list[Tensor]:
   return out
 
 
-def _model_parts(config):
-  """(build, frozen filter, make_optimizer) for the config's stage, without loading anything."""
-  if config.stage == "mllm":
-    from puma_jax import tasks
-    from puma_jax.models import puma
-    mc = puma.PumaConfig.from_dict(config.model.to_dict())
-    build = lambda: puma.PumaModel(mc, dtype=jnp.dtype(config.dtype), rngs=nnx.Rngs(0))
-    return build, tasks.MLLMTask.frozen, lambda params: optim.make(config.optim, params)
-  from puma_jax import tasks  # other stages: their Task knows how to build and freeze
-  task = tasks.make(config)
-  return (lambda: task.build(nnx.Rngs(0))), task.frozen, task.optimizer
-
-
 def static_memory(config, mesh: AbstractMesh, rules=sharding.DEFAULT_RULES) -> dict:
-  """Per-device bytes of parameters, gradients and optimizer state (no arrays allocated)."""
-  build, frozen_filter, make_tx = _model_parts(config)
-  abstract = nnx.eval_shape(build)
-  _, trainable_a, frozen_a, rest_a = optim.split_trainable(abstract, frozen_filter)
-  to_pure = nnx.to_pure_dict
-  p_shard = to_pure(sharding.state_shardings(trainable_a, mesh, rules))
-  f_shard = to_pure(sharding.state_shardings(frozen_a, mesh, rules))
-  replicated = NamedSharding(mesh, P())
-  trainable, frozen, rest = to_pure(trainable_a), to_pure(frozen_a), to_pure(rest_a)
-  tensors = _tensors(trainable, p_shard, True) + _tensors(frozen, f_shard, False)
-
-  tx, _ = make_tx(trainable)
-  opt_a = jax.eval_shape(tx.init, trainable)
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  # As train.py places them: a parameter's moments follow its sharding, counters replicate;
-  # a group's MaskedNode (parameters of the other groups) holds nothing.
-  opt_shard = optax.tree_map_params(
-      tx, lambda v, s: v if masked(v) else s, opt_a, p_shard,
-      transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
-  opt_bytes = sum(jax.tree.leaves(jax.tree.map(_leaf_bytes, opt_a, opt_shard)))
+  """Per-device bytes of parameters, gradients and optimizer state (no arrays allocated), from
+  the shapes and shardings training itself uses (`training.init.abstract_state`)."""
+  a = init.abstract_state(registry.make(config), mesh, rules)
+  trainable, frozen, rest = a.trainable, a.frozen, a.rest
+  tensors = (_tensors(trainable, a.state_sharding.params, True)
+             + _tensors(frozen, a.frozen_sharding, False))
+  # A group's MaskedNode (parameters of the other groups) has no leaves: it holds nothing.
+  opt_bytes = sum(jax.tree.leaves(jax.tree.map(_leaf_bytes, a.opt_state,
+                                               a.state_sharding.opt_state)))
   rest_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(rest))
   trainable_bytes = sum(t.bytes_per_device for t in tensors if t.trainable)
   return {
-      "abstract": abstract,
+      "abstract": a.model,
       "tensors": tensors,
       "params": sum(t.bytes_per_device for t in tensors) + rest_bytes,
       "trainable_params": trainable_bytes,

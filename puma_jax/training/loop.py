@@ -2,12 +2,13 @@
 
     train_and_evaluate(config, workdir)
 
-The stage (`config.stage`: "mllm" or "decoder") supplies a `Task` (puma_jax/tasks.py): how to
-build the model, which parameters are frozen, how examples become arrays, and the pure step
-functions. Everything else lives here once:
+The stage (`config.stage`, looked up in `training.registry`) supplies a `Stage`
+(training/stage.py): how to build the model, which parameters are frozen, how examples become
+arrays, and the pure step function. Everything else lives here once:
 
   * mesh from `config.mesh`; parameters initialized through eval_shape -> shardings -> jitted
-    init with out_shardings (a model larger than one device never materializes whole);
+    init with out_shardings (`training.init`; a model larger than one device never
+    materializes whole);
   * FSDP: parameters, gradients and optimizer state sharded by the logical-axis rules;
   * jitted step with explicit in/out shardings and the train state donated;
   * orbax CheckpointManager (async, keep N): parameters, optimizer state, step, data-iterator
@@ -27,16 +28,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from puma_jax import checkpoints, distributed, optim, sharding
-from puma_jax.steps import TrainState
+from puma_jax import distributed, sharding
+from puma_jax.training import checkpoints, data as data_lib, init as init_lib, registry
 
 # Dense bf16 peak FLOP/s per device, for MFU (None: unknown, MFU not reported).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
@@ -78,28 +75,6 @@ class _Signals:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _check_batch_divides(config, mesh) -> int:
-  per_host = int(config.data.batch_size)
-  global_batch = per_host * jax.process_count()
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch % shards:
-    raise ValueError(f"data.batch_size={per_host} per host x {jax.process_count()} host(s) = "
-                     f"{global_batch} does not divide over mesh data x fsdp = {shards} devices")
-  accum = int(config.train.grad_accum_steps)
-  if accum < 1 or global_batch % accum or (global_batch // accum) % shards:
-    raise ValueError(f"train.grad_accum_steps={accum} must split the global batch "
-                     f"{global_batch} into microbatches divisible by data x fsdp = {shards}")
-  return global_batch
-
-
-def _global_batch(host_batch: dict, mesh) -> dict:
-  def put(x):
-    x = np.asarray(x)
-    spec = P(("data", "fsdp")) if x.ndim else P()
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
-  return {k: put(v) for k, v in host_batch.items()}
-
-
 class MetricsLog:
   """metrics.jsonl in the workdir (one JSON object per logged step) + clu writers."""
 
@@ -135,92 +110,38 @@ class MetricsLog:
       self.writer.close()
 
 
-def _restore_or_init(task, manager, mesh, rules, config):
-  """(graphdef, TrainState, frozen, rest, data_state or None), sharded."""
-  build = lambda: task.build(nnx.Rngs(int(config.seed)))
-  abstract = nnx.eval_shape(build)
-  graphdef, trainable_a, frozen_a, rest_a = optim.split_trainable(abstract, task.frozen)
-  to_pure = nnx.to_pure_dict
-  p_shard = to_pure(sharding.state_shardings(trainable_a, mesh, rules))
-  f_shard = to_pure(sharding.state_shardings(frozen_a, mesh, rules))
-  r_shard = jax.tree.map(lambda _: NamedSharding(mesh, P()), to_pure(rest_a))
-  tx, schedules = task.optimizer(to_pure(trainable_a))
-  opt_a = jax.eval_shape(tx.init, to_pure(trainable_a))
-  replicated = NamedSharding(mesh, P())
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  opt_shard = optax.tree_map_params(
-      tx, lambda v, s: v if masked(v) else s, opt_a, p_shard,
-      transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
-  state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard)
-
-  latest = manager.latest_step() if manager is not None else None
-  if latest is not None:
-    checkpoints.check_train_meta(manager, latest, task.meta())
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        params=jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                            to_pure(trainable_a), p_shard),
-        opt_state=jax.tree.map(
-            lambda v, s: v if masked(v) else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-            opt_a, opt_shard, is_leaf=masked))
-    abstract_frozen = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), to_pure(frozen_a),
-        f_shard)
-    state, frozen, data_state = checkpoints.restore_train(manager, latest, abstract_state,
-                                                          abstract_frozen)
-    rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), to_pure(rest_a))
-    logging.info("restored step %d from %s", latest, manager.directory)
-  else:
-    def init():
-      model = build()
-      task.load_pretrained(model)
-      _, trainable, frozen, rest = optim.split_trainable(model, task.frozen)
-      params = to_pure(trainable)
-      return (TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                         opt_state=tx.init(params)), to_pure(frozen), to_pure(rest))
-    if task.loads_pretrained:  # host-side weights: build, then place on the mesh
-      state, frozen, rest = init()
-      state, frozen = jax.device_put((state, frozen), (state_shard, f_shard))
-    else:
-      with sharding.use_mesh(mesh, rules):
-        state, frozen, rest = jax.jit(init, out_shardings=(state_shard, f_shard, r_shard))()
-    data_state = None
-  return graphdef, state, frozen, rest, data_state, (state_shard, f_shard, r_shard), tx, schedules
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.stage` in `workdir` (resuming from its latest checkpoint). Returns the last
   logged metrics."""
-  from puma_jax import tasks
+  stage_cls = registry.get_stage(str(config.stage))
   distributed.initialize(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  task = tasks.make(config)
-  task.workdir = workdir
+  stage = stage_cls(config, workdir)
   n_dev = int(config.get("num_devices", 0) or 0)
   if n_dev and jax.process_count() > 1:
     raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "
                      "several processes")
   mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:n_dev] if n_dev else None)
   rules = sharding.DEFAULT_RULES
-  global_batch = _check_batch_divides(config, mesh)
+  global_batch = data_lib.check_batch_divides(config, mesh)
   total = int(config.train.total_steps)
   manager = checkpoints.train_manager(workdir / "checkpoints", config)
 
-  graphdef, state, frozen, rest, data_state, shards, tx, schedules = _restore_or_init(
-      task, manager, mesh, rules, config)
-  state_shard, f_shard, r_shard = shards
+  data = stage.train_data()  # before init: a bad data or tokenizer setting fails fast
+  got = init_lib.restore_or_init(stage, manager, mesh, rules)
+  a, state, frozen, rest = got.abstract, got.state, got.frozen, got.rest
+  graphdef, tx, schedules = a.graphdef, a.tx, a.schedules
   start = int(state.step)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  data = task.train_data()
-  if data_state is not None:
-    data.set_state(data_state)
-  step_fn = task.train_step(graphdef, tx)
-  batch_shard = NamedSharding(mesh, P(("data", "fsdp")))
-  jit_step = jax.jit(step_fn, in_shardings=(state_shard, f_shard, r_shard, batch_shard),
-                     out_shardings=(state_shard, None), donate_argnums=(0,))
+  if got.data_state is not None:
+    data.set_state(got.data_state)
+  jit_step = jax.jit(stage.train_step(graphdef, tx),
+                     in_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding,
+                                   data_lib.batch_sharding(mesh)),
+                     out_shardings=(a.state_sharding, None), donate_argnums=(0,))
 
   log = MetricsLog(workdir, start)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -236,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     while step < total:
       host_batch = next(data)
-      batch = _global_batch(task.device_arrays(host_batch), mesh)
+      batch = data_lib.global_batch(stage.device_arrays(host_batch), mesh)
       state, metrics = jit_step(state, frozen, rest, batch)
       step += 1
       steps_since += 1
@@ -252,12 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         dt = time.perf_counter() - t_log
         summed = jax.tree.map(lambda *xs: np.sum(np.stack([np.asarray(x) for x in xs]), 0),
                               *pending)
-        scalars = task.summarize(summed, len(pending))
+        scalars = stage.summarize(summed, len(pending))
         scalars.update({f"lr/{g}": float(s(step - 1)) for g, s in schedules.items()})
         steps_per_s = steps_since / dt
         scalars["steps_per_s"] = steps_per_s
-        scalars.update(task.throughput(global_batch, steps_per_s, peak, jax.device_count()))
-        scalars.update(data.metrics() if hasattr(data, "metrics") else {})
+        scalars.update(stage.throughput(global_batch, steps_per_s, peak, jax.device_count()))
+        scalars.update(data.metrics())
         log.write(step, scalars)
         eta = (total - step) / max(steps_per_s, 1e-9)
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, total,
@@ -265,13 +186,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           print(f"step {step}/{total}  loss {scalars['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()
-                            if k in task.progress_keys) +
+                            if k in stage.progress_keys) +
                 f"  {steps_per_s:.2f} steps/s  ETA {_fmt_time(eta)}", flush=True)
         last, pending, t_log, steps_since = scalars, [], time.perf_counter(), 0
       if int(config.train.eval_every) and step % int(config.train.eval_every) == 0:
-        log.write(step, task.evaluate(graphdef, state, frozen, rest, mesh), prefix="eval/")
+        log.write(step, stage.evaluate(graphdef, state, frozen, rest, mesh), prefix="eval/")
       if step % int(config.train.checkpoint_every) == 0 or step == total or sig.requested:
-        checkpoints.save_train(manager, step, state, frozen, data.get_state(), task.meta())
+        checkpoints.save_train(manager, step, state, frozen, data.get_state(), stage.meta())
       if sig.requested:
         logging.warning("SIGTERM: saved step %d, exiting", step)
         break

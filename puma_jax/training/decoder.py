@@ -1,24 +1,30 @@
-"""Decoder training (PUMA paper, appendix 7.1): one scale's PUMA decoder, frozen CLIP and VAE.
+"""The decoder stage (PUMA paper, appendix 7.1): one scale's PUMA decoder, frozen CLIP and VAE.
 
 Per example: CLIP features of the image at the decoder's scale; 10% of them replaced by the
 black image's features with the positional embedding off (the CFG unconditional input, as at
-inference: docs/DESIGN.md §5); VAE latent (a draw from the latent distribution, x scaling_factor);
-offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction target (epsilon).
+inference: docs/DESIGN.md §5); VAE latent (a draw from the latent distribution, x
+scaling_factor); offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction
+target (epsilon).
+
+Every random draw of an example comes from its own key, fold_in(step key, its index in the
+global batch), so the draws do not depend on how the batch is split into microbatches or
+devices: an accumulated step is the same update as one big batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from puma_jax import losses, optim, steps
-from puma_jax.diffusion import schedulers as S
+from puma_jax import assemble, checkpoints
+from puma_jax.diffusion import sampler as sampler_lib, schedulers as S
 from puma_jax.models import clip as clip_lib, pooling, puma_decoder, vae as vae_lib
-from puma_jax.tasks import host_data, normalize_clip_images
+from puma_jax.training import data as data_lib, losses, optim, steps
 
 
 class DecoderTrainModel(nnx.Module):
@@ -39,19 +45,27 @@ class DecoderEncoder:
     return {"clip": ex.images[-1], "vae": ex.vae_images[-1]}
 
 
-class DecoderTask:
-  progress_keys = ("grad_norm",)
+def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
+  """One key per example: fold_in(key, the example's index in the global batch)."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, index)
 
-  def __init__(self, config):
+
+class DecoderStage:
+  """Trains `config.scale`'s decoder (see `training.stage.Stage` for the members)."""
+
+  progress_keys = ("grad_norm",)
+  frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("clip"), nnx.PathContains("vae")))
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Path | None = None):
     self.config = config
+    self.workdir = workdir  # sample images go to workdir/samples
     m = config.model
     self.clip_cfg = clip_lib.CLIPVisionConfig.from_dict(m.clip.to_dict())
     self.vae_cfg = vae_lib.VAEConfig.from_dict(m.vae.to_dict())
     self.dec_cfg = puma_decoder.PumaDecoderConfig.from_dict(m.decoder.to_dict())
     self.sched = S.SchedulerConfig(**m.scheduler.to_dict())
     self.scale = str(config.scale)
-    s = pooling.scale_index(self.scale)
-    self.tokens = pooling.SCALE_TOKENS[s]
+    self.tokens = pooling.SCALE_TOKENS[pooling.scale_index(self.scale)]
     if self.dec_cfg.num_tokens != self.tokens:
       raise ValueError(f"config.scale={self.scale} has {self.tokens} tokens but "
                        f"config.model.decoder.num_tokens={self.dec_cfg.num_tokens}")
@@ -63,13 +77,10 @@ class DecoderTask:
                        "in_channels")
     self.dtype = jnp.dtype(config.dtype)
     self.loads_pretrained = bool(config.init.clip or config.init.vae or config.init.decoder)
-    self.workdir = None  # set by train.py; sample images go to workdir/samples
 
   def build(self, rngs):
     return DecoderTrainModel(self.clip_cfg, self.vae_cfg, self.dec_cfg, dtype=self.dtype,
                              rngs=rngs, remat=bool(self.config.remat))
-
-  frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("clip"), nnx.PathContains("vae")))
 
   def meta(self) -> dict:
     return {"stage": "decoder", "scale": self.scale, "decoder": self.dec_cfg.to_dict(),
@@ -78,7 +89,6 @@ class DecoderTask:
   def load_pretrained(self, model) -> None:
     """CLIP and VAE from converted dirs; the decoder from a converted puma-decoder dir, or from
     an SDXL UNet (sdxl-unet dir) as the paper initializes it (mapping layer stays random)."""
-    from puma_jax import assemble, checkpoints
     c = self.config.init
     if c.clip:
       assemble._copy(model.clip, checkpoints.load_module(c.clip, family="clip-vision"), c.clip)
@@ -104,52 +114,66 @@ class DecoderTask:
     if int(dcfg.image.vae_size) != want:
       raise ValueError(f"data.image.vae_size={dcfg.image.vae_size} must be the decoder's image "
                        f"size unet.sample_size x VAE downsampling = {want}")
-    return host_data(dcfg, split, DecoderEncoder(), bool(self.config.train.same_data_on_hosts))
+    return data_lib.host_data(dcfg, split, DecoderEncoder(),
+                              bool(self.config.train.same_data_on_hosts))
 
   def device_arrays(self, host_batch: dict) -> dict:
     return host_batch
 
   def features(self, model, clip_uint8):
-    patches = clip_lib.patch_features(model.clip, normalize_clip_images(clip_uint8))
+    """The decoder's conditioning: CLIP patch features pooled to this scale's tokens."""
+    patches = clip_lib.patch_features(model.clip, clip_lib.normalize_uint8(clip_uint8))
     return jax.lax.stop_gradient(pooling.pool(patches, self.tokens))
+
+  def blank_features(self, model):
+    """Features of the black image (1, tokens, D): CFG's unconditional input."""
+    return jax.lax.stop_gradient(clip_lib.black_features(model.clip, self.tokens))
+
+  def latents(self, model, keys, images_uint8):
+    """Scaled VAE latents, one draw mean + std x N(0, 1) per example key (as
+    `AutoencoderKL.sample_latent`, which draws a whole batch from one key)."""
+    images = images_uint8.astype(jnp.float32) / 127.5 - 1.0
+    mean, logvar = model.vae.encode_moments(images)
+    eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+    lat = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar) * eps).astype(mean.dtype)
+    return jax.lax.stop_gradient(lat * self.vae_cfg.scaling_factor)
 
   def train_step(self, graphdef, tx):
     sched, cfg = self.sched, self.config
     drop_p, offset = float(cfg.cfg_drop_prob), float(cfg.noise_offset)
     base = jax.random.key(int(cfg.seed))
+    n = int(cfg.train.grad_accum_steps)
 
-    def loss_fn(params, batch, frozen, rest, key):
+    def draw_one(key, latent):
+      # q_sample draws a batch from one key: give it a batch of one per example key.
+      d = S.q_sample(sched, key, latent[None].astype(jnp.float32), noise_offset=offset)
+      return jax.tree.map(lambda x: x[0], d)
+
+    def loss_fn(params, mb, frozen, rest, key):
       model = nnx.merge(graphdef, frozen, params, rest)
-      b = batch["clip"].shape[0]
-      k_drop, k_lat, k_noise = jax.random.split(key, 3)
-      feats = self.features(model, batch["clip"])
-      blank = self.features(model, jnp.zeros((1,) + batch["clip"].shape[1:], jnp.uint8))
-      drop = jax.random.uniform(k_drop, (b,)) < drop_p
-      feats = jnp.where(drop[:, None, None], blank, feats)
-      images = batch["vae"].astype(jnp.float32) / 127.5 - 1.0
-      latents = jax.lax.stop_gradient(
-          model.vae.sample_latent(k_lat, images) * self.vae_cfg.scaling_factor)
-      draw = S.q_sample(sched, k_noise, latents.astype(jnp.float32), noise_offset=offset)
+      keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, mb["_index"]))
+      k_drop, k_lat, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
+      feats = self.features(model, mb["clip"])
+      drop = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop) < drop_p
+      feats = jnp.where(drop[:, None, None], self.blank_features(model), feats)
+      latents = self.latents(model, k_lat, mb["vae"])
+      draw = jax.vmap(draw_one)(k_noise, latents)
       pred = model.decoder(draw.noisy, draw.timesteps, feats,
                            use_pos_embed=1.0 - drop.astype(jnp.float32))
       loss = losses.diffusion_loss(pred, draw.target)
       return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
 
-    n = int(cfg.train.grad_accum_steps)
-
     def step(state, frozen, rest, batch):
       key = jax.random.fold_in(base, state.step)
-      b = batch["clip"].shape[0]
-      batch = dict(batch, _micro=jnp.arange(b) // (b // n))
+      batch = dict(batch, _index=jnp.arange(batch["clip"].shape[0]))
 
       def per_micro(params, mb):
-        mb = dict(mb)
-        k = jax.random.fold_in(key, mb.pop("_micro")[0])
-        loss, m = loss_fn(params, mb, frozen, rest, k)
+        # Each microbatch's mean over its 1/n of the batch: the n of them add up to the mean.
+        loss, m = loss_fn(params, mb, frozen, rest, key)
         return loss / n, jax.tree.map(lambda x: x / n, m)
 
-      loss, grads, m = steps._accumulate(per_micro, state.params, batch, n)
-      return steps._apply(state, tx, loss, grads, m)
+      loss, grads, m = steps.accumulate(per_micro, state.params, batch, n)
+      return steps.apply(state, tx, loss, grads, m)
     return step
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
@@ -164,13 +188,12 @@ class DecoderTask:
     configured number of steps), writes `samples/step_N.png` (inputs above, samples below)
     and returns their mean absolute pixel error."""
     from PIL import Image
-    from puma_jax.diffusion import sampler as sampler_lib
     model = nnx.merge(graphdef, frozen, state.params, rest)
     batch = next(self.train_data("eval"))
     n = min(int(self.config.train.sample_images), len(batch["clip"]))
     clip_u8, target = jnp.asarray(batch["clip"][:n]), np.asarray(batch["vae"][:n])
     feats = self.features(model, clip_u8)
-    blank = self.features(model, jnp.zeros((1,) + clip_u8.shape[1:], jnp.uint8))
+    blank = self.blank_features(model)
     settings = sampler_lib.SamplerSettings(num_steps=int(self.config.train.sample_steps))
     samp = sampler_lib.DecoderSampler(model.decoder, model.vae, settings,
                                       scheduler_config=self.sched)
@@ -178,7 +201,7 @@ class DecoderTask:
                                        sampler_lib.sample_keys(0, n)))
     step = int(state.step)
     if jax.process_index() == 0 and self.workdir is not None:
-      out = self.workdir / "samples"
+      out = Path(self.workdir) / "samples"
       out.mkdir(parents=True, exist_ok=True)
       grid = np.concatenate([np.concatenate(list(target), 1), np.concatenate(list(images), 1)], 0)
       Image.fromarray(grid).save(out / f"step_{step}.png")

@@ -1,9 +1,9 @@
 """Optimizers: AdamW with per-group learning rates, warm-up + decay, global-norm clipping.
 
 Parameter groups are chosen by the first path component of each trainable parameter (e.g. the
-MLLM's `llm` at 3e-5 and the projector/heads at 1e-4 in pretraining, PUMA paper, app. 7.2.3). Frozen
-parts (CLIP, VAE) are not given to the optimizer at all: `split_trainable` separates them, so
-they hold no optimizer state and get no gradient.
+MLLM's `llm` at 3e-5 and the projector/heads at 1e-4 during pretraining, PUMA paper, appendix
+7.2.3). Frozen parts (CLIP, VAE) are not given to the optimizer at all: `split_trainable`
+separates them, so they hold no optimizer state and get no gradient.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -80,7 +79,3 @@ def split_trainable(model: nnx.Module, frozen: nnx.filterlib.Filter):
   """(graphdef, trainable params, frozen params, other state) of a module."""
   graphdef, frozen_p, trainable, rest = nnx.split(model, frozen, nnx.Param, ...)
   return graphdef, trainable, frozen_p, rest
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
