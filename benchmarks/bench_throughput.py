@@ -58,24 +58,25 @@ def line(name, a_name, a, b_name, b, unit):
 
 
 def bench_pack(args):
-  from puma_jax import steps
   from puma_jax.data import config as data_config
   from puma_jax.data import pipeline
   from puma_jax.data.rows import MLLMEncoder
-  from puma_jax.models import puma
+  from puma_jax.models import clip as clip_lib, puma
   from puma_jax.tokenizer import ByteTokenizer
+  from puma_jax.training import losses, mllm
 
   tok = ByteTokenizer()
   model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss_cfg = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
+  graphdef, frozen, params, rest = nnx.split(model, model.frozen_filter(), nnx.Param, ...)
+  objective = mllm.objective(graphdef, frozen, rest, {"text_weight": 0.02, "image_weight": 1.0,
+                                                       "router_weight": 0.1})
 
   @jax.jit
   def step(p, batch):
     def loss(p):
-      b = dict(batch, images=batch["images"].astype(jnp.float32) / 127.5 - 1.0)
-      return steps.mllm_eval_step(p, nnx.State({}), rest, b, graphdef=graphdef,
-                                  loss_cfg=loss_cfg)["loss"]
+      b = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
+      b["_normalizers"] = losses.mllm_normalizers(b)
+      return objective(p, b)[0]
     g = jax.grad(loss)(p)
     return jax.tree.map(lambda a, b: a - 1e-4 * b, p, g)
 

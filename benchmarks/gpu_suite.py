@@ -95,19 +95,20 @@ def _mllm_step_fn(cfg, dtype):
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from puma_jax import steps
+  from puma_jax.training import losses, mllm
   from puma_jax.models import clip as clip_lib, puma
   model = puma.PumaModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))
   graphdef, frozen, params, rest = nnx.split(model, model.frozen_filter(), nnx.Param, ...)
   tx = optax.adamw(1e-5)
   opt = tx.init(params)
-  loss_cfg = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
+  objective = mllm.objective(graphdef, frozen, rest, {"text_weight": 0.02, "image_weight": 1.0,
+                                                       "router_weight": 0.1})
 
   def step(params, opt, batch):
     def loss(p):
       b = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
-      return steps.mllm_eval_step(p, frozen, rest, b, graphdef=graphdef,
-                                  loss_cfg=loss_cfg)["loss"]
+      b["_normalizers"] = losses.mllm_normalizers(b)
+      return objective(p, b)[0]
     lv, g = jax.value_and_grad(loss)(params)
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, lv

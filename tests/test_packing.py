@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from puma_jax import steps
 from puma_jax.data import config as data_config
 from puma_jax.data import pipeline
 from puma_jax.data.rows import MLLMEncoder, image_slots
-from puma_jax.models import puma
+from puma_jax.models import clip as clip_lib, puma
 from puma_jax.tokenizer import ByteTokenizer
+from puma_jax.training import losses, mllm
 
 TOK = ByteTokenizer()
 SEQ_LEN = 1536
@@ -125,12 +125,14 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients():
   model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   frozen = nnx.State({})
-  loss_cfg = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
+  weights = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
+  objective = mllm.objective(graphdef, frozen, rest, weights)
 
   def loss(p, b):
     b = {k: jnp.asarray(v) for k, v in b.items() if k != "num_images"}
-    b["images"] = (b["images"].astype(jnp.float32) / 127.5) - 1.0
-    return steps.mllm_eval_step(p, frozen, rest, b, graphdef=graphdef, loss_cfg=loss_cfg)["loss"]
+    b["images"] = clip_lib.normalize_uint8(b["images"])
+    b["_normalizers"] = losses.mllm_normalizers(b)
+    return objective(p, b)[0]
 
   grad = jax.jit(jax.value_and_grad(loss))
   lp, gp = grad(params, packed)
