@@ -129,7 +129,7 @@ class ThroughputWindow:
   evaluations and checkpoints (`paused()`), so a window that contains one does not read low.
 
       window = ThroughputWindow(flops_per_token, peak, n_devices)
-      window.add(real_tokens)            # after each step
+      window.add(steps, real_tokens)     # steps done (and their real tokens)
       with window.paused(): evaluate()   # not counted
       scalars = window.read()            # and start the next window
   """
@@ -145,8 +145,8 @@ class ThroughputWindow:
     self.steps, self.real_tokens, self._excluded = 0, 0, 0.0
     self._start = self._clock()
 
-  def add(self, real_tokens: int = 0) -> None:
-    self.steps += 1
+  def add(self, steps: int = 1, real_tokens: float = 0) -> None:
+    self.steps += int(steps)
     self.real_tokens += int(real_tokens)
 
   def paused(self):
