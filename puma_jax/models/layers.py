@@ -313,6 +313,15 @@ def _splash(q, k, v, segment_ids, is_causal, scale):
                        out_specs=P(*qs), check_vma=False)(q, k, v, seg)
 
 
+def host_safe_dtype(dtype):
+  """`dtype` for a dot accumulated in float32, except float16 on CPU, whose dot has no
+  float16 x float16 -> float32 form: there the operands go in as float32 (float16 runs on CPU
+  only in tests of the float16 training path; GPUs take float16 directly)."""
+  if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+    return jnp.float32
+  return dtype
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               bias: jax.Array | None = None, is_causal: bool = False,
               scale: float | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -347,8 +356,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                         scale=scale, implementation="cudnn")
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                                      scale=scale, implementation="xla")
+  work = host_safe_dtype(dtype)
+  out = jax.nn.dot_product_attention(q.astype(work), k.astype(work), v.astype(work), bias=bias,
+                                     mask=mask, is_causal=is_causal, scale=scale,
+                                     implementation="xla")
+  return out.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

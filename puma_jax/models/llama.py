@@ -380,8 +380,8 @@ class LlamaForCausalLM(nnx.Module):
     """Output projection in the compute dtype, accumulated and returned in float32."""
     w = (self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings
          else self.lm_head.kernel[...])
-    out = jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype),
-                  preferred_element_type=jnp.float32)
+    dtype = layers.host_safe_dtype(self.dtype)
+    out = jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return sharding.constrain(out, ("batch", "act_seq", "act_vocab"))
 
   def _mask_and_positions(self, b, t, positions, segment_ids, attention_mask, cache):
