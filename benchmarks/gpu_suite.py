@@ -92,7 +92,6 @@ def _packed_batches(seq_len: int, rows: int, image_size: int, n: int):
 
 def _mllm_step_fn(cfg, dtype):
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from puma_jax.training import losses, mllm
@@ -113,6 +112,16 @@ def _mllm_step_fn(cfg, dtype):
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, lv
   return jax.jit(step, donate_argnums=(0, 1)), params, opt
+
+
+def _stepper(fn, state: dict, batches: list):
+  """A no-argument call running one step on the next batch (state carried in `state`)."""
+  def run():
+    b = batches[state["i"] % len(batches)]
+    state["i"] += 1
+    state["p"], state["o"], lv = fn(state["p"], state["o"], b)
+    return lv
+  return run
 
 
 def section_mllm(args) -> dict:
@@ -142,18 +151,13 @@ def section_mllm(args) -> dict:
       for impl in impls:
         L.set_attention_impl(impl)
         fn, params, opt = _mllm_step_fn(cfg, dtype)
-        state = {"p": params, "o": opt, "i": 0}
-
-        def run():
-          b = batches[state["i"] % len(batches)]
-          state["i"] += 1
-          state["p"], state["o"], lv = fn(state["p"], state["o"], b)
-          return lv
+        run = _stepper(fn, {"p": params, "o": opt, "i": 0}, batches)
+        del params, opt   # donated to the step; `run` holds the live state
         t = timed(run, 1 if tiny else 5)
         peak = perf.peak_flops(dev.device_kind, "float32" if tiny else "bfloat16")
         res[impl] = {"step_s": t, "real_tokens_per_s": real / t,
                      "mfu": perf.mfu(res["flops_per_token"], real / t, 1, peak)}
-        del fn, params, opt, state
+        del fn, run
       return res
     except Exception as e:  # noqa: BLE001 - only out-of-memory moves on to fewer layers
       if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
@@ -293,7 +297,6 @@ def section_decoder_torch(args) -> dict:
 
 
 def section_sample_jax(args) -> dict:
-  import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx

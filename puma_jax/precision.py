@@ -72,7 +72,7 @@ class DynamicLossScale:
 
   @classmethod
   def create(cls, dtype, initial: float = 2.0 ** 15, period: int = 2000,
-             factor: float = 2.0, min_scale: float = 1.0) -> "DynamicLossScale":
+             factor: float = 2.0, min_scale: float = 1.0) -> DynamicLossScale:
     """Dynamic for float16, a fixed scale of 1 otherwise."""
     dynamic = np.dtype(dtype) == np.float16
     if dynamic and not (initial >= min_scale > 0 and factor > 1 and period >= 1):
@@ -91,7 +91,7 @@ class DynamicLossScale:
     inv = 1.0 / self.scale
     return jax.tree.map(lambda g: (g.astype(jnp.float32) * inv).astype(g.dtype), grads)
 
-  def adjust(self, grads_finite: jax.Array) -> "DynamicLossScale":
+  def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
     """The state after a step whose (unscaled) gradients were finite or not."""
     if not self.dynamic:
       return self

@@ -1,7 +1,6 @@
 """One compiled sampler across evaluations: new weights, no recompilation, same images as a
 sampler built from those weights."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -32,7 +32,7 @@ class FirstFitPackDataset(grain.IterDataset):
       raise ValueError(f"data.pack_bins={num_bins} must be >= 1")
     self.packer, self.num_bins = packer, num_bins
 
-  def __iter__(self) -> "FirstFitPackIterator":
+  def __iter__(self) -> FirstFitPackIterator:
     return FirstFitPackIterator(self._parent.__iter__(), self.packer, self.num_bins)
 
   def __str__(self):

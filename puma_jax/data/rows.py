@@ -152,7 +152,7 @@ class MLLMEncoder:
   def __call__(self, ex: Example) -> dict[str, np.ndarray]:
     return self.row([self.example(ex)], self.max_images)
 
-  def packer(self) -> "RowPacker":
+  def packer(self) -> RowPacker:
     return RowPacker(self)
 
 
