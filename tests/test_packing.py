@@ -142,3 +142,15 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients():
                                jax.tree_util.tree_leaves_with_path(gu)):
     scale = float(jnp.max(jnp.abs(b))) + 1e-12
     assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, path
+
+
+def test_a_source_of_only_bad_records_reaches_the_skip_limit():
+  """Skips leave the packing stage at once: with nothing but too-long examples the pipeline
+  stops with the consecutive-skip error instead of waiting for a row that never fills."""
+  c = cfg(max_consecutive_skips=5)
+  for name in c.sources:
+    c.sources[name].weight = 1.0 if name == "pairs" else 0.0
+  short = MLLMEncoder(TOK.encode, TOK.special, 300, 2, 32)   # no image example fits 300
+  it = iter(pipeline.build(c, encode=short, host_index=0, host_count=1))
+  with pytest.raises(pipeline.DataError, match="bad records in a row"):
+    next(it)

@@ -24,6 +24,10 @@ import grain
 from puma_jax.data.schema import Skip
 
 
+# Skips collected while rows are open before the group is emitted anyway (partly filled rows).
+MAX_SKIPS_PER_GROUP = 16
+
+
 class FirstFitPackDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, packer, num_bins: int):
@@ -70,6 +74,11 @@ class FirstFitPackIterator(grain.DatasetIterator):
       if isinstance(item, Skip):
         skips.append(item)
         item = None
+        if not bins or len(skips) >= MAX_SKIPS_PER_GROUP:
+          # Bad records leave now, not once rows fill: a source of nothing but bad records
+          # must reach the counting stage's consecutive-skip limit instead of stalling here.
+          self._next_start = self._parent.get_state()
+          break
         continue
       size = tuple(self.packer.size(item))
       if any(s > c for s, c in zip(size, cap)):
@@ -77,6 +86,9 @@ class FirstFitPackIterator(grain.DatasetIterator):
         skips.append(Skip("pack:too_large", getattr(item, "source", ""),
                           getattr(item, "key", ""), f"size {size} > row capacity {cap}"))
         item = None
+        if not bins or len(skips) >= MAX_SKIPS_PER_GROUP:
+          self._next_start = self._parent.get_state()
+          break
         continue
       for b, u in enumerate(used):
         if all(x + s <= c for x, s, c in zip(u, size, cap)):
