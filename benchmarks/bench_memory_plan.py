@@ -75,7 +75,7 @@ def main(argv):
       c.model.llm.remat_policy = remat
       c.data.batch_size = args.batch
       c.seq_len = args.seq_len
-      c.dtype = args.dtype
+      c.precision = args.dtype
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
       c.model.llm.num_hidden_layers = layers
       c.model.llm.scan_layers = args.scan

@@ -36,7 +36,7 @@ def get_config(arg: str = "tiny"):
   c.stage = "decoder"       # training stage (puma_jax/training/registry.py)
   c.scale = scale           # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
   c.seed = 0                # initialization and the per-step noise / dropout keys
-  c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
+  config_lib.precision_block(c, "float32" if tiny else "auto")  # precision, loss_scale, attention
   c.remat = not tiny        # rematerialize the UNet's transformer blocks
 
   c.model = ml_collections.ConfigDict()

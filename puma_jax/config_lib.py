@@ -23,7 +23,7 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c = ml_collections.ConfigDict()
   c.stage = "mllm"            # training stage (puma_jax/training/registry.py)
   c.seed = 0                  # parameter initialization
-  c.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
+  precision_block(c, "float32" if tiny else "auto")
   c.tokenizer = "byte" if tiny else ""  # "byte" (tiny) or a converted LLaMA dir's tokenizer
   model = puma.tiny() if tiny else puma.paper()
   c.model = ml_collections.ConfigDict(model.to_dict())  # PumaConfig: llm, clip, special ids
@@ -43,8 +43,10 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c.init.puma = ""   # an assembled/trained PumaModel dir (overrides the two above)
 
   c.data = data_config.get_config("tiny" if tiny else data_preset)
-  c.data.batch_size = 8 if tiny else 2048 // 256  # examples per host per step (paper: 2048 total)
-  c.data.max_images = 2                 # image slots per row (editing needs 2)
+  c.data.batch_size = 8 if tiny else 2048 // 256  # rows per host per step (paper: 2048 total);
+                                        # with data.pack each row holds several examples
+  c.data.max_images = 2                 # image slots of unpacked (eval) rows (editing needs 2);
+                                        # packed rows: data.rows.image_slots(seq_len)
   c.data.num_workers = 0 if tiny else 8  # grain worker processes per host
 
   c.loss = ml_collections.ConfigDict()
@@ -66,6 +68,17 @@ def mllm(variant: str, *, lr_llm: float, lr_other: float, warmup: int, steps: in
   c.mesh = mesh(tiny)
   c.distributed = distributed()
   return c
+
+
+def precision_block(c: ml_collections.ConfigDict, default: str) -> None:
+  """The compute-precision fields of a training config (puma_jax/precision.py)."""
+  c.precision = default       # auto | bfloat16 | float16 | float32; auto: float16 on V100-class
+                              # GPUs, bfloat16 on A100+/TPU, float32 on CPU. Weights stay float32
+  c.loss_scale = ml_collections.ConfigDict()  # dynamic loss scaling, float16 only
+  c.loss_scale.initial = 2.0 ** 15  # first scale
+  c.loss_scale.period = 2000        # finite steps in a row before the scale grows
+  c.loss_scale.factor = 2.0         # growth on `period` good steps, division on an overflow
+  c.attention = "auto"        # attention kernel: auto | xla | cudnn | splash (models/layers.py)
 
 
 def optim(lr_groups: dict, *, total_steps: int, warmup_steps: int, decay: str,

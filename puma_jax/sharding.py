@@ -188,6 +188,12 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
     _CTX.reset(token)
 
 
+def current() -> tuple[Mesh, tuple] | None:
+  """The (mesh, rules) of the innermost `use_mesh`, or None (e.g. for kernels that must run
+  under `shard_map` on a multi-device mesh)."""
+  return _CTX.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   ctx = _CTX.get()

@@ -179,3 +179,19 @@ def test_cli_paper_prints_table_and_verdict():
        "--devices=6", "--config.mesh.tensor=4"],
       cwd=ROOT, capture_output=True, text=True, timeout=240)
   assert bad.returncode == 2 and "does not divide --devices=6" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_fitting_plan_names_the_cheapest_remat_that_fits(paper_plan):
+  c, plan = paper_plan
+  roomy = c.copy_and_resolve_references()
+  with roomy.unlocked():
+    roomy.train.grad_accum_steps = 2
+    roomy.model.llm.remat_policy = "full"
+  p80 = mp.make_plan(roomy, 256, 80, static=plan.details["static"])   # 80 GB cards
+  best, bp = mp.cheapest_remat(roomy, p80)
+  assert best != "full" and bp.fits
+  assert mp.REMAT_ORDER.index(best) < mp.REMAT_ORDER.index("full")
+  assert f"--config.model.llm.remat_policy={best}" in mp.verdict(roomy, p80)
+  p32 = mp.make_plan(roomy, 256, 32, static=plan.details["static"])
+  if mp.cheapest_remat(roomy, p32)[0] == "full":
+    assert "'full' is the cheapest policy that fits" in mp.verdict(roomy, p32)

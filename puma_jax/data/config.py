@@ -71,7 +71,12 @@ def get_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   d.text.max_chars = 65_536     # before tokenizing: longer documents are cut, longer captions,
                                 # instructions and chat turns skipped ("text_too_long")
 
-  d.max_images = 2              # ArrayEncoder: image slots per example (edit needs 2)
+  d.max_images = 2              # image slots per example of unpacked rows (edit needs 2)
+  d.pack = True                 # MLLM training rows: pack examples first fit into rows of
+                                # seq_len, image slots from seq_len (data.rows.image_slots);
+                                # eval splits and array batches stay one example per row
+  d.pack_bins = 16              # rows open at once for first fit: more fill rows better and
+                                # hold more examples in memory
   d.max_boxes = 8               # ArrayEncoder: grounding boxes kept per example
 
   d.conditional = ml_collections.ConfigDict()

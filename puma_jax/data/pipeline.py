@@ -14,7 +14,10 @@ Order of operations, and why:
   * each shard is shuffled with a fresh permutation per epoch and repeated, then parsed;
   * sources are mixed by weight (grain's deterministic weighted mix of infinite datasets);
   * bad records travel as `Skip` markers to the last stage, which runs in the main process:
-    its counters are exact with any number of worker processes and are part of the state.
+    its counters are exact with any number of worker processes and are part of the state;
+  * training rows of an encoder that can pack (`data.rows.MLLMEncoder`) are packed first
+    fit, several examples per row (`data.pack`, `data.packing`), in the main process after the
+    workers; evaluation splits stay one example per row.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import grain.python as gp
 import numpy as np
 from absl import logging
 
-from puma_jax.data import parse, sources, synthetic, transforms
+from puma_jax.data import packing, parse, sources, synthetic, transforms
 from puma_jax.data.schema import EXAMPLE_KINDS, Example, Skip
 
 
@@ -119,6 +122,9 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
   """The whole pipeline. `encode`: "arrays" (transforms.ArrayEncoder, fixed-shape batches), a
   callable Example -> dict of arrays (e.g. the MLLM sequence builder), or None (batches are
   lists of preprocessed Examples). Hosts default to jax.process_index() / process_count().
+  With `data.pack` on the "train" split and an `encode` that has `packer()` (the MLLM
+  encoder), examples are packed first fit into rows (`data.packing`, `data.pack_bins` open
+  rows); other splits, and encoders that cannot pack, give one example per row.
   `readers` maps source names to ready random-access readers (anything with len and
   getitem), replacing what the config would open (tests, in-memory data)."""
   if host_index is None or host_count is None:
@@ -142,6 +148,10 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
   if encode == "arrays":
     encode = transforms.ArrayEncoder(img, int(dcfg.max_images), int(dcfg.text.max_len),
                                      int(dcfg.max_boxes))
+  packer = None
+  if split == "train" and bool(dcfg.get("pack", False)) and hasattr(encode, "packer"):
+    packer = encode.packer()
+    encode = packer.encode
   if encode is not None:
     ds = ds.map(_SkipSafe(encode))
   it = ds.to_iter_dataset(gp.ReadOptions(num_threads=int(dcfg.num_threads),
@@ -153,6 +163,8 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
       # parsed yet, and grain's documented remedy is to mark them parsed with defaults.
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(gp.MultiprocessingOptions(num_workers=int(dcfg.num_workers)))
+  if packer is not None:
+    it = packing.FirstFitPackDataset(it, packer, int(dcfg.pack_bins))
   return CountingBatchDataset(it, int(dcfg.batch_size), bool(dcfg.drop_remainder),
                               int(dcfg.max_consecutive_skips))
 
@@ -225,6 +237,9 @@ class CountingBatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._ds = ds
     self.examples = 0
+    self.rows = 0                                   # items that are packed rows
+    self.real_positions = 0                         # positions of rows holding an example
+    self.positions = 0
     self.per_task = collections.Counter()           # example kind -> examples kept
     self.skipped = collections.Counter()            # reason -> count
     self.skipped_by_source = collections.Counter()  # source -> count
@@ -236,8 +251,16 @@ class CountingBatchIterator(grain.DatasetIterator):
     while True:
       item = next(self._parent)   # StopIteration ends the epoch
       if not isinstance(item, Skip):
-        self.examples += 1
-        self.per_task[_kind_name(item)] += 1
+        n = 1
+        if isinstance(item, dict) and "segment_ids" in item:
+          # sequence.pack numbers a row's examples 1..n, 0 = padding
+          seg = np.asarray(item["segment_ids"])
+          n = int(seg.max(initial=0))
+          self.rows += 1
+          self.real_positions += int(np.count_nonzero(seg))
+          self.positions += seg.size
+        self.examples += n
+        self.per_task[_kind_name(item)] += n
         return item
       self.skipped[item.reason] += 1
       self.skipped_by_source[item.source] += 1
@@ -265,22 +288,30 @@ class CountingBatchIterator(grain.DatasetIterator):
     return stack(items)
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "examples": self.examples,
+    return {"parent": self._parent.get_state(), "examples": self.examples, "rows": self.rows,
+            "real_positions": self.real_positions, "positions": self.positions,
             "per_task": dict(self.per_task), "skipped": dict(self.skipped),
             "skipped_by_source": dict(self.skipped_by_source)}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
     self.examples = int(state["examples"])
+    self.rows = int(state.get("rows", 0))
+    self.real_positions = int(state.get("real_positions", 0))
+    self.positions = int(state.get("positions", 0))
     self.per_task = collections.Counter(state.get("per_task", {}))
     self.skipped = collections.Counter(state["skipped"])
     self.skipped_by_source = collections.Counter(state["skipped_by_source"])
 
-  def metrics(self) -> dict[str, int]:
+  def metrics(self) -> dict[str, float]:
     """Counters for the training metrics: examples kept (in all and per example kind; metric
-    names `data/task/<kind>`), skipped (in all and per reason). Cumulative since the start of
-    the run (restored with the state)."""
+    names `data/task/<kind>`), skipped (in all and per reason); for sequence rows the fraction
+    of positions holding an example (the rest is padding) and examples per row. Cumulative
+    since the start of the run (restored with the state)."""
     out = {"data/examples": self.examples, "data/skipped": sum(self.skipped.values())}
+    if self.rows:
+      out["data/real_token_fraction"] = self.real_positions / max(self.positions, 1)
+      out["data/examples_per_row"] = self.examples / self.rows
     out.update({f"data/task/{t}": n for t, n in sorted(self.per_task.items())})
     out.update({f"data/skipped/{r}": n for r, n in sorted(self.skipped.items())})
     return out

@@ -2,12 +2,16 @@
 
 `MLLMEncoder` is the `encode` callable of `data.pipeline.build`: every example becomes one row
 of `seq_len` positions plus its images (uint8, CLIP resolution; normalized on the device).
+With `data.pack` on the training split the pipeline instead packs several examples into each
+row, first fit (`data.packing`, through `MLLMEncoder.packer()`), with `image_slots(seq_len)`
+image slots per row.
 An example that cannot be encoded (too long, too many images) raises ValueError, which the
 pipeline counts as a skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -76,35 +80,98 @@ def segments(ex: Example) -> tuple[list[seq.Segment], str]:
   return seq.conditional(ex.cond_type, ex.text), t
 
 
+# [IMG] + 341 feature slots + [/IMG]: the positions one image takes in a row.
+IMAGE_POSITIONS = seq.IMAGE_TOKENS + 2
+
+
+def image_slots(seq_len: int) -> int:
+  """Image slots of a packed row: the most images `seq_len` positions can physically hold
+  (343 positions each), so the image bound never closes a row early nor rejects an example
+  that fits by length; 2048 positions -> 5 slots, the tiny configs' 768 -> 2. Unused slots are
+  zero images that the frozen CLIP still encodes: at most one slot's worth per row on the paper
+  mix, against 2 slots for every single-example row before packing."""
+  return max(1, seq_len // IMAGE_POSITIONS)
+
+
+@dataclasses.dataclass
+class Encoded:
+  """One example's sequence arrays and its images, before it is put into a row."""
+  built: seq.Built
+  images: list[np.ndarray]   # uint8 (S, S, 3), CLIP resolution
+  source: str = ""
+  key: str = ""
+
+
 class MLLMEncoder:
-  """Example -> one row of arrays (see `sequence.pack`) + `images` (max_images, S, S, 3)."""
+  """Example -> one row of arrays (see `sequence.pack`) + `images` (max_images, S, S, 3).
+
+  `example` encodes without building a row; `packer()` returns the `RowPacker` that puts
+  several encoded examples into one row (`data.packing`)."""
 
   def __init__(self, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
                seq_len: int, max_images: int, image_size: int):
     self.encode, self.special = encode, special
     self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
 
-  def __call__(self, ex: Example) -> dict[str, np.ndarray]:
+  def example(self, ex: Example, max_images: int | None = None) -> Encoded:
+    max_images = self.max_images if max_images is None else max_images
     segs, kind = segments(ex)
     encode = self.encode
     if kind == "text":  # documents are cut to the row; everything else must fit whole
       budget = self.seq_len - 2
       encode = lambda s: self.encode(s)[:budget]
     built = seq.build(segs, encode, self.special, kind, num_images=len(ex.images))
-    if len(ex.images) > self.max_images:
-      raise ValueError(f"{len(ex.images)} images > max_images={self.max_images}")
-    row = seq.pack([built], self.seq_len, self.max_images, self.special.pad)
-    row.pop("packed")
+    if len(built) > self.seq_len:
+      raise ValueError(f"example of {len(built)} positions is longer than "
+                       f"seq_len={self.seq_len}")
+    if len(ex.images) > max_images:
+      raise ValueError(f"{len(ex.images)} images > max_images={max_images}")
     s = self.image_size
-    images = np.zeros((self.max_images, s, s, 3), np.uint8)
     for i, im in enumerate(ex.images):
       if im.shape != (s, s, 3):
         raise ValueError(f"image {i} has shape {im.shape}; the encoder expects {(s, s, 3)} "
                          "(data.image.clip_size)")
-      images[i] = im
+    return Encoded(built, list(ex.images), ex.source, ex.key)
+
+  def row(self, items: list[Encoded], max_images: int) -> dict[str, np.ndarray]:
+    """Encoded examples -> one row of `seq_len` positions and `max_images` image slots."""
+    row = seq.pack([it.built for it in items], self.seq_len, max_images, self.special.pad)
+    if row.pop("packed") != len(items):
+      raise ValueError(f"{len(items)} examples do not fit one row of {self.seq_len} positions "
+                       f"and {max_images} images")
+    s = self.image_size
+    images = np.zeros((max_images, s, s, 3), np.uint8)
+    k = 0
+    for it in items:
+      for im in it.images:
+        images[k] = im
+        k += 1
     row["images"] = images
     return row
 
+  def __call__(self, ex: Example) -> dict[str, np.ndarray]:
+    return self.row([self.example(ex)], self.max_images)
+
+  def packer(self) -> RowPacker:
+    return RowPacker(self)
+
+
+class RowPacker:
+  """The `data.packing` packer of MLLM rows: budgets are positions and image slots."""
+
+  def __init__(self, encoder: MLLMEncoder):
+    self.encoder = encoder
+    self.image_slots = image_slots(encoder.seq_len)
+    self.capacity = (encoder.seq_len, self.image_slots)
+
+  def encode(self, ex: Example) -> Encoded:
+    return self.encoder.example(ex, self.image_slots)
+
+  def size(self, item: Encoded) -> tuple[int, int]:
+    return len(item.built), len(item.images)
+
+  def row(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+    return self.encoder.row(items, self.image_slots)
 
 def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
                sample: int = 16) -> dict[str, dict]:

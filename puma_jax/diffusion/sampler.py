@@ -195,6 +195,19 @@ class DecoderSampler:
       raise ValueError(f"uncond_features shape {uncond.shape} does not match features "
                        f"{features.shape} (pool the black image's features to the same scale)")
 
+  def set_weights(self, decoder: nnx.Module, vae: nnx.Module | None = None) -> None:
+    """New weights for the same modules (the decoder after more training steps): the compiled
+    sampler is reused, as the graph and the shapes are unchanged."""
+    graph, state = nnx.split(decoder)
+    if graph != self._dgraph:
+      raise ValueError("set_weights: the decoder is not the module this sampler was built for")
+    self._dstate = state
+    if vae is not None:
+      graph, state = nnx.split(vae)
+      if graph != self._vgraph:
+        raise ValueError("set_weights: the VAE is not the module this sampler was built for")
+      self._vstate = state
+
   def latents(self, features, uncond_features, keys):
     self._check(features, uncond_features)
     return self._run(self._dstate, self._vstate, self.schedule, features, uncond_features, keys,

@@ -8,11 +8,15 @@ inputs) and a `param_dtype` (stored weights); normalizations and softmax run in 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from puma_jax import sharding
@@ -177,18 +181,186 @@ def activation(name: str, field: str = "hidden_act") -> Callable[[jax.Array], ja
   return ACTIVATIONS[name]
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention: one entry point, a kernel per platform
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# The implementation `attention` uses, read at trace time. A run sets it once from its config
+# (`set_attention_impl`) or for a region (`with attention_impl("xla"): ...`); it is not a layer
+# argument so that no model signature carries it. "auto": cuDNN flash attention on GPUs of
+# compute capability >= 8 in 16-bit dtypes, splash attention (Pallas) on TPU, XLA elsewhere.
+_ATTENTION_IMPL = contextvars.ContextVar("attention_impl", default="auto")
+# cuDNN's fused kernels take head dims that are multiples of 8 up to 128 (256 on Hopper and
+# later, which jax checks itself); beyond that (the VAE mid-block's 512) we use XLA.
+_CUDNN_MAX_HEAD_DIM = 128
+_SPLASH_BLOCK = 128
+_fallbacks_logged: set = set()
+
+
+def set_attention_impl(name: str) -> None:
+  """Sets the attention implementation for this context (see `ATTENTION_IMPLS`)."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {name!r}: choose from {ATTENTION_IMPLS}")
+  _ATTENTION_IMPL.set(name)
+
+
+@contextlib.contextmanager
+def attention_impl(name: str):
+  """`with attention_impl("xla"): ...` traces the attention inside with that implementation."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {name!r}: choose from {ATTENTION_IMPLS}")
+  token = _ATTENTION_IMPL.set(name)
+  try:
+    yield
+  finally:
+    _ATTENTION_IMPL.reset(token)
+
+
+def _fallback(impl: str, why: str) -> str:
+  if (impl, why) not in _fallbacks_logged:
+    _fallbacks_logged.add((impl, why))
+    logging.info("attention: %s cannot run here (%s); using XLA", impl, why)
+  return "xla"
+
+
+def choose_attention(q: jax.Array, k: jax.Array, *, mask=None, bias=None,
+                     device=None) -> str:
+  """The implementation `attention` uses for these inputs: the setting, resolved for the
+  platform, with explicit XLA fallbacks for what a kernel cannot take."""
+  impl = _ATTENTION_IMPL.get()
+  device = device if device is not None else jax.devices()[0]
+  platform = device.platform
+  if impl == "auto":
+    cc = getattr(device, "compute_capability", None)
+    if platform in ("gpu", "cuda") and cc is not None and float(cc) >= 8.0:
+      impl = "cudnn"
+    elif platform == "tpu":
+      impl = "splash"
+    else:
+      return "xla"
+  d = q.shape[-1]
+  if impl == "cudnn":
+    if platform not in ("gpu", "cuda"):
+      raise ValueError(f"attention_impl=cudnn needs an NVIDIA GPU; this device is {platform}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      return _fallback(impl, f"dtype {q.dtype}: cuDNN flash attention is 16-bit only")
+    if d % 8 or d > _CUDNN_MAX_HEAD_DIM:
+      return _fallback(impl, f"head dim {d}")
+  if impl == "splash":
+    if platform != "tpu" and not _SPLASH_INTERPRET.get():
+      raise ValueError(f"attention_impl=splash needs a TPU; this device is {platform}")
+    if mask is not None or bias is not None:
+      return _fallback(impl, "an explicit mask/bias (splash takes causal + segment ids)")
+    if q.shape[1] != k.shape[1] or q.shape[1] % _SPLASH_BLOCK:
+      return _fallback(impl, f"lengths {q.shape[1]}/{k.shape[1]} (need equal multiples of "
+                             f"{_SPLASH_BLOCK})")
+  return impl
+
+
+# Runs the splash kernel in Pallas interpret mode (CPU): the parity tests' switch.
+_SPLASH_INTERPRET = contextvars.ContextVar("splash_interpret", default=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(t: int, heads: int, causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  one = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
+  b = min(_SPLASH_BLOCK, t)
+  blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  # The kernel holds its mask tables as arrays; built under a trace (and cached) they would be
+  # leaked tracers, so they are made concrete.
+  with jax.ensure_compile_time_eval():
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, seg, *, is_causal, scale):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  _, t, h, _ = q.shape
+  kernel = _splash_kernel(t, h, bool(is_causal), bool(_SPLASH_INTERPRET.get()))
+
+  def one(q, k, v, s):  # (T, H, D) -> the kernel's (H, T, D); grouped K/V heads are native
+    o = kernel(jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 0, 1), jnp.swapaxes(k, 0, 1),
+               jnp.swapaxes(v, 0, 1), segment_ids=sa.SegmentIds(s, s))
+    return jnp.swapaxes(o, 0, 1)
+  return jax.vmap(one)(q, k, v, seg)
+
+
+def _splash(q, k, v, segment_ids, is_causal, scale):
+  """Splash attention; under a multi-device mesh (`sharding.use_mesh`) inside `shard_map`, as
+  XLA cannot partition a Pallas kernel: rows split like the batch, heads like the (kv) heads
+  when query and key/value heads split alike (so each shard keeps its own GQA groups), and the
+  sequence whole on every shard."""
+  b, t, _, d = q.shape
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  fn = functools.partial(_splash_local, is_causal=is_causal,
+                         scale=(1.0 / float(d) ** 0.5) if scale is None else scale)
+  ctx = sharding.current()
+  if ctx is None or ctx[0].size == 1:
+    return fn(q, k, v, seg)
+  mesh, rules = ctx
+  spec = lambda names, x: tuple(sharding.logical_to_spec(names, rules, x.shape, mesh))
+  pad = lambda p: p + (None,) * (4 - len(p))
+  qs, ks = pad(spec(("batch", None, "act_heads"), q)), pad(spec(("batch", None, "act_kv_heads"),
+                                                                k))
+  if qs[2] != ks[2]:
+    qs, ks = qs[:2] + (None, None), ks[:2] + (None, None)
+  if qs[0] != ks[0]:
+    raise ValueError(f"attention: query and key batches shard differently ({qs[0]} vs {ks[0]})")
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(*qs), P(*ks), P(*ks), P(qs[0], None)),
+                       out_specs=P(*qs), check_vma=False)(q, k, v, seg)
+
+
+def host_safe_dtype(dtype):
+  """`dtype` for a dot accumulated in float32, except float16 on CPU, whose dot has no
+  float16 x float16 -> float32 form: there the operands go in as float32 (float16 runs on CPU
+  only in tests of the float16 training path; GPUs take float16 directly)."""
+  if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+    return jnp.float32
+  return dtype
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               bias: jax.Array | None = None, is_causal: bool = False,
-              scale: float | None = None) -> jax.Array:
-  """Multi-head attention on (B, T, H, D) inputs through `jax.nn.dot_product_attention`.
+              scale: float | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Multi-head attention on (B, T, H, D) inputs; K/V may have fewer heads than Q (GQA).
 
-  K/V may have fewer heads than Q (grouped-query attention). On GPU this dispatches to the
-  fused cuDNN kernel when shapes and dtypes allow; elsewhere the XLA path, whose softmax runs in
-  float32.
+  `segment_ids` (B, T), self-attention only: a query sees the keys of its own segment, 0 =
+  padding (no real query sees it); with `is_causal`, only keys not later than itself. `mask`
+  (broadcastable to (B, H, T, S), True = visible) and `bias` are general and keep XLA on TPU.
+
+  The implementation follows `set_attention_impl` / `attention_impl` (`choose_attention`):
+    xla     `jax.nn.dot_product_attention(implementation="xla")`: materializes the float32
+            (B, H, T, S) scores; the mask is built from causal/segment ids here.
+    cudnn   cuDNN flash attention: causal through the kernel's own causal mask (nothing
+            materialized). jax's public cuDNN entry takes sequence lengths but no segment ids,
+            so packed rows' segment mask goes in as a (B, 1, T, T) boolean mask: T^2 bytes
+            per row instead of H x T^2 float32 scores.
+    splash  Pallas splash attention (TPU): causal and segment ids natively, no mask in memory.
+  Head dims, dtypes or lengths a kernel cannot take fall back to XLA (logged once).
   """
   dtype = q.dtype
-  return jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), bias=bias, mask=mask,
-                                      is_causal=is_causal, scale=scale)
+  k, v = k.astype(dtype), v.astype(dtype)
+  if segment_ids is not None and q.shape[1] != k.shape[1]:
+    raise ValueError(f"attention: segment_ids need self-attention; got {q.shape[1]} queries "
+                     f"and {k.shape[1]} keys")
+  impl = choose_attention(q, k, mask=mask, bias=bias)
+  if impl == "splash":
+    return _splash(q, k, v, segment_ids, is_causal, scale).astype(dtype)
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    same = (same & (segment_ids != 0)[:, None, :])[:, None]
+    mask = same if mask is None else mask & same
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+                                        scale=scale, implementation="cudnn")
+  work = host_safe_dtype(dtype)
+  out = jax.nn.dot_product_attention(q.astype(work), k.astype(work), v.astype(work), bias=bias,
+                                     mask=mask, is_causal=is_causal, scale=scale,
+                                     implementation="xla")
+  return out.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

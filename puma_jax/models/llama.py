@@ -197,6 +197,26 @@ class KVCache:
     return self.k.shape[2]
 
 
+# How decoding writes the KV cache. "inplace": each layer writes its new keys/values into the
+# one (layers, ...) buffer with `dynamic_update_slice` at (layer, 0, index), and the buffer is
+# carried through the layer loop, so XLA updates it in place (the decode loop donates it).
+# "copy": the previous scheme, kept for benchmarks/bench_throughput.py's before/after: each
+# layer's slice is taken out, updated and the layers are re-stacked (jnp.stack, or scan
+# outputs), which copies the whole cache on every decoded token.
+CACHE_UPDATE = "inplace"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMask:
+  """What each query may see. Training rows: `causal` plus `segment_ids` (B, T) (0 = padding),
+  which fused kernels take without a T x T mask (`layers.attention`). The KV cache path: an
+  explicit `mask` (B, 1, T, slots) that already holds the causal order."""
+  segment_ids: jax.Array | None = None
+  mask: jax.Array | None = None
+  causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
@@ -212,8 +232,10 @@ class LlamaAttention(nnx.Module):
     self.v_proj = layers.Dense(d, kvh * hd, axes=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Dense(h * hd, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    """`kv`: this layer's cache (k, v) of (B, S, KVH, D), written at slot `index`."""
+  def __call__(self, x, cos, sin, mask: AttentionMask, kv=None, index=None, layer=None):
+    """`kv`: the cache (k, v). With `layer` (CACHE_UPDATE "inplace") the whole
+    (L, B, S, KVH, D) buffers, written at (layer, slot `index`); else this layer's
+    (B, S, KVH, D) slices, written at slot `index`."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -221,12 +243,20 @@ class LlamaAttention(nnx.Module):
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "act_seq", "act_heads", None))
     k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "act_seq", "act_kv_heads", None))
     v = sharding.constrain(v, ("batch", "act_seq", "act_kv_heads", None))
-    if kv is not None:
+    if kv is not None and layer is not None:
+      ck, cv = kv
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+      k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+      kv = (ck, cv)
+    elif kv is not None:
       ck, cv = kv
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       kv = (k, v)
-    o = layers.attention(q, k, v, mask=mask)
+    o = layers.attention(q, k, v, mask=mask.mask, is_causal=mask.causal,
+                         segment_ids=mask.segment_ids)
     o = sharding.constrain(o, ("batch", "act_seq", "act_heads", None))
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
 
@@ -255,8 +285,8 @@ class LlamaDecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = LlamaMLP(cfg, rngs=rngs, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=None):
+    a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
     x = x + a
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "act_seq", "act_embed")), kv
@@ -277,8 +307,8 @@ def _layer_fn(graphdef, policy: str, scanned: bool = True):
   undoes the rematerialization and saves no memory.
   """
 
-  def run(state, x, cos, sin, mask, kv, index):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+  def run(state, x, cos, sin, mask, kv, index, layer=None):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index, layer)
 
   if policy != "none":
     run = jax.checkpoint(run, policy=_POLICIES[policy], prevent_cse=not scanned)
@@ -350,8 +380,8 @@ class LlamaForCausalLM(nnx.Module):
     """Output projection in the compute dtype, accumulated and returned in float32."""
     w = (self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings
          else self.lm_head.kernel[...])
-    out = jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype),
-                  preferred_element_type=jnp.float32)
+    dtype = layers.host_safe_dtype(self.dtype)
+    out = jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return sharding.constrain(out, ("batch", "act_seq", "act_vocab"))
 
   def _mask_and_positions(self, b, t, positions, segment_ids, attention_mask, cache):
@@ -367,14 +397,11 @@ class LlamaForCausalLM(nnx.Module):
                          f"{tuple(segment_ids.shape)}")
     if cache is None:
       qpos = jnp.arange(t)
-      mask = (qpos[:, None] >= qpos[None, :])[None]
-      valid = jnp.ones((b, t), bool)
-      if segment_ids is not None:
-        valid = segment_ids != 0
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      # Padding is segment 0: with only an attention_mask, the real tokens are one segment.
+      seg = segment_ids
       if attention_mask is not None:
-        valid = valid & attention_mask
-      mask = mask & valid[:, None, :]
+        seg = (attention_mask.astype(jnp.int32) if seg is None
+               else jnp.where(attention_mask, seg, 0))
       if positions is None:
         if segment_ids is not None:
           positions = _segment_positions(segment_ids)
@@ -382,7 +409,7 @@ class LlamaForCausalLM(nnx.Module):
           positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         else:
           positions = jnp.broadcast_to(qpos, (b, t))
-      return mask[:, None], positions, None
+      return AttentionMask(segment_ids=seg, causal=True), positions, None
     if segment_ids is not None:
       raise ValueError("segment_ids (packed sequences) are not supported with a KV cache; "
                        "use attention_mask for padding")
@@ -397,7 +424,7 @@ class LlamaForCausalLM(nnx.Module):
       positions = cache.length[:, None] + jnp.maximum(jnp.cumsum(new, axis=1) - 1, 0)
     cache = dataclasses.replace(cache, valid=valid,
                                 length=cache.length + new.sum(axis=1).astype(jnp.int32))
-    return mask[:, None], positions, cache
+    return AttentionMask(mask=mask[:, None]), positions, cache
 
   def decode_embeddings(self, x: jax.Array, *, positions=None, segment_ids=None,
                         attention_mask=None, cache: KVCache | None = None):
@@ -419,6 +446,7 @@ class LlamaForCausalLM(nnx.Module):
     x = sharding.constrain(x.astype(self.dtype), ("batch", "act_seq", "act_embed"))
     index = None if cache is None else cache.index
     policy = self.config.remat_policy
+    inplace = cache is not None and CACHE_UPDATE == "inplace"
     if self.config.scan_layers:
       graphdef, state = nnx.split(self.layers)
       run = _layer_fn(graphdef, policy)
@@ -426,6 +454,15 @@ class LlamaForCausalLM(nnx.Module):
         def body(h, st):
           return run(st, h, cos, sin, mask, None, None)[0], None
         x, _ = jax.lax.scan(body, x, state)
+      elif inplace:
+        def body(carry, xs):
+          h, ck, cv = carry
+          st, i = xs
+          h, kv = run(st, h, cos, sin, mask, (ck, cv), index, i)
+          return (h, *kv), None
+        layer_ids = jnp.arange(self.config.num_hidden_layers)
+        (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, layer_ids))
+        cache = dataclasses.replace(cache, k=ks, v=vs)
       else:
         def body(h, xs):
           st, ck, cv = xs
@@ -433,6 +470,13 @@ class LlamaForCausalLM(nnx.Module):
           return h, kv
         x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
         cache = dataclasses.replace(cache, k=ks, v=vs)
+    elif inplace:
+      kv = (cache.k, cache.v)
+      for i, layer in enumerate(self.layers):
+        graphdef, state = nnx.split(layer)
+        x, kv = _layer_fn(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index,
+                                                           i)
+      cache = dataclasses.replace(cache, k=kv[0], v=kv[1])
     else:
       ks, vs = [], []
       for i, layer in enumerate(self.layers):

@@ -243,7 +243,9 @@ def activation_memory(config, static: dict, mesh_shape: Mapping[str, int], globa
   rows = global_batch // accum // shards
   seq_len = int(config.seq_len)
   tokens = rows * seq_len
-  b = jnp.dtype(config.dtype).itemsize
+  # precision "auto" is 16-bit on every accelerator a plan is made for (puma_jax/precision.py)
+  prec = str(config.precision)
+  b = 2 if prec == "auto" else jnp.dtype(prec).itemsize
   policy = llm.remat_policy
   kw = dict(seq_len=seq_len, tensor=tensor, dtype_bytes=b, attention=attention)
   per_layer = llama_layer_bytes_per_token(llm, policy=policy, **kw)
@@ -388,11 +390,36 @@ def format_plan(plan: Plan) -> str:
   return "\n".join(lines)
 
 
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # least recomputation first
+
+
+def cheapest_remat(config, plan: Plan, **kw) -> tuple[str, Plan] | None:
+  """The remat policy with the least recomputation that fits (same batch, same gradient
+  accumulation), with its plan; None when none fits or the stage has no LLaMA."""
+  if config.stage != "mllm":
+    return None
+  for remat in REMAT_ORDER:
+    p = plan if remat == plan.remat else make_plan(
+        _with(config, remat=remat), plan.devices, plan.device_memory / GiB,
+        global_batch=plan.global_batch, attention=plan.attention,
+        usable_fraction=plan.usable_fraction, static=plan.details["static"], **kw)
+    if p.fits:
+      return remat, p
+  return None
+
+
 def verdict(config, plan: Plan, **kw) -> str:
   if plan.fits:
     head = (f"FITS: {plan.total / GiB:.1f} GiB of {plan.budget / GiB:.1f} GiB usable per device")
     if "activations" not in plan.rows:
       head += " (parameters, gradients and optimizer state only; activations not estimated)"
+    best = cheapest_remat(config, plan, **kw)
+    if best is not None and best[0] != plan.remat:
+      head += (f"\ncheaper remat fits (less recomputation, faster steps): "
+               f"--config.model.llm.remat_policy={best[0]}: {best[1].total / GiB:.1f} GiB per "
+               f"device")
+    elif best is not None:
+      head += f"\nremat {plan.remat!r} is the cheapest policy that fits"
     return head
   lines = [f"DOES NOT FIT: {plan.total / GiB:.1f} GiB > {plan.budget / GiB:.1f} GiB usable per "
            "device"]

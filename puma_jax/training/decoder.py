@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from puma_jax import assemble, checkpoints
+from puma_jax import assemble, checkpoints, precision
 from puma_jax.diffusion import sampler as sampler_lib, schedulers as S
 from puma_jax.models import clip as clip_lib, pooling, puma_decoder, vae as vae_lib
 from puma_jax.training import data as data_lib, losses, optim, steps
@@ -75,8 +75,9 @@ class DecoderStage:
     if self.vae_cfg.latent_channels != self.dec_cfg.unet.in_channels:
       raise ValueError("config.model.vae.latent_channels must equal the decoder UNet's "
                        "in_channels")
-    self.dtype = jnp.dtype(config.dtype)
+    self.dtype = jnp.dtype(precision.resolve(str(config.precision)))
     self.loads_pretrained = bool(config.init.clip or config.init.vae or config.init.decoder)
+    self._sampler = None  # built (and compiled) at the first evaluation, then given new weights
 
   def build(self, rngs):
     return DecoderTrainModel(self.clip_cfg, self.vae_cfg, self.dec_cfg, dtype=self.dtype,
@@ -172,7 +173,7 @@ class DecoderStage:
         loss, m = loss_fn(params, mb, frozen, rest, key)
         return loss / n, jax.tree.map(lambda x: x / n, m)
 
-      loss, grads, m = steps.accumulate(per_micro, state.params, batch, n)
+      loss, grads, m = steps.accumulate(per_micro, state.params, batch, n, state.loss_scale)
       return steps.apply(state, tx, loss, grads, m)
     return step
 
@@ -180,7 +181,10 @@ class DecoderStage:
     return {k: float(summed[k]) / n_steps for k in ("loss", "grad_norm", "diffusion_mse",
                                                     "dropped")}
 
-  def throughput(self, global_batch: int, steps_per_s: float, peak, n_devices: int) -> dict:
+  def flops_per_token(self) -> None:
+    return None  # diffusion steps are counted in images/s (`throughput`)
+
+  def throughput(self, global_batch: int, steps_per_s: float) -> dict:
     return {"images_per_s": global_batch * steps_per_s}
 
   def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
@@ -194,9 +198,13 @@ class DecoderStage:
     clip_u8, target = jnp.asarray(batch["clip"][:n]), np.asarray(batch["vae"][:n])
     feats = self.features(model, clip_u8)
     blank = self.blank_features(model)
-    settings = sampler_lib.SamplerSettings(num_steps=int(self.config.train.sample_steps))
-    samp = sampler_lib.DecoderSampler(model.decoder, model.vae, settings,
-                                      scheduler_config=self.sched)
+    if self._sampler is None:
+      settings = sampler_lib.SamplerSettings(num_steps=int(self.config.train.sample_steps))
+      self._sampler = sampler_lib.DecoderSampler(model.decoder, model.vae, settings,
+                                                 scheduler_config=self.sched)
+    else:
+      self._sampler.set_weights(model.decoder)  # the VAE is frozen
+    samp = self._sampler
     images = sampler_lib.to_uint8(samp(feats, jnp.broadcast_to(blank, feats.shape),
                                        sampler_lib.sample_keys(0, n)))
     step = int(state.step)

@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from puma_jax import sharding
+from puma_jax import precision, sharding
 from puma_jax.checkpoints import CheckpointError
 from puma_jax.training import checkpoints, optim
 from puma_jax.training.stage import Stage
@@ -46,6 +46,7 @@ class AbstractState:
   frozen: Any                   # frozen parameters (no gradient, no optimizer state)
   rest: Any                     # non-parameter state (replicated)
   opt_state: Any                # `tx.init(trainable)`; optax.MaskedNode for other groups
+  loss_scale: Any               # the initial precision.DynamicLossScale (float16: dynamic)
   tx: optax.GradientTransformation
   schedules: dict               # lr group -> schedule (groups that have parameters)
   state_sharding: TrainState    # a parameter's moments follow its sharding; counters replicate
@@ -57,13 +58,24 @@ class AbstractState:
     s = self.state_sharding
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=s.step),
                       params=_structs(self.trainable, s.params),
-                      opt_state=_structs(self.opt_state, s.opt_state))
+                      opt_state=_structs(self.opt_state, s.opt_state),
+                      loss_scale=jax.tree.map(
+                          lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          self.loss_scale, s.loss_scale))
 
   def frozen_structs(self):
     return _structs(self.frozen, self.frozen_sharding)
 
   def rest_structs(self):
     return _structs(self.rest, self.rest_sharding)
+
+
+def loss_scale(stage: Stage) -> precision.DynamicLossScale:
+  """The initial loss scale of a stage's compute dtype (`config.loss_scale`; float16 only)."""
+  c = stage.config.get("loss_scale")
+  kw = {} if c is None else dict(initial=float(c.initial), period=int(c.period),
+                                 factor=float(c.factor))
+  return precision.DynamicLossScale.create(stage.dtype, **kw)
 
 
 def abstract_state(stage: Stage, mesh, rules=sharding.DEFAULT_RULES) -> AbstractState:
@@ -81,10 +93,12 @@ def abstract_state(stage: Stage, mesh, rules=sharding.DEFAULT_RULES) -> Abstract
   opt_shard = optax.tree_map_params(
       tx, lambda v, s: v if _masked(v) else s, opt_a, p_shard,
       transform_non_params=lambda x: x if _masked(x) else replicated, is_leaf=_masked)
+  ls = loss_scale(stage)
   return AbstractState(
       model=abstract, graphdef=graphdef, trainable=trainable, frozen=frozen, rest=rest,
-      opt_state=opt_a, tx=tx, schedules=schedules,
-      state_sharding=TrainState(step=replicated, params=p_shard, opt_state=opt_shard),
+      opt_state=opt_a, loss_scale=ls, tx=tx, schedules=schedules,
+      state_sharding=TrainState(step=replicated, params=p_shard, opt_state=opt_shard,
+                                loss_scale=jax.tree.map(lambda _: replicated, ls)),
       frozen_sharding=f_shard, rest_sharding=r_shard)
 
 
@@ -124,7 +138,7 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
     _, trainable, frozen, rest = optim.split_trainable(model, stage.frozen)
     params = nnx.to_pure_dict(trainable)
     return (TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=a.tx.init(params)),
+                       opt_state=a.tx.init(params), loss_scale=a.loss_scale),
             nnx.to_pure_dict(frozen), nnx.to_pure_dict(rest))
 
   if stage.loads_pretrained:  # host-side weights: build, then place on the mesh

@@ -34,24 +34,57 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from puma_jax import distributed, fileio, sharding
+from puma_jax import distributed, fileio, perf, sharding
+from puma_jax.models import layers
 from puma_jax.training import checkpoints, data as data_lib, init as init_lib, registry
-
-# Dense bf16 peak FLOP/s per device, for MFU (None: unknown, MFU not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
-
-
-def device_peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
-
 
 class StopTraining(RuntimeError):
   pass
+
+
+class _Guard:
+  """The non-finite guard, read one step late: step N's metrics are fetched to the host while
+  step N + 1 runs, so the loop never waits on the device just to check them. `check()` reads
+  every step not yet read (before checkpoints and evaluations, so neither follows an unchecked
+  step)."""
+
+  def __init__(self, manager):
+    self.manager, self.unread = manager, []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.unread.append((step, metrics))
+    while len(self.unread) > 1:
+      self._read(*self.unread.pop(0))
+
+  def check(self) -> None:
+    while self.unread:
+      self._read(*self.unread.pop(0))
+
+  def _read(self, step: int, metrics: dict) -> None:
+    if float(metrics["finite"]) < 1:
+      self.manager.wait_until_finished()
+      raise StopTraining(
+          f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+          f"grad_norm={float(metrics['grad_norm'])}); the update was not applied and the run "
+          f"stopped. Last good checkpoint: step {self.manager.latest_step()} in "
+          f"{self.manager.directory}")
+
+
+def _window_scalars(summed: dict, n_steps: int, last: dict) -> tuple[dict, dict]:
+  """Splits the loop's own metrics off a log window's summed step metrics: real tokens, and
+  with float16 loss scaling the skipped (overflow) steps and the current scale. Overflowed
+  steps report a zero gradient norm, so the window's mean norm is over the applied steps."""
+  summed = dict(summed)
+  own = {}
+  if "real_tokens" in summed:
+    own["real_tokens"] = float(summed.pop("real_tokens"))
+  if "overflow" in summed:
+    skipped = float(summed.pop("overflow"))
+    summed.pop("loss_scale")
+    own["overflow_steps"] = skipped
+    own["loss_scale"] = float(last["loss_scale"])
+    summed["grad_norm"] = summed["grad_norm"] * n_steps / max(n_steps - skipped, 1.0)
+  return summed, own
 
 
 class _Signals:
@@ -205,6 +238,8 @@ def _open_manager(config, directory: Path):
 
 
 def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  # read by every attention layer at trace time (models/layers.py)
+  layers.set_attention_impl(str(config.get("attention", "auto")))
   n_dev = int(config.get("num_devices", 0) or 0)
   if n_dev and jax.process_count() > 1:
     raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "
@@ -254,9 +289,14 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
                config.stage, f"{n_params:,}",
                f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)):,}",
                dict(mesh.shape), global_batch)
-  peak = device_peak_flops()
+  kind = jax.devices()[0].device_kind
+  peak = perf.peak_flops(kind, str(stage.dtype))
+  flops = stage.flops_per_token()
+  window = perf.ThroughputWindow(flops, peak, mesh.size)
+  logging.info("compute %s on %s: peak %s FLOP/s per device; %s training FLOPs per real token",
+               stage.dtype, kind, peak, flops)
+  guard = _Guard(manager)
   pending, last = [], {}
-  t_log, steps_since = time.perf_counter(), 0
   t_start = time.perf_counter()
   t_compiled, step_compiled = None, start  # the ETA counts steps after the first (compile)
   with _Signals() as sig, sharding.use_mesh(mesh, rules):
@@ -266,27 +306,23 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
       batch = data_lib.global_batch(stage.device_arrays(host_batch), mesh)
       state, metrics = jit_step(state, frozen, rest, batch)
       step += 1
-      steps_since += 1
       pending.append(metrics)
       if t_compiled is None:
         jax.block_until_ready(metrics)
         t_compiled, step_compiled = time.perf_counter(), step
-      if float(metrics["finite"]) < 1:
-        manager.wait_until_finished()
-        raise StopTraining(
-            f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-            f"grad_norm={float(metrics['grad_norm'])}); the update was not applied and the run "
-            f"stopped. Last good checkpoint: step {manager.latest_step()} in "
-            f"{manager.directory}")
+      guard.add(step, metrics)
       if step % int(config.train.log_every) == 0 or step == total:
-        dt = time.perf_counter() - t_log
+        guard.check()
         summed = jax.tree.map(lambda *xs: np.sum(np.stack([np.asarray(x) for x in xs]), 0),
                               *pending)
+        summed, own = _window_scalars(summed, len(pending), jax.device_get(pending[-1]))
+        window.add(steps=len(pending), real_tokens=own.pop("real_tokens", 0))
         scalars = stage.summarize(summed, len(pending))
         scalars.update({f"lr/{g}": float(s(step - 1)) for g, s in schedules.items()})
-        steps_per_s = steps_since / dt
-        scalars["steps_per_s"] = steps_per_s
-        scalars.update(stage.throughput(global_batch, steps_per_s, peak, jax.device_count()))
+        scalars.update(own)
+        scalars.update(window.read())
+        steps_per_s = scalars["steps_per_s"]
+        scalars.update(stage.throughput(global_batch, steps_per_s))
         scalars.update(data.metrics())
         log.write(step, scalars)
         after = step - step_compiled
@@ -299,12 +335,16 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
         logging.info("%s", line, extra={"file_only": True})  # the console has the print
         if jax.process_index() == 0:
           print(line, flush=True)
-        last, pending, t_log, steps_since = scalars, [], time.perf_counter(), 0
+        last, pending = scalars, []
       if int(config.train.eval_every) and step % int(config.train.eval_every) == 0:
-        log.write(step, stage.evaluate(graphdef, state, frozen, rest, mesh), prefix="eval/")
+        guard.check()
+        with window.paused():
+          log.write(step, stage.evaluate(graphdef, state, frozen, rest, mesh), prefix="eval/")
       if step % int(config.train.checkpoint_every) == 0 or step == total or sig.requested:
-        checkpoints.write_manifests(manager)  # of the previous save, now complete
-        checkpoints.save_train(manager, step, state, frozen, data.get_state(), stage.meta())
+        guard.check()
+        with window.paused():
+          checkpoints.write_manifests(manager)  # of the previous save, now complete
+          checkpoints.save_train(manager, step, state, frozen, data.get_state(), stage.meta())
       if sig.requested:
         checkpoints.write_manifests(manager)
         logging.warning("%s: saved step %d, exiting", sig.requested, step)

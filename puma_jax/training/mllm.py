@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from puma_jax import assemble, tokenizer
+from puma_jax import assemble, perf, precision, tokenizer
 from puma_jax.data.rows import MLLMEncoder
 from puma_jax.models import clip as clip_lib, puma
 from puma_jax.training import data as data_lib, losses, optim, steps
@@ -52,8 +52,12 @@ def train_step(state: steps.TrainState, frozen, rest, batch: dict, *, graphdef, 
     mb = dict(mb, _normalizers=jax.tree.map(lambda x: x[0], mb["_normalizers"]))
     return loss_fn(params, mb)
 
-  loss, grads, metrics = steps.accumulate(per_micro, state.params, batch, grad_accum)
-  return steps.apply(state, tx, loss, grads, metrics)
+  loss, grads, metrics = steps.accumulate(per_micro, state.params, batch, grad_accum,
+                                          state.loss_scale)
+  state, metrics = steps.apply(state, tx, loss, grads, metrics)
+  # positions holding an example (padding is segment 0): the loop's real-token throughput
+  metrics["real_tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+  return state, metrics
 
 
 def eval_step(params, frozen, rest, batch: dict, *, graphdef, weights: dict) -> dict:
@@ -74,7 +78,7 @@ class MLLMStage:
     self.config = config
     self.workdir = workdir
     self.model_config = puma.PumaConfig.from_dict(config.model.to_dict())
-    self.dtype = jnp.dtype(config.dtype)
+    self.dtype = jnp.dtype(precision.resolve(str(config.precision)))
     self.weights = losses.loss_weights(config.loss, has_router=self.model_config.router)
     self.loads_pretrained = bool(config.init.clip or config.init.llm or config.init.puma)
     self._eval_fn = None  # jitted once per run, on the first evaluation
@@ -158,19 +162,12 @@ class MLLMStage:
     out["grad_norm"] = float(summed["grad_norm"]) / n_steps
     return out
 
-  def throughput(self, global_batch: int, steps_per_s: float, peak, n_devices: int) -> dict:
-    tokens = global_batch * int(self.config.seq_len)
-    c = self.model_config.llm
-    # 6 N T for the dense layers (+ attention 12 L T^2 d per sequence), forward + backward.
-    n_dense = c.num_hidden_layers * (4 * c.hidden_size * c.num_attention_heads * c.head_dim
-                                     + 3 * c.hidden_size * c.intermediate_size)
-    attn = 12 * c.num_hidden_layers * int(self.config.seq_len) * c.num_attention_heads * c.head_dim
-    flops = tokens * (6 * n_dense + attn + 6 * c.hidden_size * c.vocab_size)
-    out = {"tokens_per_s": tokens * steps_per_s,
-           "tflops_per_s_per_device": flops * steps_per_s / n_devices / 1e12}
-    if peak:
-      out["mfu"] = flops * steps_per_s / n_devices / peak
-    return out
+  def flops_per_token(self) -> float:
+    """Training FLOPs per real token of this model at `seq_len` (`perf.flops_per_token`)."""
+    return perf.flops_per_token(self.model_config, int(self.config.seq_len))
+
+  def throughput(self, global_batch: int, steps_per_s: float) -> dict:
+    return {"rows_per_s": global_batch * steps_per_s}
 
   def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
     """Loss on the held-out split (`train.eval_batches` batches)."""

@@ -58,6 +58,9 @@ class Stage(Protocol):
   loads_pretrained: bool
   """True when `load_pretrained` reads weights from disk (init then runs on the host)."""
 
+  dtype: Any
+  """The compute dtype, `precision.resolve(config.precision)`; parameters stay float32."""
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: Path | None = None): ...
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -84,9 +87,14 @@ class Stage(Protocol):
   def summarize(self, summed: dict, n_steps: int) -> dict[str, float]:
     """Readable scalars from the step metrics summed over `n_steps` steps (has "loss")."""
 
-  def throughput(self, global_batch: int, steps_per_s: float, peak: float | None,
-                 n_devices: int) -> dict[str, float]:
-    """Throughput scalars (items/s; FLOP rates and MFU when `peak` FLOP/s is known)."""
+  def flops_per_token(self) -> float | None:
+    """Training FLOPs per real token (`perf.flops_per_token`), or None where the stage's work is
+    not counted in tokens (the decoder reports images/s)."""
+
+  def throughput(self, global_batch: int, steps_per_s: float) -> dict[str, float]:
+    """Stage-specific throughput scalars (e.g. images/s). Real tokens/s, TFLOP/s and MFU come
+    from the loop (`perf.ThroughputWindow`) when `flops_per_token()` is not None and the
+    stage's steps report `real_tokens`."""
 
   def evaluate(self, graphdef: nnx.GraphDef, state: TrainState, frozen, rest,
                mesh) -> dict[str, float]:
