@@ -49,9 +49,11 @@ def main(argv):
     model, _ = import_module("clip-vision", d)
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  print(f"# {args.config}: {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
-        f"torch {torch.__version__}")
+  print(
+    f"# {args.config}: {jax.devices()[0].platform}, {os.cpu_count()} cores, "
+    f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
+    f"torch {torch.__version__}"
+  )
   print("| batch | JAX jit (ms) | PyTorch eager (ms) | JAX / PyTorch | max rel diff |")
   print("|---|---|---|---|---|")
   for b in map(int, args.batches):

@@ -38,8 +38,18 @@ def cpu_timed(fn, items):
 def natural_image(rng, h, w):
   """Smooth colour fields plus texture: JPEG sizes like photos, unlike uniform noise."""
   yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-  base = np.stack([np.sin(6 * xx + rng.uniform(0, 6)), np.cos(5 * yy + rng.uniform(0, 6)),
-                   np.sin(4 * (xx + yy))], -1) * 90 + 128
+  base = (
+    np.stack(
+      [
+        np.sin(6 * xx + rng.uniform(0, 6)),
+        np.cos(5 * yy + rng.uniform(0, 6)),
+        np.sin(4 * (xx + yy)),
+      ],
+      -1,
+    )
+    * 90
+    + 128
+  )
   return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
@@ -48,8 +58,10 @@ def write_shard(path, n, size, rng):
     for i in range(n):
       buf = io.BytesIO()
       Image.fromarray(natural_image(rng, size, int(size * 1.33))).save(buf, "JPEG", quality=90)
-      for name, data in ((f"{i:06d}.jpg", buf.getvalue()),
-                         (f"{i:06d}.txt", f"a photo number {i} of a scene".encode())):
+      for name, data in (
+        (f"{i:06d}.jpg", buf.getvalue()),
+        (f"{i:06d}.txt", f"a photo number {i} of a scene".encode()),
+      ):
         info = tarfile.TarInfo(name)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
@@ -69,6 +81,7 @@ def main(argv):
   tokenize = lambda s: list(s.encode())  # noqa: E731
   if args.hf_tokenizer:
     from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(args.hf_tokenizer)
     tokenize = lambda s: hf.encode(s, add_special_tokens=False)  # noqa: E731
   rng = np.random.default_rng(0)
@@ -76,11 +89,14 @@ def main(argv):
   shard = os.path.join(tmp, "bench-000.tar")
   write_shard(shard, args.n, args.size, rng)
   from puma_jax.data import sources
+
   src = sources.WebDatasetSource(shard)
   raws = [src[i] for i in range(len(src))]
   mb = sum(len(r["image"]) for r in raws) / 1e6
-  print(f"{args.n} JPEGs {args.size}x{int(args.size * 1.33)}, {mb:.1f} MB; "
-        f"single thread, CPU seconds of this process")
+  print(
+    f"{args.n} JPEGs {args.size}x{int(args.size * 1.33)}, {mb:.1f} MB; "
+    f"single thread, CPU seconds of this process"
+  )
 
   rows = []
   decoded, w, c = cpu_timed(lambda r: imaging.decode_image(r["image"]), raws)
@@ -104,8 +120,9 @@ def main(argv):
   _, w, c = cpu_timed(lambda r: enc(full(p(r))), raws)
   rows.append(("decode+augment+tokenize+encode", w, c))
   for cond in ("canny", "inpaint", "colorize"):
-    pc = parse.Parser("conditional", "bench", parse.ParseOptions(cond_types=(cond,),
-                                                                 derive_short_side=512))
+    pc = parse.Parser(
+      "conditional", "bench", parse.ParseOptions(cond_types=(cond,), derive_short_side=512)
+    )
     _, w, c = cpu_timed(lambda r: full(pc(r)), raws)
     rows.append((f"conditional {cond} (512) end to end", w, c))
   for name, _, c in rows:
@@ -114,32 +131,37 @@ def main(argv):
   # Whole pipeline, in-process (num_threads=1) unless --workers.
   def run_pipeline(cfg, batches, readers=None):
     cfg.num_threads, cfg.num_workers = 1, args.workers
-    it = iter(pipeline.build(cfg, tokenize=tokenize, host_index=0, host_count=1,
-                             readers=readers))
+    it = iter(pipeline.build(cfg, tokenize=tokenize, host_index=0, host_count=1, readers=readers))
     next(it)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
       next(it)
     return time.perf_counter() - t0, time.process_time() - c0
+
   print("whole pipeline (grain, batch 16):")
   for preset in ("tiny", "synthetic"):
     cfg = data_config.get_config(preset)
     cfg.batch_size = 16
     w, c = run_pipeline(cfg, 10)
-    print(f"  synthetic preset {preset:9s} clip {cfg.image.clip_size:3d}: "
-          f"{160 / w:7.1f} ex/s wall, {160 / c:7.1f} ex/s/core, {1e3 * w / 10:6.1f} ms/batch")
+    print(
+      f"  synthetic preset {preset:9s} clip {cfg.image.clip_size:3d}: "
+      f"{160 / w:7.1f} ex/s wall, {160 / c:7.1f} ex/s/core, {1e3 * w / 10:6.1f} ms/batch"
+    )
   cfg = data_config.get_config("synthetic")
   cfg.sources = {"photos": data_config.source("pairs", format="webdataset", paths=shard)}
   cfg.batch_size = 16
   w, c = run_pipeline(cfg, 8)
-  print(f"  webdataset JPEG {args.size}px -> clip 224:   {128 / w:7.1f} ex/s wall, "
-        f"{128 / c:7.1f} ex/s/core, {1e3 * w / 8:6.1f} ms/batch")
+  print(
+    f"  webdataset JPEG {args.size}px -> clip 224:   {128 / w:7.1f} ex/s wall, "
+    f"{128 / c:7.1f} ex/s/core, {1e3 * w / 8:6.1f} ms/batch"
+  )
 
   # Does it keep the tiny model fed? Compare with a tiny CLIP forward on the same batch size.
   import jax
   from flax import nnx
 
   from puma_jax.models import clip
+
   model = clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0))
   gd, st = nnx.split(model)
   f = jax.jit(lambda st, x: nnx.merge(gd, st)(x))
@@ -152,8 +174,10 @@ def main(argv):
   cfg = data_config.get_config("tiny")
   cfg.batch_size = 16
   w, _ = run_pipeline(cfg, 10)
-  print(f"tiny preset batch 16: data {1e3 * w / 10:.1f} ms/batch vs tiny CLIP forward "
-        f"{enc_ms:.1f} ms/batch (the train step adds the LLM forward+backward on top)")
+  print(
+    f"tiny preset batch 16: data {1e3 * w / 10:.1f} ms/batch vs tiny CLIP forward "
+    f"{enc_ms:.1f} ms/batch (the train step adds the LLM forward+backward on top)"
+  )
 
 
 if __name__ == "__main__":

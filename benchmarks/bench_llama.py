@@ -59,9 +59,17 @@ def main(argv):
 
   torch.manual_seed(0)
   hf_cfg = transformers.LlamaConfig(
-      vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
   hf = transformers.LlamaForCausalLM(hf_cfg).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
@@ -80,13 +88,20 @@ def main(argv):
   def hf_gen(k):
     def run():
       with torch.no_grad():
-        return hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
-                           max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+        return hf.generate(
+          input_ids=hf_ids,
+          attention_mask=torch.ones_like(hf_ids),
+          max_new_tokens=k,
+          min_new_tokens=k,
+          do_sample=False,
+          eos_token_id=None,
+          pad_token_id=0,
+        )
+
     return run
 
   # Same tokens from both (greedy on the same weights): the timed work is the same work.
-  same = np.array_equal(np.array(ours_gen(n)()), hf_gen(n)()[:, args.prompt:].numpy())
+  same = np.array_equal(np.array(ours_gen(n)()), hf_gen(n)()[:, args.prompt :].numpy())
   for f in (ours_gen(1), hf_gen(1), hf_gen(n)):
     f()  # warm-up / compile
   t = {k: [] for k in ("ours1", "oursN", "hf1", "hfN", "ours_pre", "hf_pre")}
@@ -118,15 +133,24 @@ def main(argv):
   ours_tps = args.batch * (n - 1) / (b["oursN"] - b["ours1"])
   hf_tps = args.batch * (n - 1) / (b["hfN"] - b["hf1"])
   result = {
-      "params": n_params, "batch": args.batch, "prompt": args.prompt, "new_tokens": n,
-      "same_tokens_as_hf": bool(same),
-      "decode_tokens_per_s": {"puma_jax": round(ours_tps, 1), "hf": round(hf_tps, 1),
-                              "ratio": round(ours_tps / hf_tps, 2)},
-      f"prefill_{args.prefill}_s": {"puma_jax": round(b["ours_pre"], 4),
-                                    "hf": round(b["hf_pre"], 4),
-                                    "ratio_hf_over_ours": round(b["hf_pre"] / b["ours_pre"], 2)},
-      "generate_total_s": {"puma_jax": round(b["oursN"], 3), "hf": round(b["hfN"], 3)},
-      "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
+    "params": n_params,
+    "batch": args.batch,
+    "prompt": args.prompt,
+    "new_tokens": n,
+    "same_tokens_as_hf": bool(same),
+    "decode_tokens_per_s": {
+      "puma_jax": round(ours_tps, 1),
+      "hf": round(hf_tps, 1),
+      "ratio": round(ours_tps / hf_tps, 2),
+    },
+    f"prefill_{args.prefill}_s": {
+      "puma_jax": round(b["ours_pre"], 4),
+      "hf": round(b["hf_pre"], 4),
+      "ratio_hf_over_ours": round(b["hf_pre"] / b["ours_pre"], 2),
+    },
+    "generate_total_s": {"puma_jax": round(b["oursN"], 3), "hf": round(b["hfN"], 3)},
+    "torch_threads": torch.get_num_threads(),
+    "jax_backend": jax.default_backend(),
   }
   print(json.dumps(result, indent=2))
   return result

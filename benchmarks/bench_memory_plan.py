@@ -18,8 +18,9 @@ import sys
 
 if "--devices" in os.sys.argv:
   n = os.sys.argv[os.sys.argv.index("--devices") + 1]
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={n}")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+  )
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,7 +31,7 @@ from puma_jax import cli, sharding  # noqa: E402
 from puma_jax.tools import memory_plan as mp  # noqa: E402
 from puma_jax.training import data as data_lib, init, registry  # noqa: E402
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def compiled_memory(config, mesh):
@@ -39,11 +40,16 @@ def compiled_memory(config, mesh):
   host = stage.device_arrays(next(stage.train_data()))
   gb = int(config.data.batch_size)
   bshard = data_lib.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((gb,) + np.shape(v)[1:], np.asarray(v).dtype, sharding=bshard)
-           for k, v in host.items()}
-  step = jax.jit(stage.train_step(a.graphdef, a.tx),
-                 in_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding, bshard),
-                 out_shardings=(a.state_sharding, None), donate_argnums=(0,))
+  batch = {
+    k: jax.ShapeDtypeStruct((gb,) + np.shape(v)[1:], np.asarray(v).dtype, sharding=bshard)
+    for k, v in host.items()
+  }
+  step = jax.jit(
+    stage.train_step(a.graphdef, a.tx),
+    in_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding, bshard),
+    out_shardings=(a.state_sharding, None),
+    donate_argnums=(0,),
+  )
   with sharding.use_mesh(mesh):
     compiled = step.lower(a.state(), a.frozen_structs(), a.rest_structs(), batch).compile()
   return compiled.memory_analysis()
@@ -56,18 +62,24 @@ flags.DEFINE_integer("seq_len", 768, "sequence length")
 flags.DEFINE_list("remat", ["none", "full", "dots"], "remat policies, comma-separated")
 flags.DEFINE_string("dtype", "float32", "compute dtype")
 flags.DEFINE_boolean("scan", False, "scan_layers=True (as the paper config)")
-flags.DEFINE_list("layers", ["2", "6"], "LLaMA depths, comma-separated; the slope of XLA's "
-                  "temporaries over depth is the bytes saved per layer, the plan's per-layer term")
+flags.DEFINE_list(
+  "layers",
+  ["2", "6"],
+  "LLaMA depths, comma-separated; the slope of XLA's "
+  "temporaries over depth is the bytes saved per layer, the plan's per-layer term",
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
-  print(f"{'remat':<8}{'layers':>7}{'plan static':>12}{'XLA args':>10}"
-        f"{'plan act+logits+trans':>23}{'XLA temp':>10}   (MiB per device, {args.devices} "
-        f"{jax.devices()[0].platform} devices, batch {args.batch}, seq {args.seq_len}, "
-        f"{args.dtype})")
+  print(
+    f"{'remat':<8}{'layers':>7}{'plan static':>12}{'XLA args':>10}"
+    f"{'plan act+logits+trans':>23}{'XLA temp':>10}   (MiB per device, {args.devices} "
+    f"{jax.devices()[0].platform} devices, batch {args.batch}, seq {args.seq_len}, "
+    f"{args.dtype})"
+  )
   slopes = []
   for remat, layers in [(r, n) for r in args.remat for n in map(int, args.layers)]:
     c = pretrain.get_config("tiny")
@@ -84,10 +96,19 @@ def main(argv):
     static = plan.rows["params"] + plan.rows["grads"] + plan.rows["optimizer"]
     dynamic = plan.rows["activations"] + plan.rows["logits"] + plan.rows["transient"]
     m = compiled_memory(c, mesh)
-    print(f"{remat:<8}{layers:>7}{static / MiB:>12.1f}{m.argument_size_in_bytes / MiB:>10.1f}"
-          f"{dynamic / MiB:>23.1f}{m.temp_size_in_bytes / MiB:>10.1f}", flush=True)
-    slopes.append((remat, layers, m.temp_size_in_bytes, plan.details["per_layer_per_token"]
-                   * plan.details["tokens_per_device"]))
+    print(
+      f"{remat:<8}{layers:>7}{static / MiB:>12.1f}{m.argument_size_in_bytes / MiB:>10.1f}"
+      f"{dynamic / MiB:>23.1f}{m.temp_size_in_bytes / MiB:>10.1f}",
+      flush=True,
+    )
+    slopes.append(
+      (
+        remat,
+        layers,
+        m.temp_size_in_bytes,
+        plan.details["per_layer_per_token"] * plan.details["tokens_per_device"],
+      )
+    )
   print("per-layer saved bytes (MiB): XLA = temp slope over depth, plan = formula")
   for (r0, l0, t0, plan0), (r1, l1, t1, _) in zip(slopes, slopes[1:]):
     if r0 == r1 and l1 != l0:

@@ -25,11 +25,25 @@ from absl import app, flags
 from puma_jax import cli
 
 SIZES = {
-    # UNet levels, latent size, cross-attention width, feature width, tokens
-    "small": dict(block_out_channels=(32, 64), attention_head_dim=(4, 8), sample_size=16,
-                  ctx=64, feat=32, tokens=16, vae=(32, 32)),
-    "mid": dict(block_out_channels=(64, 128, 256), attention_head_dim=(2, 4, 8), sample_size=32,
-                ctx=256, feat=128, tokens=64, vae=(32, 64, 64)),
+  # UNet levels, latent size, cross-attention width, feature width, tokens
+  "small": dict(
+    block_out_channels=(32, 64),
+    attention_head_dim=(4, 8),
+    sample_size=16,
+    ctx=64,
+    feat=32,
+    tokens=16,
+    vae=(32, 32),
+  ),
+  "mid": dict(
+    block_out_channels=(64, 128, 256),
+    attention_head_dim=(2, 4, 8),
+    sample_size=32,
+    ctx=256,
+    feat=128,
+    tokens=64,
+    vae=(32, 64, 64),
+  ),
 }
 
 
@@ -37,10 +51,17 @@ def _unet_kwargs(s):
   n = len(s["block_out_channels"])
   down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
   up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
-  return dict(sample_size=s["sample_size"], block_out_channels=s["block_out_channels"],
-              layers_per_block=2, down_block_types=down, up_block_types=up,
-              attention_head_dim=s["attention_head_dim"], cross_attention_dim=s["ctx"],
-              use_linear_projection=True, norm_num_groups=32)
+  return dict(
+    sample_size=s["sample_size"],
+    block_out_channels=s["block_out_channels"],
+    layers_per_block=2,
+    down_block_types=down,
+    up_block_types=up,
+    attention_head_dim=s["attention_head_dim"],
+    cross_attention_dim=s["ctx"],
+    use_linear_projection=True,
+    norm_num_groups=32,
+  )
 
 
 def build(tmp: Path, s: dict) -> None:
@@ -48,6 +69,7 @@ def build(tmp: Path, s: dict) -> None:
   import diffusers
   from safetensors.torch import load_file, save_file
   from puma_jax import convert
+
   torch.manual_seed(0)
   unet = diffusers.UNet2DConditionModel(**_unet_kwargs(s))
   src = tmp / f"unet_{s['tokens']}"
@@ -58,10 +80,14 @@ def build(tmp: Path, s: dict) -> None:
   sd["mapping_layer.weight"], sd["mapping_layer.bias"] = lin.weight.detach(), lin.bias.detach()
   save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
   n = len(s["vae"])
-  vae = diffusers.AutoencoderKL(block_out_channels=s["vae"], layers_per_block=2,
-                                down_block_types=("DownEncoderBlock2D",) * n,
-                                up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=32,
-                                scaling_factor=0.13025)
+  vae = diffusers.AutoencoderKL(
+    block_out_channels=s["vae"],
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * n,
+    up_block_types=("UpDecoderBlock2D",) * n,
+    norm_num_groups=32,
+    scaling_factor=0.13025,
+  )
   vae.save_pretrained(tmp / "vae")
   convert.convert("puma-decoder", src, tmp / "dec_jax")
   convert.convert("vae", tmp / "vae", tmp / "vae_jax")
@@ -82,6 +108,7 @@ def run_jax(tmp: Path, s: dict, steps: int, batch: int) -> dict:
   import numpy as np
   from puma_jax import checkpoints
   from puma_jax.diffusion import sampler as SM
+
   base = _peak_mib()
   dec = checkpoints.load_module(tmp / "dec_jax", family="puma-decoder")
   vae = checkpoints.load_module(tmp / "vae_jax", family="vae")
@@ -95,24 +122,35 @@ def run_jax(tmp: Path, s: dict, steps: int, batch: int) -> dict:
   t1 = time.perf_counter()
   out = jax.block_until_ready(smp(feats, unc, SM.sample_keys(1, batch)))
   t2 = time.perf_counter()
-  return dict(first_s=t1 - t0, steady_s=t2 - t1, peak_rss_mib=_peak_mib(),
-              peak_over_imports_mib=_peak_mib() - base, shape=list(out.shape),
-              device=str(jax.devices()[0].platform))
+  return dict(
+    first_s=t1 - t0,
+    steady_s=t2 - t1,
+    peak_rss_mib=_peak_mib(),
+    peak_over_imports_mib=_peak_mib() - base,
+    shape=list(out.shape),
+    device=str(jax.devices()[0].platform),
+  )
 
 
 def run_torch(tmp: Path, s: dict, steps: int, batch: int) -> dict:
   import torch
   import diffusers
   from safetensors.torch import load_file
+
   base = _peak_mib()
   unet = diffusers.UNet2DConditionModel.from_pretrained(tmp / f"unet_{s['tokens']}").eval()
   sd = load_file(str(tmp / f"unet_{s['tokens']}" / "diffusion_pytorch_model.safetensors"))
   lin = torch.nn.Linear(s["feat"], s["ctx"])
   lin.load_state_dict({"weight": sd["mapping_layer.weight"], "bias": sd["mapping_layer.bias"]})
   vae = diffusers.AutoencoderKL.from_pretrained(tmp / "vae").eval()
-  sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", clip_sample=False,
-                                  steps_offset=1, timestep_spacing="leading")
+  sched = diffusers.DDPMScheduler(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+  )
   g = torch.Generator().manual_seed(0)
   feats = torch.randn(batch, s["tokens"], s["feat"], generator=g)
   unc = torch.randn(1, s["tokens"], s["feat"], generator=g)
@@ -133,8 +171,13 @@ def run_torch(tmp: Path, s: dict, steps: int, batch: int) -> dict:
   t0 = time.perf_counter()
   img = sample(steps)
   t1 = time.perf_counter()
-  return dict(steady_s=t1 - t0, peak_rss_mib=_peak_mib(), peak_over_imports_mib=_peak_mib() - base,
-              shape=list(img.shape), threads=torch.get_num_threads())
+  return dict(
+    steady_s=t1 - t0,
+    peak_rss_mib=_peak_mib(),
+    peak_over_imports_mib=_peak_mib() - base,
+    shape=list(img.shape),
+    threads=torch.get_num_threads(),
+  )
 
 
 FLAGS = flags.FLAGS
@@ -158,22 +201,36 @@ def main(argv):
     build(Path(d), s)
     res = {}
     for side in ("jax", "torch"):
-      cmd = [sys.executable, "-m", "benchmarks.bench_sampler", f"--child={side}", f"--dir={d}",
-             f"--size={a.size}", f"--steps={a.steps}", f"--batch={a.batch}"]
+      cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_sampler",
+        f"--child={side}",
+        f"--dir={d}",
+        f"--size={a.size}",
+        f"--steps={a.steps}",
+        f"--batch={a.batch}",
+      ]
       out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
       line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
       if not line:
         raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
       res[side] = json.loads(line[0][7:])
   j, t = res["jax"], res["torch"]
-  print(f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 "
-        f"(UNet {s['block_out_channels']}, "
-        f"latent {s['sample_size']}x{s['sample_size']}, {s['tokens']} tokens)")
-  print(f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), "
-        f"steady {j['steady_s']:.2f}s, "
-        f"peak RSS {j['peak_rss_mib']:.0f} MiB (+{j['peak_over_imports_mib']:.0f} after imports)")
-  print(f"  torch eager: {t['steady_s']:.2f}s, peak RSS {t['peak_rss_mib']:.0f} MiB "
-        f"(+{t['peak_over_imports_mib']:.0f} after imports), {t['threads']} threads")
+  print(
+    f"size={a.size} steps={a.steps} batch={a.batch} guidance=2.0 "
+    f"(UNet {s['block_out_channels']}, "
+    f"latent {s['sample_size']}x{s['sample_size']}, {s['tokens']} tokens)"
+  )
+  print(
+    f"  JAX jit   : first call {j['first_s']:.2f}s (with compile), "
+    f"steady {j['steady_s']:.2f}s, "
+    f"peak RSS {j['peak_rss_mib']:.0f} MiB (+{j['peak_over_imports_mib']:.0f} after imports)"
+  )
+  print(
+    f"  torch eager: {t['steady_s']:.2f}s, peak RSS {t['peak_rss_mib']:.0f} MiB "
+    f"(+{t['peak_over_imports_mib']:.0f} after imports), {t['threads']} threads"
+  )
   print(f"  ratio JAX/torch (steady): {j['steady_s'] / t['steady_s']:.2f}x")
   print("RESULTS " + json.dumps(res))
 

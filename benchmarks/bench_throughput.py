@@ -50,8 +50,10 @@ def line(name, a_name, a, b_name, b, unit):
   times: a / b), so > 1 always means the right side is faster."""
   rate = unit.endswith("/s")
   ratio = (b / a if rate else a / b) if a and b else float("nan")
-  print(f"{name:<34} {a_name} {a:12.1f} {unit}   {b_name} {b:12.1f} {unit}   "
-        f"speedup {ratio:6.2f}x", flush=True)
+  print(
+    f"{name:<34} {a_name} {a:12.1f} {unit}   {b_name} {b:12.1f} {unit}   speedup {ratio:6.2f}x",
+    flush=True,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,8 +70,9 @@ def bench_pack(args):
   tok = ByteTokenizer()
   model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
   graphdef, frozen, params, rest = nnx.split(model, model.frozen_filter(), nnx.Param, ...)
-  objective = mllm.objective(graphdef, frozen, rest, {"text_weight": 0.02, "image_weight": 1.0,
-                                                       "router_weight": 0.1})
+  objective = mllm.objective(
+    graphdef, frozen, rest, {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
+  )
 
   @jax.jit
   def step(p, batch):
@@ -77,12 +80,13 @@ def bench_pack(args):
       b = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
       b["_normalizers"] = losses.mllm_normalizers(b)
       return objective(p, b)[0]
+
     g = jax.grad(loss)(p)
     return jax.tree.map(lambda a, b: a - 1e-4 * b, p, g)
 
   def batches(pack):
     c = data_config.get_config("tiny")
-    for name in ("edit", "conditional"):   # the pretraining mix has no two-image tasks
+    for name in ("edit", "conditional"):  # the pretraining mix has no two-image tasks
       c.sources[name].weight = 0.0
     c.batch_size, c.num_threads, c.pack = args.rows, 1, pack
     enc = MLLMEncoder(tok.encode, tok.special, args.seq_len, 2, 32)
@@ -103,17 +107,22 @@ def bench_pack(args):
       b = data[kind][cursor[kind] % len(data[kind])]
       cursor[kind] += 1
       return step(params, b)
+
     return f
+
   t = alternate({k: run(k) for k in data}, args.repeats)
   tps = {k: statistics.mean(real[k]) / t[k] for k in data}
   fr = {k: statistics.mean(real[k]) / (args.rows * args.seq_len) for k in data}
-  print(f"  real-token fraction: unpacked {fr['unpacked']:.2f}, packed {fr['packed']:.2f} "
-        f"(seq_len {args.seq_len}, {args.rows} rows)")
+  print(
+    f"  real-token fraction: unpacked {fr['unpacked']:.2f}, packed {fr['packed']:.2f} "
+    f"(seq_len {args.seq_len}, {args.rows} rows)"
+  )
   line("pack: real tokens/s", "unpacked", tps["unpacked"], "packed", tps["packed"], "tok/s")
 
 
 def bench_attention(args):
   from puma_jax.models import layers
+
   dev = jax.devices()[0]
   b, t, h, kvh, d = (2, 256, 4, 2, 64) if args.tiny else (4, 2048, 32, 8, 128)
   dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
@@ -124,8 +133,10 @@ def bench_attention(args):
   seg = jnp.asarray(np.repeat(np.arange(1, 5), t // 4)[None].repeat(b, 0), jnp.int32)
   fused = layers.choose_attention(q, k)
   if fused == "xla":
-    print(f"{'attention: fwd+bwd step':<34} no fused kernel on {dev.platform} "
-          f"({dev.device_kind}); XLA only")
+    print(
+      f"{'attention: fwd+bwd step':<34} no fused kernel on {dev.platform} "
+      f"({dev.device_kind}); XLA only"
+    )
     return
 
   def make(impl):
@@ -133,18 +144,30 @@ def bench_attention(args):
       with layers.attention_impl(impl):
         o = layers.attention(q, k, v, is_causal=True, segment_ids=seg)
       return jnp.sum(o.astype(jnp.float32) ** 2)
+
     g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     return lambda: g(q, k, v)
+
   t_ = alternate({"xla": make("xla"), fused: make(fused)}, args.repeats)
   line(f"attention: fwd+bwd ms ({fused})", "xla", t_["xla"] * 1e3, fused, t_[fused] * 1e3, "ms")
 
 
 def bench_decode(args):
   from puma_jax.models import llama
-  cfg = (llama.tiny(vocab_size=512, max_position_embeddings=512) if args.tiny else
-         llama.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                           num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
-                           max_position_embeddings=2048))
+
+  cfg = (
+    llama.tiny(vocab_size=512, max_position_embeddings=512)
+    if args.tiny
+    else llama.LlamaConfig(
+      vocab_size=32000,
+      hidden_size=768,
+      intermediate_size=2048,
+      num_hidden_layers=8,
+      num_attention_heads=12,
+      num_key_value_heads=4,
+      max_position_embeddings=2048,
+    )
+  )
   model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   prompt, new = (8, 16) if args.tiny else (32, 128)
@@ -161,30 +184,39 @@ def bench_decode(args):
         prev, cache = carry
         logits, cache = m(prev[:, None], cache=cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
-      last, _ = jax.lax.fori_loop(0, new, body,
-                                  (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache))
+
+      last, _ = jax.lax.fori_loop(
+        0, new, body, (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
+      )
       return last
 
-    tokens = jnp.asarray(np.random.RandomState(batch).randint(3, cfg.vocab_size,
-                                                              (batch, prompt)), jnp.int32)
+    tokens = jnp.asarray(
+      np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, prompt)), jnp.int32
+    )
     old = llama.CACHE_UPDATE
     llama.CACHE_UPDATE = mode
     try:
-      jax.block_until_ready(gen(state, tokens))   # traced with this mode
+      jax.block_until_ready(gen(state, tokens))  # traced with this mode
     finally:
       llama.CACHE_UPDATE = old
     return lambda: gen(state, tokens)
 
   for batch in (1, 16, 64):
-    t = alternate({"copy": make("copy", batch), "inplace": make("inplace", batch)},
-                  args.repeats)
-    line(f"decode: tokens/s at batch {batch}", "copy", batch * new / t["copy"], "in-place",
-         batch * new / t["inplace"], "tok/s")
+    t = alternate({"copy": make("copy", batch), "inplace": make("inplace", batch)}, args.repeats)
+    line(
+      f"decode: tokens/s at batch {batch}",
+      "copy",
+      batch * new / t["copy"],
+      "in-place",
+      batch * new / t["inplace"],
+      "tok/s",
+    )
 
 
 def bench_sample(args):
   from puma_jax.diffusion import sampler as SM
   from puma_jax.models import puma_decoder, vae
+
   steps = 10 if args.tiny else 50
   dcfg = puma_decoder.tiny_config(num_tokens=16)
   runs = {}
@@ -193,14 +225,24 @@ def bench_sample(args):
     v = vae.AutoencoderKL(vae.tiny_config(), dtype=dtype, rngs=nnx.Rngs(1))
     smp = SM.DecoderSampler(dec, v, SM.SamplerSettings(num_steps=steps))
     f = jnp.asarray(np.random.RandomState(0).randn(1, 16, dcfg.mapping_dim), jnp.float32)
-    runs[name] = (lambda smp=smp, f=f: smp(f, f * 0, SM.sample_keys(0, 1)))
+    runs[name] = lambda smp=smp, f=f: smp(f, f * 0, SM.sample_keys(0, 1))
   t = alternate(runs, args.repeats)
-  line(f"sample: {steps}-step CFG ms", "float32", t["float32"] * 1e3, "bfloat16",
-       t["bfloat16"] * 1e3, "ms")
+  line(
+    f"sample: {steps}-step CFG ms",
+    "float32",
+    t["float32"] * 1e3,
+    "bfloat16",
+    t["bfloat16"] * 1e3,
+    "ms",
+  )
 
 
-BENCHES = {"pack": bench_pack, "attention": bench_attention, "decode": bench_decode,
-           "sample": bench_sample}
+BENCHES = {
+  "pack": bench_pack,
+  "attention": bench_attention,
+  "decode": bench_decode,
+  "sample": bench_sample,
+}
 
 
 FLAGS = flags.FLAGS
@@ -227,8 +269,10 @@ def main(argv):
   if bad:
     raise ValueError(f"--only: unknown benchmark(s) {bad}; choose from {sorted(BENCHES)}")
   dev = jax.devices()[0]
-  print(f"device: {dev.platform} {dev.device_kind}; median of {args.repeats} alternating runs; "
-        "speedup = right side over left (> 1: right is faster)")
+  print(
+    f"device: {dev.platform} {dev.device_kind}; median of {args.repeats} alternating runs; "
+    "speedup = right side over left (> 1: right is faster)"
+  )
   for name in args.only:
     BENCHES[name](args)
 

@@ -37,8 +37,7 @@ def random_module(build, seed: int = 0):
     base = 1.0 if any(k in str(path[-1]) for k in ("scale", "var")) else 0.0
     return np.asarray(base + 0.05 * rs.randn(*v.shape), np.float32)
 
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(fill,
-                                                                    nnx.to_pure_dict(params)))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(params)))
   return nnx.merge(graphdef, params, rest)
 
 
@@ -51,8 +50,11 @@ def bench(name, fn, args, n_images, iters=5):
     out = fn(*args)
   jax.block_until_ready(out)
   dt = (time.perf_counter() - t0) / iters
-  print(f"{name:10s} first call {compile_s:6.1f}s   {1e3 * dt:8.1f} ms/batch   "
-        f"{n_images / dt:8.1f} images/s   out {tuple(np.shape(out))}", flush=True)
+  print(
+    f"{name:10s} first call {compile_s:6.1f}s   {1e3 * dt:8.1f} ms/batch   "
+    f"{n_images / dt:8.1f} images/s   out {tuple(np.shape(out))}",
+    flush=True,
+  )
 
 
 FLAGS = flags.FLAGS
@@ -74,18 +76,21 @@ def main(argv):
     s = metrics.LPIPSMetric(random_module(lambda: lpips.LPIPS(dtype=dtype, rngs=nnx.Rngs(0))))
     bench("LPIPS", s, (x, y), b)
   if "clip" in only:
-    s = metrics.CLIPScorer(random_module(lambda: clip_text.CLIPModel(
-        clip_text.vit_b32(), dtype=dtype, rngs=nnx.Rngs(0))))
+    s = metrics.CLIPScorer(
+      random_module(lambda: clip_text.CLIPModel(clip_text.vit_b32(), dtype=dtype, rngs=nnx.Rngs(0)))
+    )
     bench("CLIP-I", s._clip_i, (x, y), b)
     ids = jnp.asarray(rs.randint(0, 49406, (b, 77)), jnp.int32).at[:, 20].set(49407)
     bench("CLIP-T", s._clip_t, (x, ids, jnp.ones_like(ids)), b)
   if "dino" in only:
-    s = metrics.DINOScorer(random_module(lambda: vit.ViTModel(vit.dino_vits16(), dtype=dtype,
-                                                               rngs=nnx.Rngs(0))))
+    s = metrics.DINOScorer(
+      random_module(lambda: vit.ViTModel(vit.dino_vits16(), dtype=dtype, rngs=nnx.Rngs(0)))
+    )
     bench("DINO", s, (x, y), b)
   if "fid" in only:
-    s = fid.InceptionFeatures(random_module(lambda: inception.FIDInceptionV3(
-        dtype=dtype, rngs=nnx.Rngs(0))))
+    s = fid.InceptionFeatures(
+      random_module(lambda: inception.FIDInceptionV3(dtype=dtype, rngs=nnx.Rngs(0)))
+    )
     bench("FID feats", s, (x,), b)
 
 

@@ -22,9 +22,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/clip.py: unknown variant {arg!r}; choose from {sorted(variants)}")
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(variants[arg]().to_dict())  # CLIPVisionConfig fields
-  c.checkpoint = ""   # converted clip-vision directory; empty: random weights (seeded)
-  c.seed = 0          # initialization seed when no checkpoint is given
+  c.checkpoint = ""  # converted clip-vision directory; empty: random weights (seeded)
+  c.seed = 0  # initialization seed when no checkpoint is given
   c.dtype = "float32"  # compute dtype: float32 or bfloat16
-  c.batch_size = 2    # images per forward pass in feature extraction
+  c.batch_size = 2  # images per forward pass in feature extraction
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
   return c

@@ -33,52 +33,59 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/decoder.py: unknown variant {arg!r}; use f0..f4 or tiny_f0..f4")
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
   c = ml_collections.ConfigDict()
-  c.stage = "decoder"       # training stage (puma_jax/training/registry.py)
-  c.scale = scale           # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
-  c.seed = 0                # initialization and the per-step noise / dropout keys
+  c.stage = "decoder"  # training stage (puma_jax/training/registry.py)
+  c.scale = scale  # the feature scale this decoder reads (f0 = 256 tokens ... f4 = 1)
+  c.seed = 0  # initialization and the per-step noise / dropout keys
   config_lib.precision_block(c, "float32" if tiny else "auto")  # precision, loss_scale, attention
-  c.remat = not tiny        # rematerialize the UNet's transformer blocks
+  c.remat = not tiny  # rematerialize the UNet's transformer blocks
 
   c.model = ml_collections.ConfigDict()
   clip_cfg = clip.tiny() if tiny else clip.vit_l14()
-  c.model.clip = clip_cfg.to_dict()                       # frozen CLIP encoder
+  c.model.clip = clip_cfg.to_dict()  # frozen CLIP encoder
   c.model.vae = (vae.tiny_config() if tiny else vae.sdxl_vae_config()).to_dict()  # frozen VAE
   if tiny:
     dec = puma_decoder.tiny_config(tokens, sample_size=16)
     dec = dec.replace(mapping_dim=clip_cfg.hidden_size)
   else:
     dec = puma_decoder.puma_decoder_config(tokens)
-  c.model.decoder = dec.to_dict()                         # PumaDecoderConfig (UNet + mapping)
+  c.model.decoder = dec.to_dict()  # PumaDecoderConfig (UNet + mapping)
   c.model.scheduler = ml_collections.ConfigDict(
-      {k: v for k, v in vars(S.SchedulerConfig()).items() if k != "trained_betas"})  # SDXL's
+    {k: v for k, v in vars(S.SchedulerConfig()).items() if k != "trained_betas"}
+  )  # SDXL's
 
   c.init = ml_collections.ConfigDict()
-  c.init.clip = ""      # converted clip-vision dir (CLIP-L)
-  c.init.vae = ""       # converted vae dir (SDXL VAE)
-  c.init.decoder = ""   # converted sdxl-unet dir (paper's init) or a puma-decoder dir
+  c.init.clip = ""  # converted clip-vision dir (CLIP-L)
+  c.init.vae = ""  # converted vae dir (SDXL VAE)
+  c.init.decoder = ""  # converted sdxl-unet dir (paper's init) or a puma-decoder dir
 
-  c.noise_offset = 0.1     # PUMA paper, appendix 7.1.2
-  c.cfg_drop_prob = 0.1    # app. 7.1.2, docs/DESIGN.md §5: features replaced by the blank image's
+  c.noise_offset = 0.1  # PUMA paper, appendix 7.1.2
+  c.cfg_drop_prob = 0.1  # app. 7.1.2, docs/DESIGN.md §5: features replaced by the blank image's
 
   c.data = data_config.get_config("tiny" if tiny else "decoder")
   if tiny:
     for name in list(c.data.sources.keys()):
       c.data.sources[name].weight = 1.0 if name == "pairs" else 0.0
-    c.data.image.vae_size = 32      # = unet.sample_size x VAE downsampling (16 x 2)
-  c.data.batch_size = 8 if tiny else 1024 // 256   # per host (paper: 1024 in total)
+    c.data.image.vae_size = 32  # = unet.sample_size x VAE downsampling (16 x 2)
+  c.data.batch_size = 8 if tiny else 1024 // 256  # per host (paper: 1024 in total)
 
   c.optim = config_lib.optim(
-      {"default": 1e-3 if tiny else 8e-5},  # PUMA paper, appendix 7.1.2 (tiny: ours)
-      total_steps=200 if tiny else PAPER_STEPS[scale],
-      warmup_steps=10 if tiny else 0,       # (ours for tiny) the paper states no warm-up
-      decay="linear",                       # PUMA paper, appendix 7.1.2
-      weight_decay=1e-2,                    # (ours) PyTorch AdamW's default (docs/DESIGN.md §5)
-      grad_clip=1.0)                        # PUMA paper, appendix 7.1.2
+    {"default": 1e-3 if tiny else 8e-5},  # PUMA paper, appendix 7.1.2 (tiny: ours)
+    total_steps=200 if tiny else PAPER_STEPS[scale],
+    warmup_steps=10 if tiny else 0,  # (ours for tiny) the paper states no warm-up
+    decay="linear",  # PUMA paper, appendix 7.1.2
+    weight_decay=1e-2,  # (ours) PyTorch AdamW's default (docs/DESIGN.md §5)
+    grad_clip=1.0,
+  )  # PUMA paper, appendix 7.1.2
   # eval_every: steps between sample images (0: never)
-  c.train = config_lib.train(c.optim, grad_accum_steps=1, log_every=10 if tiny else 50,
-                             checkpoint_every=50 if tiny else 1000,
-                             eval_every=100 if tiny else 2000, eval_batches=1)
-  c.train.sample_images = 4      # held-out images reconstructed at each evaluation
+  c.train = config_lib.train(
+    c.optim,
+    grad_accum_steps=1,
+    log_every=10 if tiny else 50,
+    checkpoint_every=50 if tiny else 1000,
+    eval_every=100 if tiny else 2000,
+    eval_batches=1,
+  )
+  c.train.sample_images = 4  # held-out images reconstructed at each evaluation
   c.train.sample_steps = 10 if tiny else 50  # sampler steps for those (DDPM, guidance 2.0)
 
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)

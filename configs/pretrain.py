@@ -19,9 +19,23 @@ from puma_jax import config_lib
 
 def get_config(arg: str = "tiny"):
   if arg == "tiny":
-    c = config_lib.mllm("tiny", lr_llm=2e-3, lr_other=2e-3, warmup=10, steps=150, grad_clip=5.0,
-                        data_preset="pretrain")
+    c = config_lib.mllm(
+      "tiny",
+      lr_llm=2e-3,
+      lr_other=2e-3,
+      warmup=10,
+      steps=150,
+      grad_clip=5.0,
+      data_preset="pretrain",
+    )
   else:
-    c = config_lib.mllm(arg, lr_llm=3e-5, lr_other=1e-4, warmup=2000, steps=100_000,
-                        grad_clip=5.0, data_preset="pretrain")
+    c = config_lib.mllm(
+      arg,
+      lr_llm=3e-5,
+      lr_other=1e-4,
+      warmup=2000,
+      steps=100_000,
+      grad_clip=5.0,
+      data_preset="pretrain",
+    )
   return c

@@ -15,8 +15,10 @@ from puma_jax import config_lib
 
 def get_config(arg: str = "tiny"):
   if arg == "tiny":
-    return config_lib.mllm("tiny", lr_llm=1e-3, lr_other=1e-3, warmup=10, steps=200,
-                           grad_clip=5.0, data_preset="unified")
+    return config_lib.mllm(
+      "tiny", lr_llm=1e-3, lr_other=1e-3, warmup=10, steps=200, grad_clip=5.0, data_preset="unified"
+    )
   # The paper gives one lr for unified tuning; both groups use it.
-  return config_lib.mllm(arg, lr_llm=1e-5, lr_other=1e-5, warmup=1000, steps=30_000,
-                         grad_clip=5.0, data_preset="unified")
+  return config_lib.mllm(
+    arg, lr_llm=1e-5, lr_other=1e-5, warmup=1000, steps=30_000, grad_clip=5.0, data_preset="unified"
+  )

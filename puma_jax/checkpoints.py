@@ -36,8 +36,9 @@ class CheckpointError(ValueError):
   pass
 
 
-def save_module(dst: str | os.PathLike, family: str, config: Any, module: nnx.Module,
-                **meta: Any) -> Path:
+def save_module(
+  dst: str | os.PathLike, family: str, config: Any, module: nnx.Module, **meta: Any
+) -> Path:
   """Writes `module`'s parameters and its config to `dst` (created; must not hold params)."""
   dst = Path(dst).absolute()
   dst.mkdir(parents=True, exist_ok=True)
@@ -59,8 +60,9 @@ def load_info(src: str | os.PathLike) -> dict:
     raise CheckpointError(f"{src}: not a directory (expected a converted model directory)")
   path = src / CONFIG_FILE
   if not path.exists():
-    raise CheckpointError(f"{src}: no {CONFIG_FILE}; was it written by `python -m "
-                          "puma_jax.convert`?")
+    raise CheckpointError(
+      f"{src}: no {CONFIG_FILE}; was it written by `python -m puma_jax.convert`?"
+    )
   info = json.loads(path.read_text())
   for key in ("family", "config"):
     if key not in info:
@@ -73,8 +75,15 @@ def load_config(src: str | os.PathLike):
   return info["family"], registry.config_class(info["family"]).from_dict(info["config"])
 
 
-def load_module(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                mesh=None, rules=sharding.DEFAULT_RULES, family: str | None = None) -> nnx.Module:
+def load_module(
+  src: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  mesh=None,
+  rules=sharding.DEFAULT_RULES,
+  family: str | None = None,
+) -> nnx.Module:
   """The `nnx.Module` stored in a converted directory.
 
   `dtype` is the compute dtype (e.g. `jnp.bfloat16`); `param_dtype` the dtype the parameters
@@ -86,16 +95,21 @@ def load_module(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
   stored, config = load_config(src)
   if family is not None and family != stored:
     raise CheckpointError(f"{src} holds a {stored!r} model, not {family!r}")
-  abstract = nnx.eval_shape(lambda: registry.build(stored, config, dtype=dtype,
-                                                   param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: registry.build(stored, config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  )
   params = nnx.state(abstract, nnx.Param)
   if mesh is not None:
     shardings = sharding.state_shardings(params, mesh, rules)
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(params), nnx.to_pure_dict(shardings))
+    target = jax.tree.map(
+      lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+      nnx.to_pure_dict(params),
+      nnx.to_pure_dict(shardings),
+    )
   else:
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                          nnx.to_pure_dict(params))
+    target = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params)
+    )
   # Restored straight into the shards, so materialize needs no mesh to place them.
   return sharding.materialize(abstract, restore_params(src / PARAMS_DIR, target))
 
@@ -114,11 +128,16 @@ def restore_params(path: Path, target: dict) -> dict:
   if stored is not None:
     want = {k: tuple(v.shape) for k, v in _flat(target).items()}
     missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
-    bad = [f"{k}: stored {stored[k]} vs model {want[k]}" for k in sorted(set(want) & set(stored))
-           if stored[k] != want[k]]
+    bad = [
+      f"{k}: stored {stored[k]} vs model {want[k]}"
+      for k in sorted(set(want) & set(stored))
+      if stored[k] != want[k]
+    ]
     if missing or extra or bad:
-      raise CheckpointError(f"{path}: parameters do not match the model config: missing "
-                            f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}")
+      raise CheckpointError(
+        f"{path}: parameters do not match the model config: missing "
+        f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}"
+      )
   return ckptr.restore(path, target)
 
 
@@ -136,5 +155,8 @@ def _flat(tree, prefix=""):
 def param_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
   """Flat {"a.b.kernel": numpy array} of a module's parameters (for export and tests)."""
   from puma_jax.convert.core import flatten_state
-  return {k: np.asarray(v) for k, v in
-          flatten_state(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()}
+
+  return {
+    k: np.asarray(v)
+    for k, v in flatten_state(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()
+  }

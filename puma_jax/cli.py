@@ -29,9 +29,14 @@ _HELP = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 Expected = tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseException], ...]]
 
 
-def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
-        flag_values: flags.FlagValues | None = None, doc: str | None = None,
-        expected: Expected = (ValueError,)) -> int:
+def run(
+  main: Callable[[list[str]], int | None],
+  argv: Sequence[str] | None = None,
+  *,
+  flag_values: flags.FlagValues | None = None,
+  doc: str | None = None,
+  expected: Expected = (ValueError,),
+) -> int:
   """Parses `argv` (default `sys.argv`; argv[0] is the program) into `flag_values` (default
   `flags.FLAGS`), calls `main` with the remaining arguments and returns the exit status.
 
@@ -40,7 +45,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   """
   fv = flags.FLAGS if flag_values is None else flag_values
   argv = list(sys.argv if argv is None else argv)
-  options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
   if any(a in _HELP for a in options):
     try:
       print(usage(argv[0], fv, doc), flush=True)
@@ -87,12 +92,15 @@ def resolve_config_path(value: str) -> str:
   for cand in tried:
     if os.path.isfile(cand):
       return cand + colon + arg
-  raise ConfigArgError(f"config file {path!r} not found in the current directory, {root} or "
-                       f"{tried[1].rsplit(os.sep, 1)[0]}")
+  raise ConfigArgError(
+    f"config file {path!r} not found in the current directory, {root} or "
+    f"{tried[1].rsplit(os.sep, 1)[0]}"
+  )
 
 
 def _leaf_paths(node, prefix: str = "") -> list[str]:
   from ml_collections import ConfigDict
+
   out = []
   for k in node.keys():
     v = node[k]
@@ -103,12 +111,15 @@ def _leaf_paths(node, prefix: str = "") -> list[str]:
 
 def _did_you_mean(path: str, config) -> str:
   import difflib
+
   leaves = _leaf_paths(config)
   leaf = path.rsplit(".", 1)[-1]
   near = difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
   if not near:  # `train.steps` -> `train.total_steps`: the name inside a longer one
-    near = sorted((p for p in leaves if leaf and leaf in p.rsplit(".", 1)[-1]),
-                  key=lambda p: (not p.startswith(path.rsplit(".", 1)[0]), len(p)))[:1]
+    near = sorted(
+      (p for p in leaves if leaf and leaf in p.rsplit(".", 1)[-1]),
+      key=lambda p: (not p.startswith(path.rsplit(".", 1)[0]), len(p)),
+    )[:1]
   if not near:
     near = difflib.get_close_matches(path, leaves, n=1, cutoff=0.3)
   return f"; did you mean {near[0]}?" if near else ""
@@ -124,6 +135,7 @@ def config_args(argv: list[str], fv: flags.FlagValues) -> list[str]:
     return argv
   from ml_collections import ConfigDict
   from ml_collections.config_flags import config_flags
+
   out = list(argv)
   for name in names:
     idx = [i for i, a in enumerate(out) if a.startswith(f"--{name}=")]
@@ -148,8 +160,10 @@ def config_args(argv: list[str], fv: flags.FlagValues) -> list[str]:
         if isinstance(node, (ConfigDict, dict)) and part in node:
           node = node[part]
         else:
-          raise ConfigArgError(f"--{name}.{path}: {path} is not a field of the config "
-                               f"{resolved}{_did_you_mean(path, config)}")
+          raise ConfigArgError(
+            f"--{name}.{path}: {path} is not a field of the config "
+            f"{resolved}{_did_you_mean(path, config)}"
+          )
   if out != list(argv) and sys.argv[1:] == list(argv)[1:]:
     sys.argv[:] = out  # ml_collections reads the overrides from sys.argv itself
   return out

@@ -23,7 +23,7 @@ def initialize(config) -> None:
   d = config.get("distributed", None)
   addr = (d.coordinator_address if d else "") or os.environ.get("PUMA_COORDINATOR", "")
   nproc = int((d.num_processes if d else 0) or os.environ.get("PUMA_NUM_PROCESSES", 0) or 0)
-  pid = (d.process_id if d and d.process_id >= 0 else None)
+  pid = d.process_id if d and d.process_id >= 0 else None
   if pid is None and "PUMA_PROCESS_ID" in os.environ:
     pid = int(os.environ["PUMA_PROCESS_ID"])
   auto = bool(d.auto) if d else False
@@ -35,10 +35,16 @@ def initialize(config) -> None:
     jax.distributed.initialize()
   else:
     if nproc < 1 or pid is None:
-      raise ValueError("distributed: coordinator_address given without num_processes and "
-                       "process_id (config.distributed.* or PUMA_NUM_PROCESSES/PUMA_PROCESS_ID)")
+      raise ValueError(
+        "distributed: coordinator_address given without num_processes and "
+        "process_id (config.distributed.* or PUMA_NUM_PROCESSES/PUMA_PROCESS_ID)"
+      )
     jax.distributed.initialize(addr, num_processes=nproc, process_id=pid)
   _done = True
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

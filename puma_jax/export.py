@@ -39,6 +39,7 @@ class WorkdirCheckpoint:
   """One training checkpoint: `params` merges the trainable and the frozen parameters into the
   model's nested pure dict; `meta` is the stage description saved with it ("stage": "mllm" |
   "decoder", the model configs); `config` the workdir's config.json."""
+
   workdir: Path
   step: int
   params: dict
@@ -70,11 +71,14 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
   """The parameters, step and stage description of a training checkpoint in `workdir`."""
   import jax
   import orbax.checkpoint as ocp
+
   workdir = Path(workdir).absolute()
   ckpt_dir = workdir / CHECKPOINTS_DIR
   if not ckpt_dir.is_dir():
-    raise ExportError(f"{workdir}: no {CHECKPOINTS_DIR}/ directory; is it a training workdir "
-                      "(python -m puma_jax.main --workdir=...)?")
+    raise ExportError(
+      f"{workdir}: no {CHECKPOINTS_DIR}/ directory; is it a training workdir "
+      "(python -m puma_jax.main --workdir=...)?"
+    )
   cfg_path = workdir / CONFIG_FILE
   try:
     config = json.loads(cfg_path.read_text())
@@ -83,15 +87,22 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
   except json.JSONDecodeError as e:
     raise ExportError(f"{cfg_path}: not valid JSON ({e})") from None
   from puma_jax.training.checkpoints import TRAIN_ITEMS
+
   # PyTree handlers (not Standard) for the arrays: they can restore part of `state`.
-  kinds = {"state": ocp.PyTreeCheckpointHandler, "frozen": ocp.PyTreeCheckpointHandler,
-           "meta": ocp.JsonCheckpointHandler, "data": ocp.JsonCheckpointHandler}
+  kinds = {
+    "state": ocp.PyTreeCheckpointHandler,
+    "frozen": ocp.PyTreeCheckpointHandler,
+    "meta": ocp.JsonCheckpointHandler,
+    "data": ocp.JsonCheckpointHandler,
+  }
   if set(kinds) != set(TRAIN_ITEMS):
     raise ExportError(f"training checkpoints hold {TRAIN_ITEMS}; export reads {tuple(kinds)}")
   handlers = {name: kind() for name, kind in kinds.items()}
   manager = ocp.CheckpointManager(
-      ckpt_dir, item_handlers=handlers,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    ckpt_dir,
+    item_handlers=handlers,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
   try:
     steps = manager.all_steps()
     if not steps:
@@ -111,13 +122,19 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
         tree = {k: tree[k] for k in keep}
       # NumPy on the host: exporting a model larger than one accelerator must still work.
       item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-      restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray,
-                                                            dtype=m.dtype), tree)
-      return ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                    partial_restore=keep is not None)
+      restore_args = jax.tree.map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), tree
+      )
+      return ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=keep is not None
+      )
 
-    got = manager.restore(step, args=ocp.args.Composite(
-        state=target("state", keep=("params", "step")), frozen=target("frozen")))
+    got = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=target("state", keep=("params", "step")), frozen=target("frozen")
+      ),
+    )
   finally:
     manager.close()
   params = _merge(got["state"]["params"], got["frozen"] or {})
@@ -136,6 +153,7 @@ def _module(family: str, config_dict: dict, params: dict):
   from flax import nnx
 
   from puma_jax.models import registry
+
   cfg = registry.config_class(family).from_dict(config_dict)
   abstract = nnx.eval_shape(lambda: registry.build(family, cfg, rngs=nnx.Rngs(0)))
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
@@ -145,8 +163,10 @@ def _module(family: str, config_dict: dict, params: dict):
   missing, extra = sorted(set(flat_want) - set(flat_got)), sorted(set(flat_got) - set(flat_want))
   bad = [k for k in flat_want if k in flat_got and tuple(np.shape(flat_got[k])) != flat_want[k]]
   if missing or extra or bad:
-    raise ExportError(f"checkpoint parameters do not match the {family} config: missing "
-                      f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}")
+    raise ExportError(
+      f"checkpoint parameters do not match the {family} config: missing "
+      f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {bad[:5]}"
+    )
   values = jax.tree_util.tree_map_with_path(lambda p, _: flat_got[_dotted(p)], want)
   nnx.replace_by_pure_dict(state, values)
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
@@ -156,22 +176,27 @@ def _module(family: str, config_dict: dict, params: dict):
 def write_mllm(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
   """puma/ and the tokenizer from an MLLM-stage checkpoint."""
   from puma_jax import checkpoints
+
   cfg, model = _module("puma", ckpt.meta["model"], ckpt.params)
   checkpoints.save_module(writer.part_dir("puma"), "puma", cfg, model, source=ckpt.source)
   writer.add_part("puma", source=ckpt.source)
   tok = str(ckpt.config.get("tokenizer", "byte") or "")
   if not tok:
-    raise ExportError(f"{ckpt.workdir / CONFIG_FILE}: key 'tokenizer' is empty; the release "
-                      "needs the tokenizer the model was trained with")
+    raise ExportError(
+      f"{ckpt.workdir / CONFIG_FILE}: key 'tokenizer' is empty; the release "
+      "needs the tokenizer the model was trained with"
+    )
   if tok == release_lib.BYTE_TOKENIZER:
     writer.set_tokenizer(tok)
   else:
     from puma_jax import tokenizer as tokenizer_lib
+
     try:
       tokenizer_lib.PumaTokenizer.from_dir(tok).save(writer.tokenizer_dir())
     except (OSError, ValueError) as e:
-      raise ExportError(f"{ckpt.workdir / CONFIG_FILE}: tokenizer {tok!r} cannot be read "
-                        f"({e})") from None
+      raise ExportError(
+        f"{ckpt.workdir / CONFIG_FILE}: tokenizer {tok!r} cannot be read ({e})"
+      ) from None
     writer.set_tokenizer(release_lib.TOKENIZER_DIR)
 
 
@@ -179,10 +204,12 @@ def write_decoder(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) ->
   """decoders/<scale> from a decoder-stage checkpoint, plus its frozen VAE (and CLIP) when the
   release has no other source for them."""
   from puma_jax import checkpoints
+
   scale = ckpt.meta.get("scale")
   dec_cfg, dec = _module("puma-decoder", ckpt.meta["decoder"], ckpt.params["decoder"])
-  checkpoints.save_module(writer.decoder_dir(scale), "puma-decoder", dec_cfg, dec,
-                          source=ckpt.source)
+  checkpoints.save_module(
+    writer.decoder_dir(scale), "puma-decoder", dec_cfg, dec, source=ckpt.source
+  )
   writer.add_decoder(scale, source=ckpt.source)
   parts = writer.manifest["parts"]
   frozen = f"{ckpt.source}, frozen during decoder training"
@@ -203,8 +230,14 @@ def write_workdir(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) ->
     write_decoder(writer, ckpt)
 
 
-def export(workdir: str | Path, *, dst: str | Path = "", into: str | Path = "",
-           step: int | None = None, name: str = "") -> Path:
+def export(
+  workdir: str | Path,
+  *,
+  dst: str | Path = "",
+  into: str | Path = "",
+  step: int | None = None,
+  name: str = "",
+) -> Path:
   """Writes `workdir`'s trained part into a new release `dst` or an existing release `into`."""
   if bool(dst) == bool(into):
     raise ExportError("give exactly one of dst (a new release) and into (an existing one)")
@@ -214,22 +247,25 @@ def export(workdir: str | Path, *, dst: str | Path = "", into: str | Path = "",
     with release_lib.ReleaseWriter(into, into=True, created_by=created_by) as w:
       write_workdir(w, ckpt)
     return Path(into)
-  with release_lib.ReleaseWriter(dst, name=name or Path(workdir).absolute().name,
-                                 created_by=created_by) as w:
+  with release_lib.ReleaseWriter(
+    dst, name=name or Path(workdir).absolute().name, created_by=created_by
+  ) as w:
     write_workdir(w, ckpt)
   return Path(dst)
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "training workdir (python -m puma_jax.main)",
-                    flag_values=FLAGS, required=True)
-flags.DEFINE_string("dst", "", "new release directory (must not exist or be empty)",
-                    flag_values=FLAGS)
-flags.DEFINE_string("into", "", "existing release to add the workdir's part to",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "workdir", None, "training workdir (python -m puma_jax.main)", flag_values=FLAGS, required=True
+)
+flags.DEFINE_string(
+  "dst", "", "new release directory (must not exist or be empty)", flag_values=FLAGS
+)
+flags.DEFINE_string("into", "", "existing release to add the workdir's part to", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=FLAGS)
-flags.DEFINE_string("name", "", "release name for --dst (default: the workdir's name)",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "name", "", "release name for --dst (default: the workdir's name)", flag_values=FLAGS
+)
 
 
 def _main(argv: list[str]) -> None:
@@ -244,6 +280,7 @@ def _main(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
   from puma_jax import cli
+
   argv = sys.argv if argv is None else ["python -m puma_jax.export", *argv]
   return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
 

@@ -33,9 +33,9 @@ def synthetic_image(size: int = 256, seed: int = 0) -> np.ndarray:
   yy, xx = np.mgrid[0:size, 0:size] / size
   img = np.stack([xx, yy, 1 - xx], -1) * 0.5
   cy, cx, r = rng.uniform(0.3, 0.7, 3) * [1, 1, 0.5]
-  img[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.uniform(0, 1, 3)
+  img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.uniform(0, 1, 3)
   y0, x0 = rng.randint(0, size // 2, 2)
-  img[y0:y0 + size // 4, x0:x0 + size // 4] = rng.uniform(0, 1, 3)
+  img[y0 : y0 + size // 4, x0 : x0 + size // 4] = rng.uniform(0, 1, 3)
   return (img * 255).astype(np.uint8)
 
 
@@ -45,7 +45,8 @@ def load_encoder(cfg, mesh=None) -> clip.CLIPVisionModel:
     return checkpoints.load_module(cfg.checkpoint, dtype=dtype, mesh=mesh, family="clip-vision")
   model_cfg = clip.CLIPVisionConfig.from_dict(cfg.model.to_dict())
   return sharding.init_sharded(
-      lambda: clip.CLIPVisionModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(cfg.seed)), mesh)
+    lambda: clip.CLIPVisionModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(cfg.seed)), mesh
+  )
 
 
 def load_image_files(paths, max_bytes: int = 256 << 20) -> list:
@@ -56,6 +57,7 @@ def load_image_files(paths, max_bytes: int = 256 << 20) -> list:
   from PIL import Image
 
   from puma_jax import fileio
+
   out = []
   for p in paths:
     try:
@@ -96,9 +98,11 @@ def main(argv):
     t1 = time.perf_counter()
     feats = jax.block_until_ready(encode(state, pixels))
     t2 = time.perf_counter()
-  print(f"encoder: {sharding.count_params(model):,} parameters, "
-        f"{'converted ' + cfg.checkpoint if cfg.checkpoint else 'random weights'}; "
-        f"{len(images)} image(s) at {size}x{size}; mesh {dict(mesh.shape)}")
+  print(
+    f"encoder: {sharding.count_params(model):,} parameters, "
+    f"{'converted ' + cfg.checkpoint if cfg.checkpoint else 'random weights'}; "
+    f"{len(images)} image(s) at {size}x{size}; mesh {dict(mesh.shape)}"
+  )
   for name, f in zip(pooling.SCALE_NAMES, feats):
     f = np.asarray(f, np.float32)
     print(f"  {name}: shape {f.shape}  mean {f.mean():+.4f}  std {f.std():.4f}")

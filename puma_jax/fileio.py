@@ -39,9 +39,13 @@ class LockedError(RuntimeError):
 
 
 def _kind(mode: int) -> str:
-  for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                     (stat.S_ISSOCK, "a socket")):
+  for test, name in (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+  ):
     if test(mode):
       return name
   return "not a regular file"
@@ -62,8 +66,9 @@ def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
     if not stat.S_ISREG(st.st_mode):
       raise NotRegularFileError(errno.EINVAL, f"is {_kind(st.st_mode)}", str(path))
     if st.st_size > max_bytes:
-      raise FileTooLargeError(errno.EFBIG, f"{st.st_size} bytes exceeds the cap of {max_bytes}",
-                              str(path))
+      raise FileTooLargeError(
+        errno.EFBIG, f"{st.st_size} bytes exceeds the cap of {max_bytes}", str(path)
+      )
     chunks, left = [], st.st_size + 1  # one byte more: a file growing while read is caught
     while left > 0:
       b = os.read(fd, min(left, 1 << 24))
@@ -94,8 +99,9 @@ def _is_within(path: Path, root: Path) -> bool:
   return path == root or root in path.parents
 
 
-def check_output_dir(dst: str | os.PathLike, what: str,
-                     src: str | os.PathLike | None = None) -> Path:
+def check_output_dir(
+  dst: str | os.PathLike, what: str, src: str | os.PathLike | None = None
+) -> Path:
   """`dst` must be absent or an empty directory, in a writable parent, and (when `src` is
   given) neither equal to nor inside `src`, nor holding it. Returns its absolute path."""
   dst = Path(dst).expanduser().absolute()
@@ -103,8 +109,10 @@ def check_output_dir(dst: str | os.PathLike, what: str,
     s = Path(src).expanduser().resolve()
     d = dst.resolve()
     if _is_within(d, s):
-      raise OutputError(f"{what}: --dst {dst} is {'the same as' if d == s else 'inside'} "
-                        f"--src {src}; choose a directory outside the source")
+      raise OutputError(
+        f"{what}: --dst {dst} is {'the same as' if d == s else 'inside'} "
+        f"--src {src}; choose a directory outside the source"
+      )
     if _is_within(s, d):
       raise OutputError(f"{what}: --dst {dst} contains --src {src}; choose another directory")
   if dst.exists() or dst.is_symlink():
@@ -112,8 +120,10 @@ def check_output_dir(dst: str | os.PathLike, what: str,
       raise OutputError(f"{what}: --dst {dst} exists and is not a directory")
     entries = sorted(p.name for p in dst.iterdir())
     if entries:
-      raise OutputError(f"{what}: --dst {dst} is not empty (already holds {entries[:5]}); "
-                        "choose an empty or new directory")
+      raise OutputError(
+        f"{what}: --dst {dst} is not empty (already holds {entries[:5]}); "
+        "choose an empty or new directory"
+      )
   parent = dst.parent
   while not parent.exists():
     parent = parent.parent
@@ -123,8 +133,9 @@ def check_output_dir(dst: str | os.PathLike, what: str,
 
 
 @contextlib.contextmanager
-def staged_output(dst: str | os.PathLike, what: str,
-                  src: str | os.PathLike | None = None) -> Iterator[Path]:
+def staged_output(
+  dst: str | os.PathLike, what: str, src: str | os.PathLike | None = None
+) -> Iterator[Path]:
   """Yields a fresh temporary sibling of `dst` to write into; renames it to `dst` on success,
   deletes it on failure. `dst` is checked first (see `check_output_dir`)."""
   dst = check_output_dir(dst, what, src)
@@ -133,15 +144,18 @@ def staged_output(dst: str | os.PathLike, what: str,
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
   except OSError as e:
-    raise OutputError(f"{what}: cannot create the output next to {dst}: "
-                      f"{e.strerror or e}") from None
+    raise OutputError(
+      f"{what}: cannot create the output next to {dst}: {e.strerror or e}"
+    ) from None
   try:
     yield tmp
     # Checked again: another process may have written there meanwhile.
     if dst.exists():
       if any(dst.iterdir()):
-        raise OutputError(f"{what}: --dst {dst} was filled by someone else during the run; "
-                          f"the result is left in {tmp}")
+        raise OutputError(
+          f"{what}: --dst {dst} was filled by someone else during the run; "
+          f"the result is left in {tmp}"
+        )
       dst.rmdir()
     os.rename(tmp, dst)
   except BaseException:
@@ -189,6 +203,7 @@ class WorkdirLock:
 
   def acquire(self) -> WorkdirLock:
     import fcntl
+
     self.dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -197,9 +212,10 @@ class WorkdirLock:
       os.close(fd)
       h = self._holder()
       raise LockedError(
-          f"{self.dir} is in use by another {self.what} (pid {h.get('pid', '?')} on host "
-          f"{h.get('host', '?')}, since {h.get('started', '?')}); wait for it to finish, stop "
-          f"it, or use another directory") from None
+        f"{self.dir} is in use by another {self.what} (pid {h.get('pid', '?')} on host "
+        f"{h.get('host', '?')}, since {h.get('started', '?')}); wait for it to finish, stop "
+        f"it, or use another directory"
+      ) from None
     except OSError:
       pass  # no flock here (some network filesystems): the pid test below decides
     prev = self._holder()
@@ -207,12 +223,17 @@ class WorkdirLock:
     if prev.get("pid") not in (None, os.getpid()) and same_host and _pid_alive(int(prev["pid"])):
       # Only reachable without flock: a live holder on this host.
       os.close(fd)
-      raise LockedError(f"{self.dir} is in use by another {self.what} (pid {prev['pid']} on "
-                        f"host {prev['host']}); wait for it to finish or stop it")
+      raise LockedError(
+        f"{self.dir} is in use by another {self.what} (pid {prev['pid']} on "
+        f"host {prev['host']}); wait for it to finish or stop it"
+      )
     if prev.get("pid") is not None:
       self.took_over = prev
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     self._fd = fd

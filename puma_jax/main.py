@@ -15,17 +15,19 @@ from ml_collections import config_flags
 
 from puma_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py",
-                                          "Training config file (and :variant).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
-                               "Directory for checkpoints and metrics (resumed if present).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/pretrain.py", "Training config file (and :variant).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "workdirs/default", "Directory for checkpoints and metrics (resumed if present)."
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from puma_jax.training import loop, registry
+
   logging.set_verbosity(logging.INFO)
   registry.get_stage(str(_CONFIG.value.stage))
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -33,6 +35,7 @@ def main(argv):
 
 def _expected():
   from puma_jax.training import loop  # imported late: `--help` should not wait for JAX
+
   return (ValueError, loop.StopTraining)
 
 

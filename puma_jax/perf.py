@@ -44,26 +44,26 @@ def _tpu(bf16: float) -> dict:
 
 
 PEAK_FLOPS: dict[str, dict[str, float | None]] = {
-    "NVIDIA H100 80GB HBM3": _H100_SXM,       # H100 SXM5
-    "NVIDIA H100 PCIe": _H100_PCIE,
-    "NVIDIA H100 NVL": _HOPPER_NVL,
-    "NVIDIA H200": _H100_SXM,                 # H200 SXM: Hopper SXM clocks, more memory
-    "NVIDIA H200 NVL": _HOPPER_NVL,
-    "NVIDIA GH200 480GB": _H100_SXM,
-    "NVIDIA A100-SXM4-40GB": _A100,
-    "NVIDIA A100-SXM4-80GB": _A100,
-    "NVIDIA A100-PCIE-40GB": _A100,
-    "NVIDIA A100 80GB PCIe": _A100,
-    "Tesla V100-SXM2-16GB": _V100_SXM,
-    "Tesla V100-SXM2-32GB": _V100_SXM,
-    "Tesla V100-PCIE-16GB": _V100_PCIE,
-    "Tesla V100-PCIE-32GB": _V100_PCIE,
-    "Tesla V100S-PCIE-32GB": _V100S,
-    "TPU v4": _tpu(275e12),
-    "TPU v5 lite": _tpu(197e12),              # v5e
-    "TPU v5": _tpu(459e12),                   # v5p
-    "TPU v5p": _tpu(459e12),
-    "TPU v6 lite": _tpu(918e12),              # v6e (Trillium)
+  "NVIDIA H100 80GB HBM3": _H100_SXM,  # H100 SXM5
+  "NVIDIA H100 PCIe": _H100_PCIE,
+  "NVIDIA H100 NVL": _HOPPER_NVL,
+  "NVIDIA H200": _H100_SXM,  # H200 SXM: Hopper SXM clocks, more memory
+  "NVIDIA H200 NVL": _HOPPER_NVL,
+  "NVIDIA GH200 480GB": _H100_SXM,
+  "NVIDIA A100-SXM4-40GB": _A100,
+  "NVIDIA A100-SXM4-80GB": _A100,
+  "NVIDIA A100-PCIE-40GB": _A100,
+  "NVIDIA A100 80GB PCIe": _A100,
+  "Tesla V100-SXM2-16GB": _V100_SXM,
+  "Tesla V100-SXM2-32GB": _V100_SXM,
+  "Tesla V100-PCIE-16GB": _V100_PCIE,
+  "Tesla V100-PCIE-32GB": _V100_PCIE,
+  "Tesla V100S-PCIE-32GB": _V100S,
+  "TPU v4": _tpu(275e12),
+  "TPU v5 lite": _tpu(197e12),  # v5e
+  "TPU v5": _tpu(459e12),  # v5p
+  "TPU v5p": _tpu(459e12),
+  "TPU v6 lite": _tpu(918e12),  # v6e (Trillium)
 }
 
 
@@ -82,14 +82,18 @@ def llama_forward_flops(cfg: llama.LlamaConfig, seq_len: int) -> dict[str, float
   # QK^T and AV, 2 * hd FLOPs per head per query-key pair each; causal: seq_len / 2 keys.
   attn = 2 * 2 * h * hd * (seq_len / 2)
   mlp = 2 * 3 * d * f
-  return {"projections": n * proj, "attention": n * attn, "mlp": n * mlp,
-          "lm_head": 2 * d * cfg.vocab_size}
+  return {
+    "projections": n * proj,
+    "attention": n * attn,
+    "mlp": n * mlp,
+    "lm_head": 2 * d * cfg.vocab_size,
+  }
 
 
 def clip_forward_flops(cfg: clip_lib.CLIPVisionConfig) -> float:
   """Forward FLOPs of one image through the CLIP vision tower (patch embedding + layers)."""
   t, d, i = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size
-  patch = 2 * (cfg.grid ** 2) * (cfg.num_channels * cfg.patch_size ** 2) * d
+  patch = 2 * (cfg.grid**2) * (cfg.num_channels * cfg.patch_size**2) * d
   per_layer = t * (2 * 4 * d * d + 2 * 2 * d * i) + 2 * 2 * t * t * d  # full (non-causal)
   return patch + cfg.num_hidden_layers * per_layer
 
@@ -99,25 +103,30 @@ def flops_per_token(model_config, seq_len: int, images_per_token: float | None =
   forward amortized per position. `model_config`: a `PumaConfig` or a bare `LlamaConfig`.
   `images_per_token` defaults to the image slots of a packed row per position."""
   from puma_jax.models import puma
+
   if isinstance(model_config, llama.LlamaConfig):
     return 3 * sum(llama_forward_flops(model_config, seq_len).values())
   if not isinstance(model_config, puma.PumaConfig):
-    raise TypeError(f"flops_per_token: model_config must be a PumaConfig or LlamaConfig, got "
-                    f"{type(model_config).__name__}")
+    raise TypeError(
+      f"flops_per_token: model_config must be a PumaConfig or LlamaConfig, got "
+      f"{type(model_config).__name__}"
+    )
   d, fd = model_config.llm.hidden_size, model_config.feature_dim
   trained = sum(llama_forward_flops(model_config.llm, seq_len).values())
-  trained += 2 * (fd * d + d * d)           # projector MLP2(feature_dim -> d -> d)
-  trained += 2 * (d * d + d * fd)           # feature head MLP2(d -> d -> feature_dim)
+  trained += 2 * (fd * d + d * d)  # projector MLP2(feature_dim -> d -> d)
+  trained += 2 * (d * d + d * fd)  # feature head MLP2(d -> d -> feature_dim)
   if model_config.router:
     trained += 2 * d * puma.NUM_SCALES
   if images_per_token is None:
     from puma_jax.data.rows import image_slots
+
     images_per_token = image_slots(seq_len) / seq_len
   return 3 * trained + images_per_token * clip_forward_flops(model_config.clip)
 
 
-def mfu(flops_per_real_token: float, real_tokens_per_s: float, n_devices: int,
-        peak: float | None) -> float | None:
+def mfu(
+  flops_per_real_token: float, real_tokens_per_s: float, n_devices: int, peak: float | None
+) -> float | None:
   """Model FLOPs utilization: useful FLOP/s per device over the device's peak."""
   if not peak:
     return None
@@ -134,9 +143,11 @@ class ThroughputWindow:
       scalars = window.read()            # and start the next window
   """
 
-  def __init__(self, flops_per_real_token: float | None, peak: float | None, n_devices: int,
-               clock=None):
+  def __init__(
+    self, flops_per_real_token: float | None, peak: float | None, n_devices: int, clock=None
+  ):
     import time
+
     self.flops, self.peak, self.n_devices = flops_per_real_token, peak, n_devices
     self._clock = clock or time.perf_counter
     self._reset()
@@ -159,6 +170,7 @@ class ThroughputWindow:
         yield
       finally:
         self._excluded += self._clock() - t0
+
     return pause()
 
   def read(self) -> dict[str, float]:

@@ -41,8 +41,10 @@ def resolve(precision: str, device=None) -> str:
   if device.platform == "gpu" or device.platform == "cuda":
     cc = getattr(device, "compute_capability", None)
     if cc is None:
-      raise ValueError(f"precision=auto: GPU {device.device_kind!r} reports no compute "
-                       "capability; set precision explicitly")
+      raise ValueError(
+        f"precision=auto: GPU {device.device_kind!r} reports no compute "
+        "capability; set precision explicitly"
+      )
     return "float16" if float(cc) < 8.0 else "bfloat16"
   if device.platform == "tpu":
     return "bfloat16"
@@ -63,6 +65,7 @@ class DynamicLossScale:
   `scale` float32, `good_steps` int32 (finite steps since the last change); `period`,
   `factor`, `min_scale` and `dynamic` are static. With `dynamic=False` the scale stays put
   (bfloat16/float32: scale 1, the methods are then identities)."""
+
   scale: jax.Array
   good_steps: jax.Array
   period: int = dataclasses.field(default=2000, metadata=dict(static=True))
@@ -71,16 +74,30 @@ class DynamicLossScale:
   dynamic: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
   @classmethod
-  def create(cls, dtype, initial: float = 2.0 ** 15, period: int = 2000,
-             factor: float = 2.0, min_scale: float = 1.0) -> DynamicLossScale:
+  def create(
+    cls,
+    dtype,
+    initial: float = 2.0**15,
+    period: int = 2000,
+    factor: float = 2.0,
+    min_scale: float = 1.0,
+  ) -> DynamicLossScale:
     """Dynamic for float16, a fixed scale of 1 otherwise."""
     dynamic = np.dtype(dtype) == np.float16
     if dynamic and not (initial >= min_scale > 0 and factor > 1 and period >= 1):
-      raise ValueError(f"loss scale: need initial >= min_scale > 0, factor > 1, period >= 1; "
-                       f"got initial={initial}, min_scale={min_scale}, factor={factor}, "
-                       f"period={period}")
-    return cls(jnp.asarray(initial if dynamic else 1.0, jnp.float32), jnp.zeros((), jnp.int32),
-               int(period), float(factor), float(min_scale), bool(dynamic))
+      raise ValueError(
+        f"loss scale: need initial >= min_scale > 0, factor > 1, period >= 1; "
+        f"got initial={initial}, min_scale={min_scale}, factor={factor}, "
+        f"period={period}"
+      )
+    return cls(
+      jnp.asarray(initial if dynamic else 1.0, jnp.float32),
+      jnp.zeros((), jnp.int32),
+      int(period),
+      float(factor),
+      float(min_scale),
+      bool(dynamic),
+    )
 
   def scale_loss(self, loss: jax.Array) -> jax.Array:
     return loss * self.scale.astype(loss.dtype) if self.dynamic else loss
@@ -96,8 +113,10 @@ class DynamicLossScale:
     if not self.dynamic:
       return self
     grow = grads_finite & (self.good_steps + 1 >= self.period)
-    scale = jnp.where(grads_finite,
-                      jnp.where(grow, self.scale * self.factor, self.scale),
-                      jnp.maximum(self.scale / self.factor, self.min_scale))
+    scale = jnp.where(
+      grads_finite,
+      jnp.where(grow, self.scale * self.factor, self.scale),
+      jnp.maximum(self.scale / self.factor, self.min_scale),
+    )
     good = jnp.where(grads_finite & ~grow, self.good_steps + 1, 0).astype(jnp.int32)
     return dataclasses.replace(self, scale=scale.astype(jnp.float32), good_steps=good)

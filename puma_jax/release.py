@@ -54,9 +54,16 @@ TOKENIZER_DIR = "tokenizer"
 
 # Top-level keys and the type each must have (bool is excluded from int below).
 _KEYS: dict[str, type | tuple[type, ...]] = {
-    "format_version": int, "name": str, "scales": list, "image_size": int,
-    "clip_image_size": int, "dtype": str, "tokenizer": str, "parts": dict, "created_by": str,
-    "created": str,
+  "format_version": int,
+  "name": str,
+  "scales": list,
+  "image_size": int,
+  "clip_image_size": int,
+  "dtype": str,
+  "tokenizer": str,
+  "parts": dict,
+  "created_by": str,
+  "created": str,
 }
 
 
@@ -76,8 +83,9 @@ def _relative_path(value: Any, where: str) -> str:
 
 def _check_part(entry: Any, where: str, key: str) -> dict:
   if not isinstance(entry, Mapping):
-    raise ReleaseError(f"{where}: key {key!r} must be an object with 'path' and 'source', got "
-                       f"{entry!r}")
+    raise ReleaseError(
+      f"{where}: key {key!r} must be an object with 'path' and 'source', got {entry!r}"
+    )
   for k in ("path", "source"):
     if k not in entry:
       raise ReleaseError(f"{where}: key {key!r} is missing key {k!r}")
@@ -101,8 +109,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
       raise ReleaseError(f"{where}: key {key!r} must be {typ.__name__}, got {v!r}")
   if m["format_version"] != FORMAT_VERSION:
-    raise ReleaseError(f"{where}: key 'format_version' is {m['format_version']}; this version "
-                       f"of puma_jax reads format_version {FORMAT_VERSION}")
+    raise ReleaseError(
+      f"{where}: key 'format_version' is {m['format_version']}; this version "
+      f"of puma_jax reads format_version {FORMAT_VERSION}"
+    )
   for key in ("image_size", "clip_image_size"):
     if m[key] is not None and m[key] < 1:
       raise ReleaseError(f"{where}: key {key!r} must be positive, got {m[key]}")
@@ -113,8 +123,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
   parts = dict(m["parts"])
   unknown = sorted(set(parts) - set(SINGLE_PARTS) - {"decoders"})
   if unknown:
-    raise ReleaseError(f"{where}: key 'parts' has unknown part(s) {unknown}; parts are "
-                       f"{SINGLE_PARTS + ('decoders',)}")
+    raise ReleaseError(
+      f"{where}: key 'parts' has unknown part(s) {unknown}; parts are "
+      f"{SINGLE_PARTS + ('decoders',)}"
+    )
   for name in SINGLE_PARTS:
     if name in parts:
       parts[name] = _check_part(parts[name], where, f"parts.{name}")
@@ -123,18 +135,22 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     raise ReleaseError(f"{where}: key 'parts.decoders' must be an object, got {decoders!r}")
   for scale, entry in decoders.items():
     if scale not in pooling.SCALE_NAMES:
-      raise ReleaseError(f"{where}: key 'parts.decoders.{scale}' is not a scale; scales are "
-                         f"{pooling.SCALE_NAMES}")
+      raise ReleaseError(
+        f"{where}: key 'parts.decoders.{scale}' is not a scale; scales are {pooling.SCALE_NAMES}"
+      )
     _check_part(entry, where, f"parts.decoders.{scale}")
   parts["decoders"] = {s: dict(decoders[s]) for s in sort_scales(decoders)}
   m["parts"] = parts
   for s in m["scales"]:
     if s not in pooling.SCALE_NAMES:
-      raise ReleaseError(f"{where}: key 'scales' has {s!r}, not a scale; scales are "
-                         f"{pooling.SCALE_NAMES}")
+      raise ReleaseError(
+        f"{where}: key 'scales' has {s!r}, not a scale; scales are {pooling.SCALE_NAMES}"
+      )
   if list(m["scales"]) != list(parts["decoders"]):
-    raise ReleaseError(f"{where}: key 'scales' {m['scales']} must list the scales of "
-                       f"parts.decoders, fine to coarse: {list(parts['decoders'])}")
+    raise ReleaseError(
+      f"{where}: key 'scales' {m['scales']} must list the scales of "
+      f"parts.decoders, fine to coarse: {list(parts['decoders'])}"
+    )
   return m
 
 
@@ -162,8 +178,10 @@ def load_manifest(root: str | os.PathLike) -> dict:
   """The validated manifest of release `root`."""
   root = Path(root)
   if not root.is_dir():
-    raise ReleaseError(f"{root}: not a directory (expected a release; make one with "
-                       "`python -m puma_jax.tools.tiny_release --dst=DIR` or convert one)")
+    raise ReleaseError(
+      f"{root}: not a directory (expected a release; make one with "
+      "`python -m puma_jax.tools.tiny_release --dst=DIR` or convert one)"
+    )
   path = root / MANIFEST
   if not path.is_file():
     raise ReleaseError(f"{path}: missing; {root} is not a release directory")
@@ -177,6 +195,7 @@ def load_manifest(root: str | os.PathLike) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Release:
   """An opened release: its manifest and the directory of each part."""
+
   root: Path
   manifest: dict
 
@@ -223,8 +242,9 @@ class Release:
     if name not in SINGLE_PARTS:
       raise ReleaseError(f"unknown part {name!r}; parts are {SINGLE_PARTS} and decoders")
     if name not in self.manifest["parts"]:
-      raise ReleaseError(f"release {self.root} has no {name!r} part (it has "
-                         f"{sorted(self.manifest['parts'])})")
+      raise ReleaseError(
+        f"release {self.root} has no {name!r} part (it has {sorted(self.manifest['parts'])})"
+      )
     return self.root / self.manifest["parts"][name]["path"]
 
   @property
@@ -244,8 +264,9 @@ class Release:
     pooling.scale_index(scale)
     decoders = self.manifest["parts"]["decoders"]
     if scale not in decoders:
-      raise ReleaseError(f"release {self.root} has no decoder for scale {scale} (it has "
-                         f"{list(decoders) or 'none'})")
+      raise ReleaseError(
+        f"release {self.root} has no decoder for scale {scale} (it has {list(decoders) or 'none'})"
+      )
     return self.root / decoders[scale]["path"]
 
   def decoders(self, scales=None) -> dict[str, Path]:
@@ -272,8 +293,9 @@ class ReleaseWriter:
   the VAE's downsample factor; `clip_image_size` from puma/ or clip/).
   """
 
-  def __init__(self, dst: str | os.PathLike, *, name: str = "", created_by: str = "",
-               into: bool = False):
+  def __init__(
+    self, dst: str | os.PathLike, *, name: str = "", created_by: str = "", into: bool = False
+  ):
     self.dst = Path(dst).absolute()
     self.into = into
     if into:
@@ -281,13 +303,22 @@ class ReleaseWriter:
       self._old_parts = _part_entries(self.manifest)
     else:
       if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-        raise ReleaseError(f"{self.dst} already exists and is not empty; refusing to write a "
-                           "release over it (choose a new --dst, or use --into to add parts)")
+        raise ReleaseError(
+          f"{self.dst} already exists and is not empty; refusing to write a "
+          "release over it (choose a new --dst, or use --into to add parts)"
+        )
       if not name:
         raise ReleaseError("a new release needs a name")
-      self.manifest = {"format_version": FORMAT_VERSION, "name": name, "scales": [],
-                       "dtype": "float32", "tokenizer": BYTE_TOKENIZER,
-                       "parts": {"decoders": {}}, "created_by": created_by, "created": now()}
+      self.manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "scales": [],
+        "dtype": "float32",
+        "tokenizer": BYTE_TOKENIZER,
+        "parts": {"decoders": {}},
+        "created_by": created_by,
+        "created": now(),
+      }
       self._old_parts = {}
     if created_by and into:
       self.manifest["updated_by"] = created_by
@@ -314,8 +345,10 @@ class ReleaseWriter:
     if self._stage is None:
       raise RuntimeError("use ReleaseWriter in a `with` block")
     if self.into and (self.dst / rel).exists():
-      raise ReleaseError(f"{self.dst / rel} already exists; refusing to replace a part of "
-                         "the release (write a new release instead)")
+      raise ReleaseError(
+        f"{self.dst / rel} already exists; refusing to replace a part of "
+        "the release (write a new release instead)"
+      )
     path = self._stage / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -345,7 +378,7 @@ class ReleaseWriter:
     self.manifest["scales"] = list(self.manifest["parts"]["decoders"])
 
   def set_tokenizer(self, name: str) -> None:
-    """"byte", or TOKENIZER_DIR after writing the files into `tokenizer_dir()`."""
+    """ "byte", or TOKENIZER_DIR after writing the files into `tokenizer_dir()`."""
     if name != BYTE_TOKENIZER:
       self._check_written(name)
     self.manifest["tokenizer"] = name
@@ -387,6 +420,7 @@ class ReleaseWriter:
     dec_cfgs = {s: config_of(e["path"]) for s, e in parts["decoders"].items()}
     if dec_cfgs and vae_cfg is not None and None not in dec_cfgs.values():
       from puma_jax.models import vae as vae_lib
+
       factor = vae_lib.VAEConfig.from_dict(vae_cfg).downsample_factor
       sizes = {s: c["unet"]["sample_size"] * factor for s, c in dec_cfgs.items()}
       if len(set(sizes.values())) != 1:
@@ -397,8 +431,10 @@ class ReleaseWriter:
       if have is None:
         self.manifest[key] = value
       elif have != value:
-        raise ReleaseError(f"{self.dst / MANIFEST}: key {key!r} is {have} but the parts give "
-                           f"{value}; the parts do not belong together")
+        raise ReleaseError(
+          f"{self.dst / MANIFEST}: key {key!r} is {have} but the parts give "
+          f"{value}; the parts do not belong together"
+        )
     self.manifest.setdefault("image_size", None)
 
   def _commit(self) -> None:
@@ -418,8 +454,10 @@ class ReleaseWriter:
     write_manifest(self._stage, self.manifest)
     if self.dst.exists():
       if any(self.dst.iterdir()):
-        raise ReleaseError(f"{self.dst} was filled while the release was being written; the "
-                           "new release was discarded")
+        raise ReleaseError(
+          f"{self.dst} was filled while the release was being written; the "
+          "new release was discarded"
+        )
       self.dst.rmdir()
     os.replace(self._stage, self.dst)
     self._stage = None

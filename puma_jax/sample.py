@@ -60,6 +60,7 @@ class SampleError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Everything a run depends on (the CLI flags); see `define_flags` for each field."""
+
   command: str
   out: str
   release: str = ""
@@ -87,13 +88,14 @@ class Options:
 class Request:
   index: int
   prompt: str
-  image: str = ""   # input image path ("" for text_to_image)
+  image: str = ""  # input image path ("" for text_to_image)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
 
+
 def parse_scales(text: str, command: str) -> tuple[str, ...] | None:
-  """"auto" -> None (the router, or the task default); else scale names in the order given."""
+  """ "auto" -> None (the router, or the task default); else scale names in the order given."""
   text = text.strip()
   if text == AUTO:
     if command in ("reconstruct",):
@@ -104,8 +106,9 @@ def parse_scales(text: str, command: str) -> tuple[str, ...] | None:
     raise SampleError(f"--scales is empty; give scale names {pooling.SCALE_NAMES} or {AUTO}")
   for s in names:
     if s not in pooling.SCALE_NAMES:
-      raise SampleError(f"--scales: unknown scale {s!r}; scales are "
-                        f"{', '.join(pooling.SCALE_NAMES)} (or {AUTO})")
+      raise SampleError(
+        f"--scales: unknown scale {s!r}; scales are {', '.join(pooling.SCALE_NAMES)} (or {AUTO})"
+      )
   if len(set(names)) != len(names):
     raise SampleError(f"--scales names a scale twice: {text}")
   return tuple(names)
@@ -132,8 +135,10 @@ def read_requests(o: Options) -> list[Request]:
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise SampleError(f"--prompts_file {path} line {n}: not JSON ({e}); {o.command} reads "
-                          'lines {"image": PATH, "prompt": TEXT}') from None
+        raise SampleError(
+          f"--prompts_file {path} line {n}: not JSON ({e}); {o.command} reads "
+          'lines {"image": PATH, "prompt": TEXT}'
+        ) from None
       if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
         raise SampleError(f"--prompts_file {path} line {n}: missing key 'image' (a path)")
       prompt = rec.get("prompt", "")
@@ -151,8 +156,10 @@ def read_requests(o: Options) -> list[Request]:
       raise SampleError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
     return [Request(i, p) for i, p in enumerate(prompts)]
   if not images:
-    raise SampleError(f"{o.command} needs --image=PATH (repeatable) or --prompts_file=FILE "
-                      'with lines {"image": PATH, "prompt": TEXT}')
+    raise SampleError(
+      f"{o.command} needs --image=PATH (repeatable) or --prompts_file=FILE "
+      'with lines {"image": PATH, "prompt": TEXT}'
+    )
   if not prompts:
     if o.command in ("edit", "chat", "ground"):
       raise SampleError(f"{o.command} needs --prompt=TEXT (an instruction, question or phrase)")
@@ -162,13 +169,16 @@ def read_requests(o: Options) -> list[Request]:
   elif len(prompts) == 1:
     prompts = prompts * len(images)
   if len(images) != len(prompts):
-    raise SampleError(f"got {len(images)} --image and {len(prompts)} --prompt; give one of "
-                      "them once or both equally often")
+    raise SampleError(
+      f"got {len(images)} --image and {len(prompts)} --prompt; give one of "
+      "them once or both equally often"
+    )
   return [Request(i, p, im) for i, (im, p) in enumerate(zip(images, prompts))]
 
 
 def load_image(path: str):
   from PIL import Image, UnidentifiedImageError
+
   try:
     with Image.open(path) as im:
       return im.convert("RGB")
@@ -178,14 +188,17 @@ def load_image(path: str):
 
 # -- models ---------------------------------------------------------------------------------------
 
+
 def default_dtype() -> str:
   import jax
+
   return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
 
 
 @dataclasses.dataclass
 class Parts:
   """Where each part comes from: the release, overridden by the separate part flags."""
+
   puma: str
   decoders: dict[str, str]
   vae: str
@@ -196,17 +209,25 @@ class Parts:
 
 def resolve_parts(o: Options) -> Parts:
   rel = release_lib.Release.open(o.release) if o.release else None
+
   def part(flag_value, name):
     if flag_value:
       return flag_value
     return str(rel.part(name)) if rel is not None and rel.has(name) else ""
+
   decoders = {s: str(p) for s, p in rel.decoders().items()} if rel is not None else {}
   for s, d in o.decoders:
     pooling.scale_index(s)
     decoders[s] = d
   tokenizer = o.tokenizer or (rel.tokenizer if rel is not None else "byte")
-  return Parts(part(o.puma, "puma"), dict(sorted(decoders.items())), part(o.vae, "vae"),
-               part(o.clip, "clip"), tokenizer, rel)
+  return Parts(
+    part(o.puma, "puma"),
+    dict(sorted(decoders.items())),
+    part(o.vae, "vae"),
+    part(o.clip, "clip"),
+    tokenizer,
+    rel,
+  )
 
 
 def check_parts(o: Options, parts: Parts, scales) -> None:
@@ -223,8 +244,10 @@ def check_parts(o: Options, parts: Parts, scales) -> None:
     return
   for s in scales or ():
     if s not in parts.decoders:
-      raise SampleError(f"{where} has no decoder for scale {s} (it has "
-                        f"{', '.join(parts.decoders) or 'none'}); choose --scales from those")
+      raise SampleError(
+        f"{where} has no decoder for scale {s} (it has "
+        f"{', '.join(parts.decoders) or 'none'}); choose --scales from those"
+      )
   if scales is None and not parts.decoders:
     raise SampleError(f"{where} has no decoders")
   if not parts.vae:
@@ -234,6 +257,7 @@ def check_parts(o: Options, parts: Parts, scales) -> None:
 def make_mesh(devices: int):
   import jax
   from puma_jax import sharding
+
   avail = jax.local_devices()
   n = devices or len(avail)
   if not 1 <= n <= len(avail):
@@ -243,15 +267,25 @@ def make_mesh(devices: int):
 
 def settings_of(o: Options):
   from puma_jax.diffusion import sampler as sampler_lib
-  return sampler_lib.SamplerSettings(num_steps=o.steps, guidance_scale=o.guidance,
-                                     scheduler=o.scheduler)
+
+  return sampler_lib.SamplerSettings(
+    num_steps=o.steps, guidance_scale=o.guidance, scheduler=o.scheduler
+  )
 
 
 def load_pipeline(o: Options, parts: Parts, mesh, dtype):
   from puma_jax.inference.pipelines import PumaPipeline
-  return PumaPipeline.load(parts.puma, decoders=parts.decoders, vae=parts.vae,
-                           tokenizer=parts.tokenizer, dtype=dtype, param_dtype=dtype,
-                           mesh=mesh, settings=settings_of(o))
+
+  return PumaPipeline.load(
+    parts.puma,
+    decoders=parts.decoders,
+    vae=parts.vae,
+    tokenizer=parts.tokenizer,
+    dtype=dtype,
+    param_dtype=dtype,
+    mesh=mesh,
+    settings=settings_of(o),
+  )
 
 
 class Reconstruction:
@@ -259,6 +293,7 @@ class Reconstruction:
 
   def __init__(self, o: Options, parts: Parts, mesh, dtype):
     from puma_jax import checkpoints
+
     kw = {"dtype": dtype, "param_dtype": dtype, "mesh": mesh}
     if parts.clip:
       self.clip = checkpoints.load_module(parts.clip, family="clip-vision", **kw)
@@ -271,10 +306,12 @@ class Reconstruction:
   def __call__(self, scale: str, images, seeds) -> np.ndarray:
     from puma_jax import checkpoints, reconstruct
     from puma_jax.diffusion import sampler as sampler_lib
+
     if scale not in self._recs:
       dec = checkpoints.load_module(self.parts.decoders[scale], family="puma-decoder", **self.kw)
-      self._recs[scale] = reconstruct.Reconstructor(self.clip, dec, self.vae, scale,
-                                                    settings_of(self.o))
+      self._recs[scale] = reconstruct.Reconstructor(
+        self.clip, dec, self.vae, scale, settings_of(self.o)
+      )
     rec = self._recs[scale]
     feats = rec.features(images)
     out = rec.sampler(feats, rec.uncond, sampler_lib.example_keys(seeds))
@@ -282,6 +319,7 @@ class Reconstruction:
 
 
 # -- outputs --------------------------------------------------------------------------------------
+
 
 class Progress:
   """One line per update on stderr, at most about 20 updates a run (never a flood)."""
@@ -300,12 +338,16 @@ class Progress:
     eta = dt / self.done * (self.total - self.done)
     width = 20
     bar = "#" * round(width * self.done / self.total)
-    print(f"{self.what} [{bar:<{width}}] {self.done}/{self.total} batches  {dt:.1f}s"
-          f"  ETA {eta:.0f}s", file=self.stream, flush=True)
+    print(
+      f"{self.what} [{bar:<{width}}] {self.done}/{self.total} batches  {dt:.1f}s  ETA {eta:.0f}s",
+      file=self.stream,
+      flush=True,
+    )
 
 
 def _font(size: int):
   from PIL import ImageFont
+
   try:
     return ImageFont.load_default(size=size)
   except TypeError:  # Pillow < 10.1: fixed-size bitmap font
@@ -324,6 +366,7 @@ def make_grid(rows: Sequence[tuple[str, dict]], columns: Sequence[str], cell: in
   """rows: (label, {column: uint8 HWC image}); missing cells stay blank. A labelled PIL image:
   column names on top, row labels on the left, images scaled (nearest) to `cell` pixels."""
   from PIL import Image, ImageDraw
+
   font = _font(14)
   label_w, head_h, pad = max(160, cell), 24, 4
   w = label_w + len(columns) * (cell + pad) + pad
@@ -331,8 +374,13 @@ def make_grid(rows: Sequence[tuple[str, dict]], columns: Sequence[str], cell: in
   grid = Image.new("RGB", (w, h), "white")
   draw = ImageDraw.Draw(grid)
   for j, c in enumerate(columns):
-    draw.text((label_w + pad + j * (cell + pad) + cell // 2, head_h // 2), c, fill="black",
-              font=font, anchor="mm")
+    draw.text(
+      (label_w + pad + j * (cell + pad) + cell // 2, head_h // 2),
+      c,
+      fill="black",
+      font=font,
+      anchor="mm",
+    )
   for i, (label, cells) in enumerate(rows):
     y = head_h + pad + i * (cell + pad)
     words, lines = label.split(), [""]
@@ -344,10 +392,11 @@ def make_grid(rows: Sequence[tuple[str, dict]], columns: Sequence[str], cell: in
         lines.append(word)
     max_lines = max(1, cell // 18)
     if len(lines) > max_lines:
-      lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+      lines = lines[: max_lines - 1] + [" ".join(lines[max_lines - 1 :])]
     for k, line in enumerate(lines):
-      draw.text((pad, y + k * 18), _fit(line, draw, font, label_w - 2 * pad), fill="black",
-                font=font)
+      draw.text(
+        (pad, y + k * 18), _fit(line, draw, font, label_w - 2 * pad), fill="black", font=font
+      )
     for j, c in enumerate(columns):
       if c in cells:
         im = Image.fromarray(np.asarray(cells[c])).resize((cell, cell), Image.NEAREST)
@@ -358,6 +407,7 @@ def make_grid(rows: Sequence[tuple[str, dict]], columns: Sequence[str], cell: in
 def draw_box(image, box, label: str = ""):
   """The normalized [x0, y0, x1, y1] box drawn on a copy of `image` (PIL)."""
   from PIL import ImageDraw
+
   im = image.copy()
   if box is None:
     return im
@@ -376,9 +426,10 @@ def _write_jsonl(path: Path, records) -> None:
 
 # -- the run --------------------------------------------------------------------------------------
 
+
 def _batches(reqs: list[Request], size: int):
   for i in range(0, len(reqs), size):
-    yield reqs[i:i + size]
+    yield reqs[i : i + size]
 
 
 def _pad(items: list, multiple: int) -> list:
@@ -389,6 +440,7 @@ def _pad(items: list, multiple: int) -> list:
 def run(o: Options, log=print) -> Path:
   """Runs one sample command; raises SampleError on bad input."""
   import jax.numpy as jnp
+
   if o.command not in SUBCOMMANDS:
     raise SampleError(f"unknown subcommand {o.command!r}; choose from {', '.join(SUBCOMMANDS)}")
   if not o.out:
@@ -398,8 +450,9 @@ def run(o: Options, log=print) -> Path:
   if o.steps < 1 or o.batch_size < 1 or o.max_new_tokens < 1:
     raise SampleError("--steps, --batch_size and --max_new_tokens must be >= 1")
   if o.command == "conditional" and o.condition not in CONDITIONS:
-    raise SampleError(f"conditional needs --condition, one of {', '.join(CONDITIONS)} "
-                      f"(got {o.condition!r})")
+    raise SampleError(
+      f"conditional needs --condition, one of {', '.join(CONDITIONS)} (got {o.condition!r})"
+    )
   dtype_name = o.dtype or default_dtype()
   if dtype_name not in ("float32", "bfloat16"):
     raise SampleError(f"--dtype={dtype_name!r}: choose float32 or bfloat16")
@@ -414,14 +467,24 @@ def run(o: Options, log=print) -> Path:
   mesh = make_mesh(o.devices)
   n_dev = mesh.devices.size
   dtype = jnp.dtype(dtype_name)
-  settings = {"task": o.command, "steps": o.steps, "guidance": o.guidance,
-              "scheduler": o.scheduler, "dtype": dtype_name,
-              "release": str(parts.release.root) if parts.release else "",
-              "parts": {"puma": parts.puma, "vae": parts.vae, "clip": parts.clip,
-                        "tokenizer": parts.tokenizer}}
+  settings = {
+    "task": o.command,
+    "steps": o.steps,
+    "guidance": o.guidance,
+    "scheduler": o.scheduler,
+    "dtype": dtype_name,
+    "release": str(parts.release.root) if parts.release else "",
+    "parts": {
+      "puma": parts.puma,
+      "vae": parts.vae,
+      "clip": parts.clip,
+      "tokenizer": parts.tokenizer,
+    },
+  }
   if o.command == "conditional":
     settings["condition"] = o.condition
   from puma_jax import sharding
+
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
     if o.command == "reconstruct":
@@ -433,13 +496,14 @@ def run(o: Options, log=print) -> Path:
     progress = Progress(len(batches), o.command)
     if o.command in TEXT_OUTPUT:
       return _run_text(o, model, batches, pil_images, n_dev, out, progress, log)
-    return _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progress,
-                       settings, log)
+    return _run_images(
+      o, model, parts, batches, pil_images, scales, n_dev, out, progress, settings, log
+    )
 
 
-def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progress, settings,
-                log):
+def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progress, settings, log):
   from PIL import Image
+
   records, rows, used = [], [], []
   for batch in batches:
     padded = _pad(batch, n_dev)
@@ -457,8 +521,7 @@ def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progre
       elif o.command == "edit":
         feats = model.edit(images, prompts, scales=scales, return_features=True)
       else:
-        feats = model.conditional(images, o.condition, prompts, scales=scales,
-                                  return_features=True)
+        feats = model.conditional(images, o.condition, prompts, scales=scales, return_features=True)
       chosen = feats.pop("chosen", None)
       for s in feats:
         # With the router, each input is decoded only at the scale chosen for it.
@@ -468,7 +531,7 @@ def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progre
         per_scale[s] = {i: imgs[k] for k, i in enumerate(sub)}
     for i, r in enumerate(batch):
       cells = {}
-      for s in (scales or pooling.SCALE_NAMES):
+      for s in scales or pooling.SCALE_NAMES:
         got = per_scale.get(s)
         if got is None or (isinstance(got, dict) and i not in got):
           continue
@@ -478,13 +541,19 @@ def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progre
         cells[s] = img
         if s not in used:
           used.append(s)
-        rec = {"file": name, "index": r.index, "prompt": r.prompt, "scale": s,
-               "seed": o.seed + r.index, **settings, "decoder": parts.decoders[s]}
+        rec = {
+          "file": name,
+          "index": r.index,
+          "prompt": r.prompt,
+          "scale": s,
+          "seed": o.seed + r.index,
+          **settings,
+          "decoder": parts.decoders[s],
+        }
         if r.image:
           rec["image"] = r.image
         if chosen is not None:
-          rec["scale_chosen_by"] = "router" if model.model.router is not None else (
-              "task default")
+          rec["scale_chosen_by"] = "router" if model.model.router is not None else ("task default")
         records.append(rec)
       if r.image:
         cells["input"] = np.asarray(pil_images[r.image])
@@ -493,8 +562,9 @@ def _run_images(o, model, parts, batches, pil_images, scales, n_dev, out, progre
   columns = list(scales) if scales is not None else sorted(used, key=pooling.scale_index)
   if o.command != "text_to_image":
     columns = ["input"] + columns
-  cell = max(96, max(int(np.asarray(v).shape[0]) for _, c in rows for k, v in c.items()
-                     if k != "input"))
+  cell = max(
+    96, max(int(np.asarray(v).shape[0]) for _, c in rows for k, v in c.items() if k != "input")
+  )
   make_grid(rows, columns, cell).save(out / "grid.png")
   _write_jsonl(out / "samples.jsonl", records)
   log(f"{len(records)} image(s) -> {out}/ (grid.png, samples.jsonl)")
@@ -508,19 +578,24 @@ def _run_text(o, pipe, batches, pil_images, n_dev, out, progress, log):
     images = [pil_images[r.image] for r in padded]
     prompts = [r.prompt for r in padded]
     if o.command == "chat":
-      answers = pipe.chat(images, prompts, max_new_tokens=o.max_new_tokens)[:len(batch)]
+      answers = pipe.chat(images, prompts, max_new_tokens=o.max_new_tokens)[: len(batch)]
       for r, a in zip(batch, answers):
         records.append({"index": r.index, "image": r.image, "prompt": r.prompt, "answer": a})
     else:
-      boxes = pipe.ground(images, prompts)[:len(batch)]
+      boxes = pipe.ground(images, prompts)[: len(batch)]
       for r, box in zip(batch, boxes):
         name = f"{r.index:04d}_boxes.png"
         draw_box(pil_images[r.image], box, r.prompt).save(out / name)
-        records.append({"index": r.index, "image": r.image, "prompt": r.prompt,
-                        "answer": "none" if box is None else
-                        "[" + ", ".join(f"{v:.3f}" for v in box) + "]",
-                        "boxes": [] if box is None else [list(map(float, box))],
-                        "file": name})
+        records.append(
+          {
+            "index": r.index,
+            "image": r.image,
+            "prompt": r.prompt,
+            "answer": "none" if box is None else "[" + ", ".join(f"{v:.3f}" for v in box) + "]",
+            "boxes": [] if box is None else [list(map(float, box))],
+            "file": name,
+          }
+        )
     progress.update()
   for rec in records:
     log(f"[{rec['index']}] {rec['prompt']} -> {rec['answer']}")
@@ -538,25 +613,39 @@ def define_flags(fv: flags.FlagValues) -> None:
   d = dict(flag_values=fv)
   flags.DEFINE_string("release", "", "release directory (docs/SAMPLING.md)", **d)
   flags.DEFINE_string("puma", "", "converted PumaModel dir (overrides the release's)", **d)
-  flags.DEFINE_list("decoders", [], "SCALE=DIR,... converted decoder dirs (add to / override "
-                    "the release's)", **d)
+  flags.DEFINE_list(
+    "decoders", [], "SCALE=DIR,... converted decoder dirs (add to / override the release's)", **d
+  )
   flags.DEFINE_string("vae", "", "converted VAE dir (overrides the release's)", **d)
   flags.DEFINE_string("clip", "", "converted clip-vision dir (reconstruct without puma/)", **d)
   flags.DEFINE_string("tokenizer", "", "'byte' or a tokenizer dir (default: the release's)", **d)
   flags.DEFINE_multi_string("prompt", [], "prompt / instruction / question (repeatable)", **d)
-  flags.DEFINE_string("prompts_file", "", "text_to_image: one prompt per line; others: JSON "
-                      'lines {"image": PATH, "prompt": TEXT}', **d)
+  flags.DEFINE_string(
+    "prompts_file",
+    "",
+    'text_to_image: one prompt per line; others: JSON lines {"image": PATH, "prompt": TEXT}',
+    **d,
+  )
   flags.DEFINE_multi_string("image", [], "input image (repeatable)", **d)
-  flags.DEFINE_string("scales", AUTO, "comma-separated scales (f0 finest .. f4 coarsest), or "
-                      "auto: the router / the task's default (reconstruct: all five)", **d)
+  flags.DEFINE_string(
+    "scales",
+    AUTO,
+    "comma-separated scales (f0 finest .. f4 coarsest), or "
+    "auto: the router / the task's default (reconstruct: all five)",
+    **d,
+  )
   flags.DEFINE_integer("steps", 50, "denoising steps (the paper: 50 DDPM steps)", **d)
   flags.DEFINE_float("guidance", 2.0, "classifier-free guidance scale (the paper: 2.0)", **d)
-  flags.DEFINE_enum("scheduler", "ddpm", sorted(schedulers.SCHEDULERS), "diffusion scheduler",
-                    **d)
+  flags.DEFINE_enum("scheduler", "ddpm", sorted(schedulers.SCHEDULERS), "diffusion scheduler", **d)
   flags.DEFINE_integer("seed", 0, "input i is drawn with seed + i", **d)
   flags.DEFINE_integer("batch_size", 4, "inputs per batch", **d)
-  flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute and weight dtype "
-                    "(default: bfloat16 on GPU/TPU, float32 on CPU)", **d)
+  flags.DEFINE_enum(
+    "dtype",
+    "",
+    ["", "float32", "bfloat16"],
+    "compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on CPU)",
+    **d,
+  )
   flags.DEFINE_enum("condition", "", ["", *CONDITIONS], "conditional: the condition type", **d)
   flags.DEFINE_integer("max_new_tokens", 64, "chat: longest answer in tokens", **d)
   flags.DEFINE_integer("devices", 0, "local devices to split batches over (0: all)", **d)
@@ -573,16 +662,33 @@ def options_from_flags(command: str, fv: flags.FlagValues) -> Options:
     if not eq or not path:
       raise SampleError(f"--decoders entry {item!r} must be SCALE=DIR, e.g. f0=/ckpt/dec_f0")
     if scale not in pooling.SCALE_NAMES:
-      raise SampleError(f"--decoders: unknown scale {scale!r}; scales are "
-                        f"{', '.join(pooling.SCALE_NAMES)}")
+      raise SampleError(
+        f"--decoders: unknown scale {scale!r}; scales are {', '.join(pooling.SCALE_NAMES)}"
+      )
     decoders.append((scale, path))
-  return Options(command=command, out=fv.out, release=fv.release, puma=fv.puma,
-                 decoders=tuple(decoders), vae=fv.vae, clip=fv.clip, tokenizer=fv.tokenizer,
-                 prompts=tuple(fv.prompt), prompts_file=fv.prompts_file,
-                 images=tuple(fv.image), scales=fv.scales, steps=fv.steps,
-                 guidance=fv.guidance, scheduler=fv.scheduler, seed=fv.seed,
-                 batch_size=fv.batch_size, dtype=fv.dtype, condition=fv.condition,
-                 max_new_tokens=fv.max_new_tokens, devices=fv.devices)
+  return Options(
+    command=command,
+    out=fv.out,
+    release=fv.release,
+    puma=fv.puma,
+    decoders=tuple(decoders),
+    vae=fv.vae,
+    clip=fv.clip,
+    tokenizer=fv.tokenizer,
+    prompts=tuple(fv.prompt),
+    prompts_file=fv.prompts_file,
+    images=tuple(fv.image),
+    scales=fv.scales,
+    steps=fv.steps,
+    guidance=fv.guidance,
+    scheduler=fv.scheduler,
+    seed=fv.seed,
+    batch_size=fv.batch_size,
+    dtype=fv.dtype,
+    condition=fv.condition,
+    max_new_tokens=fv.max_new_tokens,
+    devices=fv.devices,
+  )
 
 
 def _main(argv: list[str]) -> None:
@@ -598,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line) and returns
   the exit status (2: bad input, named in one line on stderr)."""
   from puma_jax import cli
+
   argv = sys.argv if argv is None else ["python -m puma_jax.sample", *argv]
   return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
 

@@ -46,8 +46,10 @@ KINDS = ("t2i", "i2t", "chat", "edit", "conditional", "grounding", "text")
 # (docs/DESIGN.md §1, §9): coarse for diverse text-to-image, fine where the output must keep the
 # input's layout. These are also the router's training labels unless an example overrides them.
 KIND_SCALE = {"t2i": 3, "edit": 1, "conditional": 0}
-SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. The "
-                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM_MESSAGE = (
+  "A chat between a curious user and an artificial intelligence assistant. The "
+  "assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 NUM_POSITION_TOKENS = 224
 
 
@@ -105,11 +107,12 @@ def bins_to_box(bins: Sequence[int]) -> list[float]:
 @dataclasses.dataclass
 class Built:
   """One example's arrays (length = its number of positions)."""
-  tokens: np.ndarray        # int32 token ids (pad at feature slots)
-  image_index: np.ndarray   # int32 image of the example at feature slots, -1 elsewhere
-  image_token: np.ndarray   # int32 slot 0..340 within the image, -1 elsewhere
-  text_target: np.ndarray   # int32 next token id (pad where none)
-  text_mask: np.ndarray     # bool: text CE at this position
+
+  tokens: np.ndarray  # int32 token ids (pad at feature slots)
+  image_index: np.ndarray  # int32 image of the example at feature slots, -1 elsewhere
+  image_token: np.ndarray  # int32 slot 0..340 within the image, -1 elsewhere
+  text_target: np.ndarray  # int32 next token id (pad where none)
+  text_mask: np.ndarray  # bool: text CE at this position
   feature_weight: np.ndarray  # float32: scale weight of the next slot's feature MSE (0: none)
   target_scale: np.ndarray  # int32 scale of the next feature slot, -1 elsewhere (for metrics)
   router_label: np.ndarray  # int32 scale to decode, at the [IMG] of a generated image; else -1
@@ -120,8 +123,13 @@ class Built:
     return len(self.tokens)
 
 
-def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
-          special: SpecialTokens, kind: str, num_images: int | None = None) -> Built:
+def build(
+  segments: Sequence[Segment],
+  encode: Callable[[str], Sequence[int]],
+  special: SpecialTokens,
+  kind: str,
+  num_images: int | None = None,
+) -> Built:
   """`<s> segments... </s>`; the final `</s>` is supervised if the last segment is."""
   if kind not in KINDS:
     raise ValueError(f"unknown sequence kind {kind!r}; kinds are {KINDS}")
@@ -151,8 +159,9 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
       n_img = max(n_img, seg.index + 1)
       keep = set(range(5)) if seg.scales is None else set(seg.scales)
       if not keep <= set(range(5)):
-        raise ValueError(f"image scales {seg.scales} must be scale indices 0..4 "
-                         f"({', '.join(SCALE_NAMES)})")
+        raise ValueError(
+          f"image scales {seg.scales} must be scale indices 0..4 ({', '.join(SCALE_NAMES)})"
+        )
       if seg.supervised and (seg.route is not None or kind in KIND_SCALE):
         label = seg.route if seg.route is not None else KIND_SCALE[kind]
         if not 0 <= label < 5:
@@ -189,15 +198,24 @@ def build(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
   nxt_slot = np.append(tok_a[1:], -1)
   target_scale = np.where(nxt_is_feat, SLOT_SCALE[np.maximum(nxt_slot, 0)], -1).astype(np.int32)
   weights = np.vectorize(lambda s: SCALE_WEIGHTS.get(int(s), 0.0), otypes=[np.float32])(
-      target_scale)
+    target_scale
+  )
   feature_weight = np.where(nxt_is_feat & nxt_sup, weights, 0.0).astype(np.float32)
   router_label = np.full(len(toks_a), -1, np.int32)
   for p, label in route.items():
     router_label[p] = label
-  return Built(tokens=toks_a, image_index=idx_a, image_token=tok_a, text_target=text_target,
-               text_mask=text_mask, feature_weight=feature_weight, target_scale=target_scale,
-               router_label=router_label, num_images=max(n_img, num_images or 0),
-               kind=KINDS.index(kind))
+  return Built(
+    tokens=toks_a,
+    image_index=idx_a,
+    image_token=tok_a,
+    text_target=text_target,
+    text_mask=text_mask,
+    feature_weight=feature_weight,
+    target_scale=target_scale,
+    router_label=router_label,
+    num_images=max(n_img, num_images or 0),
+    kind=KINDS.index(kind),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +230,9 @@ def i2t(caption: str) -> list[Segment]:
   return [Image(0), Text(caption, supervised=True)]
 
 
-def chat(turns: Sequence[tuple[str, str]], with_image: bool = True,
-         system: str = SYSTEM_MESSAGE) -> list[Segment]:
+def chat(
+  turns: Sequence[tuple[str, str]], with_image: bool = True, system: str = SYSTEM_MESSAGE
+) -> list[Segment]:
   """LLaVA-1.5 style: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>...`; answers supervised."""
   segs: list[Segment] = [Text(system + " USER: ")]
   for k, (question, answer) in enumerate(turns):
@@ -229,9 +248,11 @@ def edit(instruction: str) -> list[Segment]:
   return [Image(0), Text(instruction), Image(1, supervised=True)]
 
 
-COND_PROMPTS = {"canny": "Generate an image from this edge map.",
-                "inpaint": "Fill in the masked region of this image.",
-                "colorize": "Colorize this grayscale image."}
+COND_PROMPTS = {
+  "canny": "Generate an image from this edge map.",
+  "inpaint": "Fill in the masked region of this image.",
+  "colorize": "Colorize this grayscale image.",
+}
 
 
 def conditional(cond_type: str, prompt: str = "") -> list[Segment]:
@@ -253,12 +274,21 @@ def text_only(text: str) -> list[Segment]:
 # Packing
 
 
-FIELDS = ("tokens", "image_index", "image_token", "text_target", "text_mask", "feature_weight",
-          "target_scale", "router_label")
+FIELDS = (
+  "tokens",
+  "image_index",
+  "image_token",
+  "text_target",
+  "text_mask",
+  "feature_weight",
+  "target_scale",
+  "router_label",
+)
 
 
-def pack(examples: Sequence[Built], seq_len: int, max_images: int,
-         pad_id: int) -> dict[str, np.ndarray]:
+def pack(
+  examples: Sequence[Built], seq_len: int, max_images: int, pad_id: int
+) -> dict[str, np.ndarray]:
   """Packs examples greedily, in order, into one row of `seq_len` positions.
 
   Returns the row's arrays plus `segment_ids`, `positions` and `kind_id`; `image_index` is
@@ -286,8 +316,16 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
     images += ex.num_images
     packed += 1
   pad = seq_len - used
-  fill = {"tokens": pad_id, "image_index": -1, "image_token": -1, "text_target": pad_id,
-          "text_mask": False, "feature_weight": 0.0, "target_scale": -1, "router_label": -1}
+  fill = {
+    "tokens": pad_id,
+    "image_index": -1,
+    "image_token": -1,
+    "text_target": pad_id,
+    "text_mask": False,
+    "feature_weight": 0.0,
+    "target_scale": -1,
+    "router_label": -1,
+  }
   out = {}
   for k in FIELDS:
     parts = row[k] + [np.full(pad, fill[k], dtype=np.asarray(fill[k]).dtype)]
@@ -301,19 +339,28 @@ def pack(examples: Sequence[Built], seq_len: int, max_images: int,
   return out
 
 
-def build_prompt(segments: Sequence[Segment], encode: Callable[[str], Sequence[int]],
-                 special: SpecialTokens, open_image: bool = False) -> dict[str, np.ndarray]:
+def build_prompt(
+  segments: Sequence[Segment],
+  encode: Callable[[str], Sequence[int]],
+  special: SpecialTokens,
+  open_image: bool = False,
+) -> dict[str, np.ndarray]:
   """An inference prompt: `<s> segments...` (no `</s>`), ending in `[IMG]` if `open_image`.
 
   Returns `tokens`, `image_index`, `image_token` (as in `build`) and `num_images`.
   """
   b = build(list(segments), encode, special, "text")
   keep = len(b) - 1  # drop </s>
-  out = {"tokens": b.tokens[:keep], "image_index": b.image_index[:keep],
-         "image_token": b.image_token[:keep]}
+  out = {
+    "tokens": b.tokens[:keep],
+    "image_index": b.image_index[:keep],
+    "image_token": b.image_token[:keep],
+  }
   if open_image:
-    out = {"tokens": np.append(out["tokens"], special.img_start).astype(np.int32),
-           "image_index": np.append(out["image_index"], -1).astype(np.int32),
-           "image_token": np.append(out["image_token"], -1).astype(np.int32)}
+    out = {
+      "tokens": np.append(out["tokens"], special.img_start).astype(np.int32),
+      "image_index": np.append(out["image_index"], -1).astype(np.int32),
+      "image_token": np.append(out["image_token"], -1).astype(np.int32),
+    }
   out["num_images"] = b.num_images
   return out

@@ -34,31 +34,32 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # the "act_" names, so a parameter's model dimension can be FSDP-sharded while the activation's is
 # not. A name absent from the table is replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_height", None),
-    ("act_width", None),
-    ("act_channels", None),
-    # parameters
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("conv_in", "fsdp"),
-    ("conv_out", "tensor"),
-    ("layers", None),  # stacked (scanned) layer axis
-    ("norm", None),
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("act_seq", None),
+  ("act_embed", None),
+  ("act_mlp", "tensor"),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_vocab", "tensor"),
+  ("act_height", None),
+  ("act_width", None),
+  ("act_channels", None),
+  # parameters
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("vocab", "tensor"),
+  ("conv_in", "fsdp"),
+  ("conv_out", "tensor"),
+  ("layers", None),  # stacked (scanned) layer axis
+  ("norm", None),
 )
 
 _CTX: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
-    "puma_jax_mesh", default=None)
+  "puma_jax_mesh", default=None
+)
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
@@ -83,15 +84,20 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
     rest = math.prod(s for s in sizes if s != -1)
     if rest <= 0 or n % rest:
       raise ValueError(
-          f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {n} available devices")
+        f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {n} available devices"
+      )
     sizes[sizes.index(-1)] = n // rest
   if any(s <= 0 for s in sizes) or math.prod(sizes) != n:
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
-        f"{n} are available; sizes must multiply to the device count (use -1 for one axis)")
-  return jax.make_mesh(tuple(sizes), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
+      f"{n} are available; sizes must multiply to the device count (use -1 for one axis)"
+    )
+  return jax.make_mesh(
+    tuple(sizes),
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
 
 
 def _rule_map(rules) -> dict[str, tuple[str, ...]]:
@@ -110,9 +116,15 @@ def _rule_map(rules) -> dict[str, tuple[str, ...]]:
 _WARNED: set[tuple] = set()
 
 
-def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES,
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None, *,
-                    strict: bool = False, what: str = "array") -> P:
+def logical_to_spec(
+  names: Sequence[str | None],
+  rules=DEFAULT_RULES,
+  shape: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+  *,
+  strict: bool = False,
+  what: str = "array",
+) -> P:
   """Maps logical axis names to a PartitionSpec.
 
   A mesh axis is used at most once per array (first dimension wins). With `shape` and `mesh`
@@ -132,8 +144,10 @@ def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES,
       if mesh is not None and shape is not None:
         ways = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
         if shape[d] % ways:
-          msg = (f"{what} {tuple(shape)}: dimension {d} ({name!r}, size {shape[d]}) does not "
-                 f"divide into {ways} shards over mesh axis {a!r}")
+          msg = (
+            f"{what} {tuple(shape)}: dimension {d} ({name!r}, size {shape[d]}) does not "
+            f"divide into {ways} shards over mesh axis {a!r}"
+          )
           if strict:
             raise ValueError(msg)
           key = (what, tuple(shape), name, a)
@@ -206,8 +220,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh | None = None,
-                 rules=DEFAULT_RULES) -> nnx.Module:
+def init_sharded(
+  build: Callable[[], nnx.Module], mesh: Mesh | None = None, rules=DEFAULT_RULES
+) -> nnx.Module:
   """Builds a module whose parameters are created already sharded.
 
   eval_shape (no memory) -> shardings from the logical axes -> jit(init, out_shardings), so a
@@ -224,8 +239,9 @@ def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh | None = None,
   return nnx.merge(graphdef, state)
 
 
-def materialize(abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None,
-                rules=DEFAULT_RULES) -> nnx.Module:
+def materialize(
+  abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None, rules=DEFAULT_RULES
+) -> nnx.Module:
   """A concrete module from an abstract one (`nnx.eval_shape`) and its parameters.
 
   `params` is a pure dict of every `nnx.Param` (arrays; same tree as
@@ -236,11 +252,16 @@ def materialize(abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None,
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
   want, got = _leaf_shapes(nnx.to_pure_dict(state)), _leaf_shapes(params)
   if want != got:  # a missing leaf would silently stay abstract
-    bad = [f"{k}: given {got[k]}, model {want[k]}" for k in sorted(set(want) & set(got))
-           if want[k] != got[k]]
-    raise ValueError(f"materialize: parameters do not match the module: missing "
-                     f"{sorted(set(want) - set(got))[:5]}, unexpected "
-                     f"{sorted(set(got) - set(want))[:5]}, shape mismatches {bad[:5]}")
+    bad = [
+      f"{k}: given {got[k]}, model {want[k]}"
+      for k in sorted(set(want) & set(got))
+      if want[k] != got[k]
+    ]
+    raise ValueError(
+      f"materialize: parameters do not match the module: missing "
+      f"{sorted(set(want) - set(got))[:5]}, unexpected "
+      f"{sorted(set(got) - set(want))[:5]}, shape mismatches {bad[:5]}"
+    )
   nnx.replace_by_pure_dict(state, params)
   if mesh is not None:
     state = jax.device_put(state, state_shardings(state, mesh, rules))
@@ -250,8 +271,10 @@ def materialize(abstract: nnx.Module, params: dict, *, mesh: Mesh | None = None,
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
   key = lambda p: str(getattr(p, "key", getattr(p, "idx", p)))
-  return {".".join(key(p) for p in path): tuple(np.shape(v))
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    ".".join(key(p) for p in path): tuple(np.shape(v))
+    for path, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:

@@ -36,7 +36,8 @@ def pos_token(i: int) -> str:
 
 
 PUMA_SPECIAL_TOKENS: tuple[str, ...] = (IMG_START, IMG_END) + tuple(
-    pos_token(i) for i in range(NUM_POS_TOKENS))
+  pos_token(i) for i in range(NUM_POS_TOKENS)
+)
 
 
 class ByteTokenizer:
@@ -45,19 +46,20 @@ class ByteTokenizer:
   ids: 0 pad, 1 <s>, 2 </s>, 3 [IMG], 4 [/IMG], 5..260 bytes, 261..484 grounding positions.
   Real runs use the LLaMA tokenizer with PUMA's tokens added (puma_jax.tokenizer).
   """
+
   BYTE0 = 5
   vocab_size = 5 + 256 + NUM_POSITION_TOKENS
 
   def __init__(self):
-    self.special = SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4,
-                                 pos0=self.BYTE0 + 256)
+    self.special = SpecialTokens(bos=1, eos=2, pad=0, img_start=3, img_end=4, pos0=self.BYTE0 + 256)
 
   def encode(self, text: str) -> list[int]:
     return [self.BYTE0 + b for b in text.encode("utf-8")]
 
   def decode(self, ids) -> str:
-    return bytes(int(i) - self.BYTE0 for i in ids
-                 if self.BYTE0 <= int(i) < self.BYTE0 + 256).decode("utf-8", errors="replace")
+    return bytes(
+      int(i) - self.BYTE0 for i in ids if self.BYTE0 <= int(i) < self.BYTE0 + 256
+    ).decode("utf-8", errors="replace")
 
 
 def load(name: str):
@@ -70,8 +72,14 @@ def load(name: str):
   if list(pos) != list(range(pos[0], pos[0] + len(pos))):
     raise ValueError(f"tokenizer {name}: the 224 position tokens must have consecutive ids")
   pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else tok.eos_id
-  special = SpecialTokens(bos=tok.bos_id, eos=tok.eos_id, pad=pad,
-                          img_start=tok.img_start_id, img_end=tok.img_end_id, pos0=pos[0])
+  special = SpecialTokens(
+    bos=tok.bos_id,
+    eos=tok.eos_id,
+    pad=pad,
+    img_start=tok.img_start_id,
+    img_end=tok.img_end_id,
+    pos0=pos[0],
+  )
   return (lambda s: tok.encode(s, bos=False)), tok.decode, special
 
 
@@ -84,25 +92,31 @@ class PumaTokenizer:
       self.num_added = add_special_tokens(hf_tokenizer)
     missing = [t for t in PUMA_SPECIAL_TOKENS if t not in hf_tokenizer.get_vocab()]
     if missing:
-      raise ValueError(f"tokenizer lacks PUMA token(s) {missing[:4]} (build it with "
-                       "add_puma_tokens=True)")
+      raise ValueError(
+        f"tokenizer lacks PUMA token(s) {missing[:4]} (build it with add_puma_tokens=True)"
+      )
     self.img_start_id = self.token_id(IMG_START)
     self.img_end_id = self.token_id(IMG_END)
-    self.pos_ids: tuple[int, ...] = tuple(self.token_id(pos_token(i))
-                                          for i in range(NUM_POS_TOKENS))
+    self.pos_ids: tuple[int, ...] = tuple(
+      self.token_id(pos_token(i)) for i in range(NUM_POS_TOKENS)
+    )
     self._pos_index = {t: i for i, t in enumerate(self.pos_ids)}
 
   @classmethod
   def from_dir(cls, path: str | os.PathLike, add_puma_tokens: bool = True) -> PumaTokenizer:
     """Loads the tokenizer files of a local HF (or converted puma_jax) directory."""
     from transformers import AutoTokenizer
+
     path = Path(path)
     if not path.is_dir():
       raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
-                                             "tokenizer_config.json")):
-      raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json, "
-                              "tokenizer.model or tokenizer_config.json)")
+    if not any(
+      (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+      raise FileNotFoundError(
+        f"{path} holds no tokenizer files (tokenizer.json, "
+        "tokenizer.model or tokenizer_config.json)"
+      )
     return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), add_puma_tokens)
 
   def save(self, dst: str | os.PathLike) -> None:
@@ -153,8 +167,9 @@ class PumaTokenizer:
 
   # -- grounding boxes -------------------------------------------------------------------------
 
-  def box_to_ids(self, box: Sequence[float], image_size: float | Sequence[float] = 1.0
-                 ) -> list[int]:
+  def box_to_ids(
+    self, box: Sequence[float], image_size: float | Sequence[float] = 1.0
+  ) -> list[int]:
     """[x_min, y_min, x_max, y_max] in pixels of an image of `image_size` (w, h) -> 4 position
     token ids (coordinates quantized to 224 bins; default: coordinates already in [0, 1])."""
     if len(box) != 4:
@@ -166,8 +181,9 @@ class PumaTokenizer:
     bins = np.minimum((norm * NUM_POS_TOKENS).astype(int), NUM_POS_TOKENS - 1)
     return [self.pos_ids[b] for b in bins]
 
-  def ids_to_box(self, ids: Sequence[int], image_size: float | Sequence[float] = 1.0
-                 ) -> list[float]:
+  def ids_to_box(
+    self, ids: Sequence[int], image_size: float | Sequence[float] = 1.0
+  ) -> list[float]:
     """Inverse of `box_to_ids` (bin centers)."""
     if len(ids) != 4 or any(i not in self._pos_index for i in ids):
       raise ValueError(f"expected 4 position token ids, got {list(ids)}")
@@ -180,9 +196,13 @@ def add_special_tokens(hf_tokenizer) -> int:
   """Adds PUMA's tokens (unsplittable, not normalized) to an HF tokenizer; returns how many
   were new (0 when it already has them)."""
   from transformers import AddedToken
+
   vocab = hf_tokenizer.get_vocab()
-  new = [AddedToken(t, special=True, normalized=False, single_word=False)
-         for t in PUMA_SPECIAL_TOKENS if t not in vocab]
+  new = [
+    AddedToken(t, special=True, normalized=False, single_word=False)
+    for t in PUMA_SPECIAL_TOKENS
+    if t not in vocab
+  ]
   return int(hf_tokenizer.add_tokens(new, special_tokens=True)) if new else 0
 
 
@@ -191,26 +211,37 @@ def resize_token_embeddings(model, vocab_size: int, *, pad_to_multiple_of: int |
   (rounded up to `pad_to_multiple_of`); new rows are the mean of the old rows. Shrinking is
   refused (it would silently drop trained tokens)."""
   from puma_jax.models.llama import LlamaForCausalLM
+
   cfg = model.config
   if pad_to_multiple_of:
     vocab_size = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
   old = cfg.vocab_size
   if vocab_size < old:
-    raise ValueError(f"resize_token_embeddings: vocab_size={vocab_size} is smaller than the "
-                     f"model's {old}")
+    raise ValueError(
+      f"resize_token_embeddings: vocab_size={vocab_size} is smaller than the model's {old}"
+    )
   if vocab_size == old:
     return model
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   grow = lambda w, axis: jnp.concatenate(
-      [w, jnp.repeat(w.mean(axis=axis, keepdims=True, dtype=jnp.float32).astype(w.dtype),
-                     vocab_size - old, axis=axis)], axis=axis)
+    [
+      w,
+      jnp.repeat(
+        w.mean(axis=axis, keepdims=True, dtype=jnp.float32).astype(w.dtype),
+        vocab_size - old,
+        axis=axis,
+      ),
+    ],
+    axis=axis,
+  )
   params["embed_tokens"]["embedding"] = grow(params["embed_tokens"]["embedding"], 0)
   if not cfg.tie_word_embeddings:
     params["lm_head"]["kernel"] = grow(params["lm_head"]["kernel"], 1)
   new_cfg = cfg.replace(vocab_size=vocab_size)
   param_dtype = params["embed_tokens"]["embedding"].dtype
-  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype,
-                                                     param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  )
   return sharding.materialize(abstract, params)
 
 
@@ -218,5 +249,4 @@ def prepare(model, tokenizer: PumaTokenizer, *, pad_to_multiple_of: int | None =
   """Grows `model` to cover every id of `tokenizer` (no-op when it already does)."""
   if tokenizer.vocab_size <= model.config.vocab_size:
     return model
-  return resize_token_embeddings(model, tokenizer.vocab_size,
-                                 pad_to_multiple_of=pad_to_multiple_of)
+  return resize_token_embeddings(model, tokenizer.vocab_size, pad_to_multiple_of=pad_to_multiple_of)

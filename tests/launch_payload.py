@@ -28,8 +28,9 @@ def main() -> int:
   x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
   total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x))
   want = float(jax.local_device_count() * n * (n + 1) / 2)
-  print(f"process {pid} of {n}: {jax.device_count()} devices, sum {total} (want {want})",
-        flush=True)
+  print(
+    f"process {pid} of {n}: {jax.device_count()} devices, sum {total} (want {want})", flush=True
+  )
   return 0 if total == want else 1
 
 

@@ -26,7 +26,7 @@ def test_choice_per_platform_and_explicit_fallbacks():
   choose = layers.choose_attention
   assert choose(q, k, device=dev("cpu")) == "xla"
   assert choose(q, k, device=dev("gpu", "9.0")) == "cudnn"
-  assert choose(q, k, device=dev("gpu", "7.0")) == "xla"           # V100: no flash kernel
+  assert choose(q, k, device=dev("gpu", "7.0")) == "xla"  # V100: no flash kernel
   assert choose(q, k, device=dev("tpu")) == "splash"
   assert choose(q.astype(jnp.float32), k, device=dev("gpu", "9.0")) == "xla"
   q512, k512, _ = qkv(t=128, h=1, kvh=1, d=512, dtype=jnp.bfloat16)  # the VAE's head dim
@@ -54,7 +54,7 @@ def reference(q, k, v, seg, causal):
 def test_splash_interpret_equals_xla_with_segments(causal):
   q, k, v = qkv()
   seg = np.zeros((2, 256), np.int32)
-  seg[0, :90], seg[0, 90:200] = 1, 2          # two packed examples, then padding
+  seg[0, :90], seg[0, 90:200] = 1, 2  # two packed examples, then padding
   seg[1, :256] = 1
   seg = jnp.asarray(seg)
   valid = (np.asarray(seg) > 0)[:, :, None, None]
@@ -63,6 +63,7 @@ def test_splash_interpret_equals_xla_with_segments(causal):
     def f(q, k, v):
       with layers.attention_impl(impl):
         return layers.attention(q, k, v, is_causal=causal, segment_ids=seg)
+
     return f
 
   tok = layers._SPLASH_INTERPRET.set(True)
@@ -75,8 +76,11 @@ def test_splash_interpret_equals_xla_with_segments(causal):
     layers._SPLASH_INTERPRET.reset(tok)
   want = run("xla")(q, k, v)
   np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=2e-5)
-  np.testing.assert_allclose(want, np.where(valid, reference(q, k, v, np.asarray(seg), causal),
-                                            0) + np.where(valid, 0, want), atol=1e-6)
+  np.testing.assert_allclose(
+    want,
+    np.where(valid, reference(q, k, v, np.asarray(seg), causal), 0) + np.where(valid, 0, want),
+    atol=1e-6,
+  )
   g_xla = jax.grad(loss(run("xla")), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g_fused, g_xla):
     np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.max(jnp.abs(b))))
@@ -84,6 +88,7 @@ def test_splash_interpret_equals_xla_with_segments(causal):
 
 def test_splash_under_a_mesh_runs_per_shard_and_equals_xla():
   from puma_jax import sharding
+
   q, k, v = qkv(b=4, h=4, kvh=2)
   seg = jnp.asarray(np.repeat([[1] * 100 + [2] * 100 + [0] * 56], 4, 0), jnp.int32)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -93,6 +98,7 @@ def test_splash_under_a_mesh_runs_per_shard_and_equals_xla():
     def f(q, k, v):
       with layers.attention_impl(impl):
         return layers.attention(q, k, v, is_causal=True, segment_ids=seg)
+
     return f
 
   tok = layers._SPLASH_INTERPRET.set(True)

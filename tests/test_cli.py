@@ -21,19 +21,32 @@ def _flags():
 
 def test_positional_args_and_flags_reach_main():
   fv, seen = _flags(), []
-  assert cli.run(lambda argv: seen.append((argv, fv.src, fv.n)), ["prog", "fam", "--src=a",
-                                                                    "--n=3"], flag_values=fv) == 0
+  assert (
+    cli.run(
+      lambda argv: seen.append((argv, fv.src, fv.n)),
+      ["prog", "fam", "--src=a", "--n=3"],
+      flag_values=fv,
+    )
+    == 0
+  )
   # A second in-process call starts from the defaults, not from the first call's values.
-  assert cli.run(lambda argv: seen.append((argv, fv.src, fv.n)) or 7, ["prog", "--src=b"],
-                 flag_values=fv) == 7
+  assert (
+    cli.run(
+      lambda argv: seen.append((argv, fv.src, fv.n)) or 7, ["prog", "--src=b"], flag_values=fv
+    )
+    == 7
+  )
   assert seen == [(["prog", "fam"], "a", 3), (["prog"], "b", 1)]
 
 
-@pytest.mark.parametrize("argv, match", [
+@pytest.mark.parametrize(
+  "argv, match",
+  [
     (["prog"], "--src must have a value"),
     (["prog", "--src=a", "--n=x"], "--n=x"),
     (["prog", "--src=a", "--nope=1"], "nope"),
-])
+  ],
+)
 def test_bad_flags_exit_2_with_one_line(argv, match, capsys):
   assert cli.run(lambda argv: 0, argv, flag_values=_flags()) == 2
   err = capsys.readouterr().err
@@ -44,43 +57,57 @@ def test_expected_errors_exit_2_and_others_propagate(capsys):
   def boom(exc):
     def main(argv):
       raise exc
+
     return main
+
   fv = _flags()
   assert cli.run(boom(ValueError("bad\nvalue")), ["p", "--src=a"], flag_values=fv) == 2
   assert capsys.readouterr().err == "error: bad value\n"
-  assert cli.run(boom(app.UsageError("extra")), ["p", "--src=a"], flag_values=fv,
-                 expected=()) == 2
-  assert cli.run(boom(KeyError("k")), ["p", "--src=a"], flag_values=fv,
-                 expected=lambda: (KeyError,)) == 2
+  assert cli.run(boom(app.UsageError("extra")), ["p", "--src=a"], flag_values=fv, expected=()) == 2
+  assert (
+    cli.run(boom(KeyError("k")), ["p", "--src=a"], flag_values=fv, expected=lambda: (KeyError,))
+    == 2
+  )
   with pytest.raises(RuntimeError):
     cli.run(boom(RuntimeError("bug")), ["p", "--src=a"], flag_values=fv)
 
 
 def test_help_exits_0_on_stdout(capsys):
-  assert cli.run(lambda argv: 1 / 0, ["prog", "--help"], flag_values=_flags(),
-                 doc="Usage: prog --src=X") == 0
+  assert (
+    cli.run(lambda argv: 1 / 0, ["prog", "--help"], flag_values=_flags(), doc="Usage: prog --src=X")
+    == 0
+  )
   out = capsys.readouterr().out
   assert out.startswith("Usage: prog --src=X") and "--src: source" in out
 
 
 def test_module_help_and_bad_input_exit_codes():
   """Through a real `python -m` process, on an entry point that uses the global FLAGS."""
-  run = lambda *a: subprocess.run([sys.executable, "-m", "puma_jax.data.prepare", *a], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=120)
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "puma_jax.data.prepare", *a],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   r = run("--help")
   assert r.returncode == 0 and "--records_per_file" in r.stdout, r.stderr
   r = run("--format=synthetic", "--family=edit")
   assert r.returncode == 2 and r.stderr.strip().startswith("error: flag --dst"), r.stderr
 
 
-@pytest.mark.parametrize("argv, match", [
+@pytest.mark.parametrize(
+  "argv, match",
+  [
     (["nope", "--src=a", "--dst=b"], "unknown family 'nope'"),
     (["--src=a", "--dst=b"], "expected one FAMILY argument"),
     (["vae", "llama", "--src=a", "--dst=b"], "expected one FAMILY argument"),
     (["vae", "--dst=b"], "--src"),
-])
+  ],
+)
 def test_convert_cli_usage_errors(argv, match, capsys):
   from puma_jax.convert.__main__ import main
+
   assert main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and match in err
@@ -89,6 +116,7 @@ def test_convert_cli_usage_errors(argv, match, capsys):
 def test_assemble_and_reconstruct_cli_flags(tmp_path, capsys):
   from puma_jax.assemble import main as assemble_main
   from puma_jax.reconstruct import main as reconstruct_main
+
   assert assemble_main(["--clip=a", "--llm=b"]) == 2
   assert "--dst" in capsys.readouterr().err
   assert assemble_main([f"--clip={tmp_path / 'no'}", "--llm=b", "--dst=c"]) == 2

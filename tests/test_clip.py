@@ -19,16 +19,35 @@ from puma_jax.models import clip, pooling
 from tests.utils import randomize_norms, rel_err
 
 CONFIGS = {
-    # name: HF CLIPVisionConfig kwargs (the 16x16 grid ones also exercise the five scales)
-    "quick_gelu_grid16": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=2,
-                              hidden_act="quick_gelu"),
-    "gelu_grid8": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                       num_attention_heads=3, image_size=40, patch_size=5, hidden_act="gelu",
-                       layer_norm_eps=1e-6),
-    "wide_heads_grid16": dict(hidden_size=96, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=8, image_size=64, patch_size=4,
-                              hidden_act="quick_gelu"),
+  # name: HF CLIPVisionConfig kwargs (the 16x16 grid ones also exercise the five scales)
+  "quick_gelu_grid16": dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=2,
+    hidden_act="quick_gelu",
+  ),
+  "gelu_grid8": dict(
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    image_size=40,
+    patch_size=5,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+  ),
+  "wide_heads_grid16": dict(
+    hidden_size=96,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    image_size=64,
+    patch_size=4,
+    hidden_act="quick_gelu",
+  ),
 }
 
 
@@ -60,8 +79,9 @@ def hf_forward(hf, x_nhwc):
 
 def images_for(name, batch=2, seed=0):
   c = CONFIGS[name]
-  return np.random.RandomState(seed).randn(batch, c["image_size"], c["image_size"], 3).astype(
-      np.float32)
+  return (
+    np.random.RandomState(seed).randn(batch, c["image_size"], c["image_size"], 3).astype(np.float32)
+  )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -107,15 +127,34 @@ def test_cli_subprocess_and_full_clipmodel(tmp_path):
   """`python -m puma_jax.convert` on a full CLIPModel dir (text tower skipped explicitly)."""
   torch.manual_seed(3)
   vis = CONFIGS["gelu_grid8"]
-  full = transformers.CLIPModel(transformers.CLIPConfig(
-      vision_config=vis, projection_dim=16,
-      text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                       num_attention_heads=2, vocab_size=99))).eval()
+  full = transformers.CLIPModel(
+    transformers.CLIPConfig(
+      vision_config=vis,
+      projection_dim=16,
+      text_config=dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=99,
+      ),
+    )
+  ).eval()
   randomize_norms(full, 3)
   full.save_pretrained(tmp_path / "hf")
-  r = subprocess.run([sys.executable, "-m", "puma_jax.convert", "clip-vision",
-                      f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'ours'}"],
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "puma_jax.convert",
+      "clip-vision",
+      f"--src={tmp_path / 'hf'}",
+      f"--dst={tmp_path / 'ours'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr
   model = checkpoints.load_module(tmp_path / "ours", family="clip-vision")
   x = images_for("gelu_grid8", seed=4)
@@ -150,8 +189,9 @@ def test_sharded_init_materializes_sharded():
   assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert k.addressable_shards[0].data.shape == (cfg.hidden_size // 4, cfg.hidden_size // 2)
   ref = clip.CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
-  np.testing.assert_array_equal(np.asarray(k),
-                                np.asarray(ref.encoder.layers[1].self_attn.q_proj.kernel[...]))
+  np.testing.assert_array_equal(
+    np.asarray(k), np.asarray(ref.encoder.layers[1].self_attn.q_proj.kernel[...])
+  )
 
 
 def test_real_size_vit_l14_eval_shape():
@@ -160,14 +200,26 @@ def test_real_size_vit_l14_eval_shape():
   abstract = nnx.eval_shape(lambda: clip.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)))
   assert sharding.count_params(abstract) == 303_179_776
   with torch.device("meta"):
-    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=224, patch_size=14, projection_dim=768))
+    hf = transformers.CLIPVisionModel(
+      transformers.CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+      )
+    )
   hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
   assert sum(np.prod(s) for s in hf_shapes.values()) == 303_179_776
   # Every HF tensor (as zero-stride stand-ins) maps onto our parameters with matching shapes.
-  stand_ins = {("vision_model." + k if not k.startswith("vision_model.") else k):
-               np.broadcast_to(np.zeros((), np.float32), s) for k, s in hf_shapes.items()}
+  stand_ins = {
+    ("vision_model." + k if not k.startswith("vision_model.") else k): np.broadcast_to(
+      np.zeros((), np.float32), s
+    )
+    for k, s in hf_shapes.items()
+  }
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   targets = {k: (v.shape, np.float32) for k, v in core.flatten_state(params).items()}
   mapped = core.map_to_target(stand_ins, clip_convert.rules(cfg), targets)
@@ -176,6 +228,7 @@ def test_real_size_vit_l14_eval_shape():
 
 def test_preprocess_pil_matches_public_transform():
   from PIL import Image
+
   rng = np.random.RandomState(0)
   img = rng.randint(0, 256, (300, 200, 3), np.uint8)
   x = clip.preprocess_pil([img, Image.fromarray(img)])
@@ -190,13 +243,16 @@ def test_preprocess_pil_matches_public_transform():
   assert float(jnp.abs(y - x[:1]).mean()) < 0.02
 
 
-@pytest.mark.parametrize("shape,match", [
+@pytest.mark.parametrize(
+  "shape,match",
+  [
     ((2, 32, 32), "NHWC"),
     ((32, 32, 3), "add a batch axis"),
     ((2, 3, 32, 32), "looks NCHW"),
     ((2, 32, 32, 4), r"\(batch, 32, 32, 3\)"),
     ((2, 16, 16, 3), r"\(batch, 32, 32, 3\)"),
-])
+  ],
+)
 def test_bad_image_shapes(shape, match):
   model = clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=match):

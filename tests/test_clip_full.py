@@ -24,12 +24,28 @@ BOS, EOS = VOCAB - 2, VOCAB - 1
 
 def hf_config(eos_token_id: int, **text):
   return transformers.CLIPConfig(
-      text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                       bos_token_id=BOS, eos_token_id=eos_token_id, pad_token_id=EOS, **text),
-      vision_config=dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=4, image_size=32, patch_size=8),
-      projection_dim=24)
+    text_config=dict(
+      vocab_size=VOCAB,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=16,
+      bos_token_id=BOS,
+      eos_token_id=eos_token_id,
+      pad_token_id=EOS,
+      **text,
+    ),
+    vision_config=dict(
+      hidden_size=48,
+      intermediate_size=40,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=24,
+  )
 
 
 def make_model(tmp_path, eos_token_id, seed=0):
@@ -52,8 +68,10 @@ def hf_image(model, pixels):
 
 def hf_text(model, ids, mask=None):
   with torch.no_grad():
-    out = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
-                                  attention_mask=None if mask is None else torch.from_numpy(mask))
+    out = model.get_text_features(
+      input_ids=torch.from_numpy(ids).long(),
+      attention_mask=None if mask is None else torch.from_numpy(mask),
+    )
   return getattr(out, "pooler_output", out).numpy()
 
 
@@ -71,8 +89,7 @@ def test_clip_parity(tmp_path, eos_rule):
   rs = np.random.RandomState(0)
   pixels = rs.randn(3, 32, 32, 3).astype(np.float32)
   tok = clip_tokenizer.load(out)
-  ids, mask = clip_tokenizer.tokenize(tok, ["a photo of a cat", "dog", "a photo of a dog " * 5],
-                                      16)
+  ids, mask = clip_tokenizer.tokenize(tok, ["a photo of a cat", "dog", "a photo of a dog " * 5], 16)
   assert (ids == EOS).any(1).all() and ids[2, -1] == EOS  # truncation keeps the end token
   img, txt = run(state, pixels, ids, mask)
   assert rel_err(img, hf_image(hf, pixels)) < 1e-4
@@ -87,8 +104,9 @@ def test_clip_parity(tmp_path, eos_rule):
   assert rel_err(run(state, pixels, raw, np.ones_like(raw))[1], raw_ref) < 1e-4
   # Hidden states of the text tower, all positions.
   with torch.no_grad():
-    ref_h = hf.text_model(input_ids=torch.from_numpy(ids).long(),
-                          attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    ref_h = hf.text_model(
+      input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask)
+    ).last_hidden_state.numpy()
   h = jax.jit(lambda s, i, m: nnx.merge(graphdef, s).text_model(i, m))(state, ids, mask)
   valid = mask.astype(bool)
   assert rel_err(np.asarray(h)[valid], ref_h[valid]) < 1e-4
@@ -136,24 +154,35 @@ def test_real_size_param_count():
   ours = nnx.eval_shape(lambda: clip_text.CLIPModel(clip_text.vit_b32(), rngs=nnx.Rngs(0)))
   assert sharding.count_params(ours) == 151_277_313
   cfg = transformers.CLIPConfig(
-      text_config=dict(eos_token_id=2),
-      vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, image_size=224, patch_size=32),
-      projection_dim=512)
+    text_config=dict(eos_token_id=2),
+    vision_config=dict(
+      hidden_size=768,
+      intermediate_size=3072,
+      num_hidden_layers=12,
+      num_attention_heads=12,
+      image_size=224,
+      patch_size=32,
+    ),
+    projection_dim=512,
+  )
   with torch.device("meta"):
     hf = transformers.CLIPModel(cfg)
   assert sum(p.numel() for p in hf.parameters()) == 151_277_313
   # The converter reads that config into exactly our ViT-B/32 preset, also when the towers list
   # only the fields that differ from transformers' defaults (old hub configs do).
   assert clip_full.config_from_hf(json.loads(cfg.to_json_string())) == clip_text.vit_b32()
-  sparse = {"text_config_dict": {"eos_token_id": 2}, "vision_config_dict": {"patch_size": 32},
-            "projection_dim": 512}
+  sparse = {
+    "text_config_dict": {"eos_token_id": 2},
+    "vision_config_dict": {"patch_size": 32},
+    "projection_dim": 512,
+  }
   assert clip_full.config_from_hf(sparse) == clip_text.vit_b32()
 
 
 def test_conversion_errors(tmp_path):
   hf, src = make_model(tmp_path, EOS)
   from safetensors.torch import load_file, save_file
+
   sd = load_file(src / "model.safetensors")
   sd.pop("text_projection.weight")
   save_file(sd, src / "model.safetensors")

@@ -13,8 +13,14 @@ from puma_jax.convert import ConversionError, convert, core, import_module
 from puma_jax.convert.__main__ import main as convert_main
 from tests.utils import randomize_norms, rel_err
 
-HF_CFG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-              image_size=16, patch_size=4)
+HF_CFG = dict(
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  image_size=16,
+  patch_size=4,
+)
 
 
 @pytest.fixture()
@@ -81,6 +87,7 @@ def test_bin_with_pickled_object_is_refused(tmp_path):
   class Evil:
     def __reduce__(self):
       return (print, ("unpickled!",))
+
   torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
   with pytest.raises(ConversionError, match="safely"):
     core.read_torch_bin(tmp_path / "pytorch_model.bin")
@@ -88,12 +95,14 @@ def test_bin_with_pickled_object_is_refused(tmp_path):
 
 def test_bfloat16_safetensors_roundtrip(tmp_path):
   import ml_dtypes
+
   a = np.random.RandomState(0).randn(3, 5).astype(ml_dtypes.bfloat16)
   core.write_safetensors({"a": a, "b": np.arange(4, dtype=np.int64)}, tmp_path / "x.safetensors")
   back = core.read_safetensors(tmp_path / "x.safetensors")
   np.testing.assert_array_equal(np.asarray(back["a"], np.float32), np.asarray(a, np.float32))
   # interoperable with the reference implementation
   from safetensors.torch import load_file
+
   t = load_file(tmp_path / "x.safetensors")
   assert t["a"].dtype == torch.bfloat16 and t["b"].tolist() == [0, 1, 2, 3]
 
@@ -114,16 +123,18 @@ def test_missing_tensor(hf_dir, tmp_path, capsys):
 
 def test_unexpected_tensor(hf_dir, tmp_path, capsys):
   src, _ = hf_dir
-  rewrite_weights(src, lambda t: t.__setitem__("encoder.layers.0.extra_gate",
-                                               np.zeros(3, np.float32)))
+  rewrite_weights(
+    src, lambda t: t.__setitem__("encoder.layers.0.extra_gate", np.zeros(3, np.float32))
+  )
   code, err = run_cli(src, tmp_path / "out", capsys)
   assert code == 2 and "unexpected" in err and "extra_gate" in err
 
 
 def test_wrong_shape(hf_dir, tmp_path, capsys):
   src, _ = hf_dir
-  rewrite_weights(src, lambda t: t.__setitem__("encoder.layers.0.mlp.fc1.weight",
-                                               np.zeros((48, 31), np.float32)))
+  rewrite_weights(
+    src, lambda t: t.__setitem__("encoder.layers.0.mlp.fc1.weight", np.zeros((48, 31), np.float32))
+  )
   code, err = run_cli(src, tmp_path / "out", capsys)
   assert code == 2
   assert "encoder.layers.0.mlp.fc1.weight" in err and "(48, 31)" in err and "(32, 48)" in err
@@ -150,11 +161,14 @@ def test_truncated_safetensors(hf_dir, tmp_path, capsys):
   assert code == 2 and "truncated" in err
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("hidden_act", "swiglu_xyz", "hidden_act"),
     ("patch_size", 5, "patch_size"),
     ("num_attention_heads", 5, "num_attention_heads"),
-])
+  ],
+)
 def test_unsupported_config_value(hf_dir, tmp_path, capsys, field, value, match):
   src, _ = hf_dir
   cfg = json.loads((src / "config.json").read_text())
@@ -192,6 +206,7 @@ def test_load_module_errors(hf_dir, tmp_path):
 def test_rules_work_in_both_directions(hf_dir):
   src, _ = hf_dir
   from puma_jax.convert import clip as clip_convert
+
   module, cfg = import_module("clip-vision", src)
   flat = checkpoints.param_arrays(module)
   back = core.map_to_source(flat, clip_convert.rules(cfg))

@@ -25,24 +25,48 @@ def good_records(rng):
   b = png(img)
   conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "This."}]
   return {
-      "pairs": {"key": "p", "image": b, "caption": "a caption"},
-      "grounding": {"key": "g", "image": b, "caption": "a dog",
-                    "noun_chunks": [[0, 5, 0.1, 0.1, 0.6, 0.7, 0.9]]},
-      "text": {"key": "t", "text": "some text"},
-      "chat": {"key": "c", "image": b, "conversations": conv},
-      "edit": {"key": "e", "source": b, "target": png(img[::-1].copy()),
-               "instruction": "flip it"},
-      "conditional": {"key": "k", "image": b, "caption": "x"},
+    "pairs": {"key": "p", "image": b, "caption": "a caption"},
+    "grounding": {
+      "key": "g",
+      "image": b,
+      "caption": "a dog",
+      "noun_chunks": [[0, 5, 0.1, 0.1, 0.6, 0.7, 0.9]],
+    },
+    "text": {"key": "t", "text": "some text"},
+    "chat": {"key": "c", "image": b, "conversations": conv},
+    "edit": {"key": "e", "source": b, "target": png(img[::-1].copy()), "instruction": "flip it"},
+    "conditional": {"key": "k", "image": b, "caption": "x"},
   }
 
 
-WRONG_VALUES = [None, 0, 1.5, float("nan"), True, [], {}, [1, 2], {"a": 1}, b"", b"\x00" * 7,
-                "", "   ", np.zeros((0, 0, 3), np.uint8), np.zeros((4, 4), np.float32),
-                np.zeros((2, 3, 4, 5), np.uint8), np.zeros((5, 5, 2), np.uint8)]
+WRONG_VALUES = [
+  None,
+  0,
+  1.5,
+  float("nan"),
+  True,
+  [],
+  {},
+  [1, 2],
+  {"a": 1},
+  b"",
+  b"\x00" * 7,
+  "",
+  "   ",
+  np.zeros((0, 0, 3), np.uint8),
+  np.zeros((4, 4), np.float32),
+  np.zeros((2, 3, 4, 5), np.uint8),
+  np.zeros((5, 5, 2), np.uint8),
+]
 # Which field of each family must be well-formed (a wrong value there makes the record bad).
-REQUIRED = {"pairs": ("image", "caption"), "grounding": ("image", "caption", "noun_chunks"),
-            "text": ("text",), "chat": ("conversations",), "edit": ("source", "target",
-            "instruction"), "conditional": ("image",)}
+REQUIRED = {
+  "pairs": ("image", "caption"),
+  "grounding": ("image", "caption", "noun_chunks"),
+  "text": ("text",),
+  "chat": ("conversations",),
+  "edit": ("source", "target", "instruction"),
+  "conditional": ("image",),
+}
 
 
 def malformed_records(rng):
@@ -51,30 +75,44 @@ def malformed_records(rng):
   base = good_records(rng)
   for fam, rec in base.items():
     for field in REQUIRED[fam]:
-      out.append((fam, {k: v for k, v in rec.items() if k != field}))   # field missing
+      out.append((fam, {k: v for k, v in rec.items() if k != field}))  # field missing
       for wrong in WRONG_VALUES:
         out.append((fam, {**rec, field: wrong}))
     for key in ("image", "source", "target"):
       if key in rec:
         data = rec[key]
         for cut in (1, 8, len(data) // 3, 2 * len(data) // 3):
-          out.append((fam, {**rec, key: data[:cut]}))          # truncated image
+          out.append((fam, {**rec, key: data[:cut]}))  # truncated image
         flipped = bytearray(data)
         flipped[:8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
-        out.append((fam, {**rec, key: bytes(flipped)}))        # corrupt header
-        out.append((fam, {**rec, key: "no/such/file.png"}))    # missing file
+        out.append((fam, {**rec, key: bytes(flipped)}))  # corrupt header
+        out.append((fam, {**rec, key: "no/such/file.png"}))  # missing file
   g = base["grounding"]
-  for chunk in ([0, 5, -0.5, 0.1, 0.6, 0.7], [0, 5, 0.1, 0.1, 1.5, 0.7], [0, 5, 0.6, 0.1, 0.1, 0.7],
-                [0, 99, 0.1, 0.1, 0.6, 0.7], [3, 2, 0.1, 0.1, 0.6, 0.7], [0, 5, 0.1],
-                [0, 5, float("nan"), 0.1, 0.6, 0.7], [0, 5, float("inf"), 0.1, 0.6, 0.7],
-                ["0", 5, 0.1, 0.1, 0.6, 0.7], [0.5, 5, 0.1, 0.1, 0.6, 0.7], "chunk", None):
+  for chunk in (
+    [0, 5, -0.5, 0.1, 0.6, 0.7],
+    [0, 5, 0.1, 0.1, 1.5, 0.7],
+    [0, 5, 0.6, 0.1, 0.1, 0.7],
+    [0, 99, 0.1, 0.1, 0.6, 0.7],
+    [3, 2, 0.1, 0.1, 0.6, 0.7],
+    [0, 5, 0.1],
+    [0, 5, float("nan"), 0.1, 0.6, 0.7],
+    [0, 5, float("inf"), 0.1, 0.6, 0.7],
+    ["0", 5, 0.1, 0.1, 0.6, 0.7],
+    [0.5, 5, 0.1, 0.1, 0.6, 0.7],
+    "chunk",
+    None,
+  ):
     out.append(("grounding", {**g, "noun_chunks": [chunk]}))
   c = base["chat"]
-  for conv in ([{"from": "gpt", "value": "<image>\nno"}], [{"from": "human", "value": "q"}],
-               [{"from": "human"}, {"from": "gpt", "value": "a"}], ["turn"],
-               [{"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}],
-               [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}],
-               [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]):
+  for conv in (
+    [{"from": "gpt", "value": "<image>\nno"}],
+    [{"from": "human", "value": "q"}],
+    [{"from": "human"}, {"from": "gpt", "value": "a"}],
+    ["turn"],
+    [{"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}],
+    [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}],
+    [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}],
+  ):
     out.append(("chat", {**c, "conversations": conv}))
   out.append(("chat", {**c, "image": ["a.png", 7]}))
   for fam in FAMILIES:
@@ -103,15 +141,28 @@ def test_fuzz_every_malformed_record_is_skipped_with_a_reason():
   # The good twins all parse: the fuzz breaks records, not the parsers.
   for fam, rec in good_records(rng).items():
     assert isinstance(pre(parse.Parser(fam, "fuzz")(rec)), Example), fam
-  assert {"decode_error", "missing_caption", "box_out_of_range", "bad_conversation",
-          "missing_image_file", "wrong_type:image", "image_placeholder_mismatch"} <= reasons
+  assert {
+    "decode_error",
+    "missing_caption",
+    "box_out_of_range",
+    "bad_conversation",
+    "missing_image_file",
+    "wrong_type:image",
+    "image_placeholder_mismatch",
+  } <= reasons
 
 
 def test_pipeline_counts_skips_exactly_and_trains_only_on_good():
   rng = np.random.default_rng(1)
   bad = [r for fam, r in malformed_records(rng) if fam == "pairs"]
-  good = [{"key": f"g{i}", "image": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8),
-           "caption": f"good {i}"} for i in range(40)]
+  good = [
+    {
+      "key": f"g{i}",
+      "image": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8),
+      "caption": f"good {i}",
+    }
+    for i in range(40)
+  ]
   records = good + bad
   order = rng.permutation(len(records))
   records = [records[i] for i in order]
@@ -123,14 +174,14 @@ def test_pipeline_counts_skips_exactly_and_trains_only_on_good():
   cfg = data_config.get_config("tiny")
   cfg.sources = {"mix": data_config.source("pairs", format="jsonl", paths="unused")}
   cfg.num_epochs, cfg.drop_remainder, cfg.batch_size, cfg.image.clip_size = 1, False, 8, 16
-  it = iter(pipeline.build(cfg, encode=None, host_index=0, host_count=1,
-                           readers={"mix": records}))
+  it = iter(pipeline.build(cfg, encode=None, host_index=0, host_count=1, readers={"mix": records}))
   seen = [ex for batch in it for ex in batch]
   assert sorted(ex.text for ex in seen) == sorted(f"good {i}" for i in range(40))
   m = it.metrics()
   assert m["data/examples"] == 40 and m["data/skipped"] == len(bad)
-  assert {k[len("data/skipped/"):]: v for k, v in m.items()
-          if k.startswith("data/skipped/")} == expected
+  assert {
+    k[len("data/skipped/") :]: v for k, v in m.items() if k.startswith("data/skipped/")
+  } == expected
   assert it.get_state()["skipped_by_source"] == {"mix": len(bad)}
 
 
@@ -146,16 +197,17 @@ def test_wholly_broken_source_stops_with_a_report():
 
 def test_validate_reports_skips(tmp_path):
   from puma_jax.data import validate
+
   lines = ['{"text": "fine"}', '{"text": ""}', '{"text": 5}', "{oops"]
   (tmp_path / "t.jsonl").write_text("\n".join(lines))
   cfg = data_config.get_config("tiny")
-  cfg.sources = {"t": data_config.source("text", format="jsonl", paths=str(tmp_path / "t.jsonl")),
-                 "nothing": data_config.source("text", format="jsonl",
-                                               paths=str(tmp_path / "none.jsonl"))}
+  cfg.sources = {
+    "t": data_config.source("text", format="jsonl", paths=str(tmp_path / "t.jsonl")),
+    "nothing": data_config.source("text", format="jsonl", paths=str(tmp_path / "none.jsonl")),
+  }
   reports, problems = validate.validate(cfg, max_skip_fraction=0.5)
   r = {r["source"]: r for r in reports}["t"]
-  assert r["kept"] == 1 and r["skipped"] == {"missing_text": 1, "wrong_type:text": 1,
-                                            "bad_json": 1}
+  assert r["kept"] == 1 and r["skipped"] == {"missing_text": 1, "wrong_type:text": 1, "bad_json": 1}
   assert any("t: skips 75%" in p for p in problems)
   assert any(p.startswith("nothing: cannot open") for p in problems)
   text = validate.format_report(reports, problems)

@@ -38,19 +38,19 @@ def test_canny_square_edges_where_expected():
 
 def test_canny_thresholds_and_flat_images():
   assert not imaging.canny(np.full((32, 32, 3), 77, np.uint8)).any()
-  faint = square_image(fg=40, bg=30)   # step of 10: gradient far below the low threshold
+  faint = square_image(fg=40, bg=30)  # step of 10: gradient far below the low threshold
   assert not imaging.canny(faint).any()
   assert imaging.canny(faint, low=5, high=10).any()
   # Hysteresis: a weak edge survives only when connected to a strong one.
   img = np.zeros((64, 64), np.uint8)
-  img[:, 32:] = 255                    # strong vertical edge
-  img[10:20, 5:15] = 60                # isolated faint blob
+  img[:, 32:] = 255  # strong vertical edge
+  img[10:20, 5:15] = 60  # isolated faint blob
   e = imaging.canny(img, low=100, high=400)
   assert e[:, 30:34].any() and not e[:, :20].any()
   # Equal luma, different colour: found through the strongest channel (OpenCV's colour rule).
   iso = square_image(fg=0, bg=0)
   iso[:] = (76, 76, 76)
-  iso[16:48, 16:48] = (255, 0, 0)   # luma of pure red is 76 as well
+  iso[16:48, 16:48] = (255, 0, 0)  # luma of pure red is 76 as well
   assert not imaging.canny(imaging.grayscale(iso)).any()
   assert imaging.canny(iso)[20:44, 14:18].any()
   with pytest.raises(ValueError, match="low threshold"):
@@ -60,8 +60,9 @@ def test_canny_thresholds_and_flat_images():
 def test_clip_resize_matches_preprocess_pil():
   img = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
   view = imaging.resize(img, 224)
-  mine = (view.astype(np.float32) / 255 - np.asarray(clip.CLIP_MEAN, np.float32)) / \
-      np.asarray(clip.CLIP_STD, np.float32)
+  mine = (view.astype(np.float32) / 255 - np.asarray(clip.CLIP_MEAN, np.float32)) / np.asarray(
+    clip.CLIP_STD, np.float32
+  )
   np.testing.assert_array_equal(mine[None], clip.preprocess_pil([img]))
 
 
@@ -73,7 +74,7 @@ def test_decode_truncated_and_garbage():
     data = buf.getvalue()
     assert imaging.decode_image(data).shape == (64, 64, 3)
     with pytest.raises(BadRecord, match="decode_error"):
-      imaging.decode_image(data[:len(data) // 2])
+      imaging.decode_image(data[: len(data) // 2])
   for junk in (b"", b"\x89PNG\r\n\x1a\nxxxx", b"hello world"):
     with pytest.raises(BadRecord, match="decode_error"):
       imaging.decode_image(junk)
@@ -83,7 +84,7 @@ def test_decode_truncated_and_garbage():
 
 def test_decode_modes_to_rgb():
   rgba = np.zeros((8, 8, 4), np.uint8)
-  rgba[..., 0] = 255                      # red, fully transparent: composited on white
+  rgba[..., 0] = 255  # red, fully transparent: composited on white
   buf = io.BytesIO()
   Image.fromarray(rgba).save(buf, format="PNG")
   np.testing.assert_array_equal(imaging.decode_image(buf.getvalue()), 255)
@@ -103,11 +104,17 @@ def test_center_crop_reframes_boxes():
 
 def test_preprocess_views_boxes_and_filter():
   img = np.random.default_rng(2).integers(0, 256, (50, 100, 3), dtype=np.uint8)
-  ex = Example("grounding", key="k", images=(img,), text="a b",
-               boxes=np.array([[0.0, 0.0, 0.2, 1.0], [0.3, 0.2, 0.5, 0.8]], np.float32),
-               phrases=((0, 1), (2, 3))).validate()
-  pre = transforms.Preprocess(transforms.ImageOptions(clip_size=32, vae_size=16),
-                              tokenize=lambda s: list(s.encode()))
+  ex = Example(
+    "grounding",
+    key="k",
+    images=(img,),
+    text="a b",
+    boxes=np.array([[0.0, 0.0, 0.2, 1.0], [0.3, 0.2, 0.5, 0.8]], np.float32),
+    phrases=((0, 1), (2, 3)),
+  ).validate()
+  pre = transforms.Preprocess(
+    transforms.ImageOptions(clip_size=32, vae_size=16), tokenize=lambda s: list(s.encode())
+  )
   out = pre(ex)
   assert out.images[0].shape == (32, 32, 3) and out.vae_images[0].shape == (16, 16, 3)
   np.testing.assert_array_equal(out.images[0], imaging.resize(img[:, 25:75], 32))
@@ -115,15 +122,21 @@ def test_preprocess_views_boxes_and_filter():
   assert out.token_ids == {"text": [97, 32, 98]}
   small = transforms.Preprocess(transforms.ImageOptions(clip_size=32, min_resolution=64))(ex)
   assert isinstance(small, Skip) and small.reason == "too_small"
-  only_left = Example("grounding", key="k", images=(img,), text="a",
-                      boxes=np.array([[0.0, 0.0, 0.2, 1.0]], np.float32), phrases=((0, 1),))
+  only_left = Example(
+    "grounding",
+    key="k",
+    images=(img,),
+    text="a",
+    boxes=np.array([[0.0, 0.0, 0.2, 1.0]], np.float32),
+    phrases=((0, 1),),
+  )
   assert pre(only_left).reason == "boxes_cropped_out"
 
 
 @pytest.mark.parametrize("cond", ["canny", "inpaint", "colorize"])
 def test_conditional_pairs(cond):
   img = square_image(n=48, lo=12, hi=36)
-  img[..., 1] = 0   # magenta square: grayscale differs from the colour image
+  img[..., 1] = 0  # magenta square: grayscale differs from the colour image
   p = parse.Parser("conditional", "s", parse.ParseOptions(cond_types=(cond,)))
   ex = p({"key": "a", "image": img, "caption": "square"})
   assert ex.kind == "conditional" and ex.cond_type == cond
@@ -138,7 +151,7 @@ def test_conditional_pairs(cond):
     np.testing.assert_array_equal(condition[ex.mask == 0], img[ex.mask == 0])
     assert np.all(condition[ex.mask == 1] == 0)
     again = p({"key": "a", "image": img, "caption": "square"})
-    np.testing.assert_array_equal(again.mask, ex.mask)   # deterministic per key
+    np.testing.assert_array_equal(again.mask, ex.mask)  # deterministic per key
   out = transforms.Preprocess(transforms.ImageOptions(clip_size=24))(ex)
   assert out.images[0].shape == (24, 24, 3)
   if cond == "inpaint":

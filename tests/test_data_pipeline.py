@@ -55,8 +55,8 @@ def test_restore_mid_epoch_continues_exactly():
   cfg = tiny_cfg()
   ds = pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1)
   it = iter(ds)
-  take(it, 7)    # 28 examples: mid-epoch for every 60-record source
-  state = json.loads(json.dumps(it.get_state()))   # survives a JSON checkpoint
+  take(it, 7)  # 28 examples: mid-epoch for every 60-record source
+  state = json.loads(json.dumps(it.get_state()))  # survives a JSON checkpoint
   expected = take(it, 6)
   fresh = iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1))
   fresh.set_state(state)
@@ -70,7 +70,7 @@ def test_restore_across_epoch_boundary_single_source():
     if name != "edit":
       cfg.sources[name].weight = 0.0
   it = iter(pipeline.build(cfg, host_index=0, host_count=1))
-  take(it, 14)   # 56 of 60 records: the next batches straddle the reshuffled second epoch
+  take(it, 14)  # 56 of 60 records: the next batches straddle the reshuffled second epoch
   state = it.get_state()
   expected = take(it, 4)
   fresh = iter(pipeline.build(cfg, host_index=0, host_count=1))
@@ -79,8 +79,9 @@ def test_restore_across_epoch_boundary_single_source():
 
 
 def _keys(cfg, host, hosts):
-  return [ex.key for b in pipeline.build(cfg, encode=None, host_index=host, host_count=hosts)
-          for ex in b]
+  return [
+    ex.key for b in pipeline.build(cfg, encode=None, host_index=host, host_count=hosts) for ex in b
+  ]
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
@@ -105,7 +106,8 @@ def test_mixing_follows_weights():
   kinds = np.concatenate([b["kind"] for b in take(it, 4)])
   counts = collections.Counter(EXAMPLE_KINDS[t] for t in kinds)
   assert {k: v for k, v in it.metrics().items() if k.startswith("data/task/")} == {
-      f"data/task/{t}": n for t, n in counts.items()}
+    f"data/task/{t}": n for t, n in counts.items()
+  }
   total = sum(float(s.weight) for s in cfg.sources.values())
   # pairs (weight 2) become t2i + i2t; every other family maps to one kind.
   assert abs((counts["t2i"] + counts["i2t"]) / 200 - 2 / total) < 0.03
@@ -123,8 +125,10 @@ def test_pair_split_is_deterministic_per_example_and_balanced():
   assert 0.42 < share < 0.58
   other = parse.Parser("pairs", "pairs", parse.ParseOptions(seed=4))
   assert any(other(src[i]).kind != kinds[other(src[i]).key] for i in range(400))
-  assert all(parse.Parser("pairs", "p", parse.ParseOptions(i2t_fraction=0.0))(src[i]).kind ==
-             "t2i" for i in range(20))
+  assert all(
+    parse.Parser("pairs", "p", parse.ParseOptions(i2t_fraction=0.0))(src[i]).kind == "t2i"
+    for i in range(20)
+  )
   # Inside the pipeline the split is the same whatever the shuffle seed or host sharding.
   cfg = tiny_cfg(num_epochs=1, drop_remainder=False, seed=3)
   cfg.synthetic.num_train = 400
@@ -132,8 +136,12 @@ def test_pair_split_is_deterministic_per_example_and_balanced():
     cfg.sources[name].weight = 1.0 if name == "pairs" else 0.0
   cfg.synthetic.image_size = 8
   cfg.image.clip_size = 8
-  got = {ex.key: ex.kind for h in range(2)
-         for b in pipeline.build(cfg, encode=None, host_index=h, host_count=2) for ex in b}
+  got = {
+    ex.key: ex.kind
+    for h in range(2)
+    for b in pipeline.build(cfg, encode=None, host_index=h, host_count=2)
+    for ex in b
+  }
   assert got == kinds
 
 
@@ -180,7 +188,7 @@ def test_decoder_preset_filters_small_images_and_aligns_views():
   rng = np.random.default_rng(0)
   big = [rng.integers(0, 256, (64 + i, 96, 3), dtype=np.uint8) for i in range(6)]
   small = [rng.integers(0, 256, (40, 200, 3), dtype=np.uint8) for _ in range(3)]
-  records = [{"key": f"b{i}", "image": im} for i, im in enumerate(big)]   # no captions needed
+  records = [{"key": f"b{i}", "image": im} for i, im in enumerate(big)]  # no captions needed
   records += [{"key": f"s{i}", "image": im, "caption": "small"} for i, im in enumerate(small)]
   it = iter(pipeline.build(cfg, host_index=0, host_count=1, readers={"images": records}))
   batches = list(it)
@@ -192,6 +200,7 @@ def test_decoder_preset_filters_small_images_and_aligns_views():
   from PIL import Image
 
   from puma_jax.data import imaging
+
   crops = [imaging.center_crop(im) for im in big]
   for img_clip, img_vae in zip(b["images"][:, 0], b["vae_images"][:, 0]):
     # Both views come from the same centre crop of the same record.

@@ -51,12 +51,12 @@ def test_webdataset_tar_shard(tmp_path):
     add_member(tar, "000.txt", b"a red cat")
     add_member(tar, "001.jpg", jpeg(arrs[1]))
     add_member(tar, "001.json", json.dumps({"TEXT": "a blue dog", "width": 56}).encode())
-    add_member(tar, "002.png", png(arrs[2]))          # no caption: skipped, counted
+    add_member(tar, "002.png", png(arrs[2]))  # no caption: skipped, counted
   src = sources.WebDatasetSource(str(path), fields={"caption": "TEXT"})
   assert len(src) == 3
   out = parse_all(src, "pairs")
   assert isinstance(out[0], Example) and out[0].text == "a red cat"
-  np.testing.assert_array_equal(out[0].images[0], arrs[0])   # PNG is lossless
+  np.testing.assert_array_equal(out[0].images[0], arrs[0])  # PNG is lossless
   assert out[1].text == "a blue dog" and out[1].images[0].shape == (40, 56, 3)
   assert isinstance(out[2], Skip) and out[2].reason == "missing_caption"
   assert out[0].key == "src/000"
@@ -69,14 +69,15 @@ def test_webdataset_truncated_shard_keeps_good_members(tmp_path):
       add_member(tar, f"{i:03d}.png", png(img_array(i, 64, 64)))
       add_member(tar, f"{i:03d}.txt", f"caption {i}".encode())
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])   # cut the shard in the middle of a member
+  path.write_bytes(data[: len(data) // 2])  # cut the shard in the middle of a member
   src = sources.WebDatasetSource(str(path))
   out = parse_all(src, "pairs")
   good = [o for o in out if isinstance(o, Example)]
   bad = [o for o in out if isinstance(o, Skip)]
   assert 1 <= len(good) < 4 and len(good) + len(bad) == len(src)
-  assert all(b.reason in ("truncated_shard", "missing_caption", "decode_error", "missing_image")
-             for b in bad)
+  assert all(
+    b.reason in ("truncated_shard", "missing_caption", "decode_error", "missing_image") for b in bad
+  )
 
 
 def test_parquet_bytes_struct_and_path_columns(tmp_path):
@@ -99,10 +100,12 @@ def test_parquet_bytes_struct_and_path_columns(tmp_path):
 def test_jsonl_with_image_folder_and_bad_lines(tmp_path):
   arr = img_array(5)
   Image.fromarray(arr).save(tmp_path / "x.png")
-  lines = [json.dumps({"image": "x.png", "caption": ["first", "second"]}),
-           "{not json",
-           json.dumps({"image": "missing.png", "caption": "gone"}),
-           json.dumps([1, 2, 3])]
+  lines = [
+    json.dumps({"image": "x.png", "caption": ["first", "second"]}),
+    "{not json",
+    json.dumps({"image": "missing.png", "caption": "gone"}),
+    json.dumps([1, 2, 3]),
+  ]
   (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
   src = sources.JsonlSource(str(tmp_path / "pairs.jsonl"), image_root=str(tmp_path))
   out = parse_all(src, "pairs")
@@ -115,16 +118,29 @@ def test_llava_json(tmp_path):
   arr = img_array(1)
   Image.fromarray(arr).save(tmp_path / "im.jpg", quality=95)
   data = [
-      {"id": "a1", "image": "im.jpg", "conversations": [
-          {"from": "human", "value": "<image>\nWhat is this?"},
-          {"from": "gpt", "value": "Noise."},
-          {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
-      {"id": "a2", "conversations": [{"from": "human", "value": "Hi"},
-                                     {"from": "gpt", "value": "Hello"}]},   # text-only chat
-      {"id": "a3", "image": "im.jpg", "conversations": [   # placeholder missing: added
-          {"from": "human", "value": "Describe"}, {"from": "gpt", "value": "Noise"}]},
-      {"id": "a4", "image": "im.jpg", "conversations": [
-          {"from": "robot", "value": "?"}]},
+    {
+      "id": "a1",
+      "image": "im.jpg",
+      "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"},
+        {"from": "gpt", "value": "Noise."},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": "Yes."},
+      ],
+    },
+    {
+      "id": "a2",
+      "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+    },  # text-only chat
+    {
+      "id": "a3",
+      "image": "im.jpg",
+      "conversations": [  # placeholder missing: added
+        {"from": "human", "value": "Describe"},
+        {"from": "gpt", "value": "Noise"},
+      ],
+    },
+    {"id": "a4", "image": "im.jpg", "conversations": [{"from": "robot", "value": "?"}]},
   ]
   (tmp_path / "llava.json").write_text(json.dumps(data))
   src = sources.JsonListSource(str(tmp_path / "llava.json"), image_root=str(tmp_path))
@@ -142,12 +158,15 @@ def test_grit_jsonl_boxes(tmp_path):
   Image.fromarray(arr).save(tmp_path / "g.png")
   cap = "a dog next to a tree"
   recs = [
-      {"image": "g.png", "caption": cap,
-       "noun_chunks": [[0, 5, 0.1, 0.2, 0.4, 0.9, 0.8], [14, 20, 0.5, 0.1, 0.95, 0.95, 0.7]]},
-      {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 0.1, 0.2, 1.7, 0.9, 0.8]]},
-      {"image": "g.png", "caption": cap, "noun_chunks": [[0, 50, 0.1, 0.2, 0.4, 0.9, 0.8]]},
-      {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 0.4, 0.2, 0.1, 0.9, 0.8]]},
-      {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, "x", 0.2, 0.1, 0.9]]},
+    {
+      "image": "g.png",
+      "caption": cap,
+      "noun_chunks": [[0, 5, 0.1, 0.2, 0.4, 0.9, 0.8], [14, 20, 0.5, 0.1, 0.95, 0.95, 0.7]],
+    },
+    {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 0.1, 0.2, 1.7, 0.9, 0.8]]},
+    {"image": "g.png", "caption": cap, "noun_chunks": [[0, 50, 0.1, 0.2, 0.4, 0.9, 0.8]]},
+    {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 0.4, 0.2, 0.1, 0.9, 0.8]]},
+    {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, "x", 0.2, 0.1, 0.9]]},
   ]
   (tmp_path / "grit.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
   src = sources.JsonlSource(str(tmp_path / "grit.jsonl"), image_root=str(tmp_path))
@@ -155,28 +174,41 @@ def test_grit_jsonl_boxes(tmp_path):
   ex = out[0]
   np.testing.assert_allclose(ex.boxes, [[0.1, 0.2, 0.4, 0.9], [0.5, 0.1, 0.95, 0.95]], atol=1e-6)
   assert [cap[s:e] for s, e in ex.phrases] == ["a dog", "a tree"]
-  assert [o.reason for o in out[1:]] == ["box_out_of_range", "bad_phrase_span", "bad_boxes",
-                                         "wrong_type:noun_chunks"]
+  assert [o.reason for o in out[1:]] == [
+    "box_out_of_range",
+    "bad_phrase_span",
+    "bad_boxes",
+    "wrong_type:noun_chunks",
+  ]
   # Pixel boxes are normalized by the image size.
-  (tmp_path / "px.jsonl").write_text(json.dumps(
-      {"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 10, 5, 50, 45]]}))
-  (px,) = parse_all(sources.JsonlSource(str(tmp_path / "px.jsonl"), image_root=str(tmp_path)),
-                    "grounding", box_format="pixels")
+  (tmp_path / "px.jsonl").write_text(
+    json.dumps({"image": "g.png", "caption": cap, "noun_chunks": [[0, 5, 10, 5, 50, 45]]})
+  )
+  (px,) = parse_all(
+    sources.JsonlSource(str(tmp_path / "px.jsonl"), image_root=str(tmp_path)),
+    "grounding",
+    box_format="pixels",
+  )
   np.testing.assert_allclose(px.boxes, [[0.1, 0.1, 0.5, 0.9]], atol=1e-6)
 
 
 def test_text_and_edit_jsonl(tmp_path):
   (tmp_path / "t.jsonl").write_text(
-      json.dumps({"text": " The Pile. "}) + "\n" + json.dumps({"text": 7}) + "\n")
+    json.dumps({"text": " The Pile. "}) + "\n" + json.dumps({"text": 7}) + "\n"
+  )
   out = parse_all(sources.JsonlSource(str(tmp_path / "t.jsonl")), "text")
   assert out[0].text == "The Pile." and out[1].reason == "wrong_type:text"
   a, b = img_array(3), img_array(4)
   Image.fromarray(a).save(tmp_path / "s.png")
   Image.fromarray(b).save(tmp_path / "t.png")
-  (tmp_path / "e.jsonl").write_text(json.dumps(
-      {"input": "s.png", "output": "t.png", "edit": "make it blue"}))
-  src = sources.JsonlSource(str(tmp_path / "e.jsonl"), image_root=str(tmp_path),
-                            fields={"source": "input", "target": "output", "instruction": "edit"})
+  (tmp_path / "e.jsonl").write_text(
+    json.dumps({"input": "s.png", "output": "t.png", "edit": "make it blue"})
+  )
+  src = sources.JsonlSource(
+    str(tmp_path / "e.jsonl"),
+    image_root=str(tmp_path),
+    fields={"source": "input", "target": "output", "instruction": "edit"},
+  )
   (ex,) = parse_all(src, "edit")
   assert ex.instruction == "make it blue"
   np.testing.assert_array_equal(ex.images[0], a)
@@ -223,21 +255,27 @@ def test_tfds_array_record_source(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "captions": tfds.features.FeaturesDict({"text": tfds.features.Text()})}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "captions": tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
 
     def _generate_examples(self):
       for i in range(4):
-        yield i, {"image": np.full((8, 10, 3), i * 40, np.uint8),
-                  "captions": {"text": f"cap {i}"}}
+        yield i, {"image": np.full((8, 10, 3), i * 40, np.uint8), "captions": {"text": f"cap {i}"}}
 
   TinyCaps(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  src = sources.TfdsSource("tiny_caps", "train", str(tmp_path),
-                           fields={"image": "image", "caption": "captions/text"})
+  src = sources.TfdsSource(
+    "tiny_caps", "train", str(tmp_path), fields={"image": "image", "caption": "captions/text"}
+  )
   out = sorted(parse_all(src, "pairs"), key=lambda e: e.text)
   assert [o.text for o in out] == [f"cap {i}" for i in range(4)]
   assert [int(o.images[0][0, 0, 0]) for o in out] == [0, 40, 80, 120]
@@ -247,6 +285,7 @@ def test_concurrent_threads_and_pickling_read_the_same_records(tmp_path):
   """grain reads with several threads (and pickles sources into worker processes)."""
   import pickle
   from concurrent.futures import ThreadPoolExecutor
+
   path = tmp_path / "s.tar"
   with tarfile.open(path, "w") as tar:
     for i in range(40):
@@ -269,11 +308,23 @@ def test_concurrent_threads_and_pickling_read_the_same_records(tmp_path):
 
 def test_chat_pairs_for_the_sequence_builder():
   from puma_jax.data.schema import BadRecord, Turn, chat_pairs
+
   img = img_array(0)
-  ex = Example("chat", images=(img,), conversation=(
-      Turn("user", "<image>\nWhat?"), Turn("assistant", "A cat."), Turn("assistant", "Grey."),
-      Turn("user", "Sure?"), Turn("assistant", "Yes."))).validate()
+  ex = Example(
+    "chat",
+    images=(img,),
+    conversation=(
+      Turn("user", "<image>\nWhat?"),
+      Turn("assistant", "A cat."),
+      Turn("assistant", "Grey."),
+      Turn("user", "Sure?"),
+      Turn("assistant", "Yes."),
+    ),
+  ).validate()
   assert chat_pairs(ex) == [("What?", "A cat.\nGrey."), ("Sure?", "Yes.")]
   with pytest.raises(BadRecord, match="bad_conversation"):
-    chat_pairs(Example("chat", conversation=(Turn("user", "q"), Turn("assistant", "a"),
-                                               Turn("user", "dangling"))))
+    chat_pairs(
+      Example(
+        "chat", conversation=(Turn("user", "q"), Turn("assistant", "a"), Turn("user", "dangling"))
+      )
+    )

@@ -43,12 +43,14 @@ def test_rendered_pixels_match_boxes_and_captions():
     for (s, e), box, shape in zip(ex.phrases, ex.boxes, scene.shapes):
       assert ex.text[s:e] == shape.phrase()
       x0, y0, x1, y1 = np.round(box * 48).astype(int)
-      inner = img[(y0 + y1) // 2, (x0 + x1) // 2]   # every shape covers its box centre
+      inner = img[(y0 + y1) // 2, (x0 + x1) // 2]  # every shape covers its box centre
       np.testing.assert_array_equal(inner, synthetic.COLORS[shape.color])
       outside = np.ones((48, 48), bool)
-      for b in ex.boxes:   # pixels outside every box are background
+      for b in ex.boxes:  # pixels outside every box are background
         bx0, by0, bx1, by1 = b * 48
-        outside[int(np.floor(by0)):int(np.ceil(by1)), int(np.floor(bx0)):int(np.ceil(bx1))] = False
+        outside[int(np.floor(by0)) : int(np.ceil(by1)), int(np.floor(bx0)) : int(np.ceil(bx1))] = (
+          False
+        )
       assert np.all(img[outside] == bg)
 
 
@@ -95,13 +97,15 @@ def test_default_config_is_synthetic_and_all_presets_open():
 
 def test_synthetic_written_to_array_record_reads_back_identically(tmp_path):
   from puma_jax.data import prepare
+
   dcfg = data_config.get_config()
   dcfg.synthetic.num_train, dcfg.synthetic.image_size = 12, 16
   scfg = data_config.source("edit")
   report = prepare.convert(scfg, dcfg, str(tmp_path / "edit"))
   assert report["written"] == 12 and report["skipped"] == {}
-  back = pipeline.open_source("x", data_config.source("edit", format="arrayrecord",
-                                                      paths=str(tmp_path / "edit-*")), dcfg)
+  back = pipeline.open_source(
+    "x", data_config.source("edit", format="arrayrecord", paths=str(tmp_path / "edit-*")), dcfg
+  )
   mem = pipeline.open_source("x", scfg, dcfg)
   p = parse.Parser("edit", "x")
   for i in range(12):

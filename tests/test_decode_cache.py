@@ -22,8 +22,10 @@ def decode_fn(graphdef, batch, slots, steps):
       logits, cache = m(prev[:, None], cache=cache)
       nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
       return nxt, cache, out + logits[:, -1].sum()
+
     first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     return jax.lax.fori_loop(0, steps, body, (first, cache, jnp.float32(0)))
+
   return gen
 
 
@@ -55,5 +57,6 @@ def test_inplace_cache_matches_copy_and_copies_nothing_in_the_loop(scan, monkeyp
       if comp != "ENTRY" and whole.search(ln):
         hits += 1
     return hits
+
   assert in_loop(hlo["inplace"]) == 0
-  assert in_loop(hlo["copy"]) > 0      # the check sees the old scheme's copies
+  assert in_loop(hlo["copy"]) > 0  # the check sees the old scheme's copies

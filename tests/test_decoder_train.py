@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def small_config():
   sys.path.insert(0, str(REPO))
   from configs import decoder
+
   c = decoder.get_config("tiny_f3")
   # Two UNet levels instead of three: compiling the 8-way sharded step stays quick on CPU.
   u = c.model.decoder.unet
@@ -48,9 +49,12 @@ def test_decoder_sharded_step_equals_single_device():
   ref, ref_m, _ = one_step(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   new, m, _ = one_step(config, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-  worst = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-              for a, b in zip(jax.tree.leaves(jax.device_get(new.params)),
-                              jax.tree.leaves(jax.device_get(ref.params))))
+  worst = max(
+    float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    for a, b in zip(
+      jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(jax.device_get(ref.params))
+    )
+  )
   assert worst < 1e-5
   # only the decoder is trained: CLIP and VAE have no optimizer state
   assert set(new.params) == {"decoder"}
@@ -86,9 +90,11 @@ def test_tiny_decoder_learns(tmp_path):
   config.train.sample_steps = 2
   loop.train_and_evaluate(config, str(tmp_path))
   from PIL import Image
+
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_16.png"))
   assert grid.shape == (64, 64, 3)  # 2 held-out inputs above their 2 samples, 32 px each
   import json
+
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in rows if "eval/sample_abs_error" in r]
   rows = [r for r in rows if "loss" in r]

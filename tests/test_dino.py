@@ -21,9 +21,16 @@ STD = np.asarray(vit.IMAGENET_STD, np.float32)
 
 def hf_model(pooler: bool, seed=0, **kw):
   torch.manual_seed(seed)
-  cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=40, image_size=32, patch_size=8,
-                               layer_norm_eps=1e-6, **kw)
+  cfg = transformers.ViTConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=40,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+    **kw,
+  )
   model = transformers.ViTModel(cfg, add_pooling_layer=pooler).eval()
   randomize_norms(model, seed)
   return model
@@ -38,8 +45,9 @@ def hf_hidden(model, pixels):
 def test_vit_parity(tmp_path, pooler):
   hf = hf_model(pooler)
   hf.save_pretrained(tmp_path / "hf")  # hub layout: encoder.layer.N.attention.attention.query
-  model = checkpoints.load_module(convert("dino-vit", tmp_path / "hf", tmp_path / "ours"),
-                                  family="dino-vit")
+  model = checkpoints.load_module(
+    convert("dino-vit", tmp_path / "hf", tmp_path / "ours"), family="dino-vit"
+  )
   assert model.config.layer_norm_eps == 1e-6
   pixels = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
   graphdef, state = nnx.split(model)
@@ -60,8 +68,9 @@ def test_in_memory_layout(tmp_path):
   hf.save_pretrained(tmp_path / "hub")
   (tmp_path / "mem").mkdir()
   (tmp_path / "mem" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-  write_safetensors({k: v.numpy() for k, v in hf.state_dict().items()},
-                    tmp_path / "mem" / "model.safetensors")
+  write_safetensors(
+    {k: v.numpy() for k, v in hf.state_dict().items()}, tmp_path / "mem" / "model.safetensors"
+  )
   a = checkpoints.param_arrays(import_module("dino-vit", tmp_path / "hub")[0])
   b = checkpoints.param_arrays(import_module("dino-vit", tmp_path / "mem")[0])
   assert a.keys() == b.keys()
@@ -89,8 +98,14 @@ def test_dino_score(tmp_path):
 def test_real_size_param_count():
   ours = nnx.eval_shape(lambda: vit.ViTModel(vit.dino_vits16(), rngs=nnx.Rngs(0)))
   assert sharding.count_params(ours) == 21_665_664
-  cfg = transformers.ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                               intermediate_size=1536, image_size=224, patch_size=16)
+  cfg = transformers.ViTConfig(
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    intermediate_size=1536,
+    image_size=224,
+    patch_size=16,
+  )
   with torch.device("meta"):
     hf = transformers.ViTModel(cfg, add_pooling_layer=False)
   assert sum(p.numel() for p in hf.parameters()) == 21_665_664
@@ -101,10 +116,12 @@ def test_conversion_errors(tmp_path):
   hf.save_pretrained(tmp_path / "hf")
   cfg_path = tmp_path / "hf" / "config.json"
   import json
+
   cfg = json.loads(cfg_path.read_text())
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "model.safetensors").write_bytes(
-      (tmp_path / "hf" / "model.safetensors").read_bytes())
+    (tmp_path / "hf" / "model.safetensors").read_bytes()
+  )
   (tmp_path / "bad" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
   with pytest.raises(ConversionError, match=r"parameter\(s\) not filled.*encoder\.layer\.2"):
     import_module("dino-vit", tmp_path / "bad")
@@ -113,9 +130,19 @@ def test_conversion_errors(tmp_path):
     import_module("dino-vit", tmp_path / "bad")
   with pytest.raises(metrics.MissingWeightsError, match="dino-vit"):
     metrics.DINOScorer.load(None)
-  model = nnx.eval_shape(lambda: vit.ViTModel(vit.ViTConfig(
-      hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-      image_size=32, patch_size=8), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: vit.ViTModel(
+      vit.ViTConfig(
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+      ),
+      rngs=nnx.Rngs(0),
+    )
+  )
   with pytest.raises(ValueError, match="NCHW"):
     model.check_input(np.zeros((1, 3, 32, 32), np.float32))
 
@@ -123,11 +150,21 @@ def test_conversion_errors(tmp_path):
 def test_preprocessor_config_is_followed(tmp_path):
   """The checkpoint's preprocessor_config.json (resample, mean/std) drives the DINO inputs."""
   import json
+
   hf = hf_model(False, seed=2)
   hf.save_pretrained(tmp_path / "hf")
-  (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
-      {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
-       "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 32}))
+  (tmp_path / "hf" / "preprocessor_config.json").write_text(
+    json.dumps(
+      {
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 2,
+        "size": 32,
+      }
+    )
+  )
   out = convert("dino-vit", tmp_path / "hf", tmp_path / "ours")
   assert (out / "preprocessor_config.json").exists()
   scorer = metrics.DINOScorer.load(out)

@@ -102,8 +102,11 @@ def test_interrupted_run_resumes(recon_ref, tmp_path, monkeypatch):
     f.write('{"batch": 1, "items": [{"id"')
   calls = []
   orig = evaluators.ReconstructionEvaluator.score
-  monkeypatch.setattr(evaluators.ReconstructionEvaluator, "score",
-                      lambda self, recs: calls.append(len(recs)) or orig(self, recs))
+  monkeypatch.setattr(
+    evaluators.ReconstructionEvaluator,
+    "score",
+    lambda self, recs: calls.append(len(recs)) or orig(self, recs),
+  )
   out = run(tmp_path, "w", cfg_for("reconstruction"))
   assert calls == [2]  # only the two unfinished records were scored
   close(out["metrics"], recon_ref["metrics"])
@@ -121,8 +124,11 @@ def test_resume_with_other_config_is_an_error(tmp_path):
 def _t2i_checks(tmp_path, fid):
   out = run(tmp_path, "w", cfg_for("text_to_image", **{"metrics.fid": fid}))
   m = out["metrics"]
-  items = [it for ln in (tmp_path / "w" / "shards" / "host000-of-001.jsonl").read_text()
-           .splitlines() for it in json.loads(ln)["items"]]
+  items = [
+    it
+    for ln in (tmp_path / "w" / "shards" / "host000-of-001.jsonl").read_text().splitlines()
+    for it in json.loads(ln)["items"]
+  ]
   for name in ("clip_i", "clip_t"):
     want = np.mean([max(it["values"][f"f0/{name}"], it["values"][f"f4/{name}"]) for it in items])
     assert m[f"max/{name}"] == pytest.approx(want, rel=1e-6)
@@ -147,19 +153,26 @@ def test_text_to_image_fid(tmp_path):
   items, feats = runner._gather(lines)
   assert feats["real"].shape == (5, 2048)
   from puma_jax.evaluation import fid
-  assert m["f4/fid"] == pytest.approx(fid.fid_from_features(feats["real"], feats["gen/f4"]),
-                                      rel=1e-9)
+
+  assert m["f4/fid"] == pytest.approx(
+    fid.fid_from_features(feats["real"], feats["gen/f4"]), rel=1e-9
+  )
 
 
 def test_shard_features_gather_in_record_order(tmp_path):
   """Fast twin of the FID resume path: features written per batch (skips carry none) come
   back aligned with their items in record order, whatever order the batches finished in."""
   sf = runner.ShardFile(tmp_path, 0, 1)
-  sf.append(0, [{"id": "c", "idx": 2, "values": {"v": 2.0}}, {"id": "b", "idx": 1, "skip": "x"}],
-            {"f": np.full((1, 3), 2.0, np.float32)})
-  sf.append(1, [{"id": "a", "idx": 0, "values": {"v": 0.0}}, {"id": "d", "idx": 3,
-                                                               "values": {"v": 3.0}}],
-            {"f": np.array([[0.0] * 3, [3.0] * 3], np.float32)})
+  sf.append(
+    0,
+    [{"id": "c", "idx": 2, "values": {"v": 2.0}}, {"id": "b", "idx": 1, "skip": "x"}],
+    {"f": np.full((1, 3), 2.0, np.float32)},
+  )
+  sf.append(
+    1,
+    [{"id": "a", "idx": 0, "values": {"v": 0.0}}, {"id": "d", "idx": 3, "values": {"v": 3.0}}],
+    {"f": np.array([[0.0] * 3, [3.0] * 3], np.float32)},
+  )
   items, feats = runner._gather(runner.ShardFile(tmp_path, 0, 1).read())
   assert [it["id"] for it in items] == ["a", "b", "c", "d"]
   np.testing.assert_array_equal(feats["f"][:, 0], [0.0, 2.0, 3.0])
@@ -186,12 +199,23 @@ def test_bad_images_are_counted_skips(tmp_path):
   Image.fromarray(rs.randint(0, 255, (32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
   Image.fromarray(rs.randint(0, 255, (40, 32, 3), np.uint8)).save(tmp_path / "tall.png")
   (tmp_path / "broken.png").write_bytes(b"not a png")
-  rows = [{"id": "ok", "image": "ok.png"}, {"id": "gone", "image": "missing.png"},
-          {"id": "bad", "image": "broken.png"}, {"id": "tall", "image": "tall.png"}]
+  rows = [
+    {"id": "ok", "image": "ok.png"},
+    {"id": "gone", "image": "missing.png"},
+    {"id": "bad", "image": "broken.png"},
+    {"id": "tall", "image": "tall.png"},
+  ]
   path = write_jsonl(tmp_path / "r.jsonl", [dict(r, caption="a red circle") for r in rows])
-  c = cfg_for("text_to_image", **{"data.source": "jsonl", "data.path": path,
-                                  "data.mixed_sizes": "skip", "metrics.fid": False,
-                                  "metrics.lpips_d": False})
+  c = cfg_for(
+    "text_to_image",
+    **{
+      "data.source": "jsonl",
+      "data.path": path,
+      "data.mixed_sizes": "skip",
+      "metrics.fid": False,
+      "metrics.lpips_d": False,
+    },
+  )
   m = run(tmp_path, "w", c)["metrics"]
   assert m["items/scored"] == 1 and m["items/skipped"] == 3
   assert m["skipped/missing_image"] == 1 and m["skipped/unreadable_image"] == 1
@@ -212,21 +236,26 @@ def test_every_record_skipped_is_an_error(tmp_path):
 def test_empty_and_malformed_datasets(tmp_path):
   empty = write_jsonl(tmp_path / "e.jsonl", [])
   with pytest.raises(records.EvalDataError, match="dataset is empty"):
-    run(tmp_path, "w", cfg_for("reconstruction", **{"data.source": "jsonl",
-                                                     "data.path": empty}))
+    run(tmp_path, "w", cfg_for("reconstruction", **{"data.source": "jsonl", "data.path": empty}))
   bad = write_jsonl(tmp_path / "b.jsonl", [{"id": 1, "caption": "x"}])
   with pytest.raises(records.EvalDataError, match=r"b.jsonl:1: text_to_image record lacks .*image"):
     run(tmp_path, "w2", cfg_for("text_to_image", **{"data.source": "jsonl", "data.path": bad}))
   with pytest.raises(records.EvalDataError, match="does not exist"):
-    run(tmp_path, "w3", cfg_for("reconstruction", **{"data.source": "jsonl",
-                                                      "data.path": str(tmp_path / "no.jsonl")}))
+    run(
+      tmp_path,
+      "w3",
+      cfg_for(
+        "reconstruction", **{"data.source": "jsonl", "data.path": str(tmp_path / "no.jsonl")}
+      ),
+    )
   with pytest.raises(records.EvalDataError, match="kind='essay'"):
     evaluators.understanding_prompt({"id": 1, "question": "q", "kind": "essay"})
 
 
 def test_absent_metric_weights(tmp_path):
-  with pytest.raises(metrics.MissingWeightsError, match="LPIPS needs converted 'lpips-alex'.*no "
-                     "directory given"):
+  with pytest.raises(
+    metrics.MissingWeightsError, match="LPIPS needs converted 'lpips-alex'.*no directory given"
+  ):
     run(tmp_path, "w", cfg_for("reconstruction", **{"metrics.random_tiny": False}))
   with pytest.raises(metrics.MissingWeightsError, match="does not exist"):
     run(tmp_path, "w2", cfg_for("editing", **{"metrics.clip": str(tmp_path / "nope")}))
@@ -234,15 +263,30 @@ def test_absent_metric_weights(tmp_path):
 
 def test_cli(tmp_path):
   root = Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, "-m", "puma_jax.eval", "--config=configs/eval/understanding.py:toy",
-         f"--workdir={tmp_path / 'w'}", "--config.data.synthetic.num_items=2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "puma_jax.eval",
+    "--config=configs/eval/understanding.py:toy",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.data.synthetic.num_items=2",
+  ]
   p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "stand-ins built in-process" in p.stdout and "| mme/total |" in p.stdout
   assert json.loads((tmp_path / "w" / "results.json").read_text())["records"] == 8
-  p = subprocess.run(cmd[:4] + [f"--workdir={tmp_path / 'x'}", "--config.data.source=jsonl",
-                                f"--config.data.path={write_jsonl(tmp_path / 'e.jsonl', [])}"],
-                     cwd=root, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+    cmd[:4]
+    + [
+      f"--workdir={tmp_path / 'x'}",
+      "--config.data.source=jsonl",
+      f"--config.data.path={write_jsonl(tmp_path / 'e.jsonl', [])}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 2 and "dataset is empty" in p.stderr
 
 

@@ -26,9 +26,19 @@ def test_short_answer_exact_match_and_vqa_accuracy():
 
 def test_choice_letter():
   opts = {"A": "red", "B": "a blue square", "C": "green"}
-  cases = {"A": "A", "b.": "B", "(C)": "C", "B) a blue square": "B", "Answer: C": "C",
-           "The answer is B": "B", "A blue square": "B",  # an article, not option A
-           "red": "A", "D": None, "yes": None, "": None}
+  cases = {
+    "A": "A",
+    "b.": "B",
+    "(C)": "C",
+    "B) a blue square": "B",
+    "Answer: C": "C",
+    "The answer is B": "B",
+    "A blue square": "B",  # an article, not option A
+    "red": "A",
+    "D": None,
+    "yes": None,
+    "": None,
+  }
   for text, want in cases.items():
     assert scoring.choice_letter(text, opts) == want, text
   assert scoring.multiple_choice_score("B.", opts, "b") == 1.0
@@ -44,14 +54,16 @@ def test_yes_no():
 def test_mme_scores_by_hand():
   # color: image 1 both right, image 2 one right -> acc 3/4 = 75, acc+ 1/2 = 50 -> 125.
   # count: image 3 both wrong, image 4 both right -> acc 50, acc+ 50 -> 100. total 225.
-  items = [dict(category="color", image_id=1, correct=1), dict(category="color", image_id=1,
-                                                               correct=1),
-           dict(category="color", image_id=2, correct=1), dict(category="color", image_id=2,
-                                                               correct=0),
-           dict(category="count", image_id=3, correct=0), dict(category="count", image_id=3,
-                                                               correct=0),
-           dict(category="count", image_id=4, correct=1), dict(category="count", image_id=4,
-                                                               correct=1)]
+  items = [
+    dict(category="color", image_id=1, correct=1),
+    dict(category="color", image_id=1, correct=1),
+    dict(category="color", image_id=2, correct=1),
+    dict(category="color", image_id=2, correct=0),
+    dict(category="count", image_id=3, correct=0),
+    dict(category="count", image_id=3, correct=0),
+    dict(category="count", image_id=4, correct=1),
+    dict(category="count", image_id=4, correct=1),
+  ]
   out = scoring.mme_scores(items)
   assert out["color/acc"] == 75.0 and out["color/acc_plus"] == 50.0 and out["color"] == 125.0
   assert out["count/acc"] == 50.0 and out["count/acc_plus"] == 50.0 and out["count"] == 100.0
@@ -68,12 +80,18 @@ def test_best_over_scales_by_hand():
 
 def test_llava_prompts():
   from puma_jax.evaluation import evaluators as E
-  p = E.understanding_prompt({"id": 0, "kind": "choice", "question": "Colour?",
-                              "options": {"A": "red", "B": "blue"}})
-  assert p == "Colour?\nA. red\nB. blue\nAnswer with the option's letter from the given " \
-              "choices directly."
-  assert E.understanding_prompt({"id": 0, "kind": "short", "question": "What? "}) == \
-      "What?\nAnswer the question using a single word or phrase."
+
+  p = E.understanding_prompt(
+    {"id": 0, "kind": "choice", "question": "Colour?", "options": {"A": "red", "B": "blue"}}
+  )
+  assert (
+    p == "Colour?\nA. red\nB. blue\nAnswer with the option's letter from the given "
+    "choices directly."
+  )
+  assert (
+    E.understanding_prompt({"id": 0, "kind": "short", "question": "What? "})
+    == "What?\nAnswer the question using a single word or phrase."
+  )
   q = "Is it red? Please answer yes or no."
   assert E.understanding_prompt({"id": 0, "kind": "yes_no", "question": q}) == q
 
@@ -82,6 +100,7 @@ def test_synthetic_records():
   import ml_collections
   from puma_jax.data import synthetic
   from puma_jax.evaluation import records
+
   cfg = ml_collections.ConfigDict({"seed": 0, "size": 32, "num_train": 50, "num_items": 3})
   ed = records.synthetic_records("editing", cfg)
   assert len(ed) == 3 and all(r["target_caption"] != r["source_caption"] for r in ed)

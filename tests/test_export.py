@@ -13,9 +13,14 @@ from puma_jax import checkpoints, export, release as release_lib
 from puma_jax.tools import tiny_release
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--config.optim.total_steps=1", "--config.optim.warmup_steps=1",
-               "--config.train.log_every=1", "--config.train.eval_every=0",
-               "--config.train.async_checkpointing=False", "--config.num_devices=1"]
+TRAIN_FLAGS = [
+  "--config.optim.total_steps=1",
+  "--config.optim.warmup_steps=1",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
+  "--config.train.async_checkpointing=False",
+  "--config.num_devices=1",
+]
 
 
 def _env():
@@ -23,9 +28,22 @@ def _env():
 
 
 def _train(workdir, config, *extra):
-  p = subprocess.run([sys.executable, "-m", "puma_jax.main", f"--config={config}",
-                      f"--workdir={workdir}", *TRAIN_FLAGS, *extra], cwd=REPO, env=_env(),
-                     capture_output=True, text=True, timeout=1200)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "puma_jax.main",
+      f"--config={config}",
+      f"--workdir={workdir}",
+      *TRAIN_FLAGS,
+      *extra,
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   return workdir
 
@@ -33,10 +51,15 @@ def _train(workdir, config, *extra):
 @pytest.fixture(scope="module")
 def mllm_workdir(tmp_path_factory):
   """One step of the README's tiny MLLM run, cut down."""
-  return _train(tmp_path_factory.mktemp("wd") / "mllm", "configs/pretrain.py",
-                "--config.seq_len=448", "--config.data.sources.chat.weight=0",
-                "--config.data.sources.edit.weight=0",
-                "--config.data.sources.conditional.weight=0", "--config.data.max_images=1")
+  return _train(
+    tmp_path_factory.mktemp("wd") / "mllm",
+    "configs/pretrain.py",
+    "--config.seq_len=448",
+    "--config.data.sources.chat.weight=0",
+    "--config.data.sources.edit.weight=0",
+    "--config.data.sources.conditional.weight=0",
+    "--config.data.max_images=1",
+  )
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +84,14 @@ def _dotted(tree, prefix=""):
 
 def test_export_mllm_then_add_decoder_then_sample(mllm_workdir, decoder_workdir, tmp_path):
   rel_dir = tmp_path / "rel"
-  p = subprocess.run([sys.executable, "-m", "puma_jax.export", f"--workdir={mllm_workdir}",
-                      f"--dst={rel_dir}"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                     timeout=600)
+  p = subprocess.run(
+    [sys.executable, "-m", "puma_jax.export", f"--workdir={mllm_workdir}", f"--dst={rel_dir}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   rel = release_lib.Release.open(rel_dir)
   assert rel.tokenizer == "byte" and rel.scales == () and rel.image_size is None
@@ -90,9 +118,22 @@ def test_export_mllm_then_add_decoder_then_sample(mllm_workdir, decoder_workdir,
     export.export(decoder_workdir, into=rel_dir)
 
   from puma_jax import sample
+
   out = tmp_path / "out"
-  assert sample.main(["text_to_image", f"--release={rel_dir}", "--prompt=a circle",
-                      "--scales=f4", "--steps=2", f"--out={out}", "--devices=1"]) == 0
+  assert (
+    sample.main(
+      [
+        "text_to_image",
+        f"--release={rel_dir}",
+        "--prompt=a circle",
+        "--scales=f4",
+        "--steps=2",
+        f"--out={out}",
+        "--devices=1",
+      ]
+    )
+    == 0
+  )
   assert (out / "0000_f4.png").exists()
 
 
@@ -116,7 +157,12 @@ def test_bad_workdirs(tmp_path, mllm_workdir):
     export.read_checkpoint(mllm_workdir, step=7)
   with pytest.raises(export.ExportError, match="exactly one of dst"):
     export.export(mllm_workdir)
-  p = subprocess.run([sys.executable, "-m", "puma_jax.export", f"--workdir={tmp_path}",
-                      f"--dst={tmp_path / 'r'}"], cwd=REPO, env=_env(), capture_output=True,
-                     text=True, timeout=300)
+  p = subprocess.run(
+    [sys.executable, "-m", "puma_jax.export", f"--workdir={tmp_path}", f"--dst={tmp_path / 'r'}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 2 and f"{tmp_path}: no checkpoints/ directory" in p.stderr

@@ -59,8 +59,7 @@ def test_streaming_statistics(tmp_path):
     merged.merge(p)
   mu, cov = merged.mean_cov()
   np.testing.assert_allclose(mu, f.mean(0, dtype=np.float64), rtol=1e-12)
-  np.testing.assert_allclose(cov, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-9,
-                             atol=1e-12)
+  np.testing.assert_allclose(cov, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
   assert merged.n == whole.n == 257
   merged.save(tmp_path / "stats.npz")
   back = fid.FeatureStats.load(tmp_path / "stats.npz")
@@ -83,8 +82,9 @@ def test_psnr_matches_numpy():
   np.testing.assert_allclose(metrics.psnr_checked(a, b), want, rtol=1e-5)
   np.testing.assert_allclose(jax.jit(metrics.psnr)(a, b), want, rtol=1e-5)
   # data_range 255 on uint8-scaled floats gives the same dB.
-  np.testing.assert_allclose(metrics.psnr_checked(a * 255, b * 255, data_range=255.0), want,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    metrics.psnr_checked(a * 255, b * 255, data_range=255.0), want, rtol=1e-4
+  )
   assert np.isinf(np.asarray(metrics.psnr_checked(a, a))).all()
   with pytest.raises(metrics.MetricInputError, match="differ in shape"):
     metrics.psnr_checked(a, b[:, :8])

@@ -38,9 +38,15 @@ def left_pad(prompts, pad=0):
 def hf_generate(hf, prompts, n, eos=None):
   ids, mask = left_pad(prompts)
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-  return out[:, ids.shape[1]:].numpy()
+    out = hf.generate(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=n,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=0,
+    )
+  return out[:, ids.shape[1] :].numpy()
 
 
 def test_greedy_matches_hf_generate(models):
@@ -58,9 +64,9 @@ def test_stop_tokens_match_hf(models):
   got = generate_text(ours, PROMPTS, 24, stop_tokens=[stop])
   ref = hf_generate(hf, PROMPTS, 24, eos=stop)
   for row, g, f in zip(ref, got, free):
-    want = f[:f.index(stop) + 1] if stop in f else f
+    want = f[: f.index(stop) + 1] if stop in f else f
     assert g == want
-    assert list(row[:len(g)]) == g  # HF pads after its eos; the prefix agrees
+    assert list(row[: len(g)]) == g  # HF pads after its eos; the prefix agrees
   assert got[0][-1] == stop and len(got[0]) <= 6
 
 
@@ -94,8 +100,9 @@ def test_prefill_and_decode_step_logits(models):
   seq = np.concatenate([ids, RS.randint(3, 128, (len(PROMPTS), 4))], axis=1)
   full_mask = np.concatenate([mask, np.ones((len(PROMPTS), 4), int)], axis=1)
   graphdef, state = nnx.split(ours)
-  full = np.asarray(jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, attention_mask=m))(
-      state, seq, full_mask))
+  full = np.asarray(
+    jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, attention_mask=m))(state, seq, full_mask)
+  )
   p = ids.shape[1]
   logits, cache = text.prefill(ours, ids, mask, slots=32)
   assert rel_err(logits, full[:, p - 1]) < 1e-5
@@ -121,8 +128,9 @@ def test_padded_batch_inputs(models):
 def test_scanned_model_generates_the_same(models):
   _, ours = models
   scanned = llama.set_scan_layers(ours, True)
-  assert (generate_text(scanned, PROMPTS, 8, stop_tokens=()) ==
-          generate_text(ours, PROMPTS, 8, stop_tokens=()))
+  assert generate_text(scanned, PROMPTS, 8, stop_tokens=()) == generate_text(
+    ours, PROMPTS, 8, stop_tokens=()
+  )
 
 
 def test_sampling_options(models):
@@ -142,8 +150,9 @@ def test_sample_logits_distribution():
 
   @jax.jit
   def counts(temperature, top_k, top_p):
-    draw = jax.vmap(lambda k: text.sample_logits(logits, k, text.Sampler(False, True),
-                                                 temperature, top_k, top_p))
+    draw = jax.vmap(
+      lambda k: text.sample_logits(logits, k, text.Sampler(False, True), temperature, top_k, top_p)
+    )
     return jnp.bincount(draw(keys).ravel(), length=5) / len(keys)
 
   def draw(temperature=1.0, top_k=0, top_p=1.0):
@@ -188,8 +197,10 @@ def test_bad_generation_inputs(models):
 
 
 def test_left_pad_aligns_rows_at_the_right():
-  out = prompts.left_pad([{"tokens": [1, 2, 3], "image_index": [-1, 0, 0]},
-                       {"tokens": [4], "image_index": [-1]}], fill={"image_index": -1})
+  out = prompts.left_pad(
+    [{"tokens": [1, 2, 3], "image_index": [-1, 0, 0]}, {"tokens": [4], "image_index": [-1]}],
+    fill={"image_index": -1},
+  )
   assert out["tokens"].shape == (2, 16) and out["tokens"].dtype == np.int32
   np.testing.assert_array_equal(out["tokens"][:, -3:], [[1, 2, 3], [0, 0, 4]])
   np.testing.assert_array_equal(out["image_index"][0, -4:], [-1, -1, 0, 0])
@@ -202,6 +213,7 @@ def test_left_pad_aligns_rows_at_the_right():
 def test_sharded_generation_equals_unsharded(models):
   """Parameters sharded fsdp x tensor over 8 fake devices (stacked layers): same tokens."""
   from puma_jax import sharding
+
   _, ours = models
   want = generate_text(ours, PROMPTS, 6, stop_tokens=())
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})

@@ -23,8 +23,14 @@ from puma_jax.convert.__main__ import main as convert_main
 from puma_jax.models.clip import CLIPVisionConfig
 from tests.utils import tree_digest
 
-HF_CFG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-              image_size=16, patch_size=4)
+HF_CFG = dict(
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  image_size=16,
+  patch_size=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,9 @@ def write_raw_safetensors(path, header, data: bytes):
 # --- safetensors headers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("header,match", [
+@pytest.mark.parametrize(
+  "header,match",
+  [
     ([1, 2], "header is a JSON list, not an object"),
     (None, "header is a JSON NoneType, not an object"),
     ({"w": {"dtype": "F32", "shape": [2]}}, "tensor 'w': header entry lacks 'data_offsets'"),
@@ -77,11 +85,16 @@ def write_raw_safetensors(path, header, data: bytes):
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "tensor 'w': data_offsets"),
     ({"w": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, "tensor 'w': shape"),
     ({"w": [1]}, "tensor 'w': header entry is a JSON list"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-     "tensors 'v' .*and 'w' .*overlap|tensors 'w' .*and 'v' .*overlap"),
+    (
+      {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+      },
+      "tensors 'v' .*and 'w' .*overlap|tensors 'w' .*and 'v' .*overlap",
+    ),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "truncated.*tensor 'w'"),
-])
+  ],
+)
 def test_bad_safetensors_header(src, tmp_path, capsys, header, match):
   write_raw_safetensors(src / "model.safetensors", header, bytes(12))
   with pytest.raises(ConversionError, match=match):
@@ -90,11 +103,14 @@ def test_bad_safetensors_header(src, tmp_path, capsys, header, match):
 
 
 def test_overlapping_offsets_are_refused_like_the_official_loader(tmp_path):
-  header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+  header = {
+    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+  }
   write_raw_safetensors(tmp_path / "x.safetensors", header, bytes(8))
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
+
   with pytest.raises(SafetensorError, match="invalid offset"):
     load_file(tmp_path / "x.safetensors")
   with pytest.raises(ConversionError, match="overlap"):
@@ -104,11 +120,14 @@ def test_overlapping_offsets_are_refused_like_the_official_loader(tmp_path):
 # --- .bin and index files ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload,match", [
+@pytest.mark.parametrize(
+  "payload,match",
+  [
     ([torch.zeros(2)], "holds a list, not a state dict"),
     (torch.zeros(2), "holds a Tensor, not a state dict"),
     ({1: torch.zeros(2)}, "key 1 is a int"),
-])
+  ],
+)
 def test_bin_not_a_state_dict(src, tmp_path, capsys, payload, match):
   os.remove(src / "model.safetensors")
   torch.save(payload, src / "pytorch_model.bin")
@@ -121,13 +140,16 @@ def _shard(src):
   os.rename(src / "model.safetensors", src / "model-00001-of-00001.safetensors")
 
 
-@pytest.mark.parametrize("index,match", [
+@pytest.mark.parametrize(
+  "index,match",
+  [
     ([1, 2], "holds a JSON list, not an object"),
     ({"weight_map": []}, "index has no weight_map"),
     ({"weight_map": {"x": 3}}, r"weight_map\['x'\] is 3"),
     ({"weight_map": {"x": "../outside.safetensors"}}, "outside the source directory"),
     ({"weight_map": {"x": "/etc/passwd"}}, "outside the source directory"),
-])
+  ],
+)
 def test_bad_index(src, tmp_path, capsys, index, match):
   _shard(src)
   (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -140,15 +162,18 @@ def test_index_symlink_escaping_src_is_refused(src, tmp_path, capsys):
   shutil.move(src / "model-00001-of-00001.safetensors", tmp_path / "real.safetensors")
   os.symlink(tmp_path / "real.safetensors", src / "model-00001-of-00001.safetensors")
   names = core.read_safetensors(tmp_path / "real.safetensors")
-  (src / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {k: "model-00001-of-00001.safetensors" for k in names}}))
+  (src / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in names}})
+  )
   assert_refused(src, tmp_path / "out", capsys, "outside the source directory")
 
 
 # --- config.json fields -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("num_attention_heads", 0, "num_attention_heads=0 .* must be a positive integer"),
     ("patch_size", 0, "patch_size=0 .* must be a positive integer"),
     ("hidden_size", "32", r"hidden_size='32' \(str\) must be of type int"),
@@ -157,7 +182,8 @@ def test_index_symlink_escaping_src_is_refused(src, tmp_path, capsys):
     ("layer_norm_eps", float("nan"), "layer_norm_eps=nan .* must be a finite number"),
     ("layer_norm_eps", -1e-5, "layer_norm_eps=-1e-05 .* must be a positive number"),
     ("hidden_act", ["gelu"], r"hidden_act=\['gelu'\] \(list\) must be of type str"),
-])
+  ],
+)
 def test_bad_config_field(src, tmp_path, capsys, field, value, match):
   cfg = json.loads((src / "config.json").read_text())
   cfg[field] = value
@@ -172,15 +198,25 @@ def test_config_json_list(src, tmp_path, capsys):
   assert_refused(src, tmp_path / "out", capsys, "config.json: holds a JSON list, not an object")
 
 
-@pytest.mark.parametrize("module,hf,match", [
-    (llama_convert, {"vocab_size": 0, "hidden_size": 8, "num_attention_heads": 2},
-     "vocab_size=0"),
-    (llama_convert, {"vocab_size": 8, "hidden_size": "8", "num_attention_heads": 2},
-     "hidden_size='8'"),
-    (llama_convert, {"vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
-                     "rope_theta": float("inf")}, "rope_theta=inf"),
-    (llama_convert, {"vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
-                     "rms_norm_eps": float("nan")}, "rms_norm_eps=nan"),
+@pytest.mark.parametrize(
+  "module,hf,match",
+  [
+    (llama_convert, {"vocab_size": 0, "hidden_size": 8, "num_attention_heads": 2}, "vocab_size=0"),
+    (
+      llama_convert,
+      {"vocab_size": 8, "hidden_size": "8", "num_attention_heads": 2},
+      "hidden_size='8'",
+    ),
+    (
+      llama_convert,
+      {"vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2, "rope_theta": float("inf")},
+      "rope_theta=inf",
+    ),
+    (
+      llama_convert,
+      {"vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2, "rms_norm_eps": float("nan")},
+      "rms_norm_eps=nan",
+    ),
     (llama_convert, {"vocab_size": 8, "rope_scaling": [1]}, "rope_scaling=.* is not an object"),
     (vit_convert, {"patch_size": 0}, "patch_size=0"),
     (vit_convert, {"image_size": [1, 2, 3]}, "image_size"),
@@ -188,7 +224,8 @@ def test_config_json_list(src, tmp_path, capsys):
     (vae_convert, {"act_fn": 3}, "act_fn=3"),
     (unet_convert, {"norm_eps": float("nan")}, "norm_eps=nan"),
     (unet_convert, {"layers_per_block": "2"}, "layers_per_block='2'"),
-])
+  ],
+)
 def test_every_converter_checks_its_fields(module, hf, match):
   reader = getattr(module, "config_from_hf", None) or module.config_from_diffusers
   with pytest.raises(ConversionError, match=match):
@@ -253,6 +290,7 @@ def test_empty_dst_is_filled_and_a_failure_leaves_nothing(src, tmp_path, capsys,
 
   def broken_save(*a, **k):
     raise checkpoints.CheckpointError("disk full (simulated)")
+
   monkeypatch.setattr(checkpoints, "save_module", broken_save)
   code, err = cli(src, dst, capsys)
   assert code == 2 and "disk full" in err
@@ -267,8 +305,16 @@ def test_export_never_writes_into_an_hf_directory(tmp_path, capsys):
   """An HF directory holding `.bin` weights: export into it is refused, its config.json kept."""
   from puma_jax.convert import export as export_cli
   from tests.llama_helpers import make_hf
-  model = make_hf(tmp_path / "hf", vocab_size=64, hidden_size=16, intermediate_size=32,
-                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+
+  model = make_hf(
+    tmp_path / "hf",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+  )
   (tmp_path / "hf_bin").mkdir()
   shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "hf_bin")
   torch.save(model.state_dict(), tmp_path / "hf_bin" / "pytorch_model.bin")
@@ -280,10 +326,10 @@ def test_export_never_writes_into_an_hf_directory(tmp_path, capsys):
   assert code == 2 and len(err.splitlines()) == 1 and "is not empty" in err, err
   assert tree_digest(tmp_path / "hf_bin") == before
   # into the converted directory itself (its source): refused too
-  code = export_cli.main(["llama", f"--src={tmp_path / 'ours'}",
-                          f"--dst={tmp_path / 'ours' / 'hf'}"])
+  code = export_cli.main(
+    ["llama", f"--src={tmp_path / 'ours'}", f"--dst={tmp_path / 'ours' / 'hf'}"]
+  )
   assert code == 2 and "inside --src" in capsys.readouterr().err
   # a new directory: written whole
-  assert export_cli.main(["llama", f"--src={tmp_path / 'ours'}",
-                          f"--dst={tmp_path / 'new'}"]) == 0
+  assert export_cli.main(["llama", f"--src={tmp_path / 'ours'}", f"--dst={tmp_path / 'new'}"]) == 0
   assert (tmp_path / "new" / "config.json").exists()

@@ -25,8 +25,10 @@ ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
 @pytest.fixture()
 def no_hang():
   """Fails the test (instead of hanging CI) if it blocks for more than 20 seconds."""
+
   def boom(*_):
     raise TimeoutError("blocked: a reader waited on a special file")
+
   old = signal.signal(signal.SIGALRM, boom)
   signal.alarm(20)
   yield
@@ -77,6 +79,7 @@ def test_image_file_over_the_cap_is_skipped_unread(tmp_path):
   cfg = data_config.get_config("tiny")
   assert cfg.max_file_bytes > 0  # the cap comes from the data config
   from puma_jax.data import pipeline
+
   cfg.max_file_bytes = 123
   assert pipeline.parse_options(cfg, cfg.sources.pairs).max_file_bytes == 123
 
@@ -105,11 +108,12 @@ def test_long_texts_are_capped_before_tokenizing():
   opt = parse.ParseOptions(max_text_chars=1000)
   img = np.zeros((8, 8, 3), np.uint8)
   long = "word " * 1000
-  for fam, rec in [("pairs", {"image": img, "caption": long}),
-                   ("edit", {"source": img, "target": img, "instruction": long}),
-                   ("chat", {"conversations": [{"from": "human", "value": long},
-                                               {"from": "gpt", "value": "ok"}]}),
-                   ("conditional", {"image": img, "caption": long})]:
+  for fam, rec in [
+    ("pairs", {"image": img, "caption": long}),
+    ("edit", {"source": img, "target": img, "instruction": long}),
+    ("chat", {"conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "ok"}]}),
+    ("conditional", {"image": img, "caption": long}),
+  ]:
     out = parse.Parser(fam, "s", opt)({"key": "k", **rec})
     assert isinstance(out, Skip) and out.reason == "text_too_long", (fam, out)
     assert "5000 characters" in out.detail
@@ -117,6 +121,7 @@ def test_long_texts_are_capped_before_tokenizing():
   assert not isinstance(doc, Skip) and len(doc.text) <= 1000 and long.startswith(doc.text)
   cfg = data_config.get_config("tiny")
   from puma_jax.data import pipeline
+
   assert pipeline.parse_options(cfg, cfg.sources.text).max_text_chars == cfg.text.max_chars
 
 
@@ -164,6 +169,7 @@ def test_other_modes_convert_correctly():
 def test_clip_preprocess_and_features_cli_read_16_bit(tmp_path):
   from puma_jax.features import load_image_files
   from puma_jax.models import clip
+
   g = gradient16()
   (tmp_path / "g16.png").write_bytes(png_bytes(Image.fromarray(g)))
   eight = np.repeat(np.round(g / 257.0).astype(np.uint8)[..., None], 3, -1)
@@ -174,17 +180,27 @@ def test_clip_preprocess_and_features_cli_read_16_bit(tmp_path):
 
 
 def run_module(args, cwd=None):
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV,
-                        cwd=cwd or os.getcwd(), timeout=240)
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    capture_output=True,
+    text=True,
+    env=ENV,
+    cwd=cwd or os.getcwd(),
+    timeout=240,
+  )
 
 
 def test_features_cli_bad_files_exit_2(tmp_path):
   from puma_jax.features import load_image_files
+
   (tmp_path / "not.png").write_text("hello")
   good = png_bytes(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7))
-  (tmp_path / "cut.png").write_bytes(good[:len(good) // 2])
-  for name, match in (("absent.png", "No such file"), ("not.png", "not a readable image"),
-                      ("cut.png", "not a readable image")):
+  (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+  for name, match in (
+    ("absent.png", "No such file"),
+    ("not.png", "not a readable image"),
+    ("cut.png", "not a readable image"),
+  ):
     with pytest.raises(ValueError, match=match):
       load_image_files([str(tmp_path / name)])
   r = run_module(["puma_jax.features", f"--image={tmp_path / 'cut.png'}"])
@@ -216,9 +232,11 @@ def test_prepare_twice_into_one_dst_is_refused(tmp_path):
   with pytest.raises(RuntimeError, match="simulated"):
     orig = prepare.write_array_records
     try:
+
       def broken(records, prefix, per_file):
         orig(records, prefix, per_file)
         raise RuntimeError("simulated disk error")
+
       prepare.write_array_records = broken
       synthetic_prepare(tmp_path / "out" / "other")
     finally:
@@ -230,8 +248,11 @@ def test_prepare_twice_into_one_dst_is_refused(tmp_path):
 def test_prepare_inlines_only_regular_files(tmp_path, no_hang):
   special_files(tmp_path)
   small_png(tmp_path)
-  lines = [{"image": "fifo.png", "caption": "a"}, {"image": "/dev/zero", "caption": "b"},
-           {"image": "ok.png", "caption": "c"}]
+  lines = [
+    {"image": "fifo.png", "caption": "a"},
+    {"image": "/dev/zero", "caption": "b"},
+    {"image": "ok.png", "caption": "c"},
+  ]
   (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
   cfg = data_config.get_config("tiny")
   scfg = data_config.source("pairs", 1.0, "jsonl", str(tmp_path / "d.jsonl"), str(tmp_path))
@@ -244,17 +265,26 @@ def test_validate_truncated_arrayrecord_and_missing_path_cli(tmp_path):
   with open(files[0], "r+b") as f:
     f.truncate(os.path.getsize(files[0]) // 2)
   cfg = data_config.get_config("tiny")
-  cfg.sources = {"p": data_config.source("pairs", 1.0, "arrayrecord", files[0]),
-                 "gone": data_config.source("pairs", 1.0, "jsonl", str(tmp_path / "no*.jsonl"))}
+  cfg.sources = {
+    "p": data_config.source("pairs", 1.0, "arrayrecord", files[0]),
+    "gone": data_config.source("pairs", 1.0, "jsonl", str(tmp_path / "no*.jsonl")),
+  }
   reports, problems = validate.validate(cfg)
   errors = {r["source"]: r["error"] for r in reports}
   assert "not a readable ArrayRecord file (truncated or corrupt)" in errors["p"]
   assert files[0] in errors["p"] and "matches no file" in errors["gone"]
-  r = run_module(["puma_jax.data.validate", "--config=puma_jax/data/config.py:tiny",
-                  "--config.sources.pairs.format=arrayrecord",
-                  f"--config.sources.pairs.paths={files[0]}",
-                  *[f"--config.sources.{s}.weight=0" for s in
-                    ("grounding", "text", "chat", "edit", "conditional")]])
+  r = run_module(
+    [
+      "puma_jax.data.validate",
+      "--config=puma_jax/data/config.py:tiny",
+      "--config.sources.pairs.format=arrayrecord",
+      f"--config.sources.pairs.paths={files[0]}",
+      *[
+        f"--config.sources.{s}.weight=0"
+        for s in ("grounding", "text", "chat", "edit", "conditional")
+      ],
+    ]
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   err_lines = [l for l in r.stdout.splitlines() if "ERROR" in l]
   assert len(err_lines) == 1 and "truncated or corrupt" in err_lines[0], r.stdout
@@ -267,6 +297,7 @@ def test_validate_truncated_arrayrecord_and_missing_path_cli(tmp_path):
 def test_fit_check_names_a_kind_that_never_fits():
   from puma_jax.data import rows as sequences
   from puma_jax.tokenizer import ByteTokenizer
+
   tok = ByteTokenizer()
   cfg = data_config.get_config("tiny")
   for name in cfg.sources:
@@ -277,15 +308,17 @@ def test_fit_check_names_a_kind_that_never_fits():
   assert "> seq_len=768" in warnings[0]
   assert sequences.check_fit(report, 896, 2) == []
   warnings = sequences.check_fit(report, 896, 1)
-  assert {w.split(":")[0] for w in warnings} == {"data.sources.conditional",
-                                                 "data.sources.edit"}
+  assert {w.split(":")[0] for w in warnings} == {"data.sources.conditional", "data.sources.edit"}
   assert all("data.max_images=1" in w for w in warnings)
 
 
 def test_kind_counters_name_real_kinds():
   from puma_jax.data import pipeline
   from puma_jax.sequence import KINDS
-  row = {"tokens": np.zeros(4, np.int32),
-         "kind_id": np.array([KINDS.index("edit")] * 3 + [-1], np.int32)}
+
+  row = {
+    "tokens": np.zeros(4, np.int32),
+    "kind_id": np.array([KINDS.index("edit")] * 3 + [-1], np.int32),
+  }
   assert pipeline._kind_name(row) == "edit"
   assert pipeline._kind_name({"kind_id": np.array([-1], np.int32)}) == "other"

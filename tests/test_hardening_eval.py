@@ -25,11 +25,14 @@ def saved(d):
 
 def holder(shard_dir):
   """A child process that takes the host lock and keeps it until killed."""
-  code = ("import sys, time; from puma_jax.fileio import WorkdirLock; "
-          f"WorkdirLock(sys.argv[1], name={LOCK!r}).acquire(); print('held', flush=True); "
-          "time.sleep(120)")
-  p = subprocess.Popen([sys.executable, "-c", code, str(shard_dir)], stdout=subprocess.PIPE,
-                       text=True, env=ENV)
+  code = (
+    "import sys, time; from puma_jax.fileio import WorkdirLock; "
+    f"WorkdirLock(sys.argv[1], name={LOCK!r}).acquire(); print('held', flush=True); "
+    "time.sleep(120)"
+  )
+  p = subprocess.Popen(
+    [sys.executable, "-c", code, str(shard_dir)], stdout=subprocess.PIPE, text=True, env=ENV
+  )
   assert p.stdout.readline().strip() == "held"
   return p
 
@@ -41,8 +44,9 @@ def test_second_run_refused_and_stale_lock_taken_over(tmp_path):
   p = holder(work / "shards")
   try:
     before = saved(work)
-    with pytest.raises(runner.EvalError, match=f"in use by another eval run .*pid {p.pid} on "
-                       "host "):
+    with pytest.raises(
+      runner.EvalError, match=f"in use by another eval run .*pid {p.pid} on host "
+    ):
       runner.evaluate(cfg, str(work), log=quiet)
     assert saved(work) == before
   finally:
@@ -72,15 +76,17 @@ def test_lock_helper_names_holder_and_allows_reentry_after_release(tmp_path):
 
 
 BAD_LINES = [
-    ("[1, 2]", "not a shard line"),
-    ('{"batch": 0}', "not a shard line"),
-    ('{"batch": "0", "items": []}', "not a shard line"),
-    ('{"batch": 0, "items": [{"id": "a"}]}', 'an item is not an object with "id" and "idx"'),
-    ('{"batch": 0, "items": [5]}', 'an item is not an object'),
-    ('{"batch": 0, "items": [], "features": "../x.npz"}', "is not a file name"),
-    ('{"batch": 0, "items": [{"id": "0", "idx": 0}], "features": "gone.npz"}',
-     "names features file .*gone.npz, which cannot be read"),
-    ('{"batch": 0, "items": []}\n{oops\n{"batch": 1, "items": []}', ":2: not JSON"),
+  ("[1, 2]", "not a shard line"),
+  ('{"batch": 0}', "not a shard line"),
+  ('{"batch": "0", "items": []}', "not a shard line"),
+  ('{"batch": 0, "items": [{"id": "a"}]}', 'an item is not an object with "id" and "idx"'),
+  ('{"batch": 0, "items": [5]}', "an item is not an object"),
+  ('{"batch": 0, "items": [], "features": "../x.npz"}', "is not a file name"),
+  (
+    '{"batch": 0, "items": [{"id": "0", "idx": 0}], "features": "gone.npz"}',
+    "names features file .*gone.npz, which cannot be read",
+  ),
+  ('{"batch": 0, "items": []}\n{oops\n{"batch": 1, "items": []}', ":2: not JSON"),
 ]
 
 
@@ -119,8 +125,14 @@ def test_cli_exit_2_one_line(tmp_path):
   shards = tmp_path / "w" / "shards"
   shards.mkdir(parents=True)
   (shards / "host000-of-001.jsonl").write_text("[1, 2]\n")
-  cmd = [sys.executable, "-m", "puma_jax.eval", "--config=configs/eval/reconstruction.py:toy",
-         f"--workdir={tmp_path / 'w'}", "--config.data.synthetic.num_items=2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "puma_jax.eval",
+    "--config=configs/eval/reconstruction.py:toy",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.data.synthetic.num_items=2",
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]

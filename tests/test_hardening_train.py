@@ -16,13 +16,18 @@ from puma_jax.training import checkpoints, loop
 from tests.test_train import REPO, read_metrics, small_config
 from tests.utils import tree_digest
 
+
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
   """Every run here compiles the same step: compile it once (a minute on a loaded 2-core
   machine), then load it from JAX's persistent cache (seconds)."""
   import jax
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = [getattr(jax.config, n) for n in names]
   for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
     jax.config.update(n, v)
@@ -43,18 +48,22 @@ def config(total=4):
 
 def lock_holder(workdir: Path):
   """A child process that takes the training lock of `workdir` and keeps it until killed."""
-  code = ("import sys, time; from puma_jax.fileio import WorkdirLock; "
-          "WorkdirLock(sys.argv[1], 'training run', name='.train-host000.lock').acquire(); "
-          "print('held', flush=True); time.sleep(300)")
-  p = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE,
-                       text=True, env=ENV)
+  code = (
+    "import sys, time; from puma_jax.fileio import WorkdirLock; "
+    "WorkdirLock(sys.argv[1], 'training run', name='.train-host000.lock').acquire(); "
+    "print('held', flush=True); time.sleep(300)"
+  )
+  p = subprocess.Popen(
+    [sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True, env=ENV
+  )
   assert p.stdout.readline().strip() == "held"
   return p
 
 
 def flip_a_byte(step_dir: Path) -> Path:
-  f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-          key=lambda p: p.stat().st_size)
+  f = max(
+    (p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+  )
   data = bytearray(f.read_bytes())
   data[len(data) // 2] ^= 0x10
   f.write_bytes(bytes(data))
@@ -67,8 +76,9 @@ def test_lock_damaged_checkpoint_strays_torn_metrics_and_finished_run(tmp_path, 
   # 1. Another live run holds the workdir: refused at once, naming it; nothing written.
   holder = lock_holder(work)
   try:
-    with pytest.raises(loop.StopTraining, match=f"in use by another training run \\(pid "
-                       f"{holder.pid} on host "):
+    with pytest.raises(
+      loop.StopTraining, match=f"in use by another training run \\(pid {holder.pid} on host "
+    ):
       loop.train_and_evaluate(config(), str(work))
     assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
   finally:
@@ -123,6 +133,7 @@ def test_sigint_saves_console_is_calm_and_eta_skips_compilation(tmp_path, capfd)
   """Ctrl-C in the middle of a run (sent from a thread, as a terminal would) saves the step
   and returns; the console has one progress line per step and no orbax INFO (the log has)."""
   import threading
+
   work = tmp_path / "w"
 
   def interrupt():
@@ -133,6 +144,7 @@ def test_sigint_saves_console_is_calm_and_eta_skips_compilation(tmp_path, capfd)
         os.kill(os.getpid(), signal.SIGINT)
         return
       time.sleep(0.02)
+
   t = threading.Thread(target=interrupt, daemon=True)
   t.start()
   loop.train_and_evaluate(config(), str(work))
@@ -164,15 +176,23 @@ def test_second_ctrl_c_aborts_at_once():
 
 
 def main_cli(args, cwd):
-  return subprocess.run([sys.executable, "-m", "puma_jax.main", *args], capture_output=True,
-                        text=True, cwd=cwd, env=ENV, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "puma_jax.main", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=ENV,
+    timeout=300,
+  )
 
 
 def test_cli_help_wrong_field_and_config_from_anywhere(tmp_path):
   r = main_cli(["--help"], tmp_path)
   assert r.returncode == 0 and "--workdir" in r.stdout, r.stderr[-2000:]
-  r = main_cli(["--config=pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
-                "--config.train.steps=abc"], tmp_path)
+  r = main_cli(
+    ["--config=pretrain.py:tiny", f"--workdir={tmp_path / 'w'}", "--config.train.steps=abc"],
+    tmp_path,
+  )
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
   assert "did you mean train.total_steps?" in lines[0]
@@ -182,6 +202,7 @@ def test_cli_help_wrong_field_and_config_from_anywhere(tmp_path):
 def test_tiny_pretraining_fits_every_task():
   from configs import pretrain
   from puma_jax.training import registry
+
   c = pretrain.get_config("tiny")
   assert registry.make(c).check_fit() == []
   c.seq_len = 768
@@ -192,6 +213,7 @@ def test_tiny_pretraining_fits_every_task():
 def test_data_path_matching_no_file_is_a_value_error(tmp_path):
   """The training CLI reports ValueErrors in one line with exit 2 (cli.run)."""
   from puma_jax.data.sources import DataPathError
+
   c = config()
   c.data.sources.text.format = "jsonl"
   c.data.sources.text.paths = str(tmp_path / "nothing-*.jsonl")

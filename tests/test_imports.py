@@ -40,7 +40,7 @@ def imports_of(name: str, path: Path, modules: dict) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative import
         base = package.split(".")
-        base = base[:len(base) - node.level + 1]
+        base = base[: len(base) - node.level + 1]
         mod = ".".join(base + ([node.module] if node.module else []))
       else:
         mod = node.module or ""
@@ -72,7 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.pop()
         path.pop()
       elif color.get(child, 2) == 1:
-        return path[path.index(child):] + [child]
+        return path[path.index(child) :] + [child]
       elif color.get(child, 2) == 0:
         color[child] = 1
         stack.append((child, iter(sorted(graph[child]))))
@@ -107,8 +107,14 @@ print(json.dumps(failed))
 def test_every_module_imports():
   names = sorted(all_modules())
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", IMPORT_ALL, json.dumps(names)], cwd=ROOT.parent,
-                       env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", IMPORT_ALL, json.dumps(names)],
+    cwd=ROOT.parent,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   failed = json.loads(out.stdout.strip().splitlines()[-1])
   assert not failed, failed
@@ -128,10 +134,13 @@ def test_stages_never_import_the_loop():
   assert "puma_jax.training.registry" in graph["puma_jax.training.loop"]
 
 
-@pytest.mark.parametrize("graph, cyclic", [
+@pytest.mark.parametrize(
+  "graph, cyclic",
+  [
     ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
     ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
     ({"a": {"a2"}, "a2": set(), "b": {"b"}}, True),
-])
+  ],
+)
 def test_cycle_finder_finds_cycles(graph, cyclic):
   assert (find_cycle(graph) is not None) == cyclic

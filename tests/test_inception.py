@@ -30,12 +30,12 @@ def nchw(x):
 
 
 def test_param_count_matches_torch():
-  ours = sharding.count_params(nnx.eval_shape(lambda: inception.FIDInceptionV3(
-      rngs=nnx.Rngs(0))))
+  ours = sharding.count_params(nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0))))
   net = torch_inception.FIDInception()
   params = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fc."))
-  stats = sum(b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean",
-                                                                         "running_var")))
+  stats = sum(
+    b.numel() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))
+  )
   # Batch-norm running statistics are parameters of ours (checkpoint tensors), buffers in torch.
   assert ours == params + stats == 21_820_000
 

@@ -12,12 +12,14 @@ SCRIPT = ROOT / "launch" / "local.sh"
 
 
 def _launch(n, tmp_path, **env):
-  full = dict(os.environ, PUMA_ENTRY="tests.launch_payload", PUMA_LOG_DIR=str(tmp_path / "logs"),
-              **env)
+  full = dict(
+    os.environ, PUMA_ENTRY="tests.launch_payload", PUMA_LOG_DIR=str(tmp_path / "logs"), **env
+  )
   full.pop("XLA_FLAGS", None)  # conftest's 8 fake devices would add to PUMA_LOCAL_DEVICES
   t0 = time.monotonic()
-  out = subprocess.run(["bash", str(SCRIPT), str(n)], cwd=ROOT, env=full, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run(
+    ["bash", str(SCRIPT), str(n)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120
+  )
   return out, time.monotonic() - t0
 
 
@@ -51,8 +53,9 @@ def test_one_failure_stops_the_others(tmp_path):
 
 @pytest.mark.parametrize("arg", ["0", "two"])
 def test_bad_process_count(arg):
-  out = subprocess.run(["bash", str(SCRIPT), arg], cwd=ROOT, capture_output=True, text=True,
-                       timeout=30)
+  out = subprocess.run(
+    ["bash", str(SCRIPT), arg], cwd=ROOT, capture_output=True, text=True, timeout=30
+  )
   assert out.returncode == 2 and "usage" in out.stderr
 
 
@@ -69,47 +72,93 @@ def _fake_bin(tmp_path, name, body):
 def test_slurm_script_runs_main_under_srun_with_auto_distributed(tmp_path):
   rec = tmp_path / "srun.args"
   bindir = _fake_bin(tmp_path, "srun", f'printf "%s\\n" "$@" > {rec}\n')
-  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", WORKDIR="/shared/run 1",
-             SLURM_SUBMIT_DIR=str(ROOT))
-  out = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--config.seed=3",
-                        "--config.tokenizer=/a dir/tok"], env=env, capture_output=True,
-                       text=True, timeout=30)
+  env = dict(
+    os.environ,
+    PATH=f"{bindir}:{os.environ['PATH']}",
+    WORKDIR="/shared/run 1",
+    SLURM_SUBMIT_DIR=str(ROOT),
+  )
+  out = subprocess.run(
+    [
+      "bash",
+      str(ROOT / "launch" / "slurm.sbatch"),
+      "--config.seed=3",
+      "--config.tokenizer=/a dir/tok",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert out.returncode == 0, out.stderr
   args = rec.read_text().splitlines()
   assert args[:2] == ["--kill-on-bad-exit=1", "--cpu-bind=none"]
-  assert args[3:] == ["-m", "puma_jax.main", "--config=configs/pretrain.py:paper",
-                      "--workdir=/shared/run 1", "--config.distributed.auto=True",
-                      "--config.seed=3", "--config.tokenizer=/a dir/tok"]
+  assert args[3:] == [
+    "-m",
+    "puma_jax.main",
+    "--config=configs/pretrain.py:paper",
+    "--workdir=/shared/run 1",
+    "--config.distributed.auto=True",
+    "--config.seed=3",
+    "--config.tokenizer=/a dir/tok",
+  ]
   no_workdir = dict(env)
   no_workdir.pop("WORKDIR")
-  out = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch")], env=no_workdir,
-                       capture_output=True, text=True, timeout=30)
+  out = subprocess.run(
+    ["bash", str(ROOT / "launch" / "slurm.sbatch")],
+    env=no_workdir,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert out.returncode != 0 and "WORKDIR" in out.stderr
 
 
 def test_tpu_script_runs_the_same_command_on_all_workers(tmp_path):
   # fake gcloud: record its arguments, then run --command like the worker's shell would
   rec, py_rec = tmp_path / "gcloud.args", tmp_path / "python.args"
-  body = (f'printf "%s\\n" "$@" > {rec}\n'
-          'for a in "$@"; do case $a in --command=*) cmd=${a#--command=};; esac; done\n'
-          f'cd {tmp_path} && bash -c "$cmd"\n')
+  body = (
+    f'printf "%s\\n" "$@" > {rec}\n'
+    'for a in "$@"; do case $a in --command=*) cmd=${a#--command=};; esac; done\n'
+    f'cd {tmp_path} && bash -c "$cmd"\n'
+  )
   bindir = _fake_bin(tmp_path, "gcloud", body)
   _fake_bin(tmp_path, "python3", f'printf "%s\\n" "$@" > {py_rec}\n')
   (tmp_path / "repo").mkdir()
-  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TPU_NAME="pod", ZONE="z1",
-             WORKDIR="/mnt/s/run 1", REPO_DIR="repo")
-  out = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"),
-                        "--config.tokenizer=/a dir/tok"], env=env, capture_output=True,
-                       text=True, timeout=30)
+  env = dict(
+    os.environ,
+    PATH=f"{bindir}:{os.environ['PATH']}",
+    TPU_NAME="pod",
+    ZONE="z1",
+    WORKDIR="/mnt/s/run 1",
+    REPO_DIR="repo",
+  )
+  out = subprocess.run(
+    ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--config.tokenizer=/a dir/tok"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert out.returncode == 0, out.stderr
   g = rec.read_text().splitlines()
   assert g[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1"]
   assert "--worker=all" in g
   assert py_rec.read_text().splitlines() == [
-      "-m", "puma_jax.main", "--config=configs/pretrain.py:paper", "--workdir=/mnt/s/run 1",
-      "--config.distributed.auto=True", "--config.tokenizer=/a dir/tok"]
+    "-m",
+    "puma_jax.main",
+    "--config=configs/pretrain.py:paper",
+    "--workdir=/mnt/s/run 1",
+    "--config.distributed.auto=True",
+    "--config.tokenizer=/a dir/tok",
+  ]
   py_rec.unlink()
-  dry = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")],
-                       env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=30)
+  dry = subprocess.run(
+    ["bash", str(ROOT / "launch" / "tpu_pod.sh")],
+    env=dict(env, DRY_RUN="1"),
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert dry.returncode == 0 and "tpu-vm ssh pod" in dry.stdout, dry.stderr
   assert not py_rec.exists()  # printed, not run

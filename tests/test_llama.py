@@ -52,8 +52,13 @@ def test_logit_parity_cli(converted, name):
 def test_config_fields_from_hf(converted):
   _, hf_dir, ours = converted["llama3_rope_mqa"]
   _, cfg = checkpoints.load_config(ours)
-  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position_embeddings,
-          cfg.num_key_value_heads, cfg.rope_theta) == ("llama3", 8.0, 32, 1, 500000.0)
+  assert (
+    cfg.rope_type,
+    cfg.rope_factor,
+    cfg.rope_original_max_position_embeddings,
+    cfg.num_key_value_heads,
+    cfg.rope_theta,
+  ) == ("llama3", 8.0, 32, 1, 500000.0)
   _, cfg = checkpoints.load_config(converted["tied_bias_headdim"][2])
   assert cfg.tie_word_embeddings and cfg.attention_bias and cfg.mlp_bias and cfg.head_dim == 24
   assert llama.LlamaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -62,10 +67,20 @@ def test_config_fields_from_hf(converted):
 def test_legacy_rope_scaling_config(tmp_path):
   """Pre-v5 config.json: `rope_theta` and `rope_scaling` with the old `type` key."""
   from puma_jax.convert.llama import config_from_hf
-  legacy = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64,
-            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "rope_theta": 500000.0, "rope_scaling": {**{k: v for k, v in LLAMA3_ROPE.items()
-                                                        if k != "rope_type"}, "type": "llama3"}}
+
+  legacy = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+      **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"},
+      "type": "llama3",
+    },
+  }
   cfg = config_from_hf(legacy)
   assert cfg.rope_type == "llama3" and cfg.rope_theta == 500000.0
   with pytest.raises(ConversionError, match="rope_type='yarn'"):
@@ -86,6 +101,7 @@ def test_scan_remat_gradients_match(converted):
     def loss(p):
       logits = nnx.merge(graphdef, p)(IDS[:, :-1])
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), IDS[:, 1:, None], -1))
+
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     grads = nnx.to_pure_dict(grads)
     if model.config.scan_layers:
@@ -119,17 +135,20 @@ def test_embeddings_entry_points(converted):
 
 def test_export_round_trip(converted, tmp_path):
   import transformers
+
   for name in ("gqa", "llama3_rope_mqa", "tied_bias_headdim"):
     torch_model, _, ours = converted[name]
     dst = tmp_path / name
     assert export_cli.main(["llama", f"--src={ours}", f"--dst={dst}"]) == 0
     back = transformers.LlamaForCausalLM.from_pretrained(dst).eval()
     assert rel_err(hf_logits(back, IDS), hf_logits(torch_model, IDS)) < 1e-5
-    assert back.config.rope_parameters["rope_type"] == torch_model.config.rope_parameters[
-        "rope_type"]
+    assert (
+      back.config.rope_parameters["rope_type"] == torch_model.config.rope_parameters["rope_type"]
+    )
   # Sharded, bfloat16 and from a scanned model: index file plus shards that HF reads back.
   model = llama.set_scan_layers(checkpoints.load_module(converted["gqa"][2]), True)
   from puma_jax.convert.llama import export_hf
+
   dst = export_hf(model, tmp_path / "sharded", dtype="bfloat16", max_shard_bytes=20_000)
   index = json.loads((dst / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 2
@@ -150,6 +169,7 @@ def test_bf16_compute(tmp_path):
   """bf16 compute, float32 parameters, vs the float32 reference; HF's default init scale so
   activations have realistic magnitudes (bf16 error grows with them, for HF as much as us)."""
   import torch
+
   torch_model = make_hf(tmp_path / "hf", num_key_value_heads=2, initializer_range=0.02)
   assert convert_cli.main(["llama", f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'o'}"]) == 0
   model = checkpoints.load_module(tmp_path / "o", dtype=jnp.bfloat16)
@@ -164,8 +184,9 @@ def test_bf16_compute(tmp_path):
 
 def test_llama3_8b_param_count():
   for scan in (False, True):
-    abstract = nnx.eval_shape(lambda: llama.LlamaForCausalLM(
-        llama.llama3_8b(scan_layers=scan), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+      lambda: llama.LlamaForCausalLM(llama.llama3_8b(scan_layers=scan), rngs=nnx.Rngs(0))
+    )
     assert sharding.count_params(abstract) == 8_030_261_248
 
 
@@ -177,8 +198,9 @@ def test_sharded_forward_equals_unsharded(converted):
     model = checkpoints.load_module(ours, mesh=mesh)
     if scan:
       model = sharding.shard_module(llama.set_scan_layers(model, True), mesh)
-    q = (model.layers[0].self_attn.q_proj.kernel if not scan
-         else model.layers.self_attn.q_proj.kernel)
+    q = (
+      model.layers[0].self_attn.q_proj.kernel if not scan else model.layers.self_attn.q_proj.kernel
+    )
     want = ("fsdp", "tensor") if not scan else (None, "fsdp", "tensor")
     assert tuple(q[...].sharding.spec) == want
     graphdef, state = nnx.split(model)
@@ -199,7 +221,7 @@ def test_packed_sequences_equal_separate_runs(converted):
   out = fwd(model, packed, segment_ids=seg)
   for piece, lo in ((a, 0), (b, 13), (c, 33)):
     alone = fwd(model, piece[None])[0]
-    assert rel_err(out[0, lo:lo + len(piece)], alone) < 1e-5
+    assert rel_err(out[0, lo : lo + len(piece)], alone) < 1e-5
 
 
 def test_padding_mask_matches_hf(converted):
@@ -237,6 +259,7 @@ def test_bad_inputs(converted, tmp_path):
 
 def test_tokenizer_files_travel(converted, tmp_path):
   from tests.test_tokenizer import tiny_tokenizer_dir
+
   _, hf_dir, _ = converted["gqa"]
   src = tmp_path / "hf"
   shutil.copytree(hf_dir, src)

@@ -1,6 +1,5 @@
 """AlexNet trunk and LPIPS vs a PyTorch re-implementation of the lpips forward (random weights)."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,17 +24,26 @@ TAPS = (1, 4, 7, 9, 11)  # indices of relu1..relu5 in torchvision's `features`
 def torch_features() -> nn.Sequential:
   """torchvision's `alexnet().features`, written out (torchvision is not a dependency)."""
   return nn.Sequential(
-      nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-      nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-      nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-      nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-      nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+    nn.Conv2d(3, 64, 11, stride=4, padding=2),
+    nn.ReLU(),
+    nn.MaxPool2d(3, 2),
+    nn.Conv2d(64, 192, 5, padding=2),
+    nn.ReLU(),
+    nn.MaxPool2d(3, 2),
+    nn.Conv2d(192, 384, 3, padding=1),
+    nn.ReLU(),
+    nn.Conv2d(384, 256, 3, padding=1),
+    nn.ReLU(),
+    nn.Conv2d(256, 256, 3, padding=1),
+    nn.ReLU(),
+    nn.MaxPool2d(3, 2),
+  )
 
 
 def torch_lpips(features, lin_weights, x0, x1, per_layer=False):
   """The lpips v0.1 forward: scaling layer, unit-normalized taps, squared diff, 1x1 lin, mean."""
-  shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-  scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+  shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+  scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
   def taps(x):
     x = (x - shift) / scale
@@ -47,10 +55,12 @@ def torch_lpips(features, lin_weights, x0, x1, per_layer=False):
     return out
 
   def norm(f):
-    return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + 1e-10)
+    return f / (torch.sqrt(torch.sum(f**2, dim=1, keepdim=True)) + 1e-10)
 
-  res = [F.conv2d((norm(f0) - norm(f1)) ** 2, w).mean([2, 3], keepdim=True)
-         for f0, f1, w in zip(taps(x0), taps(x1), lin_weights)]
+  res = [
+    F.conv2d((norm(f0) - norm(f1)) ** 2, w).mean([2, 3], keepdim=True)
+    for f0, f1, w in zip(taps(x0), taps(x1), lin_weights)
+  ]
   if per_layer:
     return torch.cat([r.flatten(1) for r in res], 1)
   return sum(res).flatten()
@@ -119,7 +129,8 @@ def test_lpips_parity(weights, tmp_path):
   assert rel_err(ours, ref) < 1e-4, (ours, ref)
   graphdef, state = nnx.split(scorer.model)
   per = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y, per_layer=True))(
-      state, 2 * a - 1, 2 * b - 1)
+    state, 2 * a - 1, 2 * b - 1
+  )
   assert rel_err(per, ref_layers.numpy()) < 1e-4
   # Identical images are at distance 0; the distance is symmetric.
   np.testing.assert_allclose(scorer(a, a), 0.0, atol=1e-7)
@@ -133,8 +144,10 @@ def test_lpips_module_state_dict_layout(weights, tmp_path):
   to the same model as the two-file layout."""
   root, feats, lins = weights
   slice_of = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
-  sd = {"scaling_layer.shift": torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1),
-        "scaling_layer.scale": torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)}
+  sd = {
+    "scaling_layer.shift": torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1),
+    "scaling_layer.scale": torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1),
+  }
   for k, v in feats.state_dict().items():
     n = int(k.split(".")[0])
     sd[f"net.slice{slice_of[n]}.{k}"] = v
@@ -157,8 +170,10 @@ def test_conversion_is_strict(weights, tmp_path):
   torch.save({f"lin{k}.model.1.weight": w for k, w in enumerate(lins[:4])}, src / "alex.pth")
   with pytest.raises(ConversionError, match=r"lin4\.model\.1\.weight"):
     import_module("lpips-alex", src)
-  torch.save({f"lin{k}.model.1.weight": w for k, w in enumerate(lins)} | {"lin5.extra": lins[0]},
-             src / "alex.pth")
+  torch.save(
+    {f"lin{k}.model.1.weight": w for k, w in enumerate(lins)} | {"lin5.extra": lins[0]},
+    src / "alex.pth",
+  )
   with pytest.raises(ConversionError, match=r"lin5\.extra"):
     import_module("lpips-alex", src)
   # The same tensor in two files of the source directory.
@@ -178,8 +193,9 @@ def test_cli(weights, tmp_path, capsys):
   root, _, _ = weights
   assert convert_main(["lpips-alex", f"--src={root}", f"--dst={tmp_path / 'out'}"]) == 0
   assert checkpoints.load_info(tmp_path / "out")["family"] == "lpips-alex"
-  assert convert_main(["lpips-alex", f"--src={tmp_path / 'nope'}",
-                       f"--dst={tmp_path / 'out2'}"]) == 2
+  assert (
+    convert_main(["lpips-alex", f"--src={tmp_path / 'nope'}", f"--dst={tmp_path / 'out2'}"]) == 2
+  )
   assert "does not exist" in capsys.readouterr().err
 
 

@@ -36,11 +36,11 @@ def _tiny_hand_elements(c):
   layer = 2 * d + (d * q + 2 * d * kv + q * d + 3 * d * f) // 8
   llm_total = v * d // 8 + d * v // 8 + d + n * layer
   projector = F * d // 8 + d + d * d // 8 + d // 8  # fc1 (embed, mlp), fc2 (mlp, embed)
-  head = d * d // 8 + d + d * F // 8 + F // 8        # fc1 (embed, mlp), fc2 (mlp, embed)
-  embeds = 5 * d // 8 + 256 * d // 8                 # scale_embed, pos_embed (None, embed)
+  head = d * d // 8 + d + d * F // 8 + F // 8  # fc1 (embed, mlp), fc2 (mlp, embed)
+  embeds = 5 * d // 8 + 256 * d // 8  # scale_embed, pos_embed (None, embed)
   router = d * 5 // 8 + 5
   trainable = llm_total + projector + head + embeds + router
-  c_in, p = clip.num_channels, clip.patch_size       # conv_in = 3 channels: 8 does not divide
+  c_in, p = clip.num_channels, clip.patch_size  # conv_in = 3 channels: 8 does not divide
   ci, npos = clip.intermediate_size, (clip.image_size // p) ** 2 + 1
   clip_layer = 4 * F + 4 * F * F // 8 + 3 * F + F // 8 + F * ci // 8 + ci + ci * F // 8 + F // 8
   frozen = F // 8 + p * p * c_in * F + npos * F // 8 + clip.num_hidden_layers * clip_layer + 4 * F
@@ -65,18 +65,25 @@ def test_tiny_fsdp8_static_bytes_match_hand_computation():
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_tiny_activation_bytes_match_formula(remat):
   c = _tiny(remat)
-  plan = mp.make_plan(c, 8, 32, processes=2)   # global batch 16 -> 2 rows per device
+  plan = mp.make_plan(c, 8, 32, processes=2)  # global batch 16 -> 2 rows per device
   llm = c.model.llm
-  d, f, hd, n, v = (llm.hidden_size, llm.intermediate_size, llm.head_dim,
-                    llm.num_hidden_layers, llm.vocab_size)
+  d, f, hd, n, v = (
+    llm.hidden_size,
+    llm.intermediate_size,
+    llm.head_dim,
+    llm.num_hidden_layers,
+    llm.vocab_size,
+  )
   q, kv = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
   t = c.seq_len
   tokens = 2 * t
   s = llm.num_attention_heads * t
   b = 4  # tiny computes in float32
-  per_layer = {"none": b * (4 * d + 2 * q + 2 * kv + 4 * f) + s * (5 + b),
-               "full": b * d,
-               "dots": b * (3 * d + 2 * q + 2 * kv + 2 * f) + 4 * s}[remat]
+  per_layer = {
+    "none": b * (4 * d + 2 * q + 2 * kv + 4 * f) + s * (5 + b),
+    "full": b * d,
+    "dots": b * (3 * d + 2 * q + 2 * kv + 2 * f) + 4 * s,
+  }[remat]
   outside = b * (7 * d + 2 * c.model.clip.hidden_size)
   assert plan.details["tokens_per_device"] == tokens
   assert plan.rows["activations"] == tokens * (n * per_layer + outside)
@@ -122,15 +129,20 @@ def test_paper_256_parameter_bytes_are_ceil_divided(paper_plan):
   total = sum(math.prod(t.shape) for t in tensors.values())
   assert total == plan.details["n_trainable"] + plan.details["n_frozen"]
   assert plan.rows["params"] == sum(t.bytes_per_device for t in tensors.values())
+
   # Recomputed from the specs: a dimension carrying `fsdp` is ceil-divided by 256, all else whole
   def by_hand(t):
-    dims = [math.ceil(n / 256) if i < len(t.spec) and t.spec[i] == "fsdp" else n
-            for i, n in enumerate(t.shape)]
+    dims = [
+      math.ceil(n / 256) if i < len(t.spec) and t.spec[i] == "fsdp" else n
+      for i, n in enumerate(t.shape)
+    ]
     return math.prod(dims) * F32
+
   assert all(t.bytes_per_device == by_hand(t) for t in tensors.values())
   replicated = sum(math.prod(t.shape) for t in tensors.values() if "fsdp" not in t.spec)
-  assert plan.rows["params"] == pytest.approx(((total - replicated) / 256 + replicated) * F32,
-                                              rel=1e-3)
+  assert plan.rows["params"] == pytest.approx(
+    ((total - replicated) / 256 + replicated) * F32, rel=1e-3
+  )
   assert total * F32 / 256 < plan.rows["params"] < 1.5 * total * F32 / 256
   assert plan.rows["optimizer"] >= 2 * plan.details["trainable_params"]
   assert plan.rows["optimizer"] < 2 * plan.details["trainable_params"] + 1024
@@ -166,18 +178,47 @@ def test_bad_mesh_errors():
 
 def test_cli_paper_prints_table_and_verdict():
   out = subprocess.run(
-      [sys.executable, "-m", "puma_jax.tools.memory_plan", "--config=configs/pretrain.py:paper",
-       "--devices=256", "--device_memory_gb=32", "--config.train.grad_accum_steps=1",
-       "--config.model.llm.remat_policy=dots"],
-      cwd=ROOT, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      "-m",
+      "puma_jax.tools.memory_plan",
+      "--config=configs/pretrain.py:paper",
+      "--devices=256",
+      "--device_memory_gb=32",
+      "--config.train.grad_accum_steps=1",
+      "--config.model.llm.remat_policy=dots",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
-  for word in ("params", "grads", "optimizer", "activations", "logits", "total",
-               "DOES NOT FIT", "grad_accum_steps="):
+  for word in (
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "logits",
+    "total",
+    "DOES NOT FIT",
+    "grad_accum_steps=",
+  ):
     assert word in out.stdout, out.stdout
   bad = subprocess.run(
-      [sys.executable, "-m", "puma_jax.tools.memory_plan", "--config=configs/pretrain.py",
-       "--devices=6", "--config.mesh.tensor=4"],
-      cwd=ROOT, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      "-m",
+      "puma_jax.tools.memory_plan",
+      "--config=configs/pretrain.py",
+      "--devices=6",
+      "--config.mesh.tensor=4",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert bad.returncode == 2 and "does not divide --devices=6" in bad.stderr, bad.stderr[-2000:]
 
 
@@ -187,7 +228,7 @@ def test_fitting_plan_names_the_cheapest_remat_that_fits(paper_plan):
   with roomy.unlocked():
     roomy.train.grad_accum_steps = 2
     roomy.model.llm.remat_policy = "full"
-  p80 = mp.make_plan(roomy, 256, 80, static=plan.details["static"])   # 80 GB cards
+  p80 = mp.make_plan(roomy, 256, 80, static=plan.details["static"])  # 80 GB cards
   best, bp = mp.cheapest_remat(roomy, p80)
   assert best != "full" and bp.fits
   assert mp.REMAT_ORDER.index(best) < mp.REMAT_ORDER.index("full")

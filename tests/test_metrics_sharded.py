@@ -21,18 +21,24 @@ def numpy_random_module(build, seed: int):
     base = 1.0 if "scale" in str(path[-1]) else 0.0
     return np.asarray(base + 0.1 * rs.randn(*v.shape), np.float32)
 
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
-      fill, nnx.to_pure_dict(params)))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(params)))
   return nnx.merge(graphdef, params, rest)
 
 
 def test_sharded_equals_unsharded(tmp_path):
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  checkpoints.save_module(tmp_path / "lpips", "lpips-alex", lpips.LPIPSConfig(),
-                          numpy_random_module(lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 0))
-  checkpoints.save_module(tmp_path / "clip", "clip", clip_text.tiny(),
-                          numpy_random_module(
-                              lambda: clip_text.CLIPModel(clip_text.tiny(), rngs=nnx.Rngs(0)), 1))
+  checkpoints.save_module(
+    tmp_path / "lpips",
+    "lpips-alex",
+    lpips.LPIPSConfig(),
+    numpy_random_module(lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 0),
+  )
+  checkpoints.save_module(
+    tmp_path / "clip",
+    "clip",
+    clip_text.tiny(),
+    numpy_random_module(lambda: clip_text.CLIPModel(clip_text.tiny(), rngs=nnx.Rngs(0)), 1),
+  )
   rs = np.random.RandomState(0)
   a = rs.uniform(0, 1, (4, 64, 64, 3)).astype(np.float32)
   b = rs.uniform(0, 1, (4, 64, 64, 3)).astype(np.float32)

@@ -15,8 +15,13 @@ from puma_jax.tools import tiny_release
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # Pictures each notebook must display (a grid or the input plus results).
-MIN_IMAGES = {"01_reconstruct": 2, "02_text_to_image": 1, "03_edit_and_conditional": 1,
-              "04_chat_and_ground": 2, "05_convert": 1}
+MIN_IMAGES = {
+  "01_reconstruct": 2,
+  "02_text_to_image": 1,
+  "03_edit_and_conditional": 1,
+  "04_chat_and_ground": 2,
+  "05_convert": 1,
+}
 
 
 def test_every_notebook_is_listed_and_stored_without_outputs():
@@ -60,8 +65,9 @@ def test_notebook_runs_headless(path, release, tmp_path, monkeypatch):
   monkeypatch.setenv("PUMA_SCALES", "f4")
   monkeypatch.setenv("PUMA_MAX_NEW_TOKENS", "4")
   nb = nbformat.read(path, as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  ).execute()
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
   assert not errors
   images = _images(nb)

@@ -63,14 +63,15 @@ def test_image_slots_follow_seq_len():
 def test_packed_rows_fill_and_hold_the_same_examples():
   packed = iter(pipeline.build(cfg(), encode=encoder(), host_index=0, host_count=1))
   rows = take(packed, 6)
-  plain = iter(pipeline.build(cfg(pack=False, batch=1), encode=encoder(), host_index=0,
-                              host_count=1))
+  plain = iter(
+    pipeline.build(cfg(pack=False, batch=1), encode=encoder(), host_index=0, host_count=1)
+  )
   assert "segment_ids" in rows[0] and rows[0]["images"].shape == (2, 4, 32, 32, 3)
   ex_p = examples_of(rows)
   ex_u = examples_of(take(plain, len(ex_p) + 8))
   # first fit reorders within a group of rows, never drops nor invents an example
   assert set(ex_p) <= set(ex_u)
-  assert len(set(ex_p) & set(ex_u[:len(ex_p) - 8])) == len(ex_u[:len(ex_p) - 8])
+  assert len(set(ex_p) & set(ex_u[: len(ex_p) - 8])) == len(ex_u[: len(ex_p) - 8])
   m = packed.metrics()
   assert m["data/examples"] == len(ex_p) and m["data/examples_per_row"] > 2.5
   real = sum(int((b["segment_ids"] > 0).sum()) for b in rows) / (12 * SEQ_LEN)
@@ -85,8 +86,13 @@ def test_packed_rows_fill_and_hold_the_same_examples():
 
 
 def test_evaluation_split_is_not_packed():
-  ev = next(iter(pipeline.build(cfg(num_epochs=1, shuffle=False), split="eval",
-                                encode=encoder(), host_index=0, host_count=1)))
+  ev = next(
+    iter(
+      pipeline.build(
+        cfg(num_epochs=1, shuffle=False), split="eval", encode=encoder(), host_index=0, host_count=1
+      )
+    )
+  )
   assert int(ev["segment_ids"].max()) == 1
 
 
@@ -114,12 +120,14 @@ def test_bad_pack_bins_is_named():
 def test_packed_rows_give_the_unpacked_loss_and_gradients():
   """One open row (sequential packing) so that the packed rows hold a prefix of the stream,
   which the unpacked pipeline then delivers one example per row."""
-  packed = next(iter(pipeline.build(cfg(bins=1, batch=2), encode=encoder(), host_index=0,
-                                    host_count=1)))
+  packed = next(
+    iter(pipeline.build(cfg(bins=1, batch=2), encode=encoder(), host_index=0, host_count=1))
+  )
   n = int(sum(packed["segment_ids"][r].max() for r in range(2)))
   assert n >= 3
-  unpacked = next(iter(pipeline.build(cfg(pack=False, batch=n), encode=encoder(),
-                                      host_index=0, host_count=1)))
+  unpacked = next(
+    iter(pipeline.build(cfg(pack=False, batch=n), encode=encoder(), host_index=0, host_count=1))
+  )
   assert sorted(examples_of([packed])) == sorted(examples_of([unpacked]))
 
   model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
@@ -138,8 +146,9 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients():
   lp, gp = grad(params, packed)
   lu, gu = grad(params, unpacked)
   np.testing.assert_allclose(float(lp), float(lu), rtol=1e-5)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(gp),
-                               jax.tree_util.tree_leaves_with_path(gu)):
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_leaves_with_path(gp), jax.tree_util.tree_leaves_with_path(gu)
+  ):
     scale = float(jnp.max(jnp.abs(b))) + 1e-12
     assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, path
 
@@ -150,7 +159,7 @@ def test_a_source_of_only_bad_records_reaches_the_skip_limit():
   c = cfg(max_consecutive_skips=5)
   for name in c.sources:
     c.sources[name].weight = 1.0 if name == "pairs" else 0.0
-  short = MLLMEncoder(TOK.encode, TOK.special, 300, 2, 32)   # no image example fits 300
+  short = MLLMEncoder(TOK.encode, TOK.special, 300, 2, 32)  # no image example fits 300
   it = iter(pipeline.build(c, encode=short, host_index=0, host_count=1))
   with pytest.raises(pipeline.DataError, match="bad records in a row"):
     next(it)

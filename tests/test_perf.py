@@ -8,10 +8,10 @@ from puma_jax.models import llama, puma
 
 def test_llama3_8b_at_2048_equals_the_hand_formula():
   d, L, h, kv, hd, f, v, t = 4096, 32, 32, 8, 128, 14336, 128256, 2048
-  q_o = 2 * (2 * d * h * hd)                # q and o projections
-  k_v = 2 * (2 * d * kv * hd)               # GQA: 8 key/value heads
-  attn = 2 * (2 * h * hd * t / 2)           # QK^T and AV over half the keys (causal)
-  mlp = 3 * (2 * d * f)                     # SwiGLU
+  q_o = 2 * (2 * d * h * hd)  # q and o projections
+  k_v = 2 * (2 * d * kv * hd)  # GQA: 8 key/value heads
+  attn = 2 * (2 * h * hd * t / 2)  # QK^T and AV over half the keys (causal)
+  mlp = 3 * (2 * d * f)  # SwiGLU
   forward = L * (q_o + k_v + attn + mlp) + 2 * d * v
   assert perf.flops_per_token(llama.llama3_8b(), t) == pytest.approx(3 * forward, rel=1e-12)
   # the old count (MHA-sized k/v, non-causal attention) read ~13% high
@@ -23,11 +23,12 @@ def test_puma_adds_projector_head_router_and_frozen_clip_forward():
   cfg = puma.paper()
   t = 2048
   d, fd = 4096, 1024
-  trained = (perf.flops_per_token(cfg.llm, t) / 3 + 2 * (fd * d + d * d) + 2 * (d * d + d * fd)
-             + 2 * d * 5)
-  n, w, i = 257, 1024, 4096                 # CLIP ViT-L/14 at 224: 16x16 patches + class
+  trained = (
+    perf.flops_per_token(cfg.llm, t) / 3 + 2 * (fd * d + d * d) + 2 * (d * d + d * fd) + 2 * d * 5
+  )
+  n, w, i = 257, 1024, 4096  # CLIP ViT-L/14 at 224: 16x16 patches + class
   clip = 2 * 256 * (3 * 14 * 14) * w + 24 * (n * (8 * w * w + 4 * w * i) + 4 * n * n * w)
-  want = 3 * trained + 5 / 2048 * clip      # 5 image slots per 2048-position row
+  want = 3 * trained + 5 / 2048 * clip  # 5 image slots per 2048-position row
   assert perf.flops_per_token(cfg, t) == pytest.approx(want, rel=1e-12)
   assert perf.flops_per_token(cfg, t, images_per_token=0.0) == pytest.approx(3 * trained)
   with pytest.raises(TypeError, match="model_config"):
@@ -56,13 +57,13 @@ def test_throughput_window_excludes_paused_time_and_counts_real_tokens():
   for _ in range(4):
     now[0] += 1.0
     w.add(real_tokens=500)
-  with w.paused():          # an evaluation: 10 s that must not lower the rates
+  with w.paused():  # an evaluation: 10 s that must not lower the rates
     now[0] += 10.0
   r = w.read()
   assert r["steps_per_s"] == pytest.approx(1.0)
   assert r["real_tokens_per_s"] == pytest.approx(500.0)
   assert r["mfu"] == pytest.approx(1e9 * 500 / 2 / 1e12)
-  now[0] += 2.0             # the next window starts at the read
+  now[0] += 2.0  # the next window starts at the read
   w.add(real_tokens=100)
   assert perf.ThroughputWindow(None, None, 1).read()["steps_per_s"] == 0.0
   r = w.read()

@@ -10,6 +10,7 @@ from puma_jax.inference import generation, pipelines, router
 from puma_jax.models import puma, puma_decoder, vae
 
 from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
+
 TOK = ByteTokenizer()
 
 
@@ -24,14 +25,19 @@ def pipe():
 
   decoders = {"f4": dec(1, 1), "f3": dec(4, 2)}
   v = vae.AutoencoderKL(vae.tiny_config(), rngs=nnx.Rngs(3))
-  return pipelines.PumaPipeline(model, encode=TOK.encode, decode=TOK.decode,
-                                special=TOK.special, decoders=decoders, vae=v,
-                                settings=SamplerSettings(num_steps=2))
+  return pipelines.PumaPipeline(
+    model,
+    encode=TOK.encode,
+    decode=TOK.decode,
+    special=TOK.special,
+    decoders=decoders,
+    vae=v,
+    settings=SamplerSettings(num_steps=2),
+  )
 
 
 def images(n, seed=0):
-  return [np.random.RandomState(seed + i).randint(0, 256, (40, 48, 3), np.uint8)
-          for i in range(n)]
+  return [np.random.RandomState(seed + i).randint(0, 256, (40, 48, 3), np.uint8) for i in range(n)]
 
 
 def test_text_to_image_one_image_per_scale(pipe):
@@ -76,14 +82,20 @@ def test_router_defaults_and_errors(pipe):
   with pytest.raises(ValueError, match="unknown scale 'f7'"):
     pipe.text_to_image(["x"], scales=("f7",))
   with pytest.raises(ValueError, match="scale f2 .*num_tokens=4"):
-    pipelines.PumaPipeline(pipe.model, encode=TOK.encode, decode=TOK.decode,
-                           special=TOK.special, decoders={"f2": pipe.decoders["f3"]})
+    pipelines.PumaPipeline(
+      pipe.model,
+      encode=TOK.encode,
+      decode=TOK.decode,
+      special=TOK.special,
+      decoders={"f2": pipe.decoders["f3"]},
+    )
 
 
 def unbuilt_pipeline(width=8):
   """A PumaPipeline whose model and decoders are stand-ins holding only their configs: every
   check below must refuse its input before anything is computed."""
   from types import SimpleNamespace as NS
+
   pipe = pipelines.PumaPipeline.__new__(pipelines.PumaPipeline)
   pipe.model = NS(config=NS(clip=NS(image_size=16), feature_dim=width))
   pipe.decoders = {"f3": NS(config=NS(mapping_dim=width, num_tokens=4))}
@@ -97,25 +109,29 @@ def test_bad_inputs_are_refused_by_name():
   pipe = unbuilt_pipeline()
   w = pipe.model.config.feature_dim
   cases = [
-      (lambda: pipe.edit(images(2), ["make it blue"]), "2 image.*1 instructions"),
-      (lambda: pipe.edit(images(1), ["a", "b"], scales=("f4",)), "1 image.*2 instructions"),
-      (lambda: pipe.chat(images(1), ["a?", "b?"]), "1 image.*2 questions"),
-      (lambda: pipe.ground(images(2), ["the circle"]), "2 image.*1 phrases"),
-      (lambda: pipe.ground([], []), "images is empty"),
-      (lambda: pipe.text_to_image([], scales=("f4",)), "prompts is empty"),
-      (lambda: pipe.text_to_image([3], scales=("f4",)), r"prompts\[0\] is a int"),
-      (lambda: pipe.text_to_image(["x"], scales=()), r"scales=\(\) names no scale"),
-      (lambda: pipe.edit(images(1), ["x"], scales=[]), r"scales=\(\) names no scale"),
-      (lambda: pipe.conditional([np.zeros((0, 0, 3), np.uint8)], "canny"), r"images\[0\] is "
-       "empty"),
-      (lambda: pipe.chat([np.zeros((0, 4, 3), np.uint8)], ["q"]), r"images\[0\] is empty"),
-      (lambda: pipe.decode_features("f3", np.full((1, 4, w), np.nan)), "NaN or infinite"),
-      (lambda: pipe.decode_features("f3", np.zeros((0, 4, w))), r"got \(0, 4"),
-      (lambda: pipe.decode_features("f3", np.zeros((1, 1, w))), r"\(B >= 1, 4,"),
+    (lambda: pipe.edit(images(2), ["make it blue"]), "2 image.*1 instructions"),
+    (lambda: pipe.edit(images(1), ["a", "b"], scales=("f4",)), "1 image.*2 instructions"),
+    (lambda: pipe.chat(images(1), ["a?", "b?"]), "1 image.*2 questions"),
+    (lambda: pipe.ground(images(2), ["the circle"]), "2 image.*1 phrases"),
+    (lambda: pipe.ground([], []), "images is empty"),
+    (lambda: pipe.text_to_image([], scales=("f4",)), "prompts is empty"),
+    (lambda: pipe.text_to_image([3], scales=("f4",)), r"prompts\[0\] is a int"),
+    (lambda: pipe.text_to_image(["x"], scales=()), r"scales=\(\) names no scale"),
+    (lambda: pipe.edit(images(1), ["x"], scales=[]), r"scales=\(\) names no scale"),
+    (
+      lambda: pipe.conditional([np.zeros((0, 0, 3), np.uint8)], "canny"),
+      r"images\[0\] is "
+      "empty",
+    ),
+    (lambda: pipe.chat([np.zeros((0, 4, 3), np.uint8)], ["q"]), r"images\[0\] is empty"),
+    (lambda: pipe.decode_features("f3", np.full((1, 4, w), np.nan)), "NaN or infinite"),
+    (lambda: pipe.decode_features("f3", np.zeros((0, 4, w))), r"got \(0, 4"),
+    (lambda: pipe.decode_features("f3", np.zeros((1, 1, w))), r"\(B >= 1, 4,"),
   ]
   for call, match in cases:
     with pytest.raises(ValueError, match=match):
       call()
   from PIL import Image
+
   with pytest.raises(ValueError, match="0x0"):
     pipe.pixels([Image.new("RGB", (0, 0))])

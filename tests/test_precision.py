@@ -15,12 +15,12 @@ def dev(platform, cc=None, kind="x"):
 
 
 def test_auto_picks_per_device():
-  assert precision.resolve("auto", dev("gpu", "7.0")) == "float16"       # V100
-  assert precision.resolve("auto", dev("gpu", "8.0")) == "bfloat16"      # A100
-  assert precision.resolve("auto", dev("gpu", "9.0")) == "bfloat16"      # H100
+  assert precision.resolve("auto", dev("gpu", "7.0")) == "float16"  # V100
+  assert precision.resolve("auto", dev("gpu", "8.0")) == "bfloat16"  # A100
+  assert precision.resolve("auto", dev("gpu", "9.0")) == "bfloat16"  # H100
   assert precision.resolve("auto", dev("tpu")) == "bfloat16"
   assert precision.resolve("auto", dev("cpu")) == "float32"
-  assert precision.resolve("auto") == "float32"                          # this machine
+  assert precision.resolve("auto") == "float32"  # this machine
   assert precision.resolve("float16", dev("tpu")) == "float16"
   with pytest.raises(ValueError, match="precision='fp8'"):
     precision.resolve("fp8")
@@ -43,7 +43,7 @@ def test_overflow_halves_scale_and_finite_steps_grow_it():
   assert float(ls.scale) == 512.0 and int(ls.good_steps) == 2
   ls = adjust(ls, jnp.array(True))
   assert float(ls.scale) == 1024.0 and int(ls.good_steps) == 0
-  for _ in range(20):   # never below min_scale
+  for _ in range(20):  # never below min_scale
     ls = adjust(ls, jnp.array(False))
   assert float(ls.scale) == 1.0
 

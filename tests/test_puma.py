@@ -12,6 +12,7 @@ from puma_jax.training import losses
 from puma_jax.models import puma
 
 from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
+
 TOK = ByteTokenizer()
 SP = TOK.special
 
@@ -49,14 +50,26 @@ def test_packing_equals_separate_examples(model):
   n1, n2 = len(ex1), len(ex2)
   for key in ("logits", "feature_pred", "router_logits"):
     np.testing.assert_allclose(out_p[key][0, :n1], out_s[key][0, :n1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out_p[key][0, n1:n1 + n2], out_s[key][1, :n2], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      out_p[key][0, n1 : n1 + n2], out_s[key][1, :n2], rtol=1e-4, atol=1e-5
+    )
   weights = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
-  lp, _ = losses.mllm_loss(out_p["logits"], out_p["feature_pred"], out_p["features"],
-                           rows_to_batch([packed], None), weights,
-                           router_logits=out_p["router_logits"])
-  ls, _ = losses.mllm_loss(out_s["logits"], out_s["feature_pred"], out_s["features"],
-                           rows_to_batch(sep, None), weights, router_logits=out_s["router_logits"])
+  lp, _ = losses.mllm_loss(
+    out_p["logits"],
+    out_p["feature_pred"],
+    out_p["features"],
+    rows_to_batch([packed], None),
+    weights,
+    router_logits=out_p["router_logits"],
+  )
+  ls, _ = losses.mllm_loss(
+    out_s["logits"],
+    out_s["feature_pred"],
+    out_s["features"],
+    rows_to_batch(sep, None),
+    weights,
+    router_logits=out_s["router_logits"],
+  )
   np.testing.assert_allclose(float(lp), float(ls), rtol=1e-5)
 
 
@@ -75,11 +88,14 @@ def reference_features(model, prompt, images, num_slots):
   n = len(prompt["tokens"])
   out = []
   for j in range(num_slots):
-    batch = {"tokens": np.concatenate([prompt["tokens"], np.zeros(num_slots, np.int32)])[None],
-             "image_index": np.concatenate([prompt["image_index"],
-                                            np.where(np.arange(num_slots) < j, m, -1)])[None],
-             "image_token": np.concatenate([prompt["image_token"], np.arange(num_slots)])[None],
-             "image_features": np.concatenate([feats_in[:m], gen[None]])[None]}
+    batch = {
+      "tokens": np.concatenate([prompt["tokens"], np.zeros(num_slots, np.int32)])[None],
+      "image_index": np.concatenate(
+        [prompt["image_index"], np.where(np.arange(num_slots) < j, m, -1)]
+      )[None],
+      "image_token": np.concatenate([prompt["image_token"], np.arange(num_slots)])[None],
+      "image_features": np.concatenate([feats_in[:m], gen[None]])[None],
+    }
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     pred = np.asarray(forward(batch)["feature_pred"])[0, n + j - 1]
     gen[j] = pred
@@ -90,8 +106,10 @@ def reference_features(model, prompt, images, num_slots):
 def test_cached_feature_generation_equals_full_forwards(model):
   rng = np.random.RandomState(1)
   images = jnp.asarray(rng.randn(2, 1, 32, 32, 3).astype(np.float32))
-  prompts = [seq.build_prompt([seq.Image(0), seq.Text("make it red")], TOK.encode, SP, True),
-             seq.build_prompt([seq.Image(0), seq.Text("x")], TOK.encode, SP, True)]
+  prompts = [
+    seq.build_prompt([seq.Image(0), seq.Text("make it red")], TOK.encode, SP, True),
+    seq.build_prompt([seq.Image(0), seq.Text("x")], TOK.encode, SP, True),
+  ]
   feats, router = generation.generate_features(model, prompts, "f2", images=images)
   assert feats.shape == (2, 21, model.config.feature_dim) and router.shape == (2, 5)
   for i in range(2):
@@ -105,8 +123,10 @@ def test_cached_feature_generation_equals_full_forwards(model):
 def test_cached_text_generation_equals_full_forwards(model):
   rng = np.random.RandomState(2)
   images = jnp.asarray(rng.randn(2, 1, 32, 32, 3).astype(np.float32))
-  prompts = [seq.build_prompt(seq.chat([("What is it?", "")])[:-1], TOK.encode, SP),
-             seq.build_prompt([seq.Image(0), seq.Text("Caption:")], TOK.encode, SP)]
+  prompts = [
+    seq.build_prompt(seq.chat([("What is it?", "")])[:-1], TOK.encode, SP),
+    seq.build_prompt([seq.Image(0), seq.Text("Caption:")], TOK.encode, SP),
+  ]
   got = text.generate_text(model, prompts, 12, images=images, stop_tokens=())
   feats_in = model.encode_images(images)
   forward = jitted_forward(model)
@@ -116,8 +136,12 @@ def test_cached_text_generation_equals_full_forwards(model):
     toks, idx, slot = pad(pr["tokens"], 0), pad(pr["image_index"], -1), pad(pr["image_token"], -1)
     ref = []
     for j in range(12):
-      batch = {"tokens": jnp.asarray([toks]), "image_index": jnp.asarray([idx]),
-               "image_token": jnp.asarray([slot]), "image_features": feats_in[i:i + 1]}
+      batch = {
+        "tokens": jnp.asarray([toks]),
+        "image_index": jnp.asarray([idx]),
+        "image_token": jnp.asarray([slot]),
+        "image_features": feats_in[i : i + 1],
+      }
       nxt = int(jnp.argmax(forward(batch)["logits"][0, n + j - 1]))
       ref.append(nxt)
       toks[n + j] = nxt
@@ -156,8 +180,6 @@ def test_bad_inputs(model):
 
 def test_sampled_text_generation_runs_and_is_seeded(model):
   p = [seq.build_prompt([seq.Text("hello")], TOK.encode, SP)]
-  a = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
-                         stop_tokens=())
-  b = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3,
-                         stop_tokens=())
+  a = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_tokens=())
+  b = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_tokens=())
   assert a == b and len(a[0]) == 6 and all(0 <= t < model.config.llm.vocab_size for t in a[0])

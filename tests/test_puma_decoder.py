@@ -17,9 +17,12 @@ from tests import unet_ref
 from tests.utils import rel_err
 
 # The PUMA UNet: SDXL's layout without text_time, context width 32, features 16-d.
-UNET_KW = {k: v for k, v in unet_ref.CONFIGS["sdxl_like"].items()
-           if k not in ("addition_embed_type", "addition_time_embed_dim",
-                        "projection_class_embeddings_input_dim")}
+UNET_KW = {
+  k: v
+  for k, v in unet_ref.CONFIGS["sdxl_like"].items()
+  if k
+  not in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+}
 UNET_KW["sample_size"] = 8
 FEAT, CTX = 16, 32
 
@@ -29,6 +32,7 @@ class TorchPuma:
 
   def __init__(self, num_tokens: int, use_embeds: bool, seed: int):
     import torch
+
     self.unet = unet_ref.torch_unet(dict(UNET_KW, cross_attention_dim=CTX), seed=seed)
     self.mapping_layer = torch.nn.Linear(FEAT, CTX)
     # Larger than the public init (std 0.02) so that a wrong or missing one shows.
@@ -36,17 +40,21 @@ class TorchPuma:
 
   def __call__(self, x, features, use_pos=True):
     import torch
+
     with torch.no_grad():
       ctx = self.mapping_layer(torch.from_numpy(features))
       if self.embed_img_pos is not None and use_pos:
         ctx = ctx + self.embed_img_pos
     return unet_ref.torch_forward(self.unet, dict(x, context=ctx.numpy()))
 
-  def save_public(self, directory, config_fields: dict | None = None,
-                  addition_embed_type="text_time", drop=()):
+  def save_public(
+    self, directory, config_fields: dict | None = None, addition_embed_type="text_time", drop=()
+  ):
     """The public layout: diffusers UNet dir whose safetensors also hold the PUMA tensors."""
-    extra = {"mapping_layer.weight": self.mapping_layer.weight.detach().clone(),
-             "mapping_layer.bias": self.mapping_layer.bias.detach().clone()}
+    extra = {
+      "mapping_layer.weight": self.mapping_layer.weight.detach().clone(),
+      "mapping_layer.bias": self.mapping_layer.bias.detach().clone(),
+    }
     if self.embed_img_pos is not None:
       extra["embed_img_pos"] = self.embed_img_pos.clone()
     extra = {k: v for k, v in extra.items() if k not in drop}
@@ -87,14 +95,16 @@ def test_parity_256_tokens_with_positional_embedding(tmp_path):
   assert rel_err(out[:1], cond[:1]) < 1e-4
   assert rel_err(out[1:], uncond[1:]) < 1e-4
   # use_pos_embed=False is the mapping alone.
-  np.testing.assert_allclose(dec.context(feats, use_pos_embed=False),
-                             dec.mapping_layer(jnp.asarray(feats)), rtol=1e-6)
+  np.testing.assert_allclose(
+    dec.context(feats, use_pos_embed=False), dec.mapping_layer(jnp.asarray(feats)), rtol=1e-6
+  )
 
 
 def test_parity_16_tokens_without_positional_embedding(tmp_path):
   ref_model = TorchPuma(16, False, seed=1)
-  src = ref_model.save_public(tmp_path / "decoder", dict(mapping_dim=FEAT, mapping_dim1=CTX,
-                                                          num_tokens=16, use_embeds=False))
+  src = ref_model.save_public(
+    tmp_path / "decoder", dict(mapping_dim=FEAT, mapping_dim1=CTX, num_tokens=16, use_embeds=False)
+  )
   dec, cfg = import_module("puma-decoder", src)
   assert (cfg.num_tokens, cfg.use_embeds, dec.embed_img_pos) == (16, False, None)
   x, feats = _inputs(16, seed=2)
@@ -104,7 +114,8 @@ def test_parity_16_tokens_without_positional_embedding(tmp_path):
 
 def test_real_size_parameter_counts():
   count = lambda cfg: sharding.count_params(
-      nnx.eval_shape(lambda: pd.PumaDecoder(cfg, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: pd.PumaDecoder(cfg, rngs=nnx.Rngs(0)))
+  )
   assert count(pd.puma_decoder_config(16)) == 2_562_218_244 + 2_099_200
   assert count(pd.puma_decoder_config(256)) == 2_562_218_244 + 2_099_200 + 524_288
   cfg = pd.puma_decoder_config(64)
@@ -131,7 +142,8 @@ def test_bad_features():
     dec(x, 10, np.zeros((1, 256, 16), np.float32))
   with pytest.raises(ValueError, match="batch"):
     pd.PumaDecoder(pd.tiny_config(256), rngs=nnx.Rngs(0)).context(
-        np.zeros((2, 256, 16), np.float32), use_pos_embed=np.ones(3))
+      np.zeros((2, 256, 16), np.float32), use_pos_embed=np.ones(3)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +155,13 @@ def public_256(tmp_path_factory):
 def test_wrong_scale_checkpoint(public_256, tmp_path):
   ref_model, src = public_256
   # Loaded as the 16-token decoder (explicit config): named, before any generic mapping error.
-  cfg16 = pd.PumaDecoderConfig(unet=pd.unet.UNetConfig(**{**UNET_KW, "cross_attention_dim": CTX,
-                                                          "addition_embed_type": None}),
-                               mapping_dim=FEAT, mapping_dim1=CTX, num_tokens=16,
-                               use_embeds=False)
+  cfg16 = pd.PumaDecoderConfig(
+    unet=pd.unet.UNetConfig(**{**UNET_KW, "cross_attention_dim": CTX, "addition_embed_type": None}),
+    mapping_dim=FEAT,
+    mapping_dim1=CTX,
+    num_tokens=16,
+    use_embeds=False,
+  )
   with pytest.raises(ConversionError, match=r"embed_img_pos \(1, 256, 32\).*16-token"):
     import_module("puma-decoder", src, config=cfg16)
   with pytest.raises(ConversionError, match=r"embed_img_pos has shape \(1, 256, 32\)"):

@@ -58,15 +58,20 @@ def snapshot(tmp_path_factory):
     decoders[scale] = (unet, mapping, pos)
   vae = e2e.torch_vae(seed=0)
   vae.save_pretrained(snap / SDXL / "vae")
-  return {"snap": snap, "clip": tmp / "clip_hf", "tclip": tclip, "vae": vae,
-          "decoders": decoders, "tmp": tmp}
+  return {
+    "snap": snap,
+    "clip": tmp / "clip_hf",
+    "tclip": tclip,
+    "vae": vae,
+    "decoders": decoders,
+    "tmp": tmp,
+  }
 
 
 @pytest.fixture(scope="module")
 def converted(snapshot):
   dst = snapshot["tmp"] / "R"
-  code, out, err = _run([f"--src={snapshot['snap']}", f"--dst={dst}",
-                         f"--clip={snapshot['clip']}"])
+  code, out, err = _run([f"--src={snapshot['snap']}", f"--dst={dst}", f"--clip={snapshot['clip']}"])
   assert code == 0, err
   return dst, out
 
@@ -99,8 +104,9 @@ def test_converted_decoders_sample_like_pytorch(converted, snapshot, monkeypatch
   the same initial latents and step noise."""
   rel = release.Release.open(converted[0])
   steps = 6
-  rec = reconstruct.load(str(rel.decoder(scale)), str(rel.clip), str(rel.vae), scale,
-                         SM.SamplerSettings(num_steps=steps))
+  rec = reconstruct.load(
+    str(rel.decoder(scale)), str(rel.clip), str(rel.vae), scale, SM.SamplerSettings(num_steps=steps)
+  )
   images = [synthetic_image(48, seed=i) for i in range(2)]
   ours = rec(images, seed=3)
   parts = (snapshot["tclip"], *snapshot["decoders"][scale], snapshot["vae"])
@@ -155,6 +161,7 @@ def test_bad_input_exit_2_and_nothing_written(snapshot, tmp_path):
   # A decoder folder with a wrong tensor fails midway (after unet_256 converted): the message
   # names the folder and the tensor; no destination and no staging directory are left.
   from safetensors.numpy import load_file, save_file
+
   bad = tmp_path / "bad"
   shutil.copytree(snap, bad)
   wfile = bad / SDXL / "unet_16" / "diffusion_pytorch_model.safetensors"
@@ -180,20 +187,36 @@ def test_llm_assembles_puma_and_tokenizer(snapshot, tmp_path):
   tokenizer gives PUMA's tokens the ids the model was built with."""
   from tests.llama_helpers import make_hf
   from tests.test_tokenizer import tiny_tokenizer_dir
+
   llm = tmp_path / "llama_hf"
   tok_dir = tiny_tokenizer_dir(tmp_path / "tok")
   n_vocab = len(transformers.AutoTokenizer.from_pretrained(str(tok_dir)))
-  hf = make_hf(llm, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=n_vocab, max_position_embeddings=1024)
+  hf = make_hf(
+    llm,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=n_vocab,
+    max_position_embeddings=1024,
+  )
   for f in tok_dir.iterdir():
     shutil.copy(f, llm / f.name)
   only16 = tmp_path / "snap16"
   shutil.copytree(snapshot["snap"] / SDXL / "unet_16", only16 / "unet_16")  # a subset, flat
   vae = tmp_path / "vae_conv"
   from puma_jax.convert import convert
+
   convert("vae", snapshot["snap"] / SDXL / "vae", vae)  # an already converted part is copied
-  code, out, err = _run([f"--src={only16}", f"--dst={tmp_path / 'R'}", f"--vae={vae}",
-                         f"--clip={snapshot['clip']}", f"--llm={llm}"])
+  code, out, err = _run(
+    [
+      f"--src={only16}",
+      f"--dst={tmp_path / 'R'}",
+      f"--vae={vae}",
+      f"--clip={snapshot['clip']}",
+      f"--llm={llm}",
+    ]
+  )
   assert code == 0, err
   rel = release.Release.open(tmp_path / "R")
   assert rel.scales == ("f2",) and rel.has("puma") and not rel.has("clip")
@@ -202,8 +225,7 @@ def test_llm_assembles_puma_and_tokenizer(snapshot, tmp_path):
   model = checkpoints.load_module(rel.puma, family="puma")
   assert model.config.img_start_id == n_vocab and model.config.pos0_id == n_vocab + 2
   _, _, special = ptok.load(rel.tokenizer)
-  assert (special.img_start, special.img_end, special.pos0) == (n_vocab, n_vocab + 1,
-                                                                 n_vocab + 2)
+  assert (special.img_start, special.img_end, special.pos0) == (n_vocab, n_vocab + 1, n_vocab + 2)
   clip_ref, _ = import_module("clip-vision", snapshot["clip"])
   ours, want = checkpoints.param_arrays(model.clip), checkpoints.param_arrays(clip_ref)
   assert ours.keys() == want.keys()
@@ -214,6 +236,13 @@ def test_llm_assembles_puma_and_tokenizer(snapshot, tmp_path):
   # A LLaMA without tokenizer files cannot make a usable release: exit 2, nothing written.
   for f in tok_dir.iterdir():
     (llm / f.name).unlink()
-  code, _, err = _run([f"--src={only16}", f"--dst={tmp_path / 'R4'}", f"--vae={vae}",
-                       f"--clip={snapshot['clip']}", f"--llm={llm}"])
+  code, _, err = _run(
+    [
+      f"--src={only16}",
+      f"--dst={tmp_path / 'R4'}",
+      f"--vae={vae}",
+      f"--clip={snapshot['clip']}",
+      f"--llm={llm}",
+    ]
+  )
   assert code == 2 and "tokenizer" in err and not (tmp_path / "R4").exists()

@@ -59,7 +59,9 @@ def test_failure_leaves_nothing(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     (lambda m: m.pop("scales"), "missing key 'scales'"),
     (lambda m: m.update(format_version=2), "format_version"),
     (lambda m: m.update(dtype="int8"), "'dtype'"),
@@ -69,7 +71,8 @@ def test_failure_leaves_nothing(tmp_path):
     (lambda m: m["parts"]["vae"].pop("path"), "'parts.vae' is missing key 'path'"),
     (lambda m: m["parts"]["vae"].update(path="../elsewhere"), "parts.vae.path"),
     (lambda m: m.update(image_size="big"), "'image_size' must be int"),
-])
+  ],
+)
 def test_bad_manifest_names_key(tmp_path, edit, match):
   dst = _build(tmp_path / "rel")
   m = json.loads((dst / R.MANIFEST).read_text())

@@ -61,6 +61,7 @@ class ToyDecoder(nnx.Module):
       h = ff.mean(1) @ w
       tt = torch.sin(torch.as_tensor(t, dtype=torch.float32) / 100.0)
       return torch.tanh(a[None, :, None, None] * x + h[:, :, None, None] + tt)
+
     return f
 
 
@@ -71,6 +72,7 @@ def _reference_loop(fn, ref_sched, steps, latents, cond, uncond, g, noises=None,
   box = {}
   if noises is not None:
     import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
     monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: box["n"])
   for i, t in enumerate(ref_sched.timesteps):
     xin = ref_sched.scale_model_input(x, t)
@@ -94,22 +96,39 @@ def test_ddpm_cfg_loop_matches_diffusers(monkeypatch):
   keys = SM.sample_keys(3, 2)
   sched = S.DDPM(S.SchedulerConfig())
   schedule = sched.set_timesteps(50)
-  run = jax.jit(lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k, (SIZE, SIZE, C),
-                                                  2.0))
+  run = jax.jit(
+    lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k, (SIZE, SIZE, C), 2.0)
+  )
   ours = run(jnp.asarray(cond), jnp.asarray(uncond), keys)
   # The same noise the jitted loop drew inside, regenerated outside.
   init = SM.initial_noise(keys, (SIZE, SIZE, C))
   noises = [SM.step_noise(keys, i, (SIZE, SIZE, C)) for i in range(50)]
-  ref = _reference_loop(dec.torch_fn(), diffusers.DDPMScheduler.from_config(
-      dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-           steps_offset=1, timestep_spacing="leading")), 50, init, torch.from_numpy(cond),
-      torch.from_numpy(uncond), 2.0, noises, monkeypatch)
+  ref = _reference_loop(
+    dec.torch_fn(),
+    diffusers.DDPMScheduler.from_config(
+      dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+      )
+    ),
+    50,
+    init,
+    torch.from_numpy(cond),
+    torch.from_numpy(uncond),
+    2.0,
+    noises,
+    monkeypatch,
+  )
   print(f"ddpm cfg loop: rel_err {rel_err(ours, ref):.2e}")
   assert rel_err(ours, ref) < 1e-4
   # guidance matters, and the noise does: other settings give other latents
-  other = jax.jit(lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k,
-                                                    (SIZE, SIZE, C), 1.0))(
-      jnp.asarray(cond), jnp.asarray(uncond), keys)
+  other = jax.jit(
+    lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k, (SIZE, SIZE, C), 1.0)
+  )(jnp.asarray(cond), jnp.asarray(uncond), keys)
   assert rel_err(other, ref) > 1e-2
 
 
@@ -123,28 +142,47 @@ def test_deterministic_loops_match_diffusers(name):
   # Chosen by name, as `--scheduler=NAME` does.
   sched = SM.make_scheduler(SM.SamplerSettings(scheduler=name, num_steps=20), cfg)
   schedule = sched.set_timesteps(20)
-  ours = jax.jit(lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k,
-                                                   (SIZE, SIZE, C), 3.0))(
-      jnp.asarray(cond), jnp.asarray(uncond), keys)
-  kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-            timestep_spacing=spacing)
-  ref_sched = {"ddim": lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False,
-                                                      **kw),
-               "euler": lambda: diffusers.EulerDiscreteScheduler(**kw),
-               "dpmpp": lambda: diffusers.DPMSolverMultistepScheduler(**kw)}[name]()
-  ref = _reference_loop(dec.torch_fn(), ref_sched, 20, SM.initial_noise(keys, (SIZE, SIZE, C)),
-                        torch.from_numpy(cond), torch.from_numpy(uncond), 3.0)
+  ours = jax.jit(
+    lambda c, u, k: SM.sample_latents(dec, sched, schedule, c, u, k, (SIZE, SIZE, C), 3.0)
+  )(jnp.asarray(cond), jnp.asarray(uncond), keys)
+  kw = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing=spacing,
+  )
+  ref_sched = {
+    "ddim": lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **kw),
+    "euler": lambda: diffusers.EulerDiscreteScheduler(**kw),
+    "dpmpp": lambda: diffusers.DPMSolverMultistepScheduler(**kw),
+  }[name]()
+  ref = _reference_loop(
+    dec.torch_fn(),
+    ref_sched,
+    20,
+    SM.initial_noise(keys, (SIZE, SIZE, C)),
+    torch.from_numpy(cond),
+    torch.from_numpy(uncond),
+    3.0,
+  )
   assert rel_err(ours, ref) < 1e-4
 
 
 def _tiny_vae_pair():
   torch.manual_seed(0)
-  tv = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
-                               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                               norm_num_groups=4, layers_per_block=1, latent_channels=C).eval()
+  tv = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 8),
+    norm_num_groups=4,
+    layers_per_block=1,
+    latent_channels=C,
+  ).eval()
   randomize_norms(tv)
   from puma_jax.convert import core
   from puma_jax.convert import vae as cv
+
   cfg = cv.config_from_diffusers(dict(tv.config))
   model = V.AutoencoderKL(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -168,10 +206,23 @@ def test_decoder_sampler_end_to_end_with_vae(monkeypatch):
   assert images.shape == (3, 2 * SIZE, 2 * SIZE, 3)  # tiny VAE: 2x; SDXL's: 8x
   init = SM.initial_noise(keys, (SIZE, SIZE, C))
   noises = [SM.step_noise(keys, i, (SIZE, SIZE, C)) for i in range(10)]
-  lat = _reference_loop(dec.torch_fn(), diffusers.DDPMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-      steps_offset=1), 10, init, torch.from_numpy(cond), torch.from_numpy(uncond), 2.0, noises,
-      monkeypatch)
+  lat = _reference_loop(
+    dec.torch_fn(),
+    diffusers.DDPMScheduler(
+      beta_start=0.00085,
+      beta_end=0.012,
+      beta_schedule="scaled_linear",
+      clip_sample=False,
+      steps_offset=1,
+    ),
+    10,
+    init,
+    torch.from_numpy(cond),
+    torch.from_numpy(uncond),
+    2.0,
+    noises,
+    monkeypatch,
+  )
   with torch.no_grad():
     ref = tv.decode(torch.from_numpy(lat.transpose(0, 3, 1, 2)) / tv.config.scaling_factor)
   assert rel_err(images, ref.sample.numpy().transpose(0, 2, 3, 1)) < 1e-4
@@ -194,8 +245,9 @@ def test_sampler_bad_inputs():
     smp(jnp.asarray(cond), jnp.zeros((1, N, D + 1)), SM.sample_keys(0, 1))
   with pytest.raises(ValueError, match="keys"):
     smp(jnp.asarray(cond), jnp.asarray(uncond), SM.sample_keys(0, 2))
-  bad_vae = V.AutoencoderKL(V.config_with_blocks((8,), norm_num_groups=4, latent_channels=3),
-                            rngs=nnx.Rngs(0))
+  bad_vae = V.AutoencoderKL(
+    V.config_with_blocks((8,), norm_num_groups=4, latent_channels=3), rngs=nnx.Rngs(0)
+  )
   with pytest.raises(ValueError, match="latent_channels=3"):
     SM.DecoderSampler(dec, bad_vae)
   with pytest.raises(ValueError, match="stochastic"):

@@ -15,42 +15,65 @@ diffusers = pytest.importorskip("diffusers")
 # SDXL base's scheduler/scheduler_config.json (it names the Euler scheduler; PUMA builds DDPM
 # from the same file).
 SDXL_SCHEDULER_JSON = {
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
-    "trained_betas": None, "use_karras_sigmas": False,
+  "_class_name": "EulerDiscreteScheduler",
+  "_diffusers_version": "0.19.0.dev0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": False,
+  "interpolation_type": "linear",
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "sample_max_value": 1.0,
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+  "timestep_spacing": "leading",
+  "trained_betas": None,
+  "use_karras_sigmas": False,
 }
 
 CASES = [  # (spacing, prediction, beta_schedule, steps, steps_offset, clip)
-    ("leading", "epsilon", "scaled_linear", 50, 1, False),
-    ("trailing", "v_prediction", "scaled_linear", 30, 0, False),
-    ("linspace", "epsilon", "linear", 17, 0, True),
-    ("leading", "v_prediction", "linear", 7, 0, False),
-    ("trailing", "sample", "squaredcos_cap_v2", 12, 0, False),
+  ("leading", "epsilon", "scaled_linear", 50, 1, False),
+  ("trailing", "v_prediction", "scaled_linear", 30, 0, False),
+  ("linspace", "epsilon", "linear", 17, 0, True),
+  ("leading", "v_prediction", "linear", 7, 0, False),
+  ("trailing", "sample", "squaredcos_cap_v2", 12, 0, False),
 ]
 
 SHAPE = (2, 4, 6, 6)  # torch NCHW; ours is the same array transposed, values elementwise
 
 
 def _cfg(spacing, pred, beta, offset, clip):
-  return S.SchedulerConfig(beta_schedule=beta, prediction_type=pred, timestep_spacing=spacing,
-                           steps_offset=offset, clip_sample=clip,
-                           beta_start=0.00085 if beta == "scaled_linear" else 0.0001,
-                           beta_end=0.012 if beta == "scaled_linear" else 0.02)
+  return S.SchedulerConfig(
+    beta_schedule=beta,
+    prediction_type=pred,
+    timestep_spacing=spacing,
+    steps_offset=offset,
+    clip_sample=clip,
+    beta_start=0.00085 if beta == "scaled_linear" else 0.0001,
+    beta_end=0.012 if beta == "scaled_linear" else 0.02,
+  )
 
 
 def _kw(cfg):
-  return dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-              beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
-              prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
-              steps_offset=cfg.steps_offset)
+  return dict(
+    num_train_timesteps=cfg.num_train_timesteps,
+    beta_start=cfg.beta_start,
+    beta_end=cfg.beta_end,
+    beta_schedule=cfg.beta_schedule,
+    prediction_type=cfg.prediction_type,
+    timestep_spacing=cfg.timestep_spacing,
+    steps_offset=cfg.steps_offset,
+  )
 
 
 def _inputs(rng):
-  return (rng.randn(*SHAPE).astype(np.float32), rng.randn(*SHAPE).astype(np.float32),
-          rng.randn(*SHAPE).astype(np.float32))
+  return (
+    rng.randn(*SHAPE).astype(np.float32),
+    rng.randn(*SHAPE).astype(np.float32),
+    rng.randn(*SHAPE).astype(np.float32),
+  )
 
 
 def _close(ours, ref, tol=1e-5):
@@ -72,6 +95,7 @@ def test_ddpm_step_parity(case, monkeypatch):
   rng = np.random.RandomState(n)
   noise_box = {}
   import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
   monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: noise_box["n"])
   for i, t in enumerate(ref.timesteps):
     out, x, noise = _inputs(rng)
@@ -92,12 +116,12 @@ def test_ddpm_variance_types(variance_type, monkeypatch):
   sched = ours.set_timesteps(10)
   rng = np.random.RandomState(0)
   import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
   for i, t in enumerate(ref.timesteps):
     out, x, noise = _inputs(rng)
     monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise))
     r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x)).prev_sample.numpy()
-    _close(ours.step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise)).prev_sample,
-           r)
+    _close(ours.step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise)).prev_sample, r)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
@@ -116,15 +140,23 @@ def test_ddim_step_parity(case, eta):
     rng = np.random.RandomState(n)
     for i, t in enumerate(ref.timesteps):
       out, x, noise = _inputs(rng)
-      r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=eta,
-                   variance_noise=torch.from_numpy(noise) if eta else None)
+      r = ref.step(
+        torch.from_numpy(out),
+        t,
+        torch.from_numpy(x),
+        eta=eta,
+        variance_noise=torch.from_numpy(noise) if eta else None,
+      )
       o = step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise))
       _close(o.prev_sample, r.prev_sample.numpy())
       _close(o.pred_original_sample, r.pred_original_sample.numpy())
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] != "sample"],
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES if c[1] != "sample"])
+@pytest.mark.parametrize(
+  "case",
+  [c for c in CASES if c[1] != "sample"],
+  ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES if c[1] != "sample"],
+)
 def test_euler_step_parity(case):
   spacing, pred, beta, n, offset, _ = case
   cfg = _cfg(spacing, pred, beta, offset, False)
@@ -151,11 +183,13 @@ def test_euler_step_parity(case):
 @pytest.mark.parametrize("beta", ["scaled_linear", "linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_training_noise_parity(beta, zero_snr):
-  cfg = S.SchedulerConfig(beta_schedule=beta, rescale_betas_zero_snr=zero_snr,
-                          prediction_type="v_prediction")
+  cfg = S.SchedulerConfig(
+    beta_schedule=beta, rescale_betas_zero_snr=zero_snr, prediction_type="v_prediction"
+  )
   ref = diffusers.DDPMScheduler(**_kw(cfg), rescale_betas_zero_snr=zero_snr)
-  np.testing.assert_allclose(S.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(), rtol=1e-5,
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    S.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-9
+  )
   rng = np.random.RandomState(1)
   x0, noise, _ = _inputs(rng)
   t = np.array([0, 999], np.int64)
@@ -200,19 +234,20 @@ def test_from_diffusers_config():
 
 
 DPM_CASES = [  # (spacing, prediction, beta_schedule, steps, steps_offset, zero_snr)
-    ("leading", "epsilon", "scaled_linear", 20, 1, False),  # SDXL's config: `--scheduler=dpmpp`
-    ("trailing", "epsilon", "scaled_linear", 20, 0, False),
-    ("linspace", "v_prediction", "linear", 25, 0, False),
-    ("leading", "sample", "scaled_linear", 7, 1, False),  # < 15 steps: lower_order_final path
-    ("trailing", "v_prediction", "scaled_linear", 20, 0, True),
-    ("leading", "epsilon", "squaredcos_cap_v2", 1, 0, False),  # one step: first order only
+  ("leading", "epsilon", "scaled_linear", 20, 1, False),  # SDXL's config: `--scheduler=dpmpp`
+  ("trailing", "epsilon", "scaled_linear", 20, 0, False),
+  ("linspace", "v_prediction", "linear", 25, 0, False),
+  ("leading", "sample", "scaled_linear", 7, 1, False),  # < 15 steps: lower_order_final path
+  ("trailing", "v_prediction", "scaled_linear", 20, 0, True),
+  ("leading", "epsilon", "squaredcos_cap_v2", 1, 0, False),  # one step: first order only
 ]
 
 
 def _dpm_pair(case):
   spacing, pred, beta, n, offset, zero_snr = case
-  cfg = S.SchedulerConfig(**{**_cfg(spacing, pred, beta, offset, False).__dict__,
-                             "rescale_betas_zero_snr": zero_snr})
+  cfg = S.SchedulerConfig(
+    **{**_cfg(spacing, pred, beta, offset, False).__dict__, "rescale_betas_zero_snr": zero_snr}
+  )
   # diffusers' defaults are the 2M solver: dpmsolver++, order 2, midpoint, lower_order_final,
   # final sigma 0.
   ref = diffusers.DPMSolverMultistepScheduler(**_kw(cfg), rescale_betas_zero_snr=zero_snr)
@@ -229,6 +264,7 @@ def _toy_model(rng, xp):
   def model(x, t):
     t = xp.asarray(t, xp.float32).reshape(-1, 1, 1, 1)
     return xp.tanh(a * x + b * xp.sin(t / 100.0)) * 2.0
+
   return model
 
 
@@ -237,8 +273,11 @@ def _rel(ours, ref):
   return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
-@pytest.mark.parametrize("case", DPM_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" +
-                                                  ("-zsnr" if c[5] else "") for c in DPM_CASES])
+@pytest.mark.parametrize(
+  "case",
+  DPM_CASES,
+  ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" + ("-zsnr" if c[5] else "") for c in DPM_CASES],
+)
 def test_dpmpp_step_parity(case):
   """Every step of a full loop equals diffusers' on the same inputs (the reference's sample and
   the same model output), with the 2M history carried as `prev_x0`."""
@@ -263,8 +302,9 @@ def test_dpmpp_step_parity(case):
     prev_x0 = o.pred_original_sample
     x = r
   # The last step lands on sigma 0: the result is the data prediction itself.
-  np.testing.assert_allclose(np.asarray(o.prev_sample), np.asarray(o.pred_original_sample),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(o.prev_sample), np.asarray(o.pred_original_sample), rtol=1e-6, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("case", DPM_CASES[:3], ids=[f"{c[0]}-{c[1]}" for c in DPM_CASES[:3]])
@@ -272,6 +312,7 @@ def test_dpmpp_full_loop_parity(case):
   """The jitted sampler loop (history in the fori_loop carry) against diffusers' loop, each
   feeding its own samples to the same model; and the multistep history matters."""
   from puma_jax.diffusion import sampler as SM
+
   cfg, ref = _dpm_pair(case)
   n = case[3]
   rng = np.random.RandomState(100 + n)
@@ -294,8 +335,8 @@ def test_dpmpp_full_loop_parity(case):
   @dataclasses.dataclass(frozen=True)
   class FirstOrder(S.DPMSolverMultistep):
     multistep = False
-  first = jax.jit(lambda z: SM.denoise_loop(jnp_model, FirstOrder(cfg), sched, z))(
-      jnp.asarray(x0))
+
+  first = jax.jit(lambda z: SM.denoise_loop(jnp_model, FirstOrder(cfg), sched, z))(jnp.asarray(x0))
   assert _rel(first, x.numpy()) > 1e-3
 
 
@@ -306,10 +347,15 @@ def test_dpmpp_config_and_registry():
   cfg = S.from_diffusers_config(d)
   assert cfg == S.SchedulerConfig()  # SDXL's values; the DPM-only keys are the 2M defaults
   assert isinstance(S.make("dpmpp", cfg), S.DPMSolverMultistep)
-  for key, value in (("solver_order", 3), ("algorithm_type", "sde-dpmsolver++"),
-                     ("solver_type", "heun"), ("use_lu_lambdas", True),
-                     ("final_sigmas_type", "sigma_min"), ("lambda_min_clipped", -5.1),
-                     ("use_exponential_sigmas", True)):
+  for key, value in (
+    ("solver_order", 3),
+    ("algorithm_type", "sde-dpmsolver++"),
+    ("solver_type", "heun"),
+    ("use_lu_lambdas", True),
+    ("final_sigmas_type", "sigma_min"),
+    ("lambda_min_clipped", -5.1),
+    ("use_exponential_sigmas", True),
+  ):
     with pytest.raises(ValueError, match=key):
       S.from_diffusers_config({**d, key: value})
   with pytest.raises(ValueError, match="num_inference_steps"):

@@ -29,10 +29,10 @@ def test_t2i_masks_by_hand():
   img = 3  # position of [IMG]: bos, a, b, [IMG]
   assert list(b.tokens[:4]) == [1, 10 + 97, 10 + 98, 3]
   assert b.tokens[img + 342] == 4 and b.tokens[-1] == 2 and len(b) == 4 + 341 + 2
-  assert np.all(b.image_index[img + 1:img + 342] == 0)
-  assert list(b.image_token[img + 1:img + 342]) == list(range(341))
+  assert np.all(b.image_index[img + 1 : img + 342] == 0)
+  assert list(b.image_token[img + 1 : img + 342]) == list(range(341))
   # caption is input: no text loss before the image
-  assert not b.text_mask[:img + 341].any()
+  assert not b.text_mask[: img + 341].any()
   # the last f0 slot predicts [/IMG], [/IMG] predicts </s>
   assert b.text_mask[img + 341] and b.text_target[img + 341] == 4
   assert b.text_mask[img + 342] and b.text_target[img + 342] == 2
@@ -53,7 +53,7 @@ def test_i2t_masks():
   cap = 1 + 1 + 341 + 1  # bos [IMG] slots [/IMG]
   # [/IMG] predicts 'h', 'h' predicts 'i', 'i' predicts </s>
   assert list(np.nonzero(b.text_mask)[0]) == [cap - 1, cap, cap + 1]
-  assert list(b.text_target[cap - 1:cap + 2]) == [10 + 104, 10 + 105, 2]
+  assert list(b.text_target[cap - 1 : cap + 2]) == [10 + 104, 10 + 105, 2]
 
 
 def test_chat_follows_system_message_and_supervises_answers_only():
@@ -66,9 +66,14 @@ def test_chat_follows_system_message_and_supervises_answers_only():
   assert b.text_target[b.text_mask][-1] == 2  # </s> after the last answer
 
 
-@pytest.mark.parametrize("segs,kind", [(seq.edit("make it blue"), "edit"),
-                                       (seq.conditional("canny"), "conditional"),
-                                       (seq.conditional("inpaint", "a cat"), "conditional")])
+@pytest.mark.parametrize(
+  "segs,kind",
+  [
+    (seq.edit("make it blue"), "edit"),
+    (seq.conditional("canny"), "conditional"),
+    (seq.conditional("inpaint", "a cat"), "conditional"),
+  ],
+)
 def test_edit_and_conditional_supervise_the_second_image_only(segs, kind):
   b = build(segs, kind)
   assert b.num_images == 2
@@ -117,8 +122,11 @@ def test_text_only_and_partial_scales():
 
 
 def test_pack_layout():
-  exs = [build(seq.i2t("y"), "i2t"), build(seq.edit("x"), "edit"),
-         build(seq.text_only("z"), "text")]
+  exs = [
+    build(seq.i2t("y"), "i2t"),
+    build(seq.edit("x"), "edit"),
+    build(seq.text_only("z"), "text"),
+  ]
   n = [len(e) for e in exs]
   row = seq.pack(exs, seq_len=sum(n) + 5, max_images=3, pad_id=0)
   assert row["packed"] == 3 and row["num_images"] == 3
@@ -126,7 +134,7 @@ def test_pack_layout():
   assert (row["segment_ids"] == 0).sum() == 5
   assert row["positions"][n[0]] == 0 and row["positions"][n[0] - 1] == n[0] - 1
   # the edit example's images become 1 and 2 of the row
-  assert set(row["image_index"][n[0]:n[0] + n[1]]) == {-1, 1, 2}
+  assert set(row["image_index"][n[0] : n[0] + n[1]]) == {-1, 1, 2}
   assert list(row["kind_id"][[0, n[0], n[0] + n[1]]]) == [1, 3, 6]
   with pytest.raises(ValueError, match="longer than seq_len"):
     seq.pack(exs, seq_len=10, max_images=3, pad_id=0)
@@ -155,15 +163,24 @@ def numpy_reference_loss(rows, logits, pred, feats):
 
 def test_loss_equals_numpy_reference_on_a_mixed_batch():
   import jax.numpy as jnp
+
   rng = np.random.RandomState(0)
-  exs = [build(seq.t2i("a red circle"), "t2i"), build(seq.i2t("blue"), "i2t"),
-         build(seq.chat([("Q?", "A.")]), "chat"), build(seq.edit("bigger"), "edit"),
-         build(seq.conditional("colorize"), "conditional"),
-         build(seq.grounding("dot", [(0.1, 0.1, 0.3, 0.4)]), "grounding"),
-         build([seq.Text("p"), seq.Image(0, supervised=True, scales=(4, 3, 2))], "t2i"),
-         build(seq.text_only("hello world"), "text")]
-  rows = [seq.pack(exs[:2], 1280, 4, 0), seq.pack(exs[2:4], 1280, 4, 0),
-          seq.pack(exs[4:6], 1280, 4, 0), seq.pack(exs[6:], 1280, 4, 0)]
+  exs = [
+    build(seq.t2i("a red circle"), "t2i"),
+    build(seq.i2t("blue"), "i2t"),
+    build(seq.chat([("Q?", "A.")]), "chat"),
+    build(seq.edit("bigger"), "edit"),
+    build(seq.conditional("colorize"), "conditional"),
+    build(seq.grounding("dot", [(0.1, 0.1, 0.3, 0.4)]), "grounding"),
+    build([seq.Text("p"), seq.Image(0, supervised=True, scales=(4, 3, 2))], "t2i"),
+    build(seq.text_only("hello world"), "text"),
+  ]
+  rows = [
+    seq.pack(exs[:2], 1280, 4, 0),
+    seq.pack(exs[2:4], 1280, 4, 0),
+    seq.pack(exs[4:6], 1280, 4, 0),
+    seq.pack(exs[6:], 1280, 4, 0),
+  ]
   assert sum(r["packed"] for r in rows) == len(exs)
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "packed"}
   B, T, V, D = len(rows), 1280, 531, 8
@@ -180,17 +197,27 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
   assert float(m["text_count"]) == n_ce and float(m["image_count"]) == n_mse
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
   # ... and, as two microbatches whose shares add up, the accumulated step's loss.
-  halves = [losses.mllm_objective(
-      losses.mllm_sums(jnp.asarray(logits[i:i + 2]), jnp.asarray(pred[i:i + 2]),
-                       jnp.asarray(feats[i:i + 2]), {k: v[i:i + 2] for k, v in jbatch.items()}),
-      losses.mllm_normalizers(jbatch), weights) for i in (0, 2)]
+  halves = [
+    losses.mllm_objective(
+      losses.mllm_sums(
+        jnp.asarray(logits[i : i + 2]),
+        jnp.asarray(pred[i : i + 2]),
+        jnp.asarray(feats[i : i + 2]),
+        {k: v[i : i + 2] for k, v in jbatch.items()},
+      ),
+      losses.mllm_normalizers(jbatch),
+      weights,
+    )
+    for i in (0, 2)
+  ]
   np.testing.assert_allclose(float(sum(halves)), ref, rtol=1e-5)
   s = losses.summarize(m, weights)
   np.testing.assert_allclose(s["loss"], ref, rtol=1e-5)
   assert {"mse_f0", "mse_f4", "text_ce/chat", "image_mse/edit", "text_ce/grounding"} <= set(s)
   # per-task image sums add up to the total
-  np.testing.assert_allclose(float(m["task_image_mse_sum"].sum()), float(m["image_mse_sum"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(m["task_image_mse_sum"].sum()), float(m["image_mse_sum"]), rtol=1e-5
+  )
 
 
 def test_router_labels_default_per_kind_and_override():

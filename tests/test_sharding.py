@@ -46,17 +46,22 @@ def test_non_dividing_axis_is_logged_once_or_refused(caplog):
   assert spec == P("fsdp")
   hits = [r.getMessage() for r in caplog.records if "w_odd" in r.getMessage()]
   assert len(hits) == 1 and "'mlp'" in hits[0] and "'tensor'" in hits[0], hits
-  with pytest.raises(ValueError, match=r"w_odd \(6, 3\): dimension 1 \('mlp', size 3\).*"
-                     r"2 shards over mesh axis 'tensor'"):
-    sharding.logical_to_spec(("embed", "mlp"), shape=(6, 3), mesh=mesh, strict=True,
-                             what="w_odd")
+  with pytest.raises(
+    ValueError,
+    match=r"w_odd \(6, 3\): dimension 1 \('mlp', size 3\).*"
+    r"2 shards over mesh axis 'tensor'",
+  ):
+    sharding.logical_to_spec(("embed", "mlp"), shape=(6, 3), mesh=mesh, strict=True, what="w_odd")
   # dividing shapes pass strict mode; state_shardings names the offending parameter
-  assert sharding.logical_to_spec(("embed", "mlp"), shape=(6, 4), mesh=mesh,
-                                  strict=True) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("embed", "mlp"), shape=(6, 4), mesh=mesh, strict=True) == P(
+    "fsdp", "tensor"
+  )
   from flax import nnx
   from puma_jax.models import layers
-  dense = nnx.eval_shape(lambda: layers.Dense(4, 3, axes=("embed", "mlp"), use_bias=False,
-                                                      rngs=nnx.Rngs(0)))
+
+  dense = nnx.eval_shape(
+    lambda: layers.Dense(4, 3, axes=("embed", "mlp"), use_bias=False, rngs=nnx.Rngs(0))
+  )
   with pytest.raises(ValueError, match=r"^kernel \(4, 3\).*'tensor'"):
     sharding.state_shardings(nnx.state(dense), mesh, strict=True)
   got = sharding.state_shardings(nnx.state(dense), mesh)
@@ -73,8 +78,12 @@ def test_materialize_fills_params_zeroes_the_rest_and_shards():
       self.count = nnx.BatchStat(jnp.ones((3,)))
 
   abstract = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
-  params = {"dense": {"kernel": np.arange(32, dtype=np.float32).reshape(4, 8),
-                      "bias": np.ones(8, np.float32)}}
+  params = {
+    "dense": {
+      "kernel": np.arange(32, dtype=np.float32).reshape(4, 8),
+      "bias": np.ones(8, np.float32),
+    }
+  }
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   net = sharding.materialize(abstract, params, mesh=mesh)
   np.testing.assert_array_equal(net.dense.kernel[...], params["dense"]["kernel"])
@@ -83,8 +92,9 @@ def test_materialize_fills_params_zeroes_the_rest_and_shards():
   with pytest.raises(ValueError, match=r"missing \['dense.bias'\]"):
     sharding.materialize(abstract, {"dense": {"kernel": params["dense"]["kernel"]}})
   with pytest.raises(ValueError, match=r"dense.kernel: given \(8, 4\), model \(4, 8\)"):
-    sharding.materialize(abstract, dict(params, dense=dict(params["dense"],
-                                                          kernel=np.zeros((8, 4)))))
+    sharding.materialize(
+      abstract, dict(params, dense=dict(params["dense"], kernel=np.zeros((8, 4))))
+    )
 
 
 def test_constrain_is_noop_without_mesh_and_shards_with_one():

@@ -18,14 +18,19 @@ def tiny_tokenizer_dir(path):
   """A byte-level BPE tokenizer with LLaMA's <s> </s> <unk>, saved as HF files in `path`."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
+
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<unk>", "<s>", "</s>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(CORPUS * 10, trainer)
-  PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                          unk_token="<unk>").save_pretrained(str(path))
+  PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+  ).save_pretrained(str(path))
   return path
 
 
@@ -41,7 +46,10 @@ def test_special_tokens(tok):
   assert tok.pos_ids == tuple(range(base + 2, base + 226))
   # The tokens are single, unsplittable vocabulary entries ...
   assert [tok.token_id(t) for t in ("[IMG]", "[/IMG]", "<pos_17>")] == [
-      tok.img_start_id, tok.img_end_id, tok.pos_ids[17]]
+    tok.img_start_id,
+    tok.img_end_id,
+    tok.pos_ids[17],
+  ]
   assert tok.decode([tok.img_start_id, tok.pos_ids[223]]) == "[IMG]<pos_223>"
   assert tok.encode("cat", bos=False, eos=True)[-1] == tok.eos_id
   # Adding again is a no-op: the ids stay where they are.
@@ -81,15 +89,17 @@ def test_resize_token_embeddings(tok, tied):
   old_e = np.asarray(model.embed_tokens.embedding[...])
   new_e = np.asarray(grown.embed_tokens.embedding[...])
   np.testing.assert_array_equal(new_e[:300], old_e)
-  np.testing.assert_allclose(new_e[300:], np.broadcast_to(old_e.mean(0), (n - 300, 64)),
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    new_e[300:], np.broadcast_to(old_e.mean(0), (n - 300, 64)), rtol=1e-6, atol=1e-7
+  )
   ids = np.array([[1, 5, 9, 17]])
   before, after = fwd(model, ids), fwd(grown, ids)
   assert rel_err(after[..., :300], before) < 1e-6
   if not tied:
     # Mean columns of the output matrix: every new token scores the average old logit.
-    np.testing.assert_allclose(after[..., 300:], np.repeat(before.mean(-1, keepdims=True),
-                                                           n - 300, -1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      after[..., 300:], np.repeat(before.mean(-1, keepdims=True), n - 300, -1), rtol=1e-4, atol=1e-5
+    )
   new_ids = np.array([[tok.img_start_id, tok.pos_ids[-1]]])
   assert np.isfinite(fwd(grown, new_ids)).all()
   with pytest.raises(ValueError, match="smaller"):
@@ -101,13 +111,22 @@ def test_resize_token_embeddings(tok, tied):
   assert after.shape == (1, 4, n)
 
 
-@pytest.mark.parametrize("text", ["a cat [IMG] on a mat", "<pos_5><pos_17> box", "end</s> more",
-                                  "<s>again", "[/IMG]", "<unk>"])
+@pytest.mark.parametrize(
+  "text",
+  ["a cat [IMG] on a mat", "<pos_5><pos_17> box", "end</s> more", "<s>again", "[/IMG]", "<unk>"],
+)
 def test_user_text_cannot_inject_special_tokens(tok, text):
   """... but user text naming them stays text: only the sequence builder inserts special ids."""
   from puma_jax import sequence
-  special_ids = {tok.img_start_id, tok.img_end_id, tok.eos_id, tok.bos_id, *tok.pos_ids,
-                 tok.hf.unk_token_id}
+
+  special_ids = {
+    tok.img_start_id,
+    tok.img_end_id,
+    tok.eos_id,
+    tok.bos_id,
+    *tok.pos_ids,
+    tok.hf.unk_token_id,
+  }
   ids = tok.encode(text, bos=False)
   assert not special_ids & set(ids), ids
   assert tok.decode(ids) == text  # nothing lost: the characters are all there

@@ -24,6 +24,7 @@ def small_config():
   """configs/pretrain.py:tiny, cut down so each step takes well under a second on CPU."""
   sys.path.insert(0, str(REPO))
   from configs import pretrain
+
   c = pretrain.get_config("tiny")
   c.seq_len = 448
   for name in ("chat", "edit", "conditional"):
@@ -42,14 +43,20 @@ def small_config():
 
 def overrides(c) -> list[str]:
   """The command-line overrides that turn configs/pretrain.py:tiny into `small_config()`."""
-  return [f"--config.seq_len={c.seq_len}", "--config.data.sources.chat.weight=0",
-          "--config.data.sources.edit.weight=0", "--config.data.sources.conditional.weight=0",
-          "--config.data.max_images=1", f"--config.data.batch_size={c.data.batch_size}",
-          "--config.train.log_every=1",
-          f"--config.train.checkpoint_every={c.train.checkpoint_every}",
-          "--config.train.eval_every=0", "--config.train.async_checkpointing=False",
-          f"--config.optim.total_steps={c.optim.total_steps}",
-          f"--config.optim.warmup_steps={c.optim.warmup_steps}"]
+  return [
+    f"--config.seq_len={c.seq_len}",
+    "--config.data.sources.chat.weight=0",
+    "--config.data.sources.edit.weight=0",
+    "--config.data.sources.conditional.weight=0",
+    "--config.data.max_images=1",
+    f"--config.data.batch_size={c.data.batch_size}",
+    "--config.train.log_every=1",
+    f"--config.train.checkpoint_every={c.train.checkpoint_every}",
+    "--config.train.eval_every=0",
+    "--config.train.async_checkpointing=False",
+    f"--config.optim.total_steps={c.optim.total_steps}",
+    f"--config.optim.warmup_steps={c.optim.warmup_steps}",
+  ]
 
 
 def read_metrics(workdir):
@@ -58,11 +65,19 @@ def read_metrics(workdir):
 
 
 def run_main(workdir, extra=(), env=None, **kw):
-  cmd = [sys.executable, "-m", "puma_jax.main", "--config=configs/pretrain.py",
-         f"--workdir={workdir}", *overrides(small_config()), *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "puma_jax.main",
+    "--config=configs/pretrain.py",
+    f"--workdir={workdir}",
+    *overrides(small_config()),
+    *extra,
+  ]
   e = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
-  return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, **kw)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+  )
 
 
 def one_step(config, mesh):
@@ -86,22 +101,33 @@ def test_sharded_step_equals_single_device():
   # parameters and optimizer state really are sharded over fsdp x tensor
   k = new.params["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
   assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  mu = new.opt_state[1].inner_states["llm"].inner_state[0].mu["llm"]["layers"][0]["mlp"][
-      "gate_proj"]["kernel"]
+  mu = (
+    new.opt_state[1]
+    .inner_states["llm"]
+    .inner_state[0]
+    .mu["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+  )
   assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
   flat_a = jax.tree.leaves(jax.device_get(new.params))
   flat_b = jax.tree.leaves(jax.device_get(ref.params))
-  worst = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-              for a, b in zip(flat_a, flat_b))
+  worst = max(
+    float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) for a, b in zip(flat_a, flat_b)
+  )
   assert worst < 1e-5
 
 
 def assert_same_update(new, ref, init):
   """The two steps moved the parameters (not two no-ops) by the same amount."""
-  d_new, d_ref = ([a - b for a, b in zip(jax.tree.leaves(jax.device_get(x.params)),
-                                         jax.tree.leaves(jax.device_get(init)))]
-                  for x in (new, ref))
+  d_new, d_ref = (
+    [
+      a - b
+      for a, b in zip(
+        jax.tree.leaves(jax.device_get(x.params)), jax.tree.leaves(jax.device_get(init))
+      )
+    ]
+    for x in (new, ref)
+  )
   scale = max(float(np.abs(d).max()) for d in d_ref)
   assert scale > 0
   worst = max(float(np.abs(a - b).max()) for a, b in zip(d_new, d_ref)) / scale
@@ -137,7 +163,8 @@ def test_loss_falls_and_resume_after_kill9_is_identical(tmp_path):
   ref = read_metrics(full)
   assert sorted(ref) == list(range(1, 13))
   assert np.mean([ref[s]["loss"] for s in (10, 11, 12)]) < np.mean(
-      [ref[s]["loss"] for s in (1, 2, 3)])
+    [ref[s]["loss"] for s in (1, 2, 3)]
+  )
 
   crash = tmp_path / "crash"
   proc = run_main(crash)
@@ -167,9 +194,18 @@ def _free_port():
 def test_two_processes_agree_with_one(tmp_path):
   port = _free_port()
   steps = ["--config.optim.total_steps=3", "--config.train.same_data_on_hosts=True"]
-  procs = [run_main(tmp_path / "multi", steps + ["--config.data.batch_size=4"],
-                    env={"PUMA_COORDINATOR": f"localhost:{port}", "PUMA_NUM_PROCESSES": "2",
-                         "PUMA_PROCESS_ID": str(i)}) for i in range(2)]
+  procs = [
+    run_main(
+      tmp_path / "multi",
+      steps + ["--config.data.batch_size=4"],
+      env={
+        "PUMA_COORDINATOR": f"localhost:{port}",
+        "PUMA_NUM_PROCESSES": "2",
+        "PUMA_PROCESS_ID": str(i),
+      },
+    )
+    for i in range(2)
+  ]
   for p in procs:
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
@@ -189,8 +225,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config.loss.image_weight = float("nan")
   with pytest.raises(loop.StopTraining, match="non-finite loss or gradient at step 5.*step 4"):
     loop.train_and_evaluate(config, str(tmp_path))
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
-      == [4]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+    4
+  ]
   config.loss.image_weight = 1.0
   config.optim.total_steps = 5
   loop.train_and_evaluate(config, str(tmp_path))  # resumes from the good step 4
@@ -198,8 +235,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  proc = run_main(tmp_path, ["--config.optim.total_steps=1000",
-                             "--config.train.checkpoint_every=1000"])
+  proc = run_main(
+    tmp_path, ["--config.optim.total_steps=1000", "--config.train.checkpoint_every=1000"]
+  )
   deadline = time.time() + 600
   while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
     assert proc.poll() is None, proc.communicate()

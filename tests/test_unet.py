@@ -43,8 +43,9 @@ def test_parity_float32(name, tmp_path_factory):
   x = unet_ref.inputs(kw, seed=1, scalar_t=name == "conv_proj_nomid")
   ref = unet_ref.torch_forward(model, x)
   jm = checkpoints.load_module(base / "dst", family="sdxl-unet")
-  out = unet_ref.jit_forward(jm)(x["sample"], x["timesteps"], x["context"],
-                                 **unet_ref.unet_kwargs(x))
+  out = unet_ref.jit_forward(jm)(
+    x["sample"], x["timesteps"], x["context"], **unet_ref.unet_kwargs(x)
+  )
   assert out.dtype == jnp.float32 and out.shape == ref.shape
   assert rel_err(out, ref) < 1e-4
 
@@ -57,16 +58,17 @@ def test_parity_bfloat16(tmp_path_factory):
   bound is 2e-2, and both it and the RMS error are bounded relative to diffusers' own.
   """
   import torch
+
   model, base = converted("sdxl_like", tmp_path_factory)
   x = unet_ref.inputs(unet_ref.CONFIGS["sdxl_like"], seed=2)
   ref = unet_ref.torch_forward(model, x)
   jm = checkpoints.load_module(base / "dst", dtype=jnp.bfloat16)
-  out = unet_ref.jit_forward(jm)(x["sample"], x["timesteps"], x["context"],
-                                 **unet_ref.unet_kwargs(x))
+  out = unet_ref.jit_forward(jm)(
+    x["sample"], x["timesteps"], x["context"], **unet_ref.unet_kwargs(x)
+  )
   assert out.dtype == jnp.float32
   err = rel_err(out, ref)
-  torch_bf16 = unet_ref.torch_forward(copy.deepcopy(model).to(torch.bfloat16), x,
-                                      torch.bfloat16)
+  torch_bf16 = unet_ref.torch_forward(copy.deepcopy(model).to(torch.bfloat16), x, torch.bfloat16)
   torch_err = rel_err(torch_bf16, ref)
   assert 1e-5 < err < 2e-2 and err < 2.5 * torch_err, (err, torch_err)
   assert unet_ref.rel_rms(out, ref) < 2.5 * unet_ref.rel_rms(torch_bf16, ref)
@@ -86,7 +88,8 @@ def test_export_table_round_trips(tmp_path_factory):
 
 def test_real_size_parameter_counts():
   count = lambda cfg: sharding.count_params(
-      nnx.eval_shape(lambda: unet.UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: unet.UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+  )
   assert count(unet.sdxl_unet_config()) == 2_567_463_684
   assert count(unet.sdxl_unet_config(addition_embed_type=None)) == 2_562_218_244
 
@@ -100,26 +103,34 @@ def test_sharded_forward_equals_unsharded():
   assert len(kernel.sharding.device_set) > 1  # really distributed
   kw = dict(unet_ref.CONFIGS["sdxl_like"])
   x = unet_ref.inputs(kw, batch=4, seed=4)
-  ref = unet_ref.jit_forward(build())(x["sample"], x["timesteps"], x["context"],
-                                      **unet_ref.unet_kwargs(x))
+  ref = unet_ref.jit_forward(build())(
+    x["sample"], x["timesteps"], x["context"], **unet_ref.unet_kwargs(x)
+  )
   with sharding.use_mesh(mesh):
     xs = {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v))) for k, v in x.items()}
-    out = unet_ref.jit_forward(sharded)(xs["sample"], xs["timesteps"], xs["context"],
-                                        **unet_ref.unet_kwargs(xs))
+    out = unet_ref.jit_forward(sharded)(
+      xs["sample"], xs["timesteps"], xs["context"], **unet_ref.unet_kwargs(xs)
+    )
   assert rel_err(out, ref) < 1e-5
 
 
 def test_remat_same_gradients():
-  cfg = unet.tiny_config(block_out_channels=(16, 16), down_block_types=(
-      "CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                         transformer_layers_per_block=2, attention_head_dim=2, sample_size=8)
+  cfg = unet.tiny_config(
+    block_out_channels=(16, 16),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    transformer_layers_per_block=2,
+    attention_head_dim=2,
+    sample_size=8,
+  )
   x = unet_ref.inputs(dict(unet_ref.CONFIGS["sdxl_like"], sample_size=8), seed=5)
 
   def grads(remat):
     m = unet.UNet2DConditionModel(cfg, rngs=nnx.Rngs(0), remat=remat)
     g, p = nnx.split(m, nnx.Param)
-    loss = lambda p: jnp.mean(nnx.merge(g, p)(x["sample"], x["timesteps"], x["context"],
-                                              **unet_ref.unet_kwargs(x)) ** 2)
+    loss = lambda p: jnp.mean(
+      nnx.merge(g, p)(x["sample"], x["timesteps"], x["context"], **unet_ref.unet_kwargs(x)) ** 2
+    )
     return jax.jit(jax.grad(loss))(p)
 
   a, b = grads(False), grads(True)
@@ -138,9 +149,13 @@ def tiny_model():
 
 def test_bad_inputs(tiny_model):
   x = unet_ref.inputs(unet_ref.CONFIGS["sdxl_like"])
-  call = lambda **kw: tiny_model(**{**dict(sample=x["sample"], timesteps=x["timesteps"],
-                                            context=x["context"]), **unet_ref.unet_kwargs(x),
-                                   **kw})
+  call = lambda **kw: tiny_model(
+    **{
+      **dict(sample=x["sample"], timesteps=x["timesteps"], context=x["context"]),
+      **unet_ref.unet_kwargs(x),
+      **kw,
+    }
+  )
   with pytest.raises(ValueError, match="NCHW"):
     call(sample=x["sample"].transpose(0, 3, 1, 2))
   with pytest.raises(ValueError, match="cross_attention_dim=32"):

@@ -17,24 +17,41 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
-    # SDXL's topology (4 levels, mid attention) at toy width
-    "sdxl_small": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_num_groups=4),
-    # no quant convs, no mid attention, 3 levels, gelu, non-square latent
-    "variant": dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                    use_quant_conv=False, use_post_quant_conv=False,
-                    mid_block_add_attention=False, act_fn="gelu", latent_channels=3),
-    # one level (no down/upsampling), 1 channel in, 2 out
-    "flat": dict(block_out_channels=(12,), layers_per_block=1, norm_num_groups=3, in_channels=1,
-                 out_channels=2, latent_channels=2),
+  # SDXL's topology (4 levels, mid attention) at toy width
+  "sdxl_small": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_num_groups=4),
+  # no quant convs, no mid attention, 3 levels, gelu, non-square latent
+  "variant": dict(
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=8,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=False,
+    act_fn="gelu",
+    latent_channels=3,
+  ),
+  # one level (no down/upsampling), 1 channel in, 2 out
+  "flat": dict(
+    block_out_channels=(12,),
+    layers_per_block=1,
+    norm_num_groups=3,
+    in_channels=1,
+    out_channels=2,
+    latent_channels=2,
+  ),
 }
 
 
 def _torch_vae(kw, seed):
   torch.manual_seed(seed)
   n = len(kw["block_out_channels"])
-  m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n,
-                              up_block_types=("UpDecoderBlock2D",) * n, sample_size=32,
-                              scaling_factor=0.13025, **kw).eval()
+  m = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * n,
+    up_block_types=("UpDecoderBlock2D",) * n,
+    sample_size=32,
+    scaling_factor=0.13025,
+    **kw,
+  ).eval()
   randomize_norms(m, seed)
   # Default init gives near-identity residual blocks: make the convs matter.
   with torch.no_grad():
@@ -77,8 +94,10 @@ def test_parity_with_diffusers(tmp_path, name):
   assert rel_err(model.encode(jnp.asarray(nhwc(x))), nhwc(mean_ref)) < 1e-4
   img = model.decode(jnp.asarray(nhwc(z)))
   assert img.shape == nhwc(img_ref).shape
-  print(f"vae {name}: encode {rel_err(mean, nhwc(mean_ref)):.2e} decode "
-        f"{rel_err(img, nhwc(img_ref)):.2e}")
+  print(
+    f"vae {name}: encode {rel_err(mean, nhwc(mean_ref)):.2e} decode "
+    f"{rel_err(img, nhwc(img_ref)):.2e}"
+  )
   assert rel_err(img, nhwc(img_ref)) < 1e-4
 
 
@@ -121,8 +140,9 @@ def test_bf16_compute(tmp_path):
   zt = torch.from_numpy(z.transpose(0, 3, 1, 2))
   with torch.no_grad():
     ref = tm.decode(zt).sample.numpy().transpose(0, 2, 3, 1)
-    torch16 = tm.to(torch.bfloat16).decode(zt.bfloat16()).sample.float().numpy().transpose(
-        0, 2, 3, 1)
+    torch16 = (
+      tm.to(torch.bfloat16).decode(zt.bfloat16()).sample.float().numpy().transpose(0, 2, 3, 1)
+    )
   out16 = m16.decode(jnp.asarray(z))
   assert out16.dtype == jnp.bfloat16
   assert rel_err(m32.decode(jnp.asarray(z)), ref) < 1e-4

@@ -8,7 +8,6 @@ from torch import nn
 
 
 class BasicConv2d(nn.Module):
-
   def __init__(self, c_in, c_out, **kw):
     super().__init__()
     self.conv = nn.Conv2d(c_in, c_out, bias=False, **kw)
@@ -23,7 +22,6 @@ def _avg(x):
 
 
 class A(nn.Module):
-
   def __init__(self, c, pool):
     super().__init__()
     self.branch1x1 = BasicConv2d(c, 64, kernel_size=1)
@@ -35,13 +33,18 @@ class A(nn.Module):
     self.branch_pool = BasicConv2d(c, pool, kernel_size=1)
 
   def forward(self, x):
-    return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                      self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                      self.branch_pool(_avg(x))], 1)
+    return torch.cat(
+      [
+        self.branch1x1(x),
+        self.branch5x5_2(self.branch5x5_1(x)),
+        self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        self.branch_pool(_avg(x)),
+      ],
+      1,
+    )
 
 
 class B(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.branch3x3 = BasicConv2d(c, 384, kernel_size=3, stride=2)
@@ -50,13 +53,17 @@ class B(nn.Module):
     self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
   def forward(self, x):
-    return torch.cat([self.branch3x3(x),
-                      self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                      F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+    return torch.cat(
+      [
+        self.branch3x3(x),
+        self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        F.max_pool2d(x, kernel_size=3, stride=2),
+      ],
+      1,
+    )
 
 
 class C(nn.Module):
-
   def __init__(self, c, c7):
     super().__init__()
     self.branch1x1 = BasicConv2d(c, 192, kernel_size=1)
@@ -74,12 +81,18 @@ class C(nn.Module):
     d = x
     for i in range(1, 6):
       d = getattr(self, f"branch7x7dbl_{i}")(d)
-    return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                      d, self.branch_pool(_avg(x))], 1)
+    return torch.cat(
+      [
+        self.branch1x1(x),
+        self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+        d,
+        self.branch_pool(_avg(x)),
+      ],
+      1,
+    )
 
 
 class D(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.branch3x3_1 = BasicConv2d(c, 192, kernel_size=1)
@@ -93,12 +106,12 @@ class D(nn.Module):
     b7 = x
     for i in range(1, 5):
       b7 = getattr(self, f"branch7x7x3_{i}")(b7)
-    return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                      F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+    return torch.cat(
+      [self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1
+    )
 
 
 class E(nn.Module):
-
   def __init__(self, c, max_pool):
     super().__init__()
     self.max_pool = max_pool
@@ -117,7 +130,7 @@ class E(nn.Module):
     b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
     d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
     d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-    pool = (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg(x))
+    pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg(x)
     return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pool)], 1)
 
 
@@ -143,8 +156,19 @@ class FIDInception(nn.Module):
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = F.max_pool2d(x, kernel_size=3, stride=2)
     x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
-    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                 "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+    for name in (
+      "Mixed_5b",
+      "Mixed_5c",
+      "Mixed_5d",
+      "Mixed_6a",
+      "Mixed_6b",
+      "Mixed_6c",
+      "Mixed_6d",
+      "Mixed_6e",
+      "Mixed_7a",
+      "Mixed_7b",
+      "Mixed_7c",
+    ):
       x = getattr(self, name)(x)
     return F.adaptive_avg_pool2d(x, 1).flatten(1)
 

@@ -17,6 +17,7 @@ def randomize_norms(torch_module, seed: int = 0, std: float = 0.2) -> None:
   """Gives every normalization layer random affine parameters, so a swapped or missing norm
   tensor shows up in parity tests (default init is ones/zeros, which hides it)."""
   import torch
+
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in torch_module.named_parameters():
@@ -31,10 +32,14 @@ def tree_digest(root) -> dict[str, str]:
   digests to show that a refused run changed nothing already saved."""
   import hashlib
   from pathlib import Path
+
   root = Path(root)
   if root.is_file():
     return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
   if not root.exists():
     return {}
-  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }

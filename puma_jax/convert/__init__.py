@@ -25,21 +25,21 @@ from puma_jax.models import registry
 
 # CLI sub-command -> family module.
 CONVERTERS: dict[str, str] = {
-    "clip-vision": "puma_jax.convert.clip",
-    "llama": "puma_jax.convert.llama",
-    "vae": "puma_jax.convert.vae",
-    "sdxl-unet": "puma_jax.convert.unet",
-    "puma-decoder": "puma_jax.convert.puma_decoder",
-    "clip": "puma_jax.convert.clip_full",
-    "alexnet": "puma_jax.convert.alexnet",
-    "lpips-alex": "puma_jax.convert.lpips",
-    "dino-vit": "puma_jax.convert.vit",
-    "inception": "puma_jax.convert.inception",
+  "clip-vision": "puma_jax.convert.clip",
+  "llama": "puma_jax.convert.llama",
+  "vae": "puma_jax.convert.vae",
+  "sdxl-unet": "puma_jax.convert.unet",
+  "puma-decoder": "puma_jax.convert.puma_decoder",
+  "clip": "puma_jax.convert.clip_full",
+  "alexnet": "puma_jax.convert.alexnet",
+  "lpips-alex": "puma_jax.convert.lpips",
+  "dino-vit": "puma_jax.convert.vit",
+  "inception": "puma_jax.convert.inception",
 }
 
 # CLI sub-commands that write more than one model (each module has `main(argv) -> exit code`).
 COMMANDS: dict[str, str] = {
-    "puma-release": "puma_jax.convert.puma_release",
+  "puma-release": "puma_jax.convert.puma_release",
 }
 
 

@@ -19,10 +19,12 @@ from puma_jax.convert import COMMANDS, CONVERTERS, ConversionError, convert
 
 # Own flag set: convert and convert.export (same flag names) are imported side by side.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("src", None, "local HF/diffusers directory (or weights file)",
-                    flag_values=FLAGS, required=True)
-flags.DEFINE_string("dst", None, "output directory for the converted model", flag_values=FLAGS,
-                    required=True)
+flags.DEFINE_string(
+  "src", None, "local HF/diffusers directory (or weights file)", flag_values=FLAGS, required=True
+)
+flags.DEFINE_string(
+  "dst", None, "output directory for the converted model", flag_values=FLAGS, required=True
+)
 
 PROG = "python -m puma_jax.convert"
 EXPECTED = (ConversionError, CheckpointError, ValueError, FileNotFoundError)
@@ -31,8 +33,9 @@ EXPECTED = (ConversionError, CheckpointError, ValueError, FileNotFoundError)
 def family_arg(argv: list[str]) -> str:
   """The one positional argument, a family of `CONVERTERS` (shared with convert.export)."""
   if len(argv) != 2:
-    raise app.UsageError(f"expected one FAMILY argument ({', '.join(sorted(CONVERTERS))}), "
-                         f"got {argv[1:]}")
+    raise app.UsageError(
+      f"expected one FAMILY argument ({', '.join(sorted(CONVERTERS))}), got {argv[1:]}"
+    )
   if argv[1] not in CONVERTERS:
     raise app.UsageError(f"unknown family {argv[1]!r}; choose from {sorted(CONVERTERS)}")
   return argv[1]

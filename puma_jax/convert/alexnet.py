@@ -24,8 +24,10 @@ def load_config(src: Path) -> AlexNetConfig:
 
 
 def feature_rules(source_prefix: str = "features.", target_prefix: str = "") -> list[Rule]:
-  return [Rule(source_prefix + "{n}.weight", target_prefix + "features_{n}.kernel", conv2d),
-          Rule(source_prefix + "{n}.bias", target_prefix + "features_{n}.bias")]
+  return [
+    Rule(source_prefix + "{n}.weight", target_prefix + "features_{n}.kernel", conv2d),
+    Rule(source_prefix + "{n}.bias", target_prefix + "features_{n}.bias"),
+  ]
 
 
 def rules(config: AlexNetConfig) -> list[Rule]:

@@ -79,8 +79,11 @@ def _check_tuple(inner: str | None, name: str, value: Any, where: str):
     elif inner is not None:
       got = _check_scalar(inner, item, v, where)
     else:  # an untyped tuple: ints (sizes) or strings (block types)
-      got = _check_scalar("int", item, v, where) if isinstance(v, int) else \
-          _check_scalar("str", item, v, where)
+      got = (
+        _check_scalar("int", item, v, where)
+        if isinstance(v, int)
+        else _check_scalar("str", item, v, where)
+      )
     if got is None:
       _fail(where, item, v, f"{'a ' + inner if inner else 'an int or a string'}")
     out.append(got)

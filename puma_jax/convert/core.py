@@ -48,8 +48,9 @@ class Hook:
 
 identity = Hook(lambda x: x, lambda x: x, "identity")
 linear = Hook(lambda x: x.T, lambda x: x.T, "linear")  # torch (out, in) <-> ours (in, out)
-conv2d = Hook(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1),
-              "conv2d")  # torch (O, I, kh, kw) <-> ours (kh, kw, I, O)
+conv2d = Hook(
+  lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1), "conv2d"
+)  # torch (O, I, kh, kw) <-> ours (kh, kw, I, O)
 
 
 def conv1x1_as_linear() -> Hook:
@@ -67,7 +68,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)(\*?)\}")
 def _template_regex(template: str) -> re.Pattern:
   parts, pos = [], 0
   for m in _PLACEHOLDER.finditer(template):
-    parts.append(re.escape(template[pos:m.start()]))
+    parts.append(re.escape(template[pos : m.start()]))
     parts.append(f"(?P<{m.group(1)}>{'.+' if m.group(2) else '[^.]+'})")
     pos = m.end()
   parts.append(re.escape(template[pos:]))
@@ -77,14 +78,16 @@ def _template_regex(template: str) -> re.Pattern:
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """`source` -> `target` (None: the source tensor is deliberately not used), through `hook`."""
+
   source: str
   target: str | None
   hook: Hook = identity
 
   def __post_init__(self):
     object.__setattr__(self, "_src_re", _template_regex(self.source))
-    object.__setattr__(self, "_dst_re",
-                       _template_regex(self.target) if self.target is not None else None)
+    object.__setattr__(
+      self, "_dst_re", _template_regex(self.target) if self.target is not None else None
+    )
 
   def match_source(self, name: str) -> dict[str, str] | None:
     m = self._src_re.match(name)
@@ -105,9 +108,18 @@ def _fill(template: str, groups: Mapping[str, str]) -> str:
 # Reading source checkpoints
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -116,17 +128,20 @@ def _safetensors_entries(header: Any, path: Path, data_len: int) -> dict[str, tu
   each with a known dtype, a shape of non-negative ints and in-range `data_offsets` whose byte
   count matches the shape, no two tensors sharing bytes. Returns name -> (dtype, shape, b, e)."""
   if not isinstance(header, dict):
-    raise ConversionError(f"{path}: safetensors header is a JSON {type(header).__name__}, not "
-                          "an object of tensors")
+    raise ConversionError(
+      f"{path}: safetensors header is a JSON {type(header).__name__}, not an object of tensors"
+    )
   meta = header.pop("__metadata__", None)
   if meta is not None and not isinstance(meta, dict):
-    raise ConversionError(f"{path}: safetensors __metadata__ is a JSON "
-                          f"{type(meta).__name__}, not an object")
+    raise ConversionError(
+      f"{path}: safetensors __metadata__ is a JSON {type(meta).__name__}, not an object"
+    )
   out = {}
   for name, info in header.items():
     if not isinstance(info, dict):
-      raise ConversionError(f"{path}: tensor {name!r}: header entry is a JSON "
-                            f"{type(info).__name__}, not an object")
+      raise ConversionError(
+        f"{path}: tensor {name!r}: header entry is a JSON {type(info).__name__}, not an object"
+      )
     for key in ("dtype", "shape", "data_offsets"):
       if key not in info:
         raise ConversionError(f"{path}: tensor {name!r}: header entry lacks {key!r}")
@@ -135,26 +150,38 @@ def _safetensors_entries(header: Any, path: Path, data_len: int) -> dict[str, tu
       raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if not isinstance(shape, list) or not all(map(is_int, shape)):
-      raise ConversionError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of "
-                            "non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
-            and offsets[0] <= offsets[1]):
-      raise ConversionError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not "
-                            "[begin, end] with 0 <= begin <= end")
+      raise ConversionError(
+        f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
+      )
+    if not (
+      isinstance(offsets, list)
+      and len(offsets) == 2
+      and all(map(is_int, offsets))
+      and offsets[0] <= offsets[1]
+    ):
+      raise ConversionError(
+        f"{path}: tensor {name!r}: data_offsets {offsets!r} is not "
+        "[begin, end] with 0 <= begin <= end"
+      )
     begin, end = offsets
     if end > data_len:
-      raise ConversionError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
-                            f"{begin}..{end} of the data section but it has {data_len}")
+      raise ConversionError(
+        f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
+        f"{begin}..{end} of the data section but it has {data_len}"
+      )
     dtype = np.dtype(_ST_DTYPES[dt])
     if (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-      raise ConversionError(f"{path}: tensor {name!r}: byte range does not match shape "
-                            f"{tuple(shape)}")
+      raise ConversionError(
+        f"{path}: tensor {name!r}: byte range does not match shape {tuple(shape)}"
+      )
     out[name] = (dtype, tuple(shape), begin, end)
   spans = sorted((b, e, n) for n, (_, _, b, e) in out.items() if e > b)
   for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
     if b1 < e0:
-      raise ConversionError(f"{path}: tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes "
-                            f"{b1}..{e1}) overlap in the data section")
+      raise ConversionError(
+        f"{path}: tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes "
+        f"{b1}..{e1}) overlap in the data section"
+      )
   return out
 
 
@@ -172,8 +199,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise ConversionError(f"{path}: truncated safetensors file (no header)")
     (n,) = struct.unpack("<Q", head)
     if n > size - 8:
-      raise ConversionError(f"{path}: truncated safetensors file (header of {n} bytes, "
-                            f"file has {size})")
+      raise ConversionError(
+        f"{path}: truncated safetensors file (header of {n} bytes, file has {size})"
+      )
     try:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -181,14 +209,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   data_start = 8 + n
   data_len = size - data_start
   entries = _safetensors_entries(header, path, data_len)
-  mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
-      if data_len else np.zeros((0,), np.uint8)
-  return {name: mm[b:e].view(dtype).reshape(shape)
-          for name, (dtype, shape, b, e) in entries.items()}
+  mm = (
+    np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
+    if data_len
+    else np.zeros((0,), np.uint8)
+  )
+  return {
+    name: mm[b:e].view(dtype).reshape(shape) for name, (dtype, shape, b, e) in entries.items()
+  }
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+  tensors: Mapping[str, np.ndarray],
+  path: str | os.PathLike,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes numpy arrays (bfloat16 included) as a .safetensors file."""
   inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
   header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -198,8 +233,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     a = np.ascontiguousarray(tensors[name])
     if a.dtype not in inv:
       raise ConversionError(f"cannot write tensor {name!r} of dtype {a.dtype}")
-    header[name] = {"dtype": inv[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
+    header[name] = {
+      "dtype": inv[a.dtype],
+      "shape": list(a.shape),
+      "data_offsets": [offset, offset + a.nbytes],
+    }
     offset += a.nbytes
     arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -216,9 +254,10 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise ConversionError(f"{path}: reading .bin checkpoints needs PyTorch "
-                          "(pip install -r requirements-test.txt), or convert it to safetensors"
-                          ) from None
+    raise ConversionError(
+      f"{path}: reading .bin checkpoints needs PyTorch "
+      "(pip install -r requirements-test.txt), or convert it to safetensors"
+    ) from None
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # the message of torch's unpickler is already specific
@@ -226,13 +265,16 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
     sd = sd["state_dict"]
   if not isinstance(sd, dict):
-    raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a state dict (a mapping "
-                          "of tensor names to tensors)")
+    raise ConversionError(
+      f"{path}: holds a {type(sd).__name__}, not a state dict (a mapping "
+      "of tensor names to tensors)"
+    )
   out = {}
   for k, v in sd.items():
     if not isinstance(k, str):
-      raise ConversionError(f"{path}: state dict key {k!r} is a {type(k).__name__}, not a "
-                            "tensor name")
+      raise ConversionError(
+        f"{path}: state dict key {k!r} is a {type(k).__name__}, not a tensor name"
+      )
     if not hasattr(v, "detach"):
       raise ConversionError(f"{path}: entry {k!r} is not a tensor ({type(v).__name__})")
     v = v.detach().cpu()
@@ -243,8 +285,12 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return out
 
 
-WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
-                "diffusion_pytorch_model.bin")
+WEIGHT_FILES = (
+  "model.safetensors",
+  "diffusion_pytorch_model.safetensors",
+  "pytorch_model.bin",
+  "diffusion_pytorch_model.bin",
+)
 
 
 def read_checkpoint(src: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -259,15 +305,18 @@ def read_checkpoint(src: str | os.PathLike) -> dict[str, np.ndarray]:
   if src.is_file():
     return read_safetensors(src) if src.suffix == ".safetensors" else read_torch_bin(src)
   for index_name in sorted(src.glob("*.safetensors.index.json")) + sorted(
-      src.glob("*.bin.index.json")):
+    src.glob("*.bin.index.json")
+  ):
     return read_indexed(index_name, src)
   for name in WEIGHT_FILES:
     if (src / name).exists():
       p = src / name
       return read_safetensors(p) if name.endswith(".safetensors") else read_torch_bin(p)
   found = sorted(p.name for p in src.iterdir())
-  raise ConversionError(f"{src}: no weights found (looked for an index, {', '.join(WEIGHT_FILES)});"
-                        f" the directory holds {found[:10]}")
+  raise ConversionError(
+    f"{src}: no weights found (looked for an index, {', '.join(WEIGHT_FILES)});"
+    f" the directory holds {found[:10]}"
+  )
 
 
 def read_index(index_path: str | os.PathLike, src: str | os.PathLike) -> dict[str, str]:
@@ -277,20 +326,26 @@ def read_index(index_path: str | os.PathLike, src: str | os.PathLike) -> dict[st
   index = read_json(index_path)
   wm = index.get("weight_map")
   if not isinstance(wm, dict) or not wm:
-    raise ConversionError(f"{index_path}: index has no weight_map (an object of tensor name -> "
-                          "shard file)")
+    raise ConversionError(
+      f"{index_path}: index has no weight_map (an object of tensor name -> shard file)"
+    )
   for name, fname in wm.items():
     if not isinstance(fname, str) or not fname:
       raise ConversionError(f"{index_path}: weight_map[{name!r}] is {fname!r}, not a file name")
     target = (root / fname).resolve()
     if Path(fname).is_absolute() or root not in target.parents:
-      raise ConversionError(f"{index_path}: weight_map[{name!r}] names {fname!r}, which is "
-                            f"outside the source directory {src}")
+      raise ConversionError(
+        f"{index_path}: weight_map[{name!r}] names {fname!r}, which is "
+        f"outside the source directory {src}"
+      )
   return wm
 
 
-def read_indexed(index_path: str | os.PathLike, src: str | os.PathLike,
-                 read_file: Callable[[Path], dict] | None = None) -> dict[str, np.ndarray]:
+def read_indexed(
+  index_path: str | os.PathLike,
+  src: str | os.PathLike,
+  read_file: Callable[[Path], dict] | None = None,
+) -> dict[str, np.ndarray]:
   """All tensors of a sharded checkpoint; each shard read by `read_file` (default by suffix)."""
   src = Path(src)
   weight_map = read_index(index_path, src)
@@ -299,16 +354,20 @@ def read_indexed(index_path: str | os.PathLike, src: str | os.PathLike,
     fpath = src / fname
     if not fpath.exists():
       raise ConversionError(f"{index_path} names shard {fname}, which is missing from {src}")
-    part = read_file(fpath) if read_file else (
-        read_safetensors(fpath) if fname.endswith(".safetensors") else read_torch_bin(fpath))
+    part = (
+      read_file(fpath)
+      if read_file
+      else (read_safetensors(fpath) if fname.endswith(".safetensors") else read_torch_bin(fpath))
+    )
     dup = set(out) & set(part)
     if dup:
       raise ConversionError(f"{fpath}: tensors also present in another shard: {sorted(dup)[:5]}")
     out.update(part)
   missing = set(weight_map) - set(out)
   if missing:
-    raise ConversionError(f"{index_path}: tensors listed in the index but absent from the "
-                          f"shards: {sorted(missing)[:5]}")
+    raise ConversionError(
+      f"{index_path}: tensors listed in the index but absent from the shards: {sorted(missing)[:5]}"
+    )
   return out
 
 
@@ -351,18 +410,23 @@ def flatten_state(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def unflatten_state(flat: Mapping[str, Any], like: Mapping) -> dict:
   """Inverse of `flatten_state`, keeping the key types (int list indices) of `like`."""
+
   def build(node, prefix):
     out = {}
     for k, v in node.items():
       key = f"{prefix}{k}"
       out[k] = build(v, key + ".") if isinstance(v, Mapping) else flat[key]
     return out
+
   return build(like, "")
 
 
-def map_to_target(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
-                  target_shapes: Mapping[str, tuple[tuple[int, ...], Any]],
-                  what: str = "checkpoint") -> dict[str, np.ndarray]:
+def map_to_target(
+  tensors: Mapping[str, np.ndarray],
+  rules: Iterable[Rule],
+  target_shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+  what: str = "checkpoint",
+) -> dict[str, np.ndarray]:
   """Maps source tensors onto target paths strictly. `target_shapes`: path -> (shape, dtype)."""
   rules = list(rules)
   filled: dict[str, np.ndarray] = {}
@@ -377,29 +441,36 @@ def map_to_target(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
         break
       path = _fill(rule.target, groups)
       if path not in target_shapes:
-        raise ConversionError(f"{what}: tensor {name!r} maps to {path!r}, which the model (as "
-                              "configured) does not have; does the config match the weights?")
+        raise ConversionError(
+          f"{what}: tensor {name!r} maps to {path!r}, which the model (as "
+          "configured) does not have; does the config match the weights?"
+        )
       if path in filled:
         raise ConversionError(f"{what}: tensors {origin[path]!r} and {name!r} both map to {path!r}")
       arr = rule.hook.forward(np.asarray(tensors[name]))
       shape, dtype = target_shapes[path]
       if tuple(arr.shape) != tuple(shape):
-        raise ConversionError(f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)} "
-                              f"({tuple(arr.shape)} after {rule.hook.name}), but parameter "
-                              f"{path!r} needs {tuple(shape)}")
+        raise ConversionError(
+          f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)} "
+          f"({tuple(arr.shape)} after {rule.hook.name}), but parameter "
+          f"{path!r} needs {tuple(shape)}"
+        )
       filled[path] = np.asarray(arr, dtype=dtype)
       origin[path] = name
       break
     else:
       unexpected.append(name)
   if unexpected:
-    raise ConversionError(f"{what}: {len(unexpected)} unexpected tensor(s) that no rule maps: "
-                          f"{unexpected[:8]}")
+    raise ConversionError(
+      f"{what}: {len(unexpected)} unexpected tensor(s) that no rule maps: {unexpected[:8]}"
+    )
   missing = sorted(set(target_shapes) - set(filled))
   if missing:
     expected = [source_name(rules, p) or "?" for p in missing[:8]]
-    raise ConversionError(f"{what}: {len(missing)} parameter(s) not filled; missing source "
-                          f"tensor(s) {expected} (for {missing[:8]})")
+    raise ConversionError(
+      f"{what}: {len(missing)} parameter(s) not filled; missing source "
+      f"tensor(s) {expected} (for {missing[:8]})"
+    )
   return filled
 
 
@@ -411,8 +482,9 @@ def source_name(rules: Iterable[Rule], path: str) -> str | None:
   return None
 
 
-def map_to_source(flat_params: Mapping[str, np.ndarray],
-                  rules: Iterable[Rule]) -> dict[str, np.ndarray]:
+def map_to_source(
+  flat_params: Mapping[str, np.ndarray], rules: Iterable[Rule]
+) -> dict[str, np.ndarray]:
   """Export: our flat parameters -> source-format tensors, through the inverse hooks."""
   rules = list(rules)
   out = {}

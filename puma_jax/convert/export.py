@@ -24,11 +24,13 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 
 # Own flag set: convert and convert.export (same flag names) are imported side by side.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("src", None, "converted puma_jax model directory", flag_values=FLAGS,
-                    required=True)
+flags.DEFINE_string(
+  "src", None, "converted puma_jax model directory", flag_values=FLAGS, required=True
+)
 flags.DEFINE_string("dst", None, "output HF directory", flag_values=FLAGS, required=True)
-flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES), "dtype of the written tensors",
-                  flag_values=FLAGS)
+flags.DEFINE_enum(
+  "dtype", "float32", sorted(_DTYPES), "dtype of the written tensors", flag_values=FLAGS
+)
 flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors shard, GiB", flag_values=FLAGS)
 
 
@@ -38,8 +40,12 @@ def np_dtype(name: str):
   return _DTYPES[name]
 
 
-def write_sharded(tensors: Mapping[str, np.ndarray], dst: Path,
-                  max_shard_bytes: int = 5 * 2**30, prefix: str = "model") -> list[str]:
+def write_sharded(
+  tensors: Mapping[str, np.ndarray],
+  dst: Path,
+  max_shard_bytes: int = 5 * 2**30,
+  prefix: str = "model",
+) -> list[str]:
   """`model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus
   `model.safetensors.index.json` (HF's names) when the total exceeds `max_shard_bytes`."""
   dst = Path(dst)
@@ -70,18 +76,19 @@ def write_sharded(tensors: Mapping[str, np.ndarray], dst: Path,
 def export(family: str, src, dst, *, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30):
   from puma_jax import checkpoints
   from puma_jax.convert import family_module
+
   fam = family_module(family)
   if not hasattr(fam, "export_hf"):
     raise ConversionError(f"export: family {family!r} has no export to the HF layout")
   from puma_jax import fileio
+
   try:
     # An HF directory (config.json, .bin weights, tokenizer files) is never written into: the
     # export goes to a temporary sibling, renamed to `dst` once complete.
     fileio.check_output_dir(dst, "export", src)
     module = checkpoints.load_module(src, family=fam.FAMILY)
     with fileio.staged_output(dst, "export", src) as tmp:
-      fam.export_hf(module, tmp, src_dir=Path(src), dtype=dtype,
-                    max_shard_bytes=max_shard_bytes)
+      fam.export_hf(module, tmp, src_dir=Path(src), dtype=dtype, max_shard_bytes=max_shard_bytes)
   except fileio.OutputError as e:
     raise ConversionError(str(e)) from None
   return Path(dst).absolute()
@@ -89,9 +96,11 @@ def export(family: str, src, dst, *, dtype: str = "float32", max_shard_bytes: in
 
 def _main(argv: list[str]) -> int:
   from puma_jax.convert.__main__ import family_arg
+
   family = family_arg(argv)
-  out = export(family, FLAGS.src, FLAGS.dst, dtype=FLAGS.dtype,
-               max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+  out = export(
+    family, FLAGS.src, FLAGS.dst, dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30)
+  )
   print(f"exported {family} {FLAGS.src} -> {out}")
   return 0
 
@@ -99,9 +108,15 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
   from puma_jax.checkpoints import CheckpointError
+
   argv = sys.argv if argv is None else ["python -m puma_jax.convert.export", *argv]
-  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__,
-                 expected=(ConversionError, CheckpointError, ValueError, FileNotFoundError))
+  return cli.run(
+    _main,
+    argv,
+    flag_values=FLAGS,
+    doc=__doc__,
+    expected=(ConversionError, CheckpointError, ValueError, FileNotFoundError),
+  )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ def load_config(src: Path) -> InceptionConfig:
 def rules(config: InceptionConfig) -> list[Rule]:
   del config
   return [
-      Rule("{block*}.conv.weight", "{block*}.conv.kernel", conv2d),
-      Rule("{block*}.bn.weight", "{block*}.bn.scale"),
-      Rule("{block*}.bn.bias", "{block*}.bn.bias"),
-      Rule("{block*}.bn.running_mean", "{block*}.bn.mean"),
-      Rule("{block*}.bn.running_var", "{block*}.bn.var"),
-      Rule("{block*}.bn.num_batches_tracked", None),
-      Rule("fc.weight", None),
-      Rule("fc.bias", None),
+    Rule("{block*}.conv.weight", "{block*}.conv.kernel", conv2d),
+    Rule("{block*}.bn.weight", "{block*}.bn.scale"),
+    Rule("{block*}.bn.bias", "{block*}.bn.bias"),
+    Rule("{block*}.bn.running_mean", "{block*}.bn.mean"),
+    Rule("{block*}.bn.running_var", "{block*}.bn.var"),
+    Rule("{block*}.bn.num_batches_tracked", None),
+    Rule("fc.weight", None),
+    Rule("fc.bias", None),
   ]
 
 

@@ -31,16 +31,16 @@ def load_config(src: Path) -> LPIPSConfig:
 
 def rules(config: LPIPSConfig) -> list[Rule]:
   del config
-  return (feature_rules("features.", "net.") + [
-      Rule("classifier.{rest*}", None),
-      # lpips's full-module layout: slices keep torchvision's indices.
-      Rule("net.slice{s}.{n}.weight", "net.features_{n}.kernel", feature_rules()[0].hook),
-      Rule("net.slice{s}.{n}.bias", "net.features_{n}.bias"),
-      Rule("scaling_layer.{name}", None),
-      # Index 1 after the (parameter-free) Dropout; 0 when lpips is built with use_dropout=False.
-      Rule("lin{k}.model.1.weight", "lins.{k}.kernel", conv1x1_as_linear()),
-      Rule("lin{k}.model.0.weight", "lins.{k}.kernel", conv1x1_as_linear()),
-  ])
+  return feature_rules("features.", "net.") + [
+    Rule("classifier.{rest*}", None),
+    # lpips's full-module layout: slices keep torchvision's indices.
+    Rule("net.slice{s}.{n}.weight", "net.features_{n}.kernel", feature_rules()[0].hook),
+    Rule("net.slice{s}.{n}.bias", "net.features_{n}.bias"),
+    Rule("scaling_layer.{name}", None),
+    # Index 1 after the (parameter-free) Dropout; 0 when lpips is built with use_dropout=False.
+    Rule("lin{k}.model.1.weight", "lins.{k}.kernel", conv1x1_as_linear()),
+    Rule("lin{k}.model.0.weight", "lins.{k}.kernel", conv1x1_as_linear()),
+  ]
 
 
 def read_tensors(src: Path):

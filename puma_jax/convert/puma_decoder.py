@@ -31,8 +31,9 @@ def _folder_tokens(src: Path) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def config_from_sources(cfg: dict, shapes: dict, src: Path,
-                        where: str = "config.json") -> PumaDecoderConfig:
+def config_from_sources(
+  cfg: dict, shapes: dict, src: Path, where: str = "config.json"
+) -> PumaDecoderConfig:
   """Resolves the PUMA fields from config.json, tensor shapes and the folder name."""
   d = dict(cfg)
   d["addition_embed_type"] = None  # PUMA's UNet ignores it (see the module docstring)
@@ -42,8 +43,9 @@ def config_from_sources(cfg: dict, shapes: dict, src: Path,
   pos = shapes.get("embed_img_pos")
   folder = _folder_tokens(src)
 
-  own = config_check.check_fields(PumaDecoderConfig, {k: cfg[k] for k in _PUMA_FIELDS if k in cfg},
-                                  where)
+  own = config_check.check_fields(
+    PumaDecoderConfig, {k: cfg[k] for k in _PUMA_FIELDS if k in cfg}, where
+  )
   mapping_dim1 = own.get("mapping_dim1", m[0] if m else ctx)
   mapping_dim = own.get("mapping_dim", m[1] if m else mapping_dim1)
   if "num_tokens" in own:
@@ -53,24 +55,38 @@ def config_from_sources(cfg: dict, shapes: dict, src: Path,
   elif folder is not None:
     num_tokens, origin = folder, f"folder name {Path(src).name}"
   else:
-    raise ConversionError(f"{src}: cannot tell the decoder's token count: {where} has no "
-                          "num_tokens, there is no embed_img_pos tensor, and the folder is not "
-                          "named unet_N")
+    raise ConversionError(
+      f"{src}: cannot tell the decoder's token count: {where} has no "
+      "num_tokens, there is no embed_img_pos tensor, and the folder is not "
+      "named unet_N"
+    )
   if folder is not None and folder != num_tokens:
-    raise ConversionError(f"{src}: folder name {Path(src).name} says {folder} tokens, but "
-                          f"{origin} says {num_tokens}")
+    raise ConversionError(
+      f"{src}: folder name {Path(src).name} says {folder} tokens, but {origin} says {num_tokens}"
+    )
   use_embeds = own.get("use_embeds", num_tokens == 256)
-  return config_check.build(PumaDecoderConfig, dict(
-      unet=u, mapping_dim=int(mapping_dim), mapping_dim1=int(mapping_dim1),
-      num_tokens=num_tokens, use_embeds=use_embeds), where)
+  return config_check.build(
+    PumaDecoderConfig,
+    dict(
+      unet=u,
+      mapping_dim=int(mapping_dim),
+      mapping_dim1=int(mapping_dim1),
+      num_tokens=num_tokens,
+      use_embeds=use_embeds,
+    ),
+    where,
+  )
 
 
 def load_config(src: Path) -> PumaDecoderConfig:
   src = Path(src)
   path = src / "config.json"
   cfg = read_json(path)
-  shapes = {k: tuple(v.shape) for k, v in read_tensors(src).items()
-            if k in ("mapping_layer.weight", "embed_img_pos")}
+  shapes = {
+    k: tuple(v.shape)
+    for k, v in read_tensors(src).items()
+    if k in ("mapping_layer.weight", "embed_img_pos")
+  }
   return config_from_sources(cfg, shapes, src, str(path))
 
 
@@ -82,27 +98,34 @@ def check_tensors(config: PumaDecoderConfig, tensors: dict, src: Path) -> None:
     if not config.use_embeds:
       n = pos.shape[1] if pos.ndim == 3 else "?"
       raise ConversionError(
-          f"{what}: the checkpoint has embed_img_pos {tuple(pos.shape)} (a {n}-token decoder "
-          f"with positional embedding), but the config is a {config.num_tokens}-token decoder "
-          "without one; load it as its own scale")
+        f"{what}: the checkpoint has embed_img_pos {tuple(pos.shape)} (a {n}-token decoder "
+        f"with positional embedding), but the config is a {config.num_tokens}-token decoder "
+        "without one; load it as its own scale"
+      )
     want = (1, config.num_tokens, config.mapping_dim1)
     if tuple(pos.shape) != want:
-      raise ConversionError(f"{what}: embed_img_pos has shape {tuple(pos.shape)}, but a "
-                            f"{config.num_tokens}-token decoder needs {want}: the checkpoint "
-                            "is for another scale")
+      raise ConversionError(
+        f"{what}: embed_img_pos has shape {tuple(pos.shape)}, but a "
+        f"{config.num_tokens}-token decoder needs {want}: the checkpoint "
+        "is for another scale"
+      )
   m = tensors.get("mapping_layer.weight")
   if m is not None and not config.has_mapping_layer:
-    raise ConversionError(f"{what}: the checkpoint has mapping_layer.weight {tuple(m.shape)}, "
-                          f"but the config has mapping_dim == mapping_dim1 == "
-                          f"{config.mapping_dim} (no mapping layer)")
+    raise ConversionError(
+      f"{what}: the checkpoint has mapping_layer.weight {tuple(m.shape)}, "
+      f"but the config has mapping_dim == mapping_dim1 == "
+      f"{config.mapping_dim} (no mapping layer)"
+    )
 
 
 def rules(config: PumaDecoderConfig) -> list[Rule]:
   table = unet_convert.rules(config.unet, prefix="unet.")
-  table += [Rule("mapping_layer.weight", "mapping_layer.kernel", linear),
-            Rule("mapping_layer.bias", "mapping_layer.bias", identity),
-            Rule("embed_img_pos", "embed_img_pos", identity),
-            # An SDXL `text_time` embedding left in the file: PUMA's module never builds it
-            # (addition_embed_type is forced to None), so its loader drops these too.
-            Rule("add_embedding.{rest*}", None)]
+  table += [
+    Rule("mapping_layer.weight", "mapping_layer.kernel", linear),
+    Rule("mapping_layer.bias", "mapping_layer.bias", identity),
+    Rule("embed_img_pos", "embed_img_pos", identity),
+    # An SDXL `text_time` embedding left in the file: PUMA's module never builds it
+    # (addition_embed_type is forced to None), so its loader drops these too.
+    Rule("add_embedding.{rest*}", None),
+  ]
   return table

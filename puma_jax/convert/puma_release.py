@@ -52,14 +52,19 @@ def find_decoders(src: Path) -> tuple[Path, dict[str, Path]]:
   """(the folder holding them, {scale: unet_N folder}) of the decoders in snapshot `src`."""
   for root in DECODER_ROOTS:
     base = src / root
-    found = {s: base / decoder_folder(s) for s in pooling.SCALE_NAMES
-             if (base / decoder_folder(s)).is_dir()}
+    found = {
+      s: base / decoder_folder(s)
+      for s in pooling.SCALE_NAMES
+      if (base / decoder_folder(s)).is_dir()
+    }
     if found:
       return base, found
   names = ", ".join(decoder_folder(s) for s in reversed(pooling.SCALE_NAMES))
   listing = sorted(p.name for p in src.iterdir())[:12]
-  raise ConversionError(f"--src {src}: no PUMA decoder folders ({names}) in it or in "
-                        f"{src / DECODER_ROOTS[0]}; it holds {listing}")
+  raise ConversionError(
+    f"--src {src}: no PUMA decoder folders ({names}) in it or in "
+    f"{src / DECODER_ROOTS[0]}; it holds {listing}"
+  )
 
 
 def _first_dir(candidates) -> Path | None:
@@ -89,11 +94,20 @@ def _copy_tokenizer(llm: Path, converted_llm: Path, config, dst: Path) -> None:
   """PUMA's tokenizer (the LLaMA's plus [IMG], [/IMG], 224 positions) into `dst`, checked to
   give the ids the assembled model was built with."""
   from puma_jax import assemble, tokenizer
-  tok_dir = next((d for d in (llm, converted_llm) if any(
-      (d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))), None)
+
+  tok_dir = next(
+    (
+      d
+      for d in (llm, converted_llm)
+      if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    ),
+    None,
+  )
   if tok_dir is None:
-    raise ConversionError(f"--llm={llm} has no tokenizer files (tokenizer.json or "
-                          "tokenizer.model); a release with a PumaModel needs its tokenizer")
+    raise ConversionError(
+      f"--llm={llm} has no tokenizer files (tokenizer.json or "
+      "tokenizer.model); a release with a PumaModel needs its tokenizer"
+    )
   tok = tokenizer.PumaTokenizer.from_dir(tok_dir)
   assemble._check_token_ids(tok, config, f"--llm={llm}: its tokenizer")
   tok.save(dst)
@@ -114,8 +128,7 @@ class _Progress:
     self.t0 = time.time()
 
   def __exit__(self, exc_type, *_):
-    print(f" done in {time.time() - self.t0:.1f}s" if exc_type is None else " failed",
-          flush=True)
+    print(f" done in {time.time() - self.t0:.1f}s" if exc_type is None else " failed", flush=True)
 
 
 def convert_release(src, dst, *, clip=None, vae=None, llm=None, name: str = NAME) -> Path:
@@ -128,12 +141,16 @@ def convert_release(src, dst, *, clip=None, vae=None, llm=None, name: str = NAME
   root, decoders = find_decoders(src)
   vae = Path(vae) if vae else _first_dir([root / "vae", src / "vae"])
   if vae is None:
-    raise ConversionError(f"no VAE: {root / 'vae'} does not exist; pass --vae=SDXL_VAE_DIR "
-                          "(stable-diffusion-xl-base-1.0/vae)")
+    raise ConversionError(
+      f"no VAE: {root / 'vae'} does not exist; pass --vae=SDXL_VAE_DIR "
+      "(stable-diffusion-xl-base-1.0/vae)"
+    )
   clip = Path(clip) if clip else _first_dir([src / c for c in CLIP_DEFAULTS])
   if clip is None:
-    raise ConversionError(f"no CLIP: {src} has no {' or '.join(CLIP_DEFAULTS)} folder; pass "
-                          "--clip=HF_CLIP_DIR (openai/clip-vit-large-patch14)")
+    raise ConversionError(
+      f"no CLIP: {src} has no {' or '.join(CLIP_DEFAULTS)} folder; pass "
+      "--clip=HF_CLIP_DIR (openai/clip-vit-large-patch14)"
+    )
   llm = Path(llm) if llm else None
   progress = _Progress(len(decoders) + 2 + (2 if llm else 0))
   with writer as w:
@@ -145,8 +162,9 @@ def convert_release(src, dst, *, clip=None, vae=None, llm=None, name: str = NAME
       w.add_part("vae", source=_convert_or_copy("vae", vae, w.part_dir("vae"), "--vae"))
     if llm is None:
       with progress("clip", clip):
-        w.add_part("clip", source=_convert_or_copy("clip-vision", clip, w.part_dir("clip"),
-                                                    "--clip"))
+        w.add_part(
+          "clip", source=_convert_or_copy("clip-vision", clip, w.part_dir("clip"), "--clip")
+        )
     else:
       _add_puma(w, progress, clip, llm)
   return dst
@@ -155,6 +173,7 @@ def convert_release(src, dst, *, clip=None, vae=None, llm=None, name: str = NAME
 def _add_puma(w: release.ReleaseWriter, progress: _Progress, clip: Path, llm: Path) -> None:
   """CLIP + LLaMA -> puma/ (assembled) and tokenizer/; the converted parts are scratch."""
   from puma_jax import assemble
+
   with tempfile.TemporaryDirectory(prefix=".puma-release-", dir=w.dst.parent) as scratch:
     scratch = Path(scratch)
     with progress("clip (for puma/)", clip):
@@ -164,33 +183,57 @@ def _add_puma(w: release.ReleaseWriter, progress: _Progress, clip: Path, llm: Pa
       try:
         config, model = assemble.assemble(scratch / "clip", scratch / "llama")
       except ValueError as e:
-        raise ConversionError(f"assembling the PumaModel from --clip={clip} and --llm={llm}: "
-                              f"{e}") from None
+        raise ConversionError(
+          f"assembling the PumaModel from --clip={clip} and --llm={llm}: {e}"
+        ) from None
       _copy_tokenizer(llm, scratch / "llama", config, w.tokenizer_dir())
       checkpoints.save_module(w.part_dir("puma"), "puma", config, model)
-    w.add_part("puma", source=f"CLIP {clip_src} + LLaMA {llm_src}; projector, scale and "
-                              "position embeddings and heads newly initialized")
+    w.add_part(
+      "puma",
+      source=f"CLIP {clip_src} + LLaMA {llm_src}; projector, scale and "
+      "position embeddings and heads newly initialized",
+    )
     w.set_tokenizer(release.TOKENIZER_DIR)
 
 
 # Own flag set: `python -m puma_jax.convert` hands this command its arguments.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("src", None, "the PUMA snapshot (unet_N folders, or "
-                    "stable-diffusion-xl-base-1.0/ with them)", flag_values=FLAGS, required=True)
-flags.DEFINE_string("dst", None, "the release to write (a new or empty directory)",
-                    flag_values=FLAGS, required=True)
-flags.DEFINE_string("clip", "", "HF CLIP-L folder (or a converted clip-vision one)",
-                    flag_values=FLAGS)
-flags.DEFINE_string("vae", "", "SDXL VAE folder (or a converted vae one); default: a vae/ "
-                    "folder next to the decoders", flag_values=FLAGS)
-flags.DEFINE_string("llm", "", "HF or converted LLaMA folder with its tokenizer files: adds "
-                    "puma/ (assembled with the CLIP) and tokenizer/ instead of clip/",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "src",
+  None,
+  "the PUMA snapshot (unet_N folders, or stable-diffusion-xl-base-1.0/ with them)",
+  flag_values=FLAGS,
+  required=True,
+)
+flags.DEFINE_string(
+  "dst", None, "the release to write (a new or empty directory)", flag_values=FLAGS, required=True
+)
+flags.DEFINE_string(
+  "clip", "", "HF CLIP-L folder (or a converted clip-vision one)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "vae",
+  "",
+  "SDXL VAE folder (or a converted vae one); default: a vae/ folder next to the decoders",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "llm",
+  "",
+  "HF or converted LLaMA folder with its tokenizer files: adds "
+  "puma/ (assembled with the CLIP) and tokenizer/ instead of clip/",
+  flag_values=FLAGS,
+)
 flags.DEFINE_string("name", NAME, "the release's name in release.json", flag_values=FLAGS)
 
 PROG = "python -m puma_jax.convert puma-release"
-EXPECTED = (ConversionError, checkpoints.CheckpointError, release.ReleaseError, ValueError,
-            FileNotFoundError)
+EXPECTED = (
+  ConversionError,
+  checkpoints.CheckpointError,
+  release.ReleaseError,
+  ValueError,
+  FileNotFoundError,
+)
 
 
 def _main(argv: list[str]) -> int:
@@ -198,11 +241,14 @@ def _main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
   t0 = time.time()
-  out = convert_release(f.src, f.dst, clip=f.clip or None, vae=f.vae or None,
-                        llm=f.llm or None, name=f.name)
+  out = convert_release(
+    f.src, f.dst, clip=f.clip or None, vae=f.vae or None, llm=f.llm or None, name=f.name
+  )
   m = release.load_manifest(out)
-  print(f"release {out}: scales {', '.join(m['scales'])}, image_size {m['image_size']}, parts "
-        f"{', '.join(sorted(m['parts']))} ({time.time() - t0:.1f}s)")
+  print(
+    f"release {out}: scales {', '.join(m['scales'])}, image_size {m['image_size']}, parts "
+    f"{', '.join(sorted(m['parts']))} ({time.time() - t0:.1f}s)"
+  )
   return 0
 
 

@@ -12,35 +12,76 @@ from __future__ import annotations
 from pathlib import Path
 
 from puma_jax.convert import config_check
-from puma_jax.convert.core import (WEIGHT_FILES, ConversionError, Rule, conv1x1_as_linear,
-                                    conv2d, identity, linear, public_config, read_checkpoint,
-                                    read_indexed, read_json)
+from puma_jax.convert.core import (
+  WEIGHT_FILES,
+  ConversionError,
+  Rule,
+  conv1x1_as_linear,
+  conv2d,
+  identity,
+  linear,
+  public_config,
+  read_checkpoint,
+  read_indexed,
+  read_json,
+)
 from puma_jax.models.unet import UNetConfig
 
 FAMILY = "sdxl-unet"
 
-_FIELDS = ("sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos",
-           "freq_shift", "down_block_types", "mid_block_type", "up_block_types",
-           "block_out_channels", "layers_per_block", "downsample_padding",
-           "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
-           "cross_attention_dim", "transformer_layers_per_block",
-           "reverse_transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
-           "use_linear_projection", "upcast_attention", "addition_embed_type",
-           "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-           "time_embedding_dim", "conv_in_kernel", "conv_out_kernel")
+_FIELDS = (
+  "sample_size",
+  "in_channels",
+  "out_channels",
+  "center_input_sample",
+  "flip_sin_to_cos",
+  "freq_shift",
+  "down_block_types",
+  "mid_block_type",
+  "up_block_types",
+  "block_out_channels",
+  "layers_per_block",
+  "downsample_padding",
+  "mid_block_scale_factor",
+  "act_fn",
+  "norm_num_groups",
+  "norm_eps",
+  "cross_attention_dim",
+  "transformer_layers_per_block",
+  "reverse_transformer_layers_per_block",
+  "attention_head_dim",
+  "num_attention_heads",
+  "use_linear_projection",
+  "upcast_attention",
+  "addition_embed_type",
+  "addition_time_embed_dim",
+  "projection_class_embeddings_input_dim",
+  "time_embedding_dim",
+  "conv_in_kernel",
+  "conv_out_kernel",
+)
 
 # Fields whose only supported value is diffusers' default (the feature switched off).
 _MUST_BE = {
-    "only_cross_attention": (False,), "dual_cross_attention": (False,),
-    "class_embed_type": (None,), "num_class_embeds": (None,), "class_embeddings_concat": (False,),
-    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
-    "time_embedding_type": ("positional",), "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1, 1.0), "attention_type": ("default",),
-    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
-    # Dropout is an identity at inference; a non-zero rate would make training differ.
-    "dropout": (0, 0.0),
+  "only_cross_attention": (False,),
+  "dual_cross_attention": (False,),
+  "class_embed_type": (None,),
+  "num_class_embeds": (None,),
+  "class_embeddings_concat": (False,),
+  "encoder_hid_dim": (None,),
+  "encoder_hid_dim_type": (None,),
+  "time_embedding_type": ("positional",),
+  "time_embedding_act_fn": (None,),
+  "timestep_post_act": (None,),
+  "time_cond_proj_dim": (None,),
+  "resnet_time_scale_shift": ("default",),
+  "resnet_skip_time_act": (False,),
+  "resnet_out_scale_factor": (1, 1.0),
+  "attention_type": ("default",),
+  "mid_block_only_cross_attention": (None, False),
+  "cross_attention_norm": (None,),
+  # Dropout is an identity at inference; a non-zero rate would make training differ.
+  "dropout": (0, 0.0),
 }
 # Public fields irrelevant to the computation (private `_*` keys are dropped first).
 _IGNORED = ("addition_embed_type_num_heads",)
@@ -49,10 +90,14 @@ _IGNORED = ("addition_embed_type_num_heads",)
 def config_from_diffusers(d: dict, where: str = "config.json", *, extra_ignored=()) -> UNetConfig:
   d = public_config(d)
   for key, allowed in _MUST_BE.items():
-    if key in d and d[key] not in allowed and not (isinstance(d[key], list) and
-                                                   all(v in allowed for v in d[key])):
-      raise ConversionError(f"{where}: unsupported {key}={d[key]!r} (supported: "
-                            f"{' or '.join(map(repr, allowed))})")
+    if (
+      key in d
+      and d[key] not in allowed
+      and not (isinstance(d[key], list) and all(v in allowed for v in d[key]))
+    ):
+      raise ConversionError(
+        f"{where}: unsupported {key}={d[key]!r} (supported: {' or '.join(map(repr, allowed))})"
+      )
   unknown = sorted(set(d) - set(_FIELDS) - set(_MUST_BE) - set(_IGNORED) - set(extra_ignored))
   if unknown:
     raise ConversionError(f"{where}: unknown UNet config field(s) {unknown}")
@@ -108,16 +153,18 @@ def rules(config: UNetConfig, prefix: str = "") -> list[Rule]:
   return table
 
 
-_VARIANT_FILES = ("diffusion_pytorch_model.fp16.safetensors",
-                  "diffusion_pytorch_model.fp16.bin")
+_VARIANT_FILES = ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 
 
 def read_tensors(src: Path) -> dict:
   """diffusers weights; the `fp16` variant names (single or sharded) when the plain ones are
   absent, as in the hub's SDXL repository."""
   src = Path(src)
-  if not src.is_dir() or any(src.glob("*.index.json")) or any(
-      (src / f).exists() for f in WEIGHT_FILES):
+  if (
+    not src.is_dir()
+    or any(src.glob("*.index.json"))
+    or any((src / f).exists() for f in WEIGHT_FILES)
+  ):
     return read_checkpoint(src)
   for name in _VARIANT_FILES:
     if (src / name).exists():

@@ -12,17 +12,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from puma_jax.convert import config_check
-from puma_jax.convert.core import (ConversionError, Rule, conv1x1_as_linear, conv2d,
-                                    public_config, read_json)
+from puma_jax.convert.core import (
+  ConversionError,
+  Rule,
+  conv1x1_as_linear,
+  conv2d,
+  public_config,
+  read_json,
+)
 from puma_jax.models import layers
 from puma_jax.models.vae import VAEConfig
 
 FAMILY = "vae"
 
-_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types",
-           "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
-           "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "force_upcast",
-           "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+_FIELDS = (
+  "in_channels",
+  "out_channels",
+  "down_block_types",
+  "up_block_types",
+  "block_out_channels",
+  "layers_per_block",
+  "act_fn",
+  "latent_channels",
+  "norm_num_groups",
+  "sample_size",
+  "scaling_factor",
+  "shift_factor",
+  "force_upcast",
+  "use_quant_conv",
+  "use_post_quant_conv",
+  "mid_block_add_attention",
+)
 # Fields that do not change the computation (statistics for other latent normalizations).
 _IGNORED = ("latents_mean", "latents_std")
 
@@ -36,8 +56,9 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> VAEConfig:
     raise ConversionError(f"{where}: unsupported act_fn={act!r}")
   for k in _IGNORED:
     if d.get(k) is not None:
-      raise ConversionError(f"{where}: {k} is set; latent mean/std normalization (not SDXL's) is "
-                            "not supported")
+      raise ConversionError(
+        f"{where}: {k} is set; latent mean/std normalization (not SDXL's) is not supported"
+      )
   unknown = sorted(set(public_config(d)) - set(_FIELDS) - set(_IGNORED))
   if unknown:
     raise ConversionError(f"{where}: unknown VAE config field(s) {unknown}")
@@ -55,23 +76,35 @@ def load_config(src: Path) -> VAEConfig:
 def _resnet(src: str, dst: str) -> list[Rule]:
   out = []
   for conv in ("conv1", "conv2", "conv_shortcut"):
-    out += [Rule(f"{src}.{conv}.weight", f"{dst}.{conv}.kernel", conv2d),
-            Rule(f"{src}.{conv}.bias", f"{dst}.{conv}.bias")]
+    out += [
+      Rule(f"{src}.{conv}.weight", f"{dst}.{conv}.kernel", conv2d),
+      Rule(f"{src}.{conv}.bias", f"{dst}.{conv}.bias"),
+    ]
   for norm in ("norm1", "norm2"):
-    out += [Rule(f"{src}.{norm}.weight", f"{dst}.{norm}.scale"),
-            Rule(f"{src}.{norm}.bias", f"{dst}.{norm}.bias")]
+    out += [
+      Rule(f"{src}.{norm}.weight", f"{dst}.{norm}.scale"),
+      Rule(f"{src}.{norm}.bias", f"{dst}.{norm}.bias"),
+    ]
   return out
 
 
 def _attention(src: str, dst: str) -> list[Rule]:
-  out = [Rule(f"{src}.group_norm.weight", f"{dst}.group_norm.scale"),
-         Rule(f"{src}.group_norm.bias", f"{dst}.group_norm.bias")]
-  names = {"to_q": ("to_q", "query"), "to_k": ("to_k", "key"), "to_v": ("to_v", "value"),
-           "to_out": ("to_out.0", "proj_attn")}
+  out = [
+    Rule(f"{src}.group_norm.weight", f"{dst}.group_norm.scale"),
+    Rule(f"{src}.group_norm.bias", f"{dst}.group_norm.bias"),
+  ]
+  names = {
+    "to_q": ("to_q", "query"),
+    "to_k": ("to_k", "key"),
+    "to_v": ("to_v", "value"),
+    "to_out": ("to_out.0", "proj_attn"),
+  }
   for ours, theirs in names.items():
     for name in theirs:
-      out += [Rule(f"{src}.{name}.weight", f"{dst}.{ours}.kernel", conv1x1_as_linear()),
-              Rule(f"{src}.{name}.bias", f"{dst}.{ours}.bias")]
+      out += [
+        Rule(f"{src}.{name}.weight", f"{dst}.{ours}.kernel", conv1x1_as_linear()),
+        Rule(f"{src}.{name}.bias", f"{dst}.{ours}.bias"),
+      ]
   return out
 
 
@@ -85,13 +118,16 @@ def rules(config: VAEConfig) -> list[Rule]:
   for part in ("encoder", "decoder"):
     table += _conv(f"{part}.conv_in", f"{part}.conv_in")
     table += _conv(f"{part}.conv_out", f"{part}.conv_out")
-    table += [Rule(f"{part}.conv_norm_out.weight", f"{part}.conv_norm_out.scale"),
-              Rule(f"{part}.conv_norm_out.bias", f"{part}.conv_norm_out.bias")]
+    table += [
+      Rule(f"{part}.conv_norm_out.weight", f"{part}.conv_norm_out.scale"),
+      Rule(f"{part}.conv_norm_out.bias", f"{part}.conv_norm_out.bias"),
+    ]
     table += _resnet(f"{part}.mid_block.resnets.{{j}}", f"{part}.mid_block.resnets.{{j}}")
     table += _attention(f"{part}.mid_block.attentions.0", f"{part}.mid_block.attention")
   table += _resnet("encoder.down_blocks.{i}.resnets.{j}", "encoder.down_blocks.{i}.resnets.{j}")
-  table += _conv("encoder.down_blocks.{i}.downsamplers.0.conv",
-                 "encoder.down_blocks.{i}.downsample.conv")
+  table += _conv(
+    "encoder.down_blocks.{i}.downsamplers.0.conv", "encoder.down_blocks.{i}.downsample.conv"
+  )
   table += _resnet("decoder.up_blocks.{i}.resnets.{j}", "decoder.up_blocks.{i}.resnets.{j}")
   table += _conv("decoder.up_blocks.{i}.upsamplers.0.conv", "decoder.up_blocks.{i}.upsample.conv")
   table += _conv("quant_conv", "quant_conv") + _conv("post_quant_conv", "post_quant_conv")

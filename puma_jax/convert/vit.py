@@ -20,16 +20,25 @@ from puma_jax.models.vit import ViTConfig
 
 FAMILY = "dino-vit"
 
-_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "qkv_bias")
+_FIELDS = (
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "num_channels",
+  "image_size",
+  "patch_size",
+  "hidden_act",
+  "layer_norm_eps",
+  "qkv_bias",
+)
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ViTConfig:
   for key in ("image_size", "patch_size"):
     if isinstance(hf.get(key), (list, tuple)):
       if len(hf[key]) != 2:
-        raise ConversionError(f"{where}: {key}={hf[key]} is not one size or a (height, width) "
-                              "pair")
+        raise ConversionError(f"{where}: {key}={hf[key]} is not one size or a (height, width) pair")
       a, b = hf[key]
       if a != b:
         raise ConversionError(f"{where}: non-square {key}={hf[key]} is not supported")
@@ -37,8 +46,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ViTConfig:
   kw = config_check.check_fields(ViTConfig, {k: hf[k] for k in _FIELDS if k in hf}, where)
   act = kw.get("hidden_act", "gelu")
   if act not in layers.ACTIVATIONS:
-    raise ConversionError(f"{where}: unsupported hidden_act={act!r}; supported: "
-                          f"{sorted(layers.ACTIVATIONS)}")
+    raise ConversionError(
+      f"{where}: unsupported hidden_act={act!r}; supported: {sorted(layers.ACTIVATIONS)}"
+    )
   return config_check.build(ViTConfig, kw, where)
 
 
@@ -48,30 +58,37 @@ def load_config(src: Path) -> ViTConfig:
 
 
 def _layer(src_layer: str, dst: str, hook_weight=linear) -> list[Rule]:
-  return [Rule(src_layer + ".weight", dst + ".kernel", hook_weight),
-          Rule(src_layer + ".bias", dst + ".bias")]
+  return [
+    Rule(src_layer + ".weight", dst + ".kernel", hook_weight),
+    Rule(src_layer + ".bias", dst + ".bias"),
+  ]
 
 
 def rules(config: ViTConfig) -> list[Rule]:
   del config
   table = [
-      Rule("embeddings.cls_token", "embeddings.cls_token"),
-      Rule("embeddings.position_embeddings", "embeddings.position_embeddings"),
-      *_layer("embeddings.patch_embeddings.projection", "embeddings.patch_embeddings", conv2d),
-      Rule("layernorm.weight", "layernorm.scale"), Rule("layernorm.bias", "layernorm.bias"),
-      Rule("pooler.dense.{p}", None),
+    Rule("embeddings.cls_token", "embeddings.cls_token"),
+    Rule("embeddings.position_embeddings", "embeddings.position_embeddings"),
+    *_layer("embeddings.patch_embeddings.projection", "embeddings.patch_embeddings", conv2d),
+    Rule("layernorm.weight", "layernorm.scale"),
+    Rule("layernorm.bias", "layernorm.bias"),
+    Rule("pooler.dense.{p}", None),
   ]
   hub, new, t = "encoder.layer.{i}.", "layers.{i}.", "layers.{i}."
   for ln in ("layernorm_before", "layernorm_after"):
     for src in (hub, new):
-      table += [Rule(src + ln + ".weight", t + ln + ".scale"),
-                Rule(src + ln + ".bias", t + ln + ".bias")]
-  pairs = [("attention.attention.query", "attention.q_proj", "attention.q_proj"),
-           ("attention.attention.key", "attention.k_proj", "attention.k_proj"),
-           ("attention.attention.value", "attention.v_proj", "attention.v_proj"),
-           ("attention.output.dense", "attention.o_proj", "attention.o_proj"),
-           ("intermediate.dense", "mlp.fc1", "mlp.fc1"),
-           ("output.dense", "mlp.fc2", "mlp.fc2")]
+      table += [
+        Rule(src + ln + ".weight", t + ln + ".scale"),
+        Rule(src + ln + ".bias", t + ln + ".bias"),
+      ]
+  pairs = [
+    ("attention.attention.query", "attention.q_proj", "attention.q_proj"),
+    ("attention.attention.key", "attention.k_proj", "attention.k_proj"),
+    ("attention.attention.value", "attention.v_proj", "attention.v_proj"),
+    ("attention.output.dense", "attention.o_proj", "attention.o_proj"),
+    ("intermediate.dense", "mlp.fc1", "mlp.fc1"),
+    ("output.dense", "mlp.fc2", "mlp.fc2"),
+  ]
   for hub_name, new_name, ours in pairs:
     table += _layer(hub + hub_name, t + ours) + _layer(new + new_name, t + ours)
   return table

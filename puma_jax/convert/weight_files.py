@@ -20,8 +20,10 @@ def weight_files(src: Path) -> list[Path]:
     return [src]
   files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix in SUFFIXES)
   if not files:
-    raise ConversionError(f"{src}: no weight file (looked for {', '.join(SUFFIXES)}); the "
-                          f"directory holds {sorted(p.name for p in src.iterdir())[:10]}")
+    raise ConversionError(
+      f"{src}: no weight file (looked for {', '.join(SUFFIXES)}); the "
+      f"directory holds {sorted(p.name for p in src.iterdir())[:10]}"
+    )
   return files
 
 
@@ -40,8 +42,10 @@ def read_merged(src: Path) -> dict[str, np.ndarray]:
   for path in weight_files(src):
     for name, arr in read_one(path).items():
       if name in out:
-        raise ConversionError(f"tensor {name!r} is in both {origin[name]} and {path}; the source "
-                              "directory must hold only the files of this model (one copy each; "
-                              "e.g. not lpips's vgg.pth beside alex.pth)")
+        raise ConversionError(
+          f"tensor {name!r} is in both {origin[name]} and {path}; the source "
+          "directory must hold only the files of this model (one copy each; "
+          "e.g. not lpips's vgg.pth beside alex.pth)"
+        )
       out[name], origin[name] = arr, path
   return out

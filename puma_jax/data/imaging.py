@@ -14,8 +14,15 @@ from PIL import Image
 
 from puma_jax.data.schema import BadRecord
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (
+  OSError,
+  ValueError,
+  SyntaxError,
+  EOFError,
+  TypeError,
+  IndexError,
+  Image.DecompressionBombError,
+)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -103,7 +110,7 @@ def center_crop_box(h: int, w: int) -> tuple[int, int, int, int]:
 
 def center_crop(img: np.ndarray) -> np.ndarray:
   top, left, s, _ = center_crop_box(*img.shape[:2])
-  return img[top:top + s, left:left + s]
+  return img[top : top + s, left : left + s]
 
 
 def crop_boxes(boxes: np.ndarray, h: int, w: int, crop: tuple[int, int, int, int]):
@@ -145,8 +152,14 @@ def grayscale(img: np.ndarray) -> np.ndarray:
   return np.repeat(luma[..., None], 3, axis=-1)
 
 
-def inpaint_mask(h: int, w: int, rng: np.random.Generator, min_frac: float = 0.1,
-                 max_frac: float = 0.5, max_rects: int = 3) -> np.ndarray:
+def inpaint_mask(
+  h: int,
+  w: int,
+  rng: np.random.Generator,
+  min_frac: float = 0.1,
+  max_frac: float = 0.5,
+  max_rects: int = 3,
+) -> np.ndarray:
   """1-`max_rects` random rectangles covering roughly [min_frac, max_frac] of the image."""
   mask = np.zeros((h, w), np.uint8)
   target = rng.uniform(min_frac, max_frac)
@@ -158,7 +171,7 @@ def inpaint_mask(h: int, w: int, rng: np.random.Generator, min_frac: float = 0.1
     rw = int(np.clip(np.sqrt(area * aspect), 1, w))
     top = int(rng.integers(0, h - rh + 1))
     left = int(rng.integers(0, w - rw + 1))
-    mask[top:top + rh, left:left + rw] = 1
+    mask[top : top + rh, left : left + rw] = 1
   return mask
 
 
@@ -180,13 +193,14 @@ def _convolve_separable(x: np.ndarray, k: np.ndarray) -> np.ndarray:
   r = len(k) // 2
   rest = [(0, 0)] * (x.ndim - 2)
   p = np.pad(x, [(r, r), (0, 0), *rest], mode="reflect")
-  x = sum(k[i] * p[i:i + x.shape[0]] for i in range(len(k)))
+  x = sum(k[i] * p[i : i + x.shape[0]] for i in range(len(k)))
   p = np.pad(x, [(0, 0), (r, r), *rest], mode="reflect")
-  return sum(k[i] * p[:, i:i + x.shape[1]] for i in range(len(k)))
+  return sum(k[i] * p[:, i : i + x.shape[1]] for i in range(len(k)))
 
 
-def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0,
-          sigma: float = 1.0) -> np.ndarray:
+def canny(
+  img: np.ndarray, low: float = 100.0, high: float = 200.0, sigma: float = 1.0
+) -> np.ndarray:
   """Canny edges of a uint8 image (HW or HWC) -> uint8 (H, W), 255 on edges, 0 elsewhere.
 
   Thresholds apply to the L2 Sobel gradient magnitude (0..255 pixel scale) after a Gaussian blur;
@@ -194,6 +208,7 @@ def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0,
   with `L2gradient=True`, which ControlNet-style canny conditions use with 100 / 200.
   """
   from scipy import ndimage
+
   if low > high:
     raise ValueError(f"canny: low threshold {low} > high threshold {high}")
   x = img.astype(np.float32)
@@ -219,9 +234,9 @@ def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0,
   m = mag[ys, xs]
   ax, ay = np.abs(gx[ys, xs]), np.abs(gy[ys, xs])
   t = np.tan(np.deg2rad(22.5))
-  horizontal = ay <= t * ax          # gradient along x: compare left/right
-  vertical = ax < t * ay             # gradient along y: compare up/down
-  same_sign = gx[ys, xs] * gy[ys, xs] > 0   # 45 degrees (y grows downwards): down-right
+  horizontal = ay <= t * ax  # gradient along x: compare left/right
+  vertical = ax < t * ay  # gradient along y: compare up/down
+  same_sign = gx[ys, xs] * gy[ys, xs] > 0  # 45 degrees (y grows downwards): down-right
   dy = np.where(horizontal, 0, 1)
   dx = np.where(horizontal, 1, np.where(vertical, 0, np.where(same_sign, 1, -1)))
   mp = np.pad(mag, 1, mode="constant")
@@ -242,7 +257,8 @@ def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0,
   return (keep[labels] * 255).astype(np.uint8)
 
 
-def canny_condition(img: np.ndarray, low: float = 100.0, high: float = 200.0,
-                    sigma: float = 1.0) -> np.ndarray:
+def canny_condition(
+  img: np.ndarray, low: float = 100.0, high: float = 200.0, sigma: float = 1.0
+) -> np.ndarray:
   edges = canny(img, low, high, sigma)
   return np.repeat(edges[..., None], 3, axis=-1)

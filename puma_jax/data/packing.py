@@ -29,7 +29,6 @@ MAX_SKIPS_PER_GROUP = 16
 
 
 class FirstFitPackDataset(grain.IterDataset):
-
   def __init__(self, parent: grain.IterDataset, packer, num_bins: int):
     super().__init__(parent)
     if num_bins < 1:
@@ -44,7 +43,6 @@ class FirstFitPackDataset(grain.IterDataset):
 
 
 class FirstFitPackIterator(grain.DatasetIterator):
-
   def __init__(self, parent, packer, num_bins: int):
     super().__init__(parent)
     self.packer, self.num_bins = packer, num_bins
@@ -52,9 +50,9 @@ class FirstFitPackIterator(grain.DatasetIterator):
 
   def _reset(self, group_start):
     self._group_start = group_start  # parent state before the current group's first item
-    self._out = None                 # outputs of the current group (Skips first, then rows)
+    self._out = None  # outputs of the current group (Skips first, then rows)
     self._emitted = 0
-    self._pending = None             # the item that did not fit: the next group's first
+    self._pending = None  # the item that did not fit: the next group's first
     self._next_start = None
 
   def _fill(self) -> None:
@@ -83,8 +81,14 @@ class FirstFitPackIterator(grain.DatasetIterator):
       size = tuple(self.packer.size(item))
       if any(s > c for s, c in zip(size, cap)):
         # The encoder checks this first; a packer that lets one through must not stall here.
-        skips.append(Skip("pack:too_large", getattr(item, "source", ""),
-                          getattr(item, "key", ""), f"size {size} > row capacity {cap}"))
+        skips.append(
+          Skip(
+            "pack:too_large",
+            getattr(item, "source", ""),
+            getattr(item, "key", ""),
+            f"size {size} > row capacity {cap}",
+          )
+        )
         item = None
         if not bins or len(skips) >= MAX_SKIPS_PER_GROUP:
           self._next_start = self._parent.get_state()
@@ -112,7 +116,7 @@ class FirstFitPackIterator(grain.DatasetIterator):
     self._emitted += 1
     if self._emitted == len(self._out):
       pending, start = self._pending, self._next_start
-      if start is None:           # the parent is exhausted: the next call ends the epoch
+      if start is None:  # the parent is exhausted: the next call ends the epoch
         self._reset(self._parent.get_state())
       else:
         self._reset(start)

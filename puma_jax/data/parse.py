@@ -16,7 +16,7 @@ import numpy as np
 
 from puma_jax import fileio
 from puma_jax.data import imaging
-from puma_jax.data.schema import (COND_TYPES, IMAGE_PLACEHOLDER, BadRecord, Example, Skip, Turn)
+from puma_jax.data.schema import COND_TYPES, IMAGE_PLACEHOLDER, BadRecord, Example, Skip, Turn
 
 # The families a source can hold ("pairs" become t2i or i2t).
 PARSERS = ("pairs", "grounding", "text", "chat", "edit", "conditional", "images", "example")
@@ -26,7 +26,7 @@ _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 def key_hash(seed: int, key: str, salt: str = "") -> float:
   """A uniform number in [0, 1) from (seed, key, salt); stable across processes and runs."""
   h = hashlib.blake2b(f"{seed}|{salt}|{key}".encode(), digest_size=8).digest()
-  return int.from_bytes(h, "little") / 2.0 ** 64
+  return int.from_bytes(h, "little") / 2.0**64
 
 
 def key_rng(seed: int, key: str, salt: str = "") -> np.random.Generator:
@@ -37,16 +37,16 @@ def key_rng(seed: int, key: str, salt: str = "") -> np.random.Generator:
 @dataclasses.dataclass(frozen=True)
 class ParseOptions:
   seed: int = 0
-  i2t_fraction: float = 0.5            # share of image-text pairs that become i2t
-  cond_types: tuple = COND_TYPES        # conditions derived for the "conditional" family
+  i2t_fraction: float = 0.5  # share of image-text pairs that become i2t
+  cond_types: tuple = COND_TYPES  # conditions derived for the "conditional" family
   canny_low: float = 100.0
   canny_high: float = 200.0
-  derive_short_side: int = 512          # images are downscaled to this short side before a
-                                        # condition is derived (canny on 4k images is wasted)
-  box_format: str = "normalized"        # grounding boxes: "normalized" [0,1] or "pixels"
-  box_tolerance: float = 1e-3           # coordinates this far outside [0,1] are clipped, not bad
-  max_file_bytes: int = 64 << 20        # image files larger than this are skipped, unread
-  max_text_chars: int = 65_536          # longer captions / turns are skipped, documents cut
+  derive_short_side: int = 512  # images are downscaled to this short side before a
+  # condition is derived (canny on 4k images is wasted)
+  box_format: str = "normalized"  # grounding boxes: "normalized" [0,1] or "pixels"
+  box_tolerance: float = 1e-3  # coordinates this far outside [0,1] are clipped, not bad
+  max_file_bytes: int = 64 << 20  # image files larger than this are skipped, unread
+  max_text_chars: int = 65_536  # longer captions / turns are skipped, documents cut
 
 
 def load_image(value, rec: dict, opt: ParseOptions) -> np.ndarray:
@@ -77,17 +77,20 @@ def _capped(v: str, field: str, opt: ParseOptions, cut: bool = False) -> str:
   if len(v) <= opt.max_text_chars:
     return v
   if cut:
-    return v[:opt.max_text_chars]
-  raise BadRecord("text_too_long", f"{field} has {len(v)} characters (cap "
-                  f"{opt.max_text_chars}, data.text.max_chars)")
+    return v[: opt.max_text_chars]
+  raise BadRecord(
+    "text_too_long",
+    f"{field} has {len(v)} characters (cap {opt.max_text_chars}, data.text.max_chars)",
+  )
 
 
-def _text(rec: dict, field: str, missing: str, opt: ParseOptions, key: str = "",
-          cut: bool = False) -> str:
+def _text(
+  rec: dict, field: str, missing: str, opt: ParseOptions, key: str = "", cut: bool = False
+) -> str:
   v = rec.get(field)
   if v is None:
     raise BadRecord(missing)
-  if isinstance(v, (list, tuple)):   # several captions (COCO style): pick one per example
+  if isinstance(v, (list, tuple)):  # several captions (COCO style): pick one per example
     v = [c for c in v if isinstance(c, str) and c.strip()]
     if not v:
       raise BadRecord(missing, "no usable caption in the list")
@@ -179,8 +182,9 @@ def _downscale_short_side(img: np.ndarray, short: int) -> np.ndarray:
   if min(h, w) <= short:
     return img
   s = short / min(h, w)
-  return imaging.resize(img, (max(short, round(h * s)), max(short, round(w * s))),
-                        resample=imaging.Image.BICUBIC)
+  return imaging.resize(
+    img, (max(short, round(h * s)), max(short, round(w * s))), resample=imaging.Image.BICUBIC
+  )
 
 
 def parse_conditional(rec, key, opt: ParseOptions) -> Example:
@@ -205,8 +209,9 @@ def parse_conditional(rec, key, opt: ParseOptions) -> Example:
     condition = imaging.apply_mask(image, mask)
   else:
     raise ValueError(f"parse options: unknown cond_type {cond!r}; choose from {COND_TYPES}")
-  return Example(kind="conditional", images=(condition, image), text=caption.strip(),
-                 cond_type=cond, mask=mask)
+  return Example(
+    kind="conditional", images=(condition, image), text=caption.strip(), cond_type=cond, mask=mask
+  )
 
 
 def parse_images(rec, key, opt: ParseOptions) -> Example:
@@ -224,9 +229,16 @@ def parse_example(rec, key, opt: ParseOptions) -> Example:
   return dataclasses.replace(rec)
 
 
-_FUNCS = {"pairs": parse_pairs, "grounding": parse_grounding, "text": parse_text,
-          "chat": parse_chat, "edit": parse_edit, "conditional": parse_conditional,
-          "images": parse_images, "example": parse_example}
+_FUNCS = {
+  "pairs": parse_pairs,
+  "grounding": parse_grounding,
+  "text": parse_text,
+  "chat": parse_chat,
+  "edit": parse_edit,
+  "conditional": parse_conditional,
+  "images": parse_images,
+  "example": parse_example,
+}
 
 
 class Parser:
@@ -256,10 +268,18 @@ class Parser:
       return ex.validate()
     except BadRecord as e:
       return Skip(e.reason, self.source, raw_key, e.detail[:300])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
-            UnicodeError, MemoryError) as e:
+    except (
+      KeyError,
+      TypeError,
+      ValueError,
+      AttributeError,
+      IndexError,
+      OverflowError,
+      UnicodeError,
+      MemoryError,
+    ) as e:
       # Anything a malformed record can trigger that the checks above did not foresee: count
       # it under its exception type rather than crash the run.
       if isinstance(e, ValueError) and str(e).startswith("parse options"):
-        raise   # a configuration error, not a data error
+        raise  # a configuration error, not a data error
       return Skip(f"unexpected:{type(e).__name__}", self.source, raw_key, str(e)[:300])

@@ -35,7 +35,6 @@ from puma_jax.data import packing, parse, sources, synthetic, transforms
 from puma_jax.data.schema import EXAMPLE_KINDS, Example, Skip
 
 
-
 class DataError(RuntimeError):
   """The data cannot feed a run (e.g. every record of a source is bad)."""
 
@@ -47,18 +46,25 @@ def _family(scfg) -> str:
 def parse_options(dcfg, scfg) -> parse.ParseOptions:
   cond = tuple(c for c in str(dcfg.conditional.cond_types).split(",") if c)
   return parse.ParseOptions(
-      seed=int(dcfg.seed), i2t_fraction=float(dcfg.text.i2t_fraction), cond_types=cond,
-      canny_low=float(dcfg.conditional.canny_low), canny_high=float(dcfg.conditional.canny_high),
-      derive_short_side=max(int(dcfg.image.clip_size), int(dcfg.image.vae_size),
-                            int(dcfg.image.min_resolution)),
-      box_format=str(scfg.get("box_format", "normalized")),
-      max_file_bytes=int(dcfg.max_file_bytes), max_text_chars=int(dcfg.text.max_chars))
+    seed=int(dcfg.seed),
+    i2t_fraction=float(dcfg.text.i2t_fraction),
+    cond_types=cond,
+    canny_low=float(dcfg.conditional.canny_low),
+    canny_high=float(dcfg.conditional.canny_high),
+    derive_short_side=max(
+      int(dcfg.image.clip_size), int(dcfg.image.vae_size), int(dcfg.image.min_resolution)
+    ),
+    box_format=str(scfg.get("box_format", "normalized")),
+    max_file_bytes=int(dcfg.max_file_bytes),
+    max_text_chars=int(dcfg.text.max_chars),
+  )
 
 
 def image_options(dcfg) -> transforms.ImageOptions:
   i = dcfg.image
-  return transforms.ImageOptions(int(i.clip_size), int(i.vae_size), int(i.min_resolution),
-                                 bool(i.center_crop))
+  return transforms.ImageOptions(
+    int(i.clip_size), int(i.vae_size), int(i.min_resolution), bool(i.center_crop)
+  )
 
 
 def open_source(name: str, scfg, dcfg, split: str = "train"):
@@ -68,31 +74,43 @@ def open_source(name: str, scfg, dcfg, split: str = "train"):
   root = scfg.get("image_root", "")
   if fmt == "synthetic":
     s = dcfg.synthetic
-    return synthetic.SyntheticSource(scfg.family, split, seed=int(dcfg.seed),
-                                     image_size=int(s.image_size), num_train=int(s.num_train),
-                                     num_eval=int(s.num_eval))
+    return synthetic.SyntheticSource(
+      scfg.family,
+      split,
+      seed=int(dcfg.seed),
+      image_size=int(s.image_size),
+      num_train=int(s.num_train),
+      num_eval=int(s.num_eval),
+    )
   if fmt == "tfds":
     if not scfg.tfds_name:
       raise ValueError(f"data.sources.{name}.tfds_name is empty")
-    return sources.TfdsSource(scfg.tfds_name, scfg.tfds_split, scfg.tfds_data_dir or None,
-                              fields, root)
-  readers = {"webdataset": sources.WebDatasetSource, "parquet": sources.ParquetSource,
-             "jsonl": sources.JsonlSource, "json": sources.JsonListSource,
-             "arrayrecord": sources.ArrayRecordSource}
+    return sources.TfdsSource(
+      scfg.tfds_name, scfg.tfds_split, scfg.tfds_data_dir or None, fields, root
+    )
+  readers = {
+    "webdataset": sources.WebDatasetSource,
+    "parquet": sources.ParquetSource,
+    "jsonl": sources.JsonlSource,
+    "json": sources.JsonListSource,
+    "arrayrecord": sources.ArrayRecordSource,
+  }
   if fmt not in readers:
-    raise ValueError(f"data.sources.{name}.format {fmt!r}; choose from "
-                     f"{('synthetic', 'tfds', *readers)}")
+    raise ValueError(
+      f"data.sources.{name}.format {fmt!r}; choose from {('synthetic', 'tfds', *readers)}"
+    )
   if not scfg.paths:
     raise ValueError(f"data.sources.{name}.paths is empty: point it at the {fmt} files")
   return readers[fmt](scfg.paths, fields, root)
 
 
 def _stable_seed(seed: int, name: str) -> int:
-  return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31)
+  return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
-def source_dataset(name: str, scfg, dcfg, split: str = "train", host_index: int = 0,
-                   host_count: int = 1, reader=None) -> grain.MapDataset:
+def source_dataset(
+  name: str, scfg, dcfg, split: str = "train", host_index: int = 0, host_count: int = 1, reader=None
+) -> grain.MapDataset:
   """One source: sharded by host, shuffled per epoch, repeated, parsed (Example or Skip)."""
   if not 0 <= host_index < host_count:
     raise ValueError(f"host_index {host_index} outside 0..{host_count - 1}")
@@ -116,9 +134,16 @@ def active_sources(dcfg) -> dict:
   return out
 
 
-def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None = None,
-          encode: str | Callable | None = "arrays", host_index: int | None = None,
-          host_count: int | None = None, readers: dict | None = None) -> CountingBatchDataset:
+def build(
+  dcfg,
+  *,
+  split: str = "train",
+  tokenize: Callable[[str], list] | None = None,
+  encode: str | Callable | None = "arrays",
+  host_index: int | None = None,
+  host_count: int | None = None,
+  readers: dict | None = None,
+) -> CountingBatchDataset:
   """The whole pipeline. `encode`: "arrays" (transforms.ArrayEncoder, fixed-shape batches), a
   callable Example -> dict of arrays (e.g. the MLLM sequence builder), or None (batches are
   lists of preprocessed Examples). Hosts default to jax.process_index() / process_count().
@@ -129,11 +154,14 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
   getitem), replacing what the config would open (tests, in-memory data)."""
   if host_index is None or host_count is None:
     import jax
+
     host_index, host_count = jax.process_index(), jax.process_count()
   srcs = active_sources(dcfg)
   readers = readers or {}
-  parts = [source_dataset(n, s, dcfg, split, host_index, host_count, readers.get(n))
-           for n, s in srcs.items()]
+  parts = [
+    source_dataset(n, s, dcfg, split, host_index, host_count, readers.get(n))
+    for n, s in srcs.items()
+  ]
   weights = [float(s.weight) for s in srcs.values()]
   if len(parts) == 1:
     ds = parts[0]
@@ -146,18 +174,21 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
   img = image_options(dcfg)
   ds = ds.map(transforms.Preprocess(img, tokenize))
   if encode == "arrays":
-    encode = transforms.ArrayEncoder(img, int(dcfg.max_images), int(dcfg.text.max_len),
-                                     int(dcfg.max_boxes))
+    encode = transforms.ArrayEncoder(
+      img, int(dcfg.max_images), int(dcfg.text.max_len), int(dcfg.max_boxes)
+    )
   packer = None
   if split == "train" and bool(dcfg.get("pack", False)) and hasattr(encode, "packer"):
     packer = encode.packer()
     encode = packer.encode
   if encode is not None:
     ds = ds.map(_SkipSafe(encode))
-  it = ds.to_iter_dataset(gp.ReadOptions(num_threads=int(dcfg.num_threads),
-                                         prefetch_buffer_size=int(dcfg.prefetch)))
+  it = ds.to_iter_dataset(
+    gp.ReadOptions(num_threads=int(dcfg.num_threads), prefetch_buffer_size=int(dcfg.prefetch))
+  )
   if int(dcfg.num_workers) > 0:
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; outside an absl app (tests, notebooks) they are not
       # parsed yet, and grain's documented remedy is to mark them parsed with defaults.
@@ -165,8 +196,9 @@ def build(dcfg, *, split: str = "train", tokenize: Callable[[str], list] | None 
     it = it.mp_prefetch(gp.MultiprocessingOptions(num_workers=int(dcfg.num_workers)))
   if packer is not None:
     it = packing.FirstFitPackDataset(it, packer, int(dcfg.pack_bins))
-  return CountingBatchDataset(it, int(dcfg.batch_size), bool(dcfg.drop_remainder),
-                              int(dcfg.max_consecutive_skips))
+  return CountingBatchDataset(
+    it, int(dcfg.batch_size), bool(dcfg.drop_remainder), int(dcfg.max_consecutive_skips)
+  )
 
 
 class _NoneSafe:
@@ -218,8 +250,13 @@ def stack(items: list):
 class CountingBatchDataset(grain.IterDataset):
   """Drops `Skip` markers (counting them by reason and source) and batches the rest."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True,
-               max_consecutive_skips: int = 10_000):
+  def __init__(
+    self,
+    parent: grain.IterDataset,
+    batch_size: int,
+    drop_remainder: bool = True,
+    max_consecutive_skips: int = 10_000,
+  ):
     super().__init__(parent)
     self.batch_size, self.drop_remainder = batch_size, drop_remainder
     self.max_consecutive_skips = max_consecutive_skips
@@ -232,24 +269,23 @@ class CountingBatchDataset(grain.IterDataset):
 
 
 class CountingBatchIterator(grain.DatasetIterator):
-
   def __init__(self, parent, ds: CountingBatchDataset):
     super().__init__(parent)
     self._ds = ds
     self.examples = 0
-    self.rows = 0                                   # items that are packed rows
-    self.real_positions = 0                         # positions of rows holding an example
+    self.rows = 0  # items that are packed rows
+    self.real_positions = 0  # positions of rows holding an example
     self.positions = 0
-    self.per_task = collections.Counter()           # example kind -> examples kept
-    self.skipped = collections.Counter()            # reason -> count
+    self.per_task = collections.Counter()  # example kind -> examples kept
+    self.skipped = collections.Counter()  # reason -> count
     self.skipped_by_source = collections.Counter()  # source -> count
-    self.recent = collections.deque(maxlen=32)      # last Skip markers, for debugging
+    self.recent = collections.deque(maxlen=32)  # last Skip markers, for debugging
     self._warned = set()
 
   def _take(self):
     streak = 0
     while True:
-      item = next(self._parent)   # StopIteration ends the epoch
+      item = next(self._parent)  # StopIteration ends the epoch
       if not isinstance(item, Skip):
         n = 1
         if isinstance(item, dict) and "segment_ids" in item:
@@ -267,13 +303,15 @@ class CountingBatchIterator(grain.DatasetIterator):
       self.recent.append(item)
       if item.reason not in self._warned:
         self._warned.add(item.reason)
-        logging.warning("data: skipping bad record %s/%s (%s) %s", item.source, item.key,
-                        item.reason, item.detail)
+        logging.warning(
+          "data: skipping bad record %s/%s (%s) %s", item.source, item.key, item.reason, item.detail
+        )
       streak += 1
       if streak >= self._ds.max_consecutive_skips:
         raise DataError(
-            f"data: {streak} bad records in a row, the data or its config is broken. "
-            f"Skips so far: {dict(self.skipped)}; last: {item}")
+          f"data: {streak} bad records in a row, the data or its config is broken. "
+          f"Skips so far: {dict(self.skipped)}; last: {item}"
+        )
 
   def __next__(self):
     if self._ds.batch_size <= 0:
@@ -288,10 +326,16 @@ class CountingBatchIterator(grain.DatasetIterator):
     return stack(items)
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "examples": self.examples, "rows": self.rows,
-            "real_positions": self.real_positions, "positions": self.positions,
-            "per_task": dict(self.per_task), "skipped": dict(self.skipped),
-            "skipped_by_source": dict(self.skipped_by_source)}
+    return {
+      "parent": self._parent.get_state(),
+      "examples": self.examples,
+      "rows": self.rows,
+      "real_positions": self.real_positions,
+      "positions": self.positions,
+      "per_task": dict(self.per_task),
+      "skipped": dict(self.skipped),
+      "skipped_by_source": dict(self.skipped_by_source),
+    }
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
@@ -317,14 +361,25 @@ class CountingBatchIterator(grain.DatasetIterator):
     return out
 
 
-def iterate_examples(dcfg, split: str = "train", tokenize=None, host_index: int = 0,
-                     host_count: int = 1):
+def iterate_examples(
+  dcfg, split: str = "train", tokenize=None, host_index: int = 0, host_count: int = 1
+):
   """One finite, unshuffled pass over every active source yielding Examples (for tools)."""
   cfg = dcfg.copy_and_resolve_references()
   cfg.num_epochs, cfg.shuffle, cfg.batch_size, cfg.num_workers = 1, False, 0, 0
-  return iter(build(cfg, split=split, tokenize=tokenize, encode=None, host_index=host_index,
-                    host_count=host_count))
+  return iter(
+    build(
+      cfg, split=split, tokenize=tokenize, encode=None, host_index=host_index, host_count=host_count
+    )
+  )
 
 
-__all__ = ["build", "source_dataset", "open_source", "iterate_examples", "Example",
-           "CountingBatchDataset", "DataError"]
+__all__ = [
+  "build",
+  "source_dataset",
+  "open_source",
+  "iterate_examples",
+  "Example",
+  "CountingBatchDataset",
+  "DataError",
+]

@@ -31,7 +31,6 @@ from puma_jax.data import config as data_config
 from puma_jax.data import parse, pipeline, sources
 
 
-
 def _define_flags():
   """CLI flags, defined only when run as a program: importing this module (tests, the
   training entry point) must not add flags to the importer's absl namespace."""
@@ -40,8 +39,9 @@ def _define_flags():
   _FORMAT = flags.DEFINE_enum("format", None, list(data_config.FORMATS), "Input format.")
   _FAMILY = flags.DEFINE_enum("family", None, list(parse.PARSERS[:-1]), "Task family.")
   _SRC = flags.DEFINE_string("src", "", "Input files or globs, comma-separated.")
-  _DST = flags.DEFINE_string("dst", None,
-                             "Output prefix: writes PREFIX-00000-of-0000N.array_record")
+  _DST = flags.DEFINE_string(
+    "dst", None, "Output prefix: writes PREFIX-00000-of-0000N.array_record"
+  )
   _IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Folder for relative image paths.")
   _FIELDS = flags.DEFINE_string("fields", "", "Field renames canonical=own, comma-separated.")
   _SPLIT = flags.DEFINE_string("split", "train", "Synthetic / tfds split.")
@@ -50,8 +50,9 @@ def _define_flags():
   _LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many input records (0: all).")
   _SYN_SIZE = flags.DEFINE_integer("synthetic_size", 64, "Synthetic image side.")
   _SYN_N = flags.DEFINE_integer("synthetic_num", 2000, "Synthetic training scenes.")
-  _BOX_FORMAT = flags.DEFINE_enum("box_format", "normalized", ["normalized", "pixels"],
-                                  "Grounding box coordinates in the input.")
+  _BOX_FORMAT = flags.DEFINE_enum(
+    "box_format", "normalized", ["normalized", "pixels"], "Grounding box coordinates in the input."
+  )
 
 
 def inline_images(rec: dict, max_bytes: int) -> dict:
@@ -76,8 +77,9 @@ def existing_outputs(prefix: str) -> list[str]:
 def write_array_records(records, prefix: str, per_file: int) -> list[str]:
   """Write serialized records to PREFIX-iiiii-of-nnnnn.array_record; returns the paths."""
   from array_record.python.array_record_module import ArrayRecordWriter
+
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-  chunks = [records[i:i + per_file] for i in range(0, len(records), per_file)] or [[]]
+  chunks = [records[i : i + per_file] for i in range(0, len(records), per_file)] or [[]]
   paths = []
   for i, chunk in enumerate(chunks):
     path = f"{prefix}-{i:05d}-of-{len(chunks):05d}.array_record"
@@ -89,8 +91,9 @@ def write_array_records(records, prefix: str, per_file: int) -> list[str]:
   return paths
 
 
-def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
-            split: str = "train") -> dict:
+def convert(
+  scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0, split: str = "train"
+) -> dict:
   """Read, check and serialize one source. Returns a report dict.
 
   Refuses a `dst` prefix that already has shards. The shards are written into a temporary
@@ -98,12 +101,16 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
   no partial shard for a later read to pick up.
   """
   if not dst or dst.endswith(os.sep) or os.path.isdir(dst):
-    raise fileio.OutputError(f"prepare: --dst {dst!r} must be a file prefix (e.g. "
-                             f"{os.path.join(dst or 'DIR', 'pairs')}), not a directory")
+    raise fileio.OutputError(
+      f"prepare: --dst {dst!r} must be a file prefix (e.g. "
+      f"{os.path.join(dst or 'DIR', 'pairs')}), not a directory"
+    )
   stale = existing_outputs(dst)
   if stale:
-    raise fileio.OutputError(f"prepare: --dst {dst} already has {len(stale)} shard(s) (e.g. "
-                             f"{stale[0]}); remove them or choose another prefix")
+    raise fileio.OutputError(
+      f"prepare: --dst {dst} already has {len(stale)} shard(s) (e.g. "
+      f"{stale[0]}); remove them or choose another prefix"
+    )
   reader = pipeline.open_source("prepare", scfg, dcfg, split)
   parser = parse.Parser(scfg.family, "prepare", pipeline.parse_options(dcfg, scfg))
   kept, skipped = [], {}
@@ -114,7 +121,7 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
       if isinstance(rec, dict) and "__error__" not in rec:
         rec = inline_images(rec, int(dcfg.max_file_bytes))
     except OSError:
-      pass   # the parser reports the missing file with its reason
+      pass  # the parser reports the missing file with its reason
     result = parser(rec)
     if isinstance(result, parse.Skip):
       skipped[result.reason] = skipped.get(result.reason, 0) + 1
@@ -129,8 +136,10 @@ def convert(scfg, dcfg, dst: str, per_file: int = 100_000, limit: int = 0,
   try:
     staged = write_array_records(kept, os.path.join(tmp, name), per_file)
     if existing_outputs(dst):
-      raise fileio.OutputError(f"prepare: shards appeared under --dst {dst} during the run "
-                               "(another prepare?); nothing was moved")
+      raise fileio.OutputError(
+        f"prepare: shards appeared under --dst {dst} during the run "
+        "(another prepare?); nothing was moved"
+      )
     paths = []
     for p in staged:
       paths.append(os.path.join(parent, os.path.basename(p)))
@@ -146,9 +155,17 @@ def main(argv):
   dcfg = data_config.get_config("synthetic")
   dcfg.synthetic.image_size, dcfg.synthetic.num_train = _SYN_SIZE.value, _SYN_N.value
   fields = dict(kv.split("=", 1) for kv in _FIELDS.value.split(",") if kv)
-  scfg = data_config.source(_FAMILY.value, 1.0, _FORMAT.value, _SRC.value, _IMAGE_ROOT.value,
-                            fields, _BOX_FORMAT.value, tfds_name=_TFDS.value,
-                            tfds_split=_SPLIT.value)
+  scfg = data_config.source(
+    _FAMILY.value,
+    1.0,
+    _FORMAT.value,
+    _SRC.value,
+    _IMAGE_ROOT.value,
+    fields,
+    _BOX_FORMAT.value,
+    tfds_name=_TFDS.value,
+    tfds_split=_SPLIT.value,
+  )
   report = convert(scfg, dcfg, _DST.value, _PER_FILE.value, _LIMIT.value, _SPLIT.value)
   print(json.dumps(report, indent=2, default=lambda o: int(o) if np.isscalar(o) else str(o)))
 

@@ -20,8 +20,15 @@ from puma_jax import sequence as seq
 from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example
 
 # example kind -> sequence kind
-_KIND = {"t2i": "t2i", "i2t": "i2t", "grounding": "grounding", "text": "text", "chat": "chat",
-         "edit": "edit", "conditional": "conditional"}
+_KIND = {
+  "t2i": "t2i",
+  "i2t": "i2t",
+  "grounding": "grounding",
+  "text": "text",
+  "chat": "chat",
+  "edit": "edit",
+  "conditional": "conditional",
+}
 
 
 def _grounded_caption(ex: Example) -> list[seq.Segment]:
@@ -96,8 +103,9 @@ def image_slots(seq_len: int) -> int:
 @dataclasses.dataclass
 class Encoded:
   """One example's sequence arrays and its images, before it is put into a row."""
+
   built: seq.Built
-  images: list[np.ndarray]   # uint8 (S, S, 3), CLIP resolution
+  images: list[np.ndarray]  # uint8 (S, S, 3), CLIP resolution
   source: str = ""
   key: str = ""
 
@@ -108,8 +116,14 @@ class MLLMEncoder:
   `example` encodes without building a row; `packer()` returns the `RowPacker` that puts
   several encoded examples into one row (`data.packing`)."""
 
-  def __init__(self, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
-               seq_len: int, max_images: int, image_size: int):
+  def __init__(
+    self,
+    encode: Callable[[str], list[int]],
+    special: seq.SpecialTokens,
+    seq_len: int,
+    max_images: int,
+    image_size: int,
+  ):
     self.encode, self.special = encode, special
     self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
 
@@ -122,23 +136,25 @@ class MLLMEncoder:
       encode = lambda s: self.encode(s)[:budget]
     built = seq.build(segs, encode, self.special, kind, num_images=len(ex.images))
     if len(built) > self.seq_len:
-      raise ValueError(f"example of {len(built)} positions is longer than "
-                       f"seq_len={self.seq_len}")
+      raise ValueError(f"example of {len(built)} positions is longer than seq_len={self.seq_len}")
     if len(ex.images) > max_images:
       raise ValueError(f"{len(ex.images)} images > max_images={max_images}")
     s = self.image_size
     for i, im in enumerate(ex.images):
       if im.shape != (s, s, 3):
-        raise ValueError(f"image {i} has shape {im.shape}; the encoder expects {(s, s, 3)} "
-                         "(data.image.clip_size)")
+        raise ValueError(
+          f"image {i} has shape {im.shape}; the encoder expects {(s, s, 3)} (data.image.clip_size)"
+        )
     return Encoded(built, list(ex.images), ex.source, ex.key)
 
   def row(self, items: list[Encoded], max_images: int) -> dict[str, np.ndarray]:
     """Encoded examples -> one row of `seq_len` positions and `max_images` image slots."""
     row = seq.pack([it.built for it in items], self.seq_len, max_images, self.special.pad)
     if row.pop("packed") != len(items):
-      raise ValueError(f"{len(items)} examples do not fit one row of {self.seq_len} positions "
-                       f"and {max_images} images")
+      raise ValueError(
+        f"{len(items)} examples do not fit one row of {self.seq_len} positions "
+        f"and {max_images} images"
+      )
     s = self.image_size
     images = np.zeros((max_images, s, s, 3), np.uint8)
     k = 0
@@ -173,8 +189,10 @@ class RowPacker:
   def row(self, items: list[Encoded]) -> dict[str, np.ndarray]:
     return self.encoder.row(items, self.image_slots)
 
-def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTokens,
-               sample: int = 16) -> dict[str, dict]:
+
+def fit_report(
+  dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTokens, sample: int = 16
+) -> dict[str, dict]:
   """The row sizes the examples of each active source need: the first `sample` usable
   examples of every source are built exactly as in training. Returns source -> sequence kind ->
   {"positions": [...], "images": [...]} (documents, which are cut to the row, count 0).
@@ -182,6 +200,7 @@ def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTok
   The one place that measures whether a sequence kind of the mix can be trained: the config check
   (`check_fit`) reads it, and so can anything that sizes rows (packing)."""
   from puma_jax.data import parse, pipeline
+
   out: dict[str, dict] = {}
   for name, scfg in pipeline.active_sources(dcfg).items():
     reader = pipeline.open_source(name, scfg, dcfg, "train")
@@ -193,8 +212,11 @@ def fit_report(dcfg, encode: Callable[[str], list[int]], special: seq.SpecialTok
       if not isinstance(ex, Example):
         continue
       segs, kind = segments(ex)
-      n = 0 if kind == "text" else len(seq.build(segs, encode, special, kind,
-                                                 num_images=len(ex.images)))
+      n = (
+        0
+        if kind == "text"
+        else len(seq.build(segs, encode, special, kind, num_images=len(ex.images)))
+      )
       t = kinds.setdefault(kind, {"positions": [], "images": []})
       t["positions"].append(n)
       t["images"].append(len(ex.images))
@@ -215,9 +237,14 @@ def check_fit(report: dict[str, dict], seq_len: int, max_images: int) -> list[st
       pos, imgs = t["positions"], t["images"]
       if not pos or any(p <= seq_len and k <= max_images for p, k in zip(pos, imgs)):
         continue
-      why = (f"needs {min(pos)}..{max(pos)} positions > seq_len={seq_len}"
-             if min(pos) > seq_len else f"needs {max(imgs)} images > data.max_images={max_images}")
-      warnings.append(f"data.sources.{name}: sequence kind {kind!r} never fits a row: none of "
-                      f"{len(pos)} sampled examples fit ({why}); raise seq_len / "
-                      "data.max_images or give the source weight 0")
+      why = (
+        f"needs {min(pos)}..{max(pos)} positions > seq_len={seq_len}"
+        if min(pos) > seq_len
+        else f"needs {max(imgs)} images > data.max_images={max_images}"
+      )
+      warnings.append(
+        f"data.sources.{name}: sequence kind {kind!r} never fits a row: none of "
+        f"{len(pos)} sampled examples fit ({why}); raise seq_len / "
+        "data.max_images or give the source weight 0"
+      )
   return warnings

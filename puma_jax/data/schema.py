@@ -38,8 +38,15 @@ COND_TYPES = ("canny", "inpaint", "colorize")
 ROLES = ("user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 # How many images each kind carries (chat: any number up to a config limit).
-NUM_IMAGES = {"t2i": 1, "i2t": 1, "grounding": 1, "text": 0, "edit": 2, "conditional": 2,
-              "image": 1}
+NUM_IMAGES = {
+  "t2i": 1,
+  "i2t": 1,
+  "grounding": 1,
+  "text": 0,
+  "edit": 2,
+  "conditional": 2,
+  "image": 1,
+}
 
 
 class BadRecord(Exception):
@@ -55,6 +62,7 @@ class BadRecord(Exception):
 class Skip:
   """Marker that flows through the pipeline in place of a bad record, so it can be counted
   where it is dropped (the counters then live in iterator state, not in worker processes)."""
+
   reason: str
   source: str = ""
   key: str = ""
@@ -63,24 +71,24 @@ class Skip:
 
 @dataclasses.dataclass(frozen=True)
 class Turn:
-  role: str   # "user" or "assistant"
+  role: str  # "user" or "assistant"
   text: str
 
 
 @dataclasses.dataclass
 class Example:
-  kind: str                      # one of EXAMPLE_KINDS
-  key: str = ""                  # "<source name>/<record key>": stable id, used for hashing
-  source: str = ""               # source name from the data config
-  images: tuple = ()             # uint8 HWC RGB arrays
+  kind: str  # one of EXAMPLE_KINDS
+  key: str = ""  # "<source name>/<record key>": stable id, used for hashing
+  source: str = ""  # source name from the data config
+  images: tuple = ()  # uint8 HWC RGB arrays
   text: str = ""
   instruction: str = ""
-  conversation: tuple = ()       # tuple[Turn, ...]
-  boxes: np.ndarray | None = None   # float32 (N, 4), normalized xyxy
-  phrases: tuple = ()            # tuple[(start, end), ...] character spans in `text`
+  conversation: tuple = ()  # tuple[Turn, ...]
+  boxes: np.ndarray | None = None  # float32 (N, 4), normalized xyxy
+  phrases: tuple = ()  # tuple[(start, end), ...] character spans in `text`
   cond_type: str = ""
-  mask: np.ndarray | None = None    # inpainting mask, uint8 (H, W) of images[1]'s frame
-  vae_images: tuple = ()         # filled by transforms.Preprocess
+  mask: np.ndarray | None = None  # inpainting mask, uint8 (H, W) of images[1]'s frame
+  vae_images: tuple = ()  # filled by transforms.Preprocess
   token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
   def validate(self) -> Example:
@@ -149,8 +157,9 @@ def _validate_conversation(ex: Example) -> None:
   if not any(t.role == "assistant" for t in turns):
     raise BadRecord("bad_conversation", "no assistant turn to supervise")
   if placeholders != len(ex.images):
-    raise BadRecord("image_placeholder_mismatch",
-                    f"{placeholders} placeholder(s) for {len(ex.images)} image(s)")
+    raise BadRecord(
+      "image_placeholder_mismatch", f"{placeholders} placeholder(s) for {len(ex.images)} image(s)"
+    )
 
 
 def _validate_boxes(ex: Example) -> None:

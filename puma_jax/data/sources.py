@@ -102,8 +102,11 @@ class _Source:
 
   def _finish(self, rec, key: str) -> dict:
     if not isinstance(rec, dict):
-      return {"__error__": "wrong_type:record", "key": key,
-              "__detail__": f"record is {type(rec).__name__}, not an object"}
+      return {
+        "__error__": "wrong_type:record",
+        "key": key,
+        "__detail__": f"record is {type(rec).__name__}, not an object",
+      }
     rec = rename_fields(rec, self.fields)
     rec.setdefault("key", key)
     if self.image_root:
@@ -122,7 +125,7 @@ class JsonlSource(_Source):
   def __init__(self, paths, fields=None, image_root: str = ""):
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
-    self._index = []   # (file number, offset, length)
+    self._index = []  # (file number, offset, length)
     for fi, p in enumerate(self.paths):
       with open(p, "rb") as f:
         off = 0
@@ -181,7 +184,7 @@ class WebDatasetSource(_Source):
   def __init__(self, paths, fields=None, image_root: str = ""):
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
-    self._index = []   # (shard number, key, {ext: (offset, size)})
+    self._index = []  # (shard number, key, {ext: (offset, size)})
     self.broken_shards = {}
     for si, p in enumerate(self.paths):
       groups: dict[str, dict] = {}
@@ -239,9 +242,10 @@ class ParquetSource(_Source):
 
   def __init__(self, paths, fields=None, image_root: str = ""):
     import pyarrow.parquet as pq
+
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
-    self._index = []   # (file, row group, row)
+    self._index = []  # (file, row group, row)
     for fi, p in enumerate(self.paths):
       meta = pq.ParquetFile(p).metadata
       for g in range(meta.num_row_groups):
@@ -253,6 +257,7 @@ class ParquetSource(_Source):
 
   def _row_group(self, fi, g):
     import pyarrow.parquet as pq
+
     with self._lock:
       rows = self._cache.get((fi, g))
       if rows is not None:
@@ -275,7 +280,7 @@ class ParquetSource(_Source):
     key = f"{os.path.basename(self.paths[fi])}:{g}:{r}"
     rec = self._finish(rec, str(rec.get("key", key)) if rec.get("key") is not None else key)
     img = rec.get("image")
-    if isinstance(img, dict):   # HF datasets' Image feature
+    if isinstance(img, dict):  # HF datasets' Image feature
       rec["image"] = img.get("bytes") or img.get("path")
     return rec
 
@@ -286,6 +291,7 @@ class ArrayRecordSource(_Source):
 
   def __init__(self, paths, fields=None, image_root: str = ""):
     import grain.python as gp
+
     super().__init__(fields, image_root)
     self.paths = expand_paths(paths)
     try:
@@ -295,8 +301,10 @@ class ArrayRecordSource(_Source):
         try:
           gp.ArrayRecordDataSource([p])
         except RuntimeError as e:
-          raise ValueError(f"{p}: not a readable ArrayRecord file (truncated or corrupt"
-                           f"{': ' + str(e) if str(e) else ''})") from None
+          raise ValueError(
+            f"{p}: not a readable ArrayRecord file (truncated or corrupt"
+            f"{': ' + str(e) if str(e) else ''})"
+          ) from None
       raise
 
   def __len__(self):
@@ -318,9 +326,16 @@ class TfdsSource(_Source):
   them onto the canonical keys, e.g. `{"image": "image", "caption": "captions/text"}` with a
   "/" path reaching into nested features."""
 
-  def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-               fields=None, image_root: str = ""):
+  def __init__(
+    self,
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    fields=None,
+    image_root: str = "",
+  ):
     import tensorflow_datasets as tfds
+
     super().__init__(fields, image_root)
     self.name, self.split, self.data_dir = name, split, data_dir
     self._src = tfds.data_source(name, split=split, data_dir=data_dir)
@@ -349,6 +364,7 @@ class TfdsSource(_Source):
 def pack_record(rec: dict) -> bytes:
   """Serialize a raw record for ArrayRecord: numpy images become PNG bytes (lossless)."""
   from puma_jax.data import imaging
+
   out = {}
   for k, v in rec.items():
     if k.startswith("__"):

@@ -18,13 +18,30 @@ import dataclasses
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220),
-          "yellow": (240, 210, 30), "purple": (140, 50, 170), "orange": (245, 140, 20),
-          "cyan": (40, 200, 220), "white": (250, 250, 250), "black": (15, 15, 15)}
+COLORS = {
+  "red": (220, 30, 30),
+  "green": (30, 170, 60),
+  "blue": (40, 70, 220),
+  "yellow": (240, 210, 30),
+  "purple": (140, 50, 170),
+  "orange": (245, 140, 20),
+  "cyan": (40, 200, 220),
+  "white": (250, 250, 250),
+  "black": (15, 15, 15),
+}
 BACKGROUNDS = ("white", "black", "gray")
 _BG_RGB = {"white": (250, 250, 250), "black": (15, 15, 15), "gray": (128, 128, 128)}
-CELLS = ("top left", "top", "top right", "left", "center", "right",
-         "bottom left", "bottom", "bottom right")
+CELLS = (
+  "top left",
+  "top",
+  "top right",
+  "left",
+  "center",
+  "right",
+  "bottom left",
+  "bottom",
+  "bottom right",
+)
 SIZES = ("small", "large")
 NUMBERS = ("zero", "one", "two", "three")
 FAMILIES = ("pairs", "grounding", "chat", "edit", "text", "conditional")
@@ -53,8 +70,12 @@ class Scene:
 def _random_shape(rng, background: str, used_cells=()) -> Shape:
   colors = [c for c in COLORS if c != background]
   cells = [i for i in range(len(CELLS)) if i not in used_cells]
-  return Shape(SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))],
-               int(cells[rng.integers(len(cells))]), SIZES[rng.integers(len(SIZES))])
+  return Shape(
+    SHAPES[rng.integers(len(SHAPES))],
+    colors[rng.integers(len(colors))],
+    int(cells[rng.integers(len(cells))]),
+    SIZES[rng.integers(len(SIZES))],
+  )
 
 
 def make_scene(seed: int, scene_id: int) -> Scene:
@@ -90,7 +111,7 @@ def render(scene: Scene, size: int) -> np.ndarray:
       inside = u * u + v * v <= 1
     elif s.kind == "square":
       inside = (np.abs(u) <= 1) & (np.abs(v) <= 1)
-    elif s.kind == "triangle":   # apex up
+    elif s.kind == "triangle":  # apex up
       inside = (v <= 1) & (v >= -1) & (np.abs(u) <= (v + 1) / 2)
     elif s.kind == "diamond":
       inside = np.abs(u) + np.abs(v) <= 1
@@ -124,7 +145,7 @@ def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
   qa.append(("What colour is the background?", f"The background is {scene.background}."))
   qa.append(("Describe the image.", caption(scene)[0][0].upper() + caption(scene)[0][1:] + "."))
   order = rng.permutation(len(qa))
-  return [qa[i] for i in order[:int(rng.integers(1, 3))]]
+  return [qa[i] for i in order[: int(rng.integers(1, 3))]]
 
 
 def edit(scene: Scene, rng) -> tuple[Scene, str]:
@@ -161,7 +182,7 @@ def edit(scene: Scene, rng) -> tuple[Scene, str]:
     instr = f"Remove {name}."
   else:
     nb = [b for b in BACKGROUNDS if b != bg and all(t.color != b for t in shapes)]
-    if not nb:   # every other background clashes with a shape colour: recolour instead
+    if not nb:  # every other background clashes with a shape colour: recolour instead
       return edit(Scene(bg, tuple(shapes)), rng)
     bg = nb[rng.integers(len(nb))]
     instr = f"Change the background to {bg}."
@@ -175,8 +196,16 @@ class SyntheticSource:
   kept only if their descriptor never occurs among the training scenes.
   """
 
-  def __init__(self, family: str, split: str = "train", *, seed: int = 0, image_size: int = 64,
-               num_train: int = 2000, num_eval: int = 200):
+  def __init__(
+    self,
+    family: str,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_train: int = 2000,
+    num_eval: int = 200,
+  ):
     if family not in FAMILIES:
       raise ValueError(f"synthetic family {family!r}; choose from {FAMILIES}")
     if split not in ("train", "eval"):
@@ -193,8 +222,10 @@ class SyntheticSource:
           ids.append(sid)
         j += 1
         if j > 100 * num_eval + 1000:
-          raise ValueError("synthetic: cannot find enough held-out scenes unseen in training; "
-                           "lower num_train or num_eval")
+          raise ValueError(
+            "synthetic: cannot find enough held-out scenes unseen in training; "
+            "lower num_train or num_eval"
+          )
       self.ids = np.asarray(ids)
 
   def __len__(self):
@@ -218,13 +249,22 @@ class SyntheticSource:
     if self.family == "chat":
       conv = []
       for j, (q, a) in enumerate(_questions(scene, rng)):
-        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
-                 {"from": "gpt", "value": a}]
+        conv += [
+          {"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
+          {"from": "gpt", "value": a},
+        ]
       return {"key": key, "image": render(scene, size), "conversations": conv}
     if self.family == "edit":
       target, instr = edit(scene, rng)
-      return {"key": key, "source": render(scene, size), "target": render(target, size),
-              "instruction": instr}
+      return {
+        "key": key,
+        "source": render(scene, size),
+        "target": render(target, size),
+        "instruction": instr,
+      }
     text = caption(scene)[0]
-    return {"key": key, "text": f"This picture shows {text}. " + " ".join(
-        f"{q} {a}" for q, a in _questions(scene, rng))}
+    return {
+      "key": key,
+      "text": f"This picture shows {text}. "
+      + " ".join(f"{q} {a}" for q, a in _questions(scene, rng)),
+    }

@@ -22,11 +22,11 @@ Tokenize = Callable[[str], list]
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-  clip_size: int = 224         # CLIP encoder input (224 for ViT-L/14; 32 for the tiny encoder)
-  vae_size: int = 0            # VAE/decoder target resolution; 0: no VAE view
-  min_resolution: int = 0      # skip images whose short side is below this (512 for decoders)
-  center_crop: bool = True     # crop the centred square first (aspect kept; CLIP and VAE views
-                               # then show the same pixels); False: squash like PUMA's encoder
+  clip_size: int = 224  # CLIP encoder input (224 for ViT-L/14; 32 for the tiny encoder)
+  vae_size: int = 0  # VAE/decoder target resolution; 0: no VAE view
+  min_resolution: int = 0  # skip images whose short side is below this (512 for decoders)
+  center_crop: bool = True  # crop the centred square first (aspect kept; CLIP and VAE views
+  # then show the same pixels); False: squash like PUMA's encoder
 
 
 class Preprocess:
@@ -59,7 +59,7 @@ class Preprocess:
       if o.center_crop:
         crop = imaging.center_crop_box(h, w)
         top, left, s, _ = crop
-        im = im[top:top + s, left:left + s]
+        im = im[top : top + s, left : left + s]
         if ex.kind == "grounding" and boxes is not None:
           boxes, keep = imaging.crop_boxes(boxes, h, w, crop)
           if not keep.any():
@@ -67,14 +67,21 @@ class Preprocess:
           boxes = boxes[keep]
           phrases = tuple(p for p, k in zip(phrases, keep) if k)
         if mask is not None and i == len(ex.images) - 1:
-          mask = mask[top:top + s, left:left + s]
+          mask = mask[top : top + s, left : left + s]
       clip.append(imaging.resize(im, o.clip_size))
       if o.vae_size:
         vae.append(imaging.resize(im, o.vae_size, Image.BICUBIC))
     if mask is not None:
       mask = imaging.resize(mask, o.clip_size, Image.NEAREST)
-    out = dataclasses.replace(ex, images=tuple(clip), vae_images=tuple(vae), boxes=boxes,
-                              phrases=phrases, mask=mask, token_ids=dict(ex.token_ids))
+    out = dataclasses.replace(
+      ex,
+      images=tuple(clip),
+      vae_images=tuple(vae),
+      boxes=boxes,
+      phrases=phrases,
+      mask=mask,
+      token_ids=dict(ex.token_ids),
+    )
     if self.tokenize is not None:
       tokenize_example(out, self.tokenize)
     return out
@@ -82,11 +89,13 @@ class Preprocess:
 
 def tokenize_example(ex: Example, tokenize: Tokenize) -> Example:
   """Fill `ex.token_ids` for every text field present ("text", "instruction", "turn.{i}")."""
+
   def tok(s):
     ids = tokenize(s)
     if not isinstance(ids, (list, tuple, np.ndarray)):
       raise TypeError(f"tokenize must return a list of ints; got {type(ids).__name__}")
     return [int(t) for t in ids]
+
   if ex.text:
     ex.token_ids["text"] = tok(ex.text)
   if ex.instruction:
@@ -112,8 +121,14 @@ class ArrayEncoder:
   Texts longer than max_text_len are truncated (text_len says how much was kept).
   """
 
-  def __init__(self, image: ImageOptions, max_images: int = 2, max_text_len: int = 64,
-               max_boxes: int = 8, pad_id: int = 0):
+  def __init__(
+    self,
+    image: ImageOptions,
+    max_images: int = 2,
+    max_text_len: int = 64,
+    max_boxes: int = 8,
+    pad_id: int = 0,
+  ):
     self.image, self.max_images, self.max_text_len = image, max_images, max_text_len
     self.max_boxes, self.pad_id = max_boxes, pad_id
 
@@ -126,8 +141,11 @@ class ArrayEncoder:
     images = np.zeros((self.max_images, c, c, 3), np.uint8)
     for i, im in enumerate(ex.images):
       images[i] = im
-    out = {"kind": np.int32(EXAMPLE_KIND_IDS[ex.kind]), "images": images,
-           "num_images": np.int32(len(ex.images))}
+    out = {
+      "kind": np.int32(EXAMPLE_KIND_IDS[ex.kind]),
+      "images": images,
+      "num_images": np.int32(len(ex.images)),
+    }
     if v:
       vae = np.zeros((self.max_images, v, v, 3), np.uint8)
       for i, im in enumerate(ex.vae_images):
@@ -136,9 +154,9 @@ class ArrayEncoder:
     ids = list(ex.token_ids.get("text", []) or ex.token_ids.get("instruction", []))
     for i in range(len(ex.conversation)):
       ids += ex.token_ids.get(f"turn.{i}", [])
-    ids = ids[:self.max_text_len]
+    ids = ids[: self.max_text_len]
     text = np.full((self.max_text_len,), self.pad_id, np.int32)
-    text[:len(ids)] = ids
+    text[: len(ids)] = ids
     out["text_ids"], out["text_len"] = text, np.int32(len(ids))
     boxes = np.zeros((self.max_boxes, 4), np.float32)
     nb = 0 if ex.boxes is None else min(len(ex.boxes), self.max_boxes)

@@ -26,13 +26,13 @@ from puma_jax.data import parse, pipeline, transforms
 from puma_jax.data.schema import Skip
 
 
-
 def _define_flags():
   """CLI flags, defined only when run as a program: importing this module (tests, the
   training entry point) must not add flags to the importer's absl namespace."""
   global _CONFIG, _LIMIT, _SPLIT, _JSON, _MAX_SKIP
-  _CONFIG = config_flags.DEFINE_config_file("config", "puma_jax/data/config.py:synthetic",
-                                            "A data config, or a training config with .data")
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", "puma_jax/data/config.py:synthetic", "A data config, or a training config with .data"
+  )
   _LIMIT = flags.DEFINE_integer("limit", 0, "Records read per source (0: all).")
   _SPLIT = flags.DEFINE_string("split", "train", "Split (synthetic / tfds sources).")
   _JSON = flags.DEFINE_string("json", "", "Also write the report here.")
@@ -60,18 +60,29 @@ def validate_source(name: str, scfg, dcfg, limit: int = 0, split: str = "train")
     kinds[ex.kind] += 1
     if ex.cond_type:
       conds[ex.cond_type] += 1
-  report = {"source": name, "format": scfg.format, "family": scfg.family,
-            "weight": float(scfg.weight), "records": len(reader), "read": n,
-            "kept": sum(kinds.values()), "kinds": dict(kinds), "skipped": dict(reasons),
-            "skip_examples": dict(examples)}
+  report = {
+    "source": name,
+    "format": scfg.format,
+    "family": scfg.family,
+    "weight": float(scfg.weight),
+    "records": len(reader),
+    "read": n,
+    "kept": sum(kinds.values()),
+    "kinds": dict(kinds),
+    "skipped": dict(reasons),
+    "skip_examples": dict(examples),
+  }
   if conds:
     report["conditions"] = dict(conds)
   if getattr(reader, "broken_shards", None):
     report["broken_shards"] = reader.broken_shards
   if shorts:
     s = np.asarray(shorts)
-    report["image_short_side"] = {"min": int(s.min()), "median": int(np.median(s)),
-                                  "max": int(s.max())}
+    report["image_short_side"] = {
+      "min": int(s.min()),
+      "median": int(np.median(s)),
+      "max": int(s.max()),
+    }
   return report
 
 
@@ -99,10 +110,13 @@ def format_report(reports, problems) -> str:
     if "error" in r:
       lines.append(f"[{r['source']}] ERROR {r['error']}")
       continue
-    lines.append(f"[{r['source']}] {r['format']}/{r['family']} weight {r['weight']:g}: "
-                 f"{r['records']} records, read {r['read']}, kept {r['kept']}")
-    lines.append(f"  kinds: {r['kinds']}" + (f"  conditions: {r['conditions']}"
-                                              if "conditions" in r else ""))
+    lines.append(
+      f"[{r['source']}] {r['format']}/{r['family']} weight {r['weight']:g}: "
+      f"{r['records']} records, read {r['read']}, kept {r['kept']}"
+    )
+    lines.append(
+      f"  kinds: {r['kinds']}" + (f"  conditions: {r['conditions']}" if "conditions" in r else "")
+    )
     if "image_short_side" in r:
       lines.append(f"  image short side: {r['image_short_side']}")
     for reason, count in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):

@@ -48,14 +48,20 @@ def initial_noise(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) ->
 
 def step_noise(keys: jax.Array, i, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
   """(B, *shape) variance noise of step `i` (may be traced), one draw per key."""
+
   def one(k):
     return jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, 1), i), shape, dtype)
+
   return jax.vmap(one)(keys)
 
 
-def guided(denoiser: Denoiser, cond: jax.Array, uncond: jax.Array | None,
-           guidance_scale: float, batched: bool = False
-           ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def guided(
+  denoiser: Denoiser,
+  cond: jax.Array,
+  uncond: jax.Array | None,
+  guidance_scale: float,
+  batched: bool = False,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """model(x, t) with CFG: uncond + g * (cond - uncond); the unconditional branch runs without
   the positional embedding. `uncond` may have batch 1 (the black image), broadcast to B.
 
@@ -64,6 +70,7 @@ def guided(denoiser: Denoiser, cond: jax.Array, uncond: jax.Array | None,
   accepts; one larger call keeps an accelerator busier than two. With g == 1 (or no `uncond`)
   only the conditional branch runs.
   """
+
   def model(x, t):
     if uncond is None or guidance_scale == 1.0:
       return denoiser(x, t, cond, True)
@@ -71,19 +78,25 @@ def guided(denoiser: Denoiser, cond: jax.Array, uncond: jax.Array | None,
     u_feat = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]).astype(cond.dtype)
     if batched:
       pos = jnp.concatenate([jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.float32)])
-      both = denoiser(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([cond, u_feat]), pos)
+      both = denoiser(
+        jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, u_feat]), pos
+      )
       c, u = both[:b], both[b:]
     else:
       c = denoiser(x, t, cond, True)
       u = denoiser(x, t, u_feat, False)
     return u + guidance_scale * (c - u)
+
   return model
 
 
-def denoise_loop(model: Callable[[jax.Array, jax.Array], jax.Array], scheduler,
-                 schedule: S.Schedule, latents: jax.Array, keys: jax.Array | None = None
-                 ) -> jax.Array:
+def denoise_loop(
+  model: Callable[[jax.Array, jax.Array], jax.Array],
+  scheduler,
+  schedule: S.Schedule,
+  latents: jax.Array,
+  keys: jax.Array | None = None,
+) -> jax.Array:
   """Runs every step of `schedule` from `latents` (already times `init_noise_sigma`) in one
   `lax.fori_loop`. `keys` (B,) feed the per-step noise of stochastic schedulers."""
   if scheduler.stochastic and keys is None:
@@ -104,15 +117,24 @@ def denoise_loop(model: Callable[[jax.Array, jax.Array], jax.Array], scheduler,
   return jax.lax.fori_loop(0, schedule.num_steps, body, (x, jnp.zeros_like(x)))[0]
 
 
-def sample_latents(denoiser: Denoiser, scheduler, schedule: S.Schedule, cond: jax.Array,
-                   uncond: jax.Array | None, keys: jax.Array, latent_shape: tuple[int, int, int],
-                   guidance_scale: float, batched: bool = False) -> jax.Array:
+def sample_latents(
+  denoiser: Denoiser,
+  scheduler,
+  schedule: S.Schedule,
+  cond: jax.Array,
+  uncond: jax.Array | None,
+  keys: jax.Array,
+  latent_shape: tuple[int, int, int],
+  guidance_scale: float,
+  batched: bool = False,
+) -> jax.Array:
   """Initial noise from `keys`, then the guided loop. Returns (B, h, w, c) float32 latents."""
   if keys.shape[0] != cond.shape[0]:
     raise ValueError(f"got {keys.shape[0]} keys for a batch of {cond.shape[0]} feature sets")
   x = initial_noise(keys, tuple(latent_shape)) * scheduler.init_noise_sigma(schedule)
-  return denoise_loop(guided(denoiser, cond, uncond, guidance_scale, batched), scheduler,
-                      schedule, x, keys)
+  return denoise_loop(
+    guided(denoiser, cond, uncond, guidance_scale, batched), scheduler, schedule, x, keys
+  )
 
 
 def decode_latents(vae, latents: jax.Array) -> jax.Array:
@@ -135,9 +157,9 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
 class SamplerSettings:
   num_steps: int = 50
   guidance_scale: float = 2.0
-  scheduler: str = "ddpm"       # ddpm (the paper's, 50 steps) | ddim | euler | dpmpp (20-25)
-  eta: float = 0.0              # DDIM only
-  batch_cfg: bool = True        # both CFG branches in one 2B-batch call (see `guided`)
+  scheduler: str = "ddpm"  # ddpm (the paper's, 50 steps) | ddim | euler | dpmpp (20-25)
+  eta: float = 0.0  # DDIM only
+  batch_cfg: bool = True  # both CFG branches in one 2B-batch call (see `guided`)
 
 
 def make_scheduler(settings: SamplerSettings, config: S.SchedulerConfig | None = None):
@@ -154,10 +176,14 @@ class DecoderSampler:
   `latents(...)` stops before the VAE.
   """
 
-  def __init__(self, decoder: nnx.Module, vae: nnx.Module,
-               settings: SamplerSettings = SamplerSettings(),
-               scheduler_config: S.SchedulerConfig | None = None,
-               latent_size: int | None = None):
+  def __init__(
+    self,
+    decoder: nnx.Module,
+    vae: nnx.Module,
+    settings: SamplerSettings = SamplerSettings(),
+    scheduler_config: S.SchedulerConfig | None = None,
+    latent_size: int | None = None,
+  ):
     ucfg = decoder.config.unet
     self.settings = settings
     self.scheduler = make_scheduler(settings, scheduler_config)
@@ -165,8 +191,10 @@ class DecoderSampler:
     size = latent_size or ucfg.sample_size
     self.latent_shape = (size, size, ucfg.in_channels)
     if vae.config.latent_channels != ucfg.in_channels:
-      raise ValueError(f"the decoder's UNet takes in_channels={ucfg.in_channels} latent channels "
-                       f"but the VAE has latent_channels={vae.config.latent_channels}")
+      raise ValueError(
+        f"the decoder's UNet takes in_channels={ucfg.in_channels} latent channels "
+        f"but the VAE has latent_channels={vae.config.latent_channels}"
+      )
     self._dgraph, self._dstate = nnx.split(decoder)
     self._vgraph, self._vstate = nnx.split(vae)
     self.num_tokens = getattr(decoder.config, "num_tokens", None)
@@ -178,9 +206,17 @@ class DecoderSampler:
     def denoiser(x, t, f, pos):
       return decoder(x, t, f, use_pos_embed=pos)
 
-    lat = sample_latents(denoiser, self.scheduler, schedule, features, uncond, keys,
-                         self.latent_shape, self.settings.guidance_scale,
-                         self.settings.batch_cfg)
+    lat = sample_latents(
+      denoiser,
+      self.scheduler,
+      schedule,
+      features,
+      uncond,
+      keys,
+      self.latent_shape,
+      self.settings.guidance_scale,
+      self.settings.batch_cfg,
+    )
     if not decode:
       return lat
     return decode_latents(nnx.merge(self._vgraph, vstate), lat)
@@ -189,11 +225,15 @@ class DecoderSampler:
     if features.ndim != 3:
       raise ValueError(f"features must be (batch, tokens, dim); got shape {features.shape}")
     if self.num_tokens is not None and features.shape[1] != self.num_tokens:
-      raise ValueError(f"features have {features.shape[1]} tokens but this decoder was trained "
-                       f"for num_tokens={self.num_tokens}")
+      raise ValueError(
+        f"features have {features.shape[1]} tokens but this decoder was trained "
+        f"for num_tokens={self.num_tokens}"
+      )
     if uncond is not None and uncond.shape[1:] != features.shape[1:]:
-      raise ValueError(f"uncond_features shape {uncond.shape} does not match features "
-                       f"{features.shape} (pool the black image's features to the same scale)")
+      raise ValueError(
+        f"uncond_features shape {uncond.shape} does not match features "
+        f"{features.shape} (pool the black image's features to the same scale)"
+      )
 
   def set_weights(self, decoder: nnx.Module, vae: nnx.Module | None = None) -> None:
     """New weights for the same modules (the decoder after more training steps): the compiled
@@ -210,8 +250,9 @@ class DecoderSampler:
 
   def latents(self, features, uncond_features, keys):
     self._check(features, uncond_features)
-    return self._run(self._dstate, self._vstate, self.schedule, features, uncond_features, keys,
-                     decode=False)
+    return self._run(
+      self._dstate, self._vstate, self.schedule, features, uncond_features, keys, decode=False
+    )
 
   def __call__(self, features, uncond_features, keys):
     self._check(features, uncond_features)

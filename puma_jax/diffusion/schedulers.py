@@ -33,6 +33,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
   """diffusers' scheduler fields (names as in `scheduler_config.json`). Defaults: SDXL base."""
+
   num_train_timesteps: int = 1000
   beta_start: float = 0.00085
   beta_end: float = 0.012
@@ -49,17 +50,22 @@ class SchedulerConfig:
   rescale_betas_zero_snr: bool = False
 
   def __post_init__(self):
-    for field, value, allowed in (("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
-                                  ("timestep_spacing", self.timestep_spacing, SPACINGS),
-                                  ("prediction_type", self.prediction_type, PREDICTION_TYPES),
-                                  ("variance_type", self.variance_type, VARIANCE_TYPES),
-                                  ("interpolation_type", self.interpolation_type, ("linear",))):
+    for field, value, allowed in (
+      ("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
+      ("timestep_spacing", self.timestep_spacing, SPACINGS),
+      ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+      ("variance_type", self.variance_type, VARIANCE_TYPES),
+      ("interpolation_type", self.interpolation_type, ("linear",)),
+    ):
       if value not in allowed:
-        raise ValueError(f"SchedulerConfig: unsupported {field}={value!r}; supported: "
-                         f"{list(allowed)}")
+        raise ValueError(
+          f"SchedulerConfig: unsupported {field}={value!r}; supported: {list(allowed)}"
+        )
     if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-      raise ValueError(f"SchedulerConfig: trained_betas has {len(self.trained_betas)} entries, "
-                       f"num_train_timesteps={self.num_train_timesteps}")
+      raise ValueError(
+        f"SchedulerConfig: trained_betas has {len(self.trained_betas)} entries, "
+        f"num_train_timesteps={self.num_train_timesteps}"
+      )
     if self.num_train_timesteps < 2:
       raise ValueError("SchedulerConfig: num_train_timesteps must be >= 2")
 
@@ -69,15 +75,34 @@ class SchedulerConfig:
 # DPM-Solver's `lower_order_final` and `euler_at_final` only choose the order of the last step,
 # which is first order anyway for a second-order solver ending at sigma 0 (final_sigmas_type
 # "zero"); `flow_shift` and `time_shift_type` only act with flow sigmas / dynamic shifting.
-_IGNORED_KEYS = {"skip_prk_steps", "sample_max_value", "dynamic_thresholding_ratio", "sigma_min",
-                 "sigma_max", "clip_sample_range", "lower_order_final", "euler_at_final",
-                 "flow_shift", "time_shift_type"}
+_IGNORED_KEYS = {
+  "skip_prk_steps",
+  "sample_max_value",
+  "dynamic_thresholding_ratio",
+  "sigma_min",
+  "sigma_max",
+  "clip_sample_range",
+  "lower_order_final",
+  "euler_at_final",
+  "flow_shift",
+  "time_shift_type",
+}
 # Keys that change the computation in ways not implemented: the accepted value of each.
-_REQUIRED = {"thresholding": False, "use_karras_sigmas": False, "timestep_type": "discrete",
-             "final_sigmas_type": "zero", "use_exponential_sigmas": False,
-             "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-             "use_dynamic_shifting": False, "algorithm_type": "dpmsolver++", "solver_order": 2,
-             "solver_type": "midpoint", "lambda_min_clipped": -float("inf")}
+_REQUIRED = {
+  "thresholding": False,
+  "use_karras_sigmas": False,
+  "timestep_type": "discrete",
+  "final_sigmas_type": "zero",
+  "use_exponential_sigmas": False,
+  "use_beta_sigmas": False,
+  "use_lu_lambdas": False,
+  "use_flow_sigmas": False,
+  "use_dynamic_shifting": False,
+  "algorithm_type": "dpmsolver++",
+  "solver_order": 2,
+  "solver_type": "midpoint",
+  "lambda_min_clipped": -float("inf"),
+}
 
 
 def from_diffusers_config(d: dict[str, Any]) -> SchedulerConfig:
@@ -91,8 +116,7 @@ def from_diffusers_config(d: dict[str, Any]) -> SchedulerConfig:
       continue
     if k in _REQUIRED:
       if v is not None and v != _REQUIRED[k]:
-        raise ValueError(f"scheduler config: {k}={v!r} is not supported (only "
-                         f"{_REQUIRED[k]!r})")
+        raise ValueError(f"scheduler config: {k}={v!r} is not supported (only {_REQUIRED[k]!r})")
       continue
     if k not in fields:
       raise ValueError(f"scheduler config: unknown key {k!r}")
@@ -118,8 +142,10 @@ def betas(cfg: SchedulerConfig) -> np.ndarray:
   elif cfg.beta_schedule == "linear":
     b = np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float64).astype(np.float32)
   elif cfg.beta_schedule == "scaled_linear":
-    b = np.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n,
-                    dtype=np.float64).astype(np.float32) ** 2
+    b = (
+      np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64).astype(np.float32)
+      ** 2
+    )
   else:  # squaredcos_cap_v2
     i = np.arange(n, dtype=np.float64)
     b = np.minimum(1 - _alpha_bar_cosine((i + 1) / n) / _alpha_bar_cosine(i / n), 0.999)
@@ -134,7 +160,7 @@ def _rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
   ab_sqrt = np.sqrt(np.cumprod(1.0 - b, dtype=np.float32))
   a0, at = ab_sqrt[0].copy(), ab_sqrt[-1].copy()
   ab_sqrt = (ab_sqrt - at) * (a0 / (a0 - at))
-  ab = ab_sqrt ** 2
+  ab = ab_sqrt**2
   alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
   return (1 - alphas).astype(np.float32)
 
@@ -144,14 +170,14 @@ def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
   return np.cumprod(1.0 - betas(cfg), dtype=np.float32)
 
 
-def inference_timesteps(cfg: SchedulerConfig, num_steps: int, *,
-                        round_linspace: bool = True) -> np.ndarray:
+def inference_timesteps(
+  cfg: SchedulerConfig, num_steps: int, *, round_linspace: bool = True
+) -> np.ndarray:
   """The n timesteps of a sampling run, descending, per `timestep_spacing` (int64; with
   `round_linspace=False`, as Euler does, "linspace" gives unrounded float32 timesteps)."""
   T = cfg.num_train_timesteps
   if not 1 <= num_steps <= T:
-    raise ValueError(f"num_inference_steps={num_steps} must be in [1, {T}] "
-                     "(num_train_timesteps)")
+    raise ValueError(f"num_inference_steps={num_steps} must be in [1, {T}] (num_train_timesteps)")
   if cfg.timestep_spacing == "linspace":
     if not round_linspace:
       return np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
@@ -173,19 +199,21 @@ def _bcast(x, like):
 # Training-time forward process (shared by all three; the noise tables are the same)
 
 
-def add_noise(cfg: SchedulerConfig, x0: jax.Array, noise: jax.Array,
-              timesteps: jax.Array) -> jax.Array:
+def add_noise(
+  cfg: SchedulerConfig, x0: jax.Array, noise: jax.Array, timesteps: jax.Array
+) -> jax.Array:
   """q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise, timesteps (B,) ints (diffusers'
   `add_noise`)."""
   ac = jnp.asarray(alphas_cumprod(cfg))[timesteps]
-  return _bcast(ac ** 0.5, x0) * x0 + _bcast((1 - ac) ** 0.5, x0) * noise
+  return _bcast(ac**0.5, x0) * x0 + _bcast((1 - ac) ** 0.5, x0) * noise
 
 
-def velocity(cfg: SchedulerConfig, x0: jax.Array, noise: jax.Array,
-             timesteps: jax.Array) -> jax.Array:
+def velocity(
+  cfg: SchedulerConfig, x0: jax.Array, noise: jax.Array, timesteps: jax.Array
+) -> jax.Array:
   """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) x0 (diffusers' `get_velocity`)."""
   ac = jnp.asarray(alphas_cumprod(cfg))[timesteps]
-  return _bcast(ac ** 0.5, x0) * noise - _bcast((1 - ac) ** 0.5, x0) * x0
+  return _bcast(ac**0.5, x0) * noise - _bcast((1 - ac) ** 0.5, x0) * x0
 
 
 def offset_noise(key: jax.Array, shape, noise_offset: float = 0.0, dtype=jnp.float32):
@@ -206,8 +234,14 @@ class TrainingSample(NamedTuple):
   target: jax.Array  # what the model should predict, per prediction_type
 
 
-def q_sample(cfg: SchedulerConfig, key: jax.Array, x0: jax.Array, *, noise_offset: float = 0.0,
-             timesteps: jax.Array | None = None) -> TrainingSample:
+def q_sample(
+  cfg: SchedulerConfig,
+  key: jax.Array,
+  x0: jax.Array,
+  *,
+  noise_offset: float = 0.0,
+  timesteps: jax.Array | None = None,
+) -> TrainingSample:
   """One training draw: uniform timesteps in [0, T) (unless given), offset noise, the noisy
   latents and the regression target for `cfg.prediction_type`."""
   kt, kn = jax.random.split(key)
@@ -235,10 +269,11 @@ class StepOutput(NamedTuple):
 
 class Schedule(NamedTuple):
   """Per-step arrays of one sampling run; `timesteps[i]` is what the model is given at step i."""
+
   timesteps: jax.Array
-  alpha_prod: jax.Array       # DDPM/DDIM: alphas_cumprod[t_i]
+  alpha_prod: jax.Array  # DDPM/DDIM: alphas_cumprod[t_i]
   alpha_prod_prev: jax.Array  # DDPM/DDIM: at the previous timestep (or the final value)
-  sigmas: jax.Array           # Euler: (n + 1,) sigmas, last 0; DDPM/DDIM: unused zeros
+  sigmas: jax.Array  # Euler: (n + 1,) sigmas, last 0; DDPM/DDIM: unused zeros
 
   @property
   def num_steps(self) -> int:
@@ -249,14 +284,14 @@ def _pred_x0_eps(cfg, model_output, sample, a_t):
   """(predicted x0, predicted epsilon) from a model output, per prediction type."""
   b_t = 1 - a_t
   if cfg.prediction_type == "epsilon":
-    x0 = (sample - b_t ** 0.5 * model_output) / a_t ** 0.5
+    x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
     eps = model_output
   elif cfg.prediction_type == "v_prediction":
-    x0 = a_t ** 0.5 * sample - b_t ** 0.5 * model_output
-    eps = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
+    x0 = a_t**0.5 * sample - b_t**0.5 * model_output
+    eps = a_t**0.5 * model_output + b_t**0.5 * sample
   else:
     x0 = model_output
-    eps = (sample - a_t ** 0.5 * x0) / b_t ** 0.5
+    eps = (sample - a_t**0.5 * x0) / b_t**0.5
   if cfg.clip_sample:
     x0 = jnp.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
   return x0, eps
@@ -293,8 +328,12 @@ class DDPM(_Base):
     # diffusers' previous timestep is the next entry of the schedule; after the last one, 1.
     prev = np.concatenate([ts[1:], [-1]])
     a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], np.float32(1.0)).astype(np.float32)
-    return Schedule(jnp.asarray(ts, jnp.int32), jnp.asarray(ac[ts]), jnp.asarray(a_prev),
-                    jnp.zeros((num_steps + 1,), jnp.float32))
+    return Schedule(
+      jnp.asarray(ts, jnp.int32),
+      jnp.asarray(ac[ts]),
+      jnp.asarray(a_prev),
+      jnp.zeros((num_steps + 1,), jnp.float32),
+    )
 
   def step(self, schedule: Schedule, i, model_output, sample, noise=None) -> StepOutput:
     """x_{t-1} = mean + std * noise; `noise` ~ N(0, 1) shaped like `sample` (None: no noise)."""
@@ -303,13 +342,16 @@ class DDPM(_Base):
     cur_alpha = a_t / a_prev
     cur_beta = 1 - cur_alpha
     x0, _ = _pred_x0_eps(self.config, model_output, sample, a_t)
-    mean = (a_prev ** 0.5 * cur_beta) / b_t * x0 + cur_alpha ** 0.5 * b_prev / b_t * sample
+    mean = (a_prev**0.5 * cur_beta) / b_t * x0 + cur_alpha**0.5 * b_prev / b_t * sample
     if noise is None:
       return StepOutput(mean, x0)
     var = jnp.maximum(b_prev / b_t * cur_beta, 1e-20)
     vt = self.config.variance_type
-    std = cur_beta ** 0.5 if vt == "fixed_large" else (
-        jnp.exp(0.5 * jnp.log(var)) if vt == "fixed_small_log" else var ** 0.5)
+    std = (
+      cur_beta**0.5
+      if vt == "fixed_large"
+      else (jnp.exp(0.5 * jnp.log(var)) if vt == "fixed_small_log" else var**0.5)
+    )
     std = jnp.where(schedule.timesteps[i] > 0, std, 0.0)
     return StepOutput(mean + std * noise.astype(mean.dtype), x0)
 
@@ -331,15 +373,19 @@ class DDIM(_Base):
     final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
     prev = ts - cfg.num_train_timesteps // num_steps
     a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final).astype(np.float32)
-    return Schedule(jnp.asarray(ts, jnp.int32), jnp.asarray(ac[ts]), jnp.asarray(a_prev),
-                    jnp.zeros((num_steps + 1,), jnp.float32))
+    return Schedule(
+      jnp.asarray(ts, jnp.int32),
+      jnp.asarray(ac[ts]),
+      jnp.asarray(a_prev),
+      jnp.zeros((num_steps + 1,), jnp.float32),
+    )
 
   def step(self, schedule: Schedule, i, model_output, sample, noise=None) -> StepOutput:
     a_t, a_prev = schedule.alpha_prod[i], schedule.alpha_prod_prev[i]
     x0, eps = _pred_x0_eps(self.config, model_output, sample, a_t)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = self.eta * var ** 0.5
-    prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    std = self.eta * var**0.5
+    prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
     if self.eta > 0:
       if noise is None:
         raise ValueError("DDIM with eta > 0 needs `noise` (variance noise shaped like sample)")
@@ -365,7 +411,7 @@ class EulerDiscrete(_Base):
     m = jnp.max(schedule.sigmas)
     if self.config.timestep_spacing in ("linspace", "trailing"):
       return m
-    return (m ** 2 + 1) ** 0.5
+    return (m**2 + 1) ** 0.5
 
   def scale_model_input(self, schedule: Schedule, i, sample):
     return sample / ((schedule.sigmas[i] ** 2 + 1) ** 0.5)
@@ -377,7 +423,7 @@ class EulerDiscrete(_Base):
     if p == "epsilon":
       x0 = sample - sigma * model_output
     elif p == "v_prediction":
-      x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+      x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     else:
       x0 = model_output
     derivative = (sample - x0) / sigma
@@ -390,8 +436,7 @@ def dpm_timesteps(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
   leading 20 steps run 941, 894, ..., 48 where DDPM's would run 951, ..., 1."""
   T = cfg.num_train_timesteps
   if not 1 <= num_steps <= T:
-    raise ValueError(f"num_inference_steps={num_steps} must be in [1, {T}] "
-                     "(num_train_timesteps)")
+    raise ValueError(f"num_inference_steps={num_steps} must be in [1, {T}] (num_train_timesteps)")
   if cfg.timestep_spacing == "linspace":
     return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
   if cfg.timestep_spacing == "leading":
@@ -403,7 +448,7 @@ def dpm_timesteps(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
 
 def _alpha_sigma(sigma):
   """VP (alpha_t, sigma_t) of a VE sigma: alpha_t = 1 / sqrt(sigma^2 + 1)."""
-  alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
+  alpha = 1 / ((sigma**2 + 1) ** 0.5)
   return alpha, sigma * alpha
 
 
@@ -423,7 +468,7 @@ class DPMSolverMultistep(_Base):
     if self.config.rescale_betas_zero_snr:
       # As diffusers: the zero-SNR end would give sigma = inf; 2^-24 keeps it finite.
       ac = ac.copy()
-      ac[-1] = 2.0 ** -24
+      ac[-1] = 2.0**-24
     train_sigmas = ((1 - ac) / ac) ** 0.5
     sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
@@ -439,8 +484,9 @@ class DPMSolverMultistep(_Base):
       return (sample - sigma_t * model_output) / alpha_t
     return alpha_t * sample - sigma_t * model_output  # v_prediction
 
-  def step(self, schedule: Schedule, i, model_output, sample, noise=None,
-           prev_x0=None) -> StepOutput:
+  def step(
+    self, schedule: Schedule, i, model_output, sample, noise=None, prev_x0=None
+  ) -> StepOutput:
     """One step from sigmas[i] to sigmas[i + 1]; `prev_x0` is the previous step's
     `pred_original_sample` (ignored at the first and last steps; None: first order)."""
     del noise

@@ -14,47 +14,47 @@ def base(protocol: str, variant: str) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown eval variant {variant!r}; choose paper, tiny or toy")
   small = variant != "paper"
   c = ml_collections.ConfigDict()
-  c.protocol = protocol         # reconstruction | text_to_image | editing | understanding
-  c.seed = 0                    # sampling seed (LPIPS_d uses seed and seed + 1)
+  c.protocol = protocol  # reconstruction | text_to_image | editing | understanding
+  c.seed = 0  # sampling seed (LPIPS_d uses seed and seed + 1)
   c.scales = tuple(pooling.SCALE_NAMES)  # scales generated and scored (f0 finest .. f4)
-  c.image_size = 64 if small else 256    # compared images' side (PUMA paper, app. 8.1)
-  c.batch_size = 4 if small else 16      # records per host per batch
+  c.image_size = 64 if small else 256  # compared images' side (PUMA paper, app. 8.1)
+  c.batch_size = 4 if small else 16  # records per host per batch
   c.max_new_tokens = 8 if small else 64  # understanding: answer length cap
-  c.max_items = 0                 # use only the first N records (0: all)
-  c.max_items_this_run = 0        # stop after scoring N records (0: no limit); rerun resumes
-  c.process_index = -1            # testing only: pretend to be host i (-1: jax.process_index())
-  c.process_count = -1            # testing only: pretend there are N hosts (-1: jax's count)
-  c.num_devices = 0             # use the first N local devices (0: all of them)
+  c.max_items = 0  # use only the first N records (0: all)
+  c.max_items_this_run = 0  # stop after scoring N records (0: no limit); rerun resumes
+  c.process_index = -1  # testing only: pretend to be host i (-1: jax.process_index())
+  c.process_count = -1  # testing only: pretend there are N hosts (-1: jax's count)
+  c.num_devices = 0  # use the first N local devices (0: all of them)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # local devices
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic" if small else "jsonl"  # synthetic | jsonl
-  c.data.path = ""              # jsonl records (records.py lists the fields per protocol)
+  c.data.path = ""  # jsonl records (records.py lists the fields per protocol)
   c.data.mixed_sizes = "resize"  # images of another size than image_size: resize | skip
   c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.seed = 0          # synthetic set seed
-  c.data.synthetic.size = 64         # rendered image side
-  c.data.synthetic.num_train = 200   # training scenes the held-out split must avoid
-  c.data.synthetic.num_items = 8     # held-out scenes
+  c.data.synthetic.seed = 0  # synthetic set seed
+  c.data.synthetic.size = 64  # rendered image side
+  c.data.synthetic.num_train = 200  # training scenes the held-out split must avoid
+  c.data.synthetic.num_items = 8  # held-out scenes
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "puma" if variant == "paper" else variant  # puma | tiny | toy (models.py)
-  c.model.seed = 0              # tiny: weight seed
-  c.model.toy_size = 64         # toy: generated image side
-  c.model.steps = 2 if small else 50     # diffusion steps per decode
-  c.model.guidance = 2.0        # classifier-free guidance scale
-  c.model.puma = ""             # converted PUMA dir (t2i, editing, understanding)
-  c.model.tokenizer = ""        # tokenizer dir ("" or "byte": the byte tokenizer)
-  c.model.clip = ""             # converted clip-vision dir (reconstruction)
-  c.model.vae = ""              # converted SDXL VAE dir
+  c.model.seed = 0  # tiny: weight seed
+  c.model.toy_size = 64  # toy: generated image side
+  c.model.steps = 2 if small else 50  # diffusion steps per decode
+  c.model.guidance = 2.0  # classifier-free guidance scale
+  c.model.puma = ""  # converted PUMA dir (t2i, editing, understanding)
+  c.model.tokenizer = ""  # tokenizer dir ("" or "byte": the byte tokenizer)
+  c.model.clip = ""  # converted clip-vision dir (reconstruction)
+  c.model.vae = ""  # converted SDXL VAE dir
   c.model.decoders = ml_collections.ConfigDict({s: "" for s in pooling.SCALE_NAMES})  # per scale
 
   c.metrics = ml_collections.ConfigDict()
-  c.metrics.lpips = ""          # converted lpips-alex dir
-  c.metrics.clip = ""           # converted clip dir (ViT-B/32, both towers + tokenizer files)
-  c.metrics.dino = ""           # converted dino-vit dir (ViT-S/16)
-  c.metrics.inception = ""      # converted inception dir (FID)
+  c.metrics.lpips = ""  # converted lpips-alex dir
+  c.metrics.clip = ""  # converted clip dir (ViT-B/32, both towers + tokenizer files)
+  c.metrics.dino = ""  # converted dino-vit dir (ViT-S/16)
+  c.metrics.inception = ""  # converted inception dir (FID)
   c.metrics.random_tiny = small  # absent dirs -> tiny random networks (else MissingWeightsError)
-  c.metrics.lpips_d = True      # text-to-image: LPIPS between two seeds
-  c.metrics.fid = True          # text-to-image: FID per scale
+  c.metrics.lpips_d = True  # text-to-image: LPIPS between two seeds
+  c.metrics.fid = True  # text-to-image: FID per scale
   return c

@@ -109,7 +109,7 @@ class Evaluator:
     items, feats = [], defaultdict(list)
     bs = int(self.cfg.batch_size)
     for i in range(0, len(records), bs):
-      it, f = self.score(records[i:i + bs])
+      it, f = self.score(records[i : i + bs])
       items += it
       for k, v in f.items():
         feats[k].append(v)
@@ -118,14 +118,17 @@ class Evaluator:
   def _with_max(self, values: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
     if len(self.scales) > 1:
       for name in names:
-        values[f"max/{name}"] = np.asarray(scoring.best_over_scales(
-            {s: values[f"{s}/{name}"] for s in self.scales}))
+        values[f"max/{name}"] = np.asarray(
+          scoring.best_over_scales({s: values[f"{s}/{name}"] for s in self.scales})
+        )
     return values
 
   @staticmethod
   def _items(records, values: dict[str, np.ndarray]) -> list[dict]:
-    return [{"id": str(r["id"]), "values": {k: float(v[i]) for k, v in values.items()}}
-            for i, r in enumerate(records)]
+    return [
+      {"id": str(r["id"]), "values": {k: float(v[i]) for k, v in values.items()}}
+      for i, r in enumerate(records)
+    ]
 
 
 class ReconstructionEvaluator(Evaluator):
@@ -155,8 +158,11 @@ class TextToImageEvaluator(Evaluator):
     captions = [r["caption"] for r in kept]
     seed = int(self.cfg.seed)
     first = self.gen.text_to_image(captions, self.scales, seed, _idx(kept))
-    second = (self.gen.text_to_image(captions, self.scales, seed + 1, _idx(kept))
-              if self.cfg.metrics.lpips_d else None)
+    second = (
+      self.gen.text_to_image(captions, self.scales, seed + 1, _idx(kept))
+      if self.cfg.metrics.lpips_d
+      else None
+    )
     clip = self.nets.clip()
     ref = _floats(np.stack(refs))
     values, feats = {}, {}
@@ -168,8 +174,9 @@ class TextToImageEvaluator(Evaluator):
       values[f"{s}/clip_i"] = self._pairwise(clip.clip_i, gen, ref)
       values[f"{s}/clip_t"] = self._pairwise(clip.clip_t, gen, captions)
       if second is not None:
-        values[f"{s}/lpips_d"] = self._pairwise(self.nets.lpips().diversity, gen,
-                                                self._resized(second[s]))
+        values[f"{s}/lpips_d"] = self._pairwise(
+          self.nets.lpips().diversity, gen, self._resized(second[s])
+        )
       if self.cfg.metrics.fid:
         feats[f"gen/{s}"] = self._pairwise(lambda a, _: inc(a), gen, gen)
     self._with_max(values, ("clip_i", "clip_t"))
@@ -194,16 +201,16 @@ class EditingEvaluator(Evaluator):
     kept, sources, skips = self._load(records, "source", int(self.cfg.image_size))
     if not kept:
       return skips, {}
-    out = self.gen.edit(sources, [r["instruction"] for r in kept], self.scales,
-                        int(self.cfg.seed), _idx(kept))
+    out = self.gen.edit(
+      sources, [r["instruction"] for r in kept], self.scales, int(self.cfg.seed), _idx(kept)
+    )
     src = _floats(np.stack(sources))
     clip, dino = self.nets.clip(), self.nets.dino()
     values = {}
     for s in self.scales:
       gen = self._resized(out[s])
       values[f"{s}/clip_i"] = self._pairwise(clip.clip_i, gen, src)
-      values[f"{s}/clip_t"] = self._pairwise(clip.clip_t, gen,
-                                             [r["target_caption"] for r in kept])
+      values[f"{s}/clip_t"] = self._pairwise(clip.clip_t, gen, [r["target_caption"] for r in kept])
       values[f"{s}/dino"] = self._pairwise(dino, gen, src)
     self._with_max(values, ("clip_i", "clip_t", "dino"))
     return self._items(kept, values) + skips, {}
@@ -219,8 +226,9 @@ def understanding_prompt(record) -> str:
     return f"{q}\n{SHORT_SUFFIX}"
   if kind == "yes_no":
     return q  # MME questions carry "Please answer yes or no." themselves
-  raise R.EvalDataError(f"understanding record {record['id']}: kind={kind!r}; choose short, "
-                        "choice or yes_no")
+  raise R.EvalDataError(
+    f"understanding record {record['id']}: kind={kind!r}; choose short, choice or yes_no"
+  )
 
 
 class UnderstandingEvaluator(Evaluator):
@@ -232,8 +240,9 @@ class UnderstandingEvaluator(Evaluator):
     if not kept:
       return skips, {}
     by_id = dict(zip((str(r["id"]) for r in records), prompts))
-    answers = self.gen.chat(images, [by_id[str(r["id"])] for r in kept],
-                            max_new_tokens=int(self.cfg.max_new_tokens))
+    answers = self.gen.chat(
+      images, [by_id[str(r["id"])] for r in kept], max_new_tokens=int(self.cfg.max_new_tokens)
+    )
     items = []
     for r, a in zip(kept, answers):
       kind = r["kind"]
@@ -245,8 +254,11 @@ class UnderstandingEvaluator(Evaluator):
         v = float(scoring.yes_no(a) == scoring.yes_no(r["answer"]))
       it = {"id": str(r["id"]), "values": {f"{kind}/accuracy": 100.0 * v}, "prediction": a}
       if kind == "yes_no":
-        it["mme"] = {"category": r.get("category", "all"),
-                     "image_id": r.get("image_id", r["id"]), "correct": v}
+        it["mme"] = {
+          "category": r.get("category", "all"),
+          "image_id": r.get("image_id", r["id"]),
+          "correct": v,
+        }
       items.append(it)
     return items + skips, {}
 
@@ -258,5 +270,7 @@ class UnderstandingEvaluator(Evaluator):
     return out
 
 
-EVALUATORS = {e.protocol: e for e in (ReconstructionEvaluator, TextToImageEvaluator,
-                                  EditingEvaluator, UnderstandingEvaluator)}
+EVALUATORS = {
+  e.protocol: e
+  for e in (ReconstructionEvaluator, TextToImageEvaluator, EditingEvaluator, UnderstandingEvaluator)
+}

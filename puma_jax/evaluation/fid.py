@@ -1,17 +1,17 @@
 """FID: pool3 features of the FID Inception-v3 and the Frechet distance of their Gaussians.
 
-  features   `inception_features(model, images)`: NHWC images in [0, 1], any size, resized to
-             299x299 with bilinear interpolation (no antialiasing, half-pixel centers: torch's
-             `F.interpolate(mode='bilinear', align_corners=False)`, as pytorch-fid does), mapped
-             to [-1, 1], -> (B, 2048) float32.
-  statistics `FeatureStats`: streaming count / sum / sum of outer products in float64, mergeable
-             across shards and hosts and savable (an interrupted run resumes from its partial
-             sums); `mean_cov()` gives (mu, sigma) with `np.cov`'s unbiased normalization.
-  distance   `frechet_distance(mu1, s1, mu2, s2)` = |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2)).
-             The trace of the matrix square root is computed from eigenvalues of the symmetric
-             PSD matrix sqrt(s1) s2 sqrt(s1), which has the same spectrum as s1 s2: no complex
-             round-off and no `sqrtm` iteration. It matches the scipy.linalg.sqrtm formula of
-             pytorch-fid (tests/test_fid.py).
+features   `inception_features(model, images)`: NHWC images in [0, 1], any size, resized to
+           299x299 with bilinear interpolation (no antialiasing, half-pixel centers: torch's
+           `F.interpolate(mode='bilinear', align_corners=False)`, as pytorch-fid does), mapped
+           to [-1, 1], -> (B, 2048) float32.
+statistics `FeatureStats`: streaming count / sum / sum of outer products in float64, mergeable
+           across shards and hosts and savable (an interrupted run resumes from its partial
+           sums); `mean_cov()` gives (mu, sigma) with `np.cov`'s unbiased normalization.
+distance   `frechet_distance(mu1, s1, mu2, s2)` = |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2)).
+           The trace of the matrix square root is computed from eigenvalues of the symmetric
+           PSD matrix sqrt(s1) s2 sqrt(s1), which has the same spectrum as s1 s2: no complex
+           round-off and no `sqrtm` iteration. It matches the scipy.linalg.sqrtm formula of
+           pytorch-fid (tests/test_fid.py).
 """
 
 from __future__ import annotations
@@ -45,12 +45,16 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2,
-                                                                                     np.float64))
+  s1, s2 = (
+    np.atleast_2d(np.asarray(sigma1, np.float64)),
+    np.atleast_2d(np.asarray(sigma2, np.float64)),
+  )
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-    raise ValueError(f"frechet_distance: shapes mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 "
-                     f"{mu2.shape}, sigma2 {s2.shape} do not describe two Gaussians of one "
-                     "dimension")
+    raise ValueError(
+      f"frechet_distance: shapes mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 "
+      f"{mu2.shape}, sigma2 {s2.shape} do not describe two Gaussians of one "
+      "dimension"
+    )
   r1 = _psd_sqrt(s1)
   m = r1 @ s2 @ r1
   tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
@@ -117,10 +121,12 @@ def fid_from_features(feats_a, feats_b) -> float:
 
 class InceptionFeatures:
   """`InceptionFeatures.load(dir)(images)` -> pool3 features (B, 2048) of [0, 1] images."""
+
   family = "inception"
 
   def __init__(self, model):
     from flax import nnx
+
     self.model = model
     graphdef, self.state = nnx.split(model)
     self._fn = jax.jit(lambda state, x: inception_features(nnx.merge(graphdef, state), x))

@@ -63,14 +63,16 @@ def _is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def check_images(x, name: str = "images", value_range: tuple[float, float] = (0.0, 1.0),
-                 channels: int = 3) -> None:
+def check_images(
+  x, name: str = "images", value_range: tuple[float, float] = (0.0, 1.0), channels: int = 3
+) -> None:
   """Raises `MetricInputError` unless `x` is a float NHWC batch within `value_range`."""
   shape = tuple(np.shape(x))
   if len(shape) != 4:
     hint = " (add a batch axis)" if len(shape) == 3 else ""
-    raise MetricInputError(f"{name}: expected NHWC images (batch, height, width, {channels}); "
-                           f"got shape {shape}{hint}")
+    raise MetricInputError(
+      f"{name}: expected NHWC images (batch, height, width, {channels}); got shape {shape}{hint}"
+    )
   if shape[-1] != channels:
     hint = " (it looks NCHW: transpose to NHWC)" if shape[1] == channels else ""
     raise MetricInputError(f"{name}: expected {channels} channels last; got shape {shape}{hint}")
@@ -78,8 +80,10 @@ def check_images(x, name: str = "images", value_range: tuple[float, float] = (0.
     raise MetricInputError(f"{name}: empty batch")
   dtype = getattr(x, "dtype", np.dtype(np.float32))
   if not jnp.issubdtype(dtype, jnp.floating):  # jnp: knows bfloat16
-    raise MetricInputError(f"{name}: expected float images in [{value_range[0]}, "
-                           f"{value_range[1]}]; got dtype {dtype} (divide uint8 images by 255)")
+    raise MetricInputError(
+      f"{name}: expected float images in [{value_range[0]}, "
+      f"{value_range[1]}]; got dtype {dtype} (divide uint8 images by 255)"
+    )
   if _is_traced(x):
     return
   arr = np.asarray(x, np.float32)
@@ -93,8 +97,10 @@ def check_images(x, name: str = "images", value_range: tuple[float, float] = (0.
       hint = "; images in [-1, 1] must be mapped with (x + 1) / 2"
     elif value_range == (0.0, 1.0) and hi > 1 + tol and hi <= 255:
       hint = "; images in [0, 255] must be divided by 255"
-    raise MetricInputError(f"{name}: values span [{lo:.4g}, {hi:.4g}], outside "
-                           f"[{value_range[0]}, {value_range[1]}]{hint}")
+    raise MetricInputError(
+      f"{name}: values span [{lo:.4g}, {hi:.4g}], outside "
+      f"[{value_range[0]}, {value_range[1]}]{hint}"
+    )
 
 
 def check_pair(a, b, names=("images", "references")) -> None:
@@ -102,8 +108,10 @@ def check_pair(a, b, names=("images", "references")) -> None:
   check_images(a, names[0])
   check_images(b, names[1])
   if tuple(np.shape(a)) != tuple(np.shape(b)):
-    raise MetricInputError(f"{names[0]} {tuple(np.shape(a))} and {names[1]} "
-                           f"{tuple(np.shape(b))} differ in shape; resize them to one size first")
+    raise MetricInputError(
+      f"{names[0]} {tuple(np.shape(a))} and {names[1]} "
+      f"{tuple(np.shape(b))} differ in shape; resize them to one size first"
+    )
 
 
 def check_same_batch(images, references) -> None:
@@ -112,8 +120,10 @@ def check_same_batch(images, references) -> None:
   check_images(images, "images")
   check_images(references, "references")
   if np.shape(images)[0] != np.shape(references)[0]:
-    raise MetricInputError(f"images ({np.shape(images)[0]}) and references "
-                           f"({np.shape(references)[0]}) differ in batch size")
+    raise MetricInputError(
+      f"images ({np.shape(images)[0]}) and references "
+      f"({np.shape(references)[0]}) differ in batch size"
+    )
 
 
 def stack_images(images: Sequence, name: str = "images") -> np.ndarray:
@@ -126,8 +136,10 @@ def stack_images(images: Sequence, name: str = "images") -> np.ndarray:
     if a.ndim != 3:
       raise MetricInputError(f"{name}[{i}]: expected an HWC image; got shape {a.shape}")
     if a.shape != first:
-      raise MetricInputError(f"{name}: mixed image sizes: {name}[0] is {first}, {name}[{i}] is "
-                             f"{a.shape}; resize them to one size first")
+      raise MetricInputError(
+        f"{name}: mixed image sizes: {name}[0] is {first}, {name}[{i}] is "
+        f"{a.shape}; resize them to one size first"
+      )
   return np.stack(arrays)
 
 
@@ -166,7 +178,7 @@ def resize_center_crop(images: jax.Array, size: int, method: str = "cubic") -> j
   nh, nw = (size, new_long) if h <= w else (new_long, size)
   images = jax.image.resize(images, (b, nh, nw, c), method, antialias=True)
   top, left = (nh - size) // 2, (nw - size) // 2
-  return images[:, top:top + size, left:left + size]
+  return images[:, top : top + size, left : left + size]
 
 
 def clip_pixels(images: jax.Array, size: int) -> jax.Array:
@@ -179,8 +191,9 @@ def clip_image_embeds(model, images: jax.Array) -> jax.Array:
   return model.get_image_features(clip_pixels(images, model.config.vision_config.image_size))
 
 
-def clip_text_embeds(model, input_ids: jax.Array,
-                     attention_mask: jax.Array | None = None) -> jax.Array:
+def clip_text_embeds(
+  model, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
   return model.get_text_features(input_ids, attention_mask)
 
 
@@ -191,11 +204,13 @@ def clip_i(model, images: jax.Array, references: jax.Array) -> jax.Array:
   return cosine(both[:n], both[n:])
 
 
-def clip_t(model, images: jax.Array, input_ids: jax.Array,
-           attention_mask: jax.Array | None = None) -> jax.Array:
+def clip_t(
+  model, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
   """CLIP-T per (image, caption), (B,): raw cosine of image and text embeddings."""
-  return cosine(clip_image_embeds(model, images),
-                clip_text_embeds(model, input_ids, attention_mask))
+  return cosine(
+    clip_image_embeds(model, images), clip_text_embeds(model, input_ids, attention_mask)
+  )
 
 
 def dino_features(model, images: jax.Array, preprocessing: dict | None = None) -> jax.Array:
@@ -204,8 +219,9 @@ def dino_features(model, images: jax.Array, preprocessing: dict | None = None) -
   return model.cls_features(vit.preprocess(images, **kw))
 
 
-def dino_score(model, images: jax.Array, references: jax.Array,
-               preprocessing: dict | None = None) -> jax.Array:
+def dino_score(
+  model, images: jax.Array, references: jax.Array, preprocessing: dict | None = None
+) -> jax.Array:
   """DINO per pair, (B,): cosine of DINO ViT-S/16 class tokens; `model` a `vit.ViTModel`."""
   both = dino_features(model, jnp.concatenate([images, references], 0), preprocessing)
   n = images.shape[0]
@@ -220,10 +236,15 @@ def load_weights(path, family: str, what: str, dtype=jnp.float32, mesh=None) -> 
   """`checkpoints.load_module` with an error that says how to produce the missing directory."""
   path = Path(path) if path else None
   if path is None or not (path / checkpoints.CONFIG_FILE).exists():
-    reason = "no directory given" if path is None else (
-        f"{path} does not exist" if not path.exists() else f"{path} holds no converted model")
-    raise MissingWeightsError(f"{what} needs converted {family!r} weights: {reason}; make them "
-                              f"with `python -m puma_jax.convert {family} --src=... --dst=DIR`")
+    reason = (
+      "no directory given"
+      if path is None
+      else (f"{path} does not exist" if not path.exists() else f"{path} holds no converted model")
+    )
+    raise MissingWeightsError(
+      f"{what} needs converted {family!r} weights: {reason}; make them "
+      f"with `python -m puma_jax.convert {family} --src=... --dst=DIR`"
+    )
   return checkpoints.load_module(path, dtype=dtype, mesh=mesh, family=family)
 
 
@@ -242,6 +263,7 @@ class _Scorer:
 
 class LPIPSMetric(_Scorer):
   """`LPIPSMetric.load(dir)(images, references)` -> LPIPS per pair (B,), images in [0, 1]."""
+
   family = "lpips-alex"
 
   def __init__(self, model):
@@ -264,6 +286,7 @@ class LPIPSMetric(_Scorer):
 
 class CLIPScorer(_Scorer):
   """CLIP-I / CLIP-T from a converted `clip` directory (CLIP ViT-B/32 for the paper)."""
+
   family = "clip"
 
   def __init__(self, model, tokenizer=None):
@@ -280,16 +303,21 @@ class CLIPScorer(_Scorer):
     tok = None
     if tokenizer:
       from puma_jax.evaluation import clip_tokenizer
+
       tok = clip_tokenizer.load(path)
     return cls(model, tok)
 
   def tokenize(self, texts: Sequence[str]):
     if self.tokenizer is None:
-      raise MetricInputError("CLIP-T on raw text needs a tokenizer; load the scorer from a "
-                             "directory holding vocab.json and merges.txt")
+      raise MetricInputError(
+        "CLIP-T on raw text needs a tokenizer; load the scorer from a "
+        "directory holding vocab.json and merges.txt"
+      )
     from puma_jax.evaluation import clip_tokenizer
-    return clip_tokenizer.tokenize(self.tokenizer, texts,
-                                   self.model.config.text_config.max_position_embeddings)
+
+    return clip_tokenizer.tokenize(
+      self.tokenizer, texts, self.model.config.text_config.max_position_embeddings
+    )
 
   def image_embeds(self, images) -> jax.Array:
     check_images(images)
@@ -326,16 +354,20 @@ def vit_preprocessing(path) -> dict:
   if not cfg_path.exists():
     return {}
   import json
+
   cfg = json.loads(cfg_path.read_text())
   out = {}
   if "resample" in cfg:
     if cfg["resample"] not in _RESAMPLE:
-      raise MetricInputError(f"{cfg_path}: resample={cfg['resample']} is not supported "
-                             f"(supported: {sorted(_RESAMPLE)}, bilinear and bicubic)")
+      raise MetricInputError(
+        f"{cfg_path}: resample={cfg['resample']} is not supported "
+        f"(supported: {sorted(_RESAMPLE)}, bilinear and bicubic)"
+      )
     out["method"] = _RESAMPLE[cfg["resample"]]
   if cfg.get("do_normalize", True):
-    out.update({k: tuple(cfg[f]) for k, f in (("mean", "image_mean"), ("std", "image_std"))
-                if f in cfg})
+    out.update(
+      {k: tuple(cfg[f]) for k, f in (("mean", "image_mean"), ("std", "image_std")) if f in cfg}
+    )
   else:
     out.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
   return out
@@ -343,6 +375,7 @@ def vit_preprocessing(path) -> dict:
 
 class DINOScorer(_Scorer):
   """`DINOScorer.load(dir)(images, references)` -> DINO score per pair (B,)."""
+
   family = "dino-vit"
 
   def __init__(self, model, preprocessing: dict | None = None):
@@ -377,6 +410,8 @@ def psnr_checked(images, references, data_range: float = 1.0) -> jax.Array:
   check_images(images, "images", (0.0, data_range))
   check_images(references, "references", (0.0, data_range))
   if tuple(np.shape(images)) != tuple(np.shape(references)):
-    raise MetricInputError(f"images {tuple(np.shape(images))} and references "
-                           f"{tuple(np.shape(references))} differ in shape")
+    raise MetricInputError(
+      f"images {tuple(np.shape(images))} and references "
+      f"{tuple(np.shape(references))} differ in shape"
+    )
   return _psnr_jit(jnp.asarray(images), jnp.asarray(references), data_range=float(data_range))

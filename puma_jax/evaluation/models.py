@@ -76,8 +76,9 @@ class ToyGenerator:
       for i, p in zip(indices, prompts):
         base = np.random.default_rng(zlib.crc32(p.encode())).uniform(0, 255, (g, g, 3))
         base = imaging.resize(base.astype(np.uint8), self.size).astype(np.float64)
-        imgs.append(np.clip(base + self._noise(f"{p}{s}{i}", seed, base.shape), 0, 255)
-                    .astype(np.uint8))
+        imgs.append(
+          np.clip(base + self._noise(f"{p}{s}{i}", seed, base.shape), 0, 255).astype(np.uint8)
+        )
       out[s] = np.stack(imgs)
     return out
 
@@ -88,8 +89,9 @@ class ToyGenerator:
       for i, im, instr in zip(indices, images, instructions):
         x = _block_average(np.asarray(im), self._grid(s)).astype(np.float64)
         tint = np.random.default_rng(zlib.crc32(instr.encode())).uniform(-30, 30, 3)
-        res.append(np.clip(x + tint + self._noise(f"{instr}{s}{i}", seed, x.shape), 0, 255)
-                   .astype(np.uint8))
+        res.append(
+          np.clip(x + tint + self._noise(f"{instr}{s}{i}", seed, x.shape), 0, 255).astype(np.uint8)
+        )
       out[s] = np.stack(res)
     return out
 
@@ -97,8 +99,9 @@ class ToyGenerator:
     answers = []
     for im, q in zip(images, questions):
       mean = np.asarray(im, np.float64).reshape(-1, 3).mean(0)
-      name = min(synthetic.COLORS,
-                 key=lambda c: np.sum((np.array(synthetic.COLORS[c]) - mean) ** 2))
+      name = min(
+        synthetic.COLORS, key=lambda c: np.sum((np.array(synthetic.COLORS[c]) - mean) ** 2)
+      )
       if "yes or no" in q.lower():
         answers.append("Yes" if name in q.lower() else "No")
       else:
@@ -114,6 +117,7 @@ class ReconstructionGenerator:
 
   def reconstruct(self, images, scale: str, seed: int, indices) -> np.ndarray:
     from puma_jax.diffusion import sampler as SM
+
     if scale not in self.reconstructors:
       raise ValueError(f"no decoder for scale {scale} (have {sorted(self.reconstructors)})")
     rec = self.reconstructors[scale]
@@ -124,6 +128,7 @@ class ReconstructionGenerator:
 def record_keys(seed: int, indices) -> jax.Array:
   """fold_in(key(seed), i) per record: `sampler.sample_keys` of the whole dataset, row i."""
   import jax.numpy as jnp
+
   base = jax.random.key(seed)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(list(indices), jnp.int32))
 
@@ -139,13 +144,15 @@ class PipelineGenerator:
   def _decode(self, feats: dict, scales, seed, indices) -> dict:
     import jax.numpy as jnp
     from puma_jax.diffusion import sampler as SM
+
     out = {}
     for s in scales:
       if s not in self.pipe.decoders or self.pipe.vae is None:
         raise ValueError(f"scale {s} needs a decoder (model.decoders.{s}) and model.vae")
       if s not in self._samplers:
-        self._samplers[s] = SM.DecoderSampler(self.pipe.decoders[s], self.pipe.vae,
-                                              self.pipe.settings)
+        self._samplers[s] = SM.DecoderSampler(
+          self.pipe.decoders[s], self.pipe.vae, self.pipe.settings
+        )
       f = jnp.asarray(feats[s], jnp.float32)
       uncond = jnp.broadcast_to(jnp.asarray(self.pipe.uncond_features(s)), f.shape)
       out[s] = np.asarray(SM.to_uint8(self._samplers[s](f, uncond, record_keys(seed, indices))))
@@ -156,8 +163,7 @@ class PipelineGenerator:
     return self._decode(feats, scales, seed, indices)
 
   def edit(self, images, instructions, scales, seed: int, indices) -> dict:
-    feats = self.pipe.edit(list(images), list(instructions), tuple(scales),
-                           return_features=True)
+    feats = self.pipe.edit(list(images), list(instructions), tuple(scales), return_features=True)
     return self._decode(feats, scales, seed, indices)
 
   def chat(self, images, questions, max_new_tokens: int = 64) -> list[str]:
@@ -167,14 +173,21 @@ class PipelineGenerator:
 def _tiny_parts(seed: int, scales, steps: int):
   from puma_jax.diffusion import sampler as SM
   from puma_jax.models import clip, puma, puma_decoder as PD, unet, vae as V
+
   decoders = {}
   for s in scales:
     n = pooling.SCALE_TOKENS[pooling.scale_index(s)]
     u = unet.tiny_config(addition_embed_type=None, cross_attention_dim=32)
-    dc = PD.PumaDecoderConfig(unet=u, mapping_dim=clip.tiny().hidden_size, mapping_dim1=32,
-                              num_tokens=n, use_embeds=n == 256)
-    decoders[s] = numpy_random_module(lambda dc=dc: PD.PumaDecoder(dc, rngs=nnx.Rngs(0)),
-                                      seed + 1 + pooling.scale_index(s))
+    dc = PD.PumaDecoderConfig(
+      unet=u,
+      mapping_dim=clip.tiny().hidden_size,
+      mapping_dim1=32,
+      num_tokens=n,
+      use_embeds=n == 256,
+    )
+    decoders[s] = numpy_random_module(
+      lambda dc=dc: PD.PumaDecoder(dc, rngs=nnx.Rngs(0)), seed + 1 + pooling.scale_index(s)
+    )
   vae = numpy_random_module(lambda: V.AutoencoderKL(V.tiny_config(), rngs=nnx.Rngs(0)), seed + 7)
   return decoders, vae, SM.SamplerSettings(num_steps=steps), puma, clip
 
@@ -184,39 +197,64 @@ def build_generator(protocol: str, mcfg, scales):
   if kind == "toy":
     return ToyGenerator(int(mcfg.toy_size))
   from puma_jax.diffusion import sampler as SM
+
   if kind == "tiny":
     decoders, vae, settings, puma, clip = _tiny_parts(int(mcfg.seed), scales, int(mcfg.steps))
     if protocol == "reconstruction":
       from puma_jax import reconstruct
-      cm = numpy_random_module(lambda: clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0)),
-                               int(mcfg.seed))
-      return ReconstructionGenerator({s: reconstruct.Reconstructor(cm, decoders[s], vae, s,
-                                                                    settings) for s in scales})
+
+      cm = numpy_random_module(
+        lambda: clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0)), int(mcfg.seed)
+      )
+      return ReconstructionGenerator(
+        {s: reconstruct.Reconstructor(cm, decoders[s], vae, s, settings) for s in scales}
+      )
     from puma_jax import tokenizer as tokenizer_lib
     from puma_jax.inference.pipelines import PumaPipeline
-    model = numpy_random_module(lambda: puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0)),
-                                int(mcfg.seed))
+
+    model = numpy_random_module(
+      lambda: puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0)), int(mcfg.seed)
+    )
     tok = tokenizer_lib.ByteTokenizer()
-    return PipelineGenerator(PumaPipeline(model, encode=tok.encode, decode=tok.decode,
-                                          special=tok.special, decoders=decoders, vae=vae,
-                                          settings=settings))
+    return PipelineGenerator(
+      PumaPipeline(
+        model,
+        encode=tok.encode,
+        decode=tok.decode,
+        special=tok.special,
+        decoders=decoders,
+        vae=vae,
+        settings=settings,
+      )
+    )
   if kind == "puma":
     settings = SM.SamplerSettings(num_steps=int(mcfg.steps), guidance_scale=float(mcfg.guidance))
     decs = {s: d for s, d in dict(mcfg.decoders).items() if d}
     if protocol == "reconstruction":
       from puma_jax import reconstruct
+
       missing = [s for s in scales if s not in decs]
       if missing or not mcfg.clip or not mcfg.vae:
-        raise M.MissingWeightsError(f"reconstruction needs model.clip, model.vae and "
-                                    f"model.decoders for {missing or list(scales)}")
-      return ReconstructionGenerator({s: reconstruct.load(decs[s], mcfg.clip, mcfg.vae, s,
-                                                          settings) for s in scales})
+        raise M.MissingWeightsError(
+          f"reconstruction needs model.clip, model.vae and "
+          f"model.decoders for {missing or list(scales)}"
+        )
+      return ReconstructionGenerator(
+        {s: reconstruct.load(decs[s], mcfg.clip, mcfg.vae, s, settings) for s in scales}
+      )
     if not mcfg.puma:
       raise M.MissingWeightsError("model.kind='puma' needs model.puma (a converted PUMA dir)")
     from puma_jax.inference.pipelines import PumaPipeline
-    return PipelineGenerator(PumaPipeline.load(mcfg.puma, decoders=decs, vae=mcfg.vae,
-                                               tokenizer=mcfg.tokenizer or "byte",
-                                               settings=settings))
+
+    return PipelineGenerator(
+      PumaPipeline.load(
+        mcfg.puma,
+        decoders=decs,
+        vae=mcfg.vae,
+        tokenizer=mcfg.tokenizer or "byte",
+        settings=settings,
+      )
+    )
   raise ValueError(f"model.kind={kind!r}; choose puma, tiny or toy")
 
 
@@ -255,7 +293,7 @@ class ByteClipTokenizer:
   def __call__(self, texts, padding, truncation, max_length, return_attention_mask):
     ids, masks = [], []
     for t in texts:
-      body = [b % self.bos for b in t.lower().encode()][:max_length - 2]
+      body = [b % self.bos for b in t.lower().encode()][: max_length - 2]
       row = [self.bos] + body + [self.eos]
       ids.append(row + [self.eos] * (max_length - len(row)))
       masks.append([1] * len(row) + [0] * (max_length - len(row)))
@@ -281,9 +319,14 @@ class MetricNets:
 
   def lpips(self) -> M.LPIPSMetric:
     from puma_jax.models import lpips
-    return self._get("lpips", lambda p: M.LPIPSMetric.load(p, self.mesh),
-                     lambda: M.LPIPSMetric(numpy_random_module(
-                         lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 11, nonneg="lins")))
+
+    return self._get(
+      "lpips",
+      lambda p: M.LPIPSMetric.load(p, self.mesh),
+      lambda: M.LPIPSMetric(
+        numpy_random_module(lambda: lpips.LPIPS(rngs=nnx.Rngs(0)), 11, nonneg="lins")
+      ),
+    )
 
   def clip(self) -> M.CLIPScorer:
     from puma_jax.models import clip_text
@@ -291,21 +334,37 @@ class MetricNets:
     def tiny():
       cfg = clip_text.tiny()
       model = numpy_random_module(lambda: clip_text.CLIPModel(cfg, rngs=nnx.Rngs(0)), 12)
-      return M.CLIPScorer(model, ByteClipTokenizer(cfg.text_config.bos_token_id,
-                                                   cfg.text_config.eos_token_id))
+      return M.CLIPScorer(
+        model, ByteClipTokenizer(cfg.text_config.bos_token_id, cfg.text_config.eos_token_id)
+      )
+
     return self._get("clip", lambda p: M.CLIPScorer.load(p, self.mesh), tiny)
 
   def dino(self) -> M.DINOScorer:
     from puma_jax.models import vit
-    cfg = vit.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, image_size=32, patch_size=8)
-    return self._get("dino", lambda p: M.DINOScorer.load(p, self.mesh),
-                     lambda: M.DINOScorer(numpy_random_module(
-                         lambda: vit.ViTModel(cfg, rngs=nnx.Rngs(0)), 13)))
+
+    cfg = vit.ViTConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    )
+    return self._get(
+      "dino",
+      lambda p: M.DINOScorer.load(p, self.mesh),
+      lambda: M.DINOScorer(numpy_random_module(lambda: vit.ViTModel(cfg, rngs=nnx.Rngs(0)), 13)),
+    )
 
   def inception(self) -> fid_lib.InceptionFeatures:
     from puma_jax.models import inception
+
     cfg = inception.InceptionConfig(image_size=inception.MIN_SIZE)
-    return self._get("inception", lambda p: fid_lib.InceptionFeatures.load(p, self.mesh),
-                     lambda: fid_lib.InceptionFeatures(numpy_random_module(
-                         lambda: inception.FIDInceptionV3(cfg, rngs=nnx.Rngs(0)), 14, gain=2.0)))
+    return self._get(
+      "inception",
+      lambda p: fid_lib.InceptionFeatures.load(p, self.mesh),
+      lambda: fid_lib.InceptionFeatures(
+        numpy_random_module(lambda: inception.FIDInceptionV3(cfg, rngs=nnx.Rngs(0)), 14, gain=2.0)
+      ),
+    )

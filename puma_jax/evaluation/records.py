@@ -22,9 +22,12 @@ import numpy as np
 from puma_jax.data import imaging, synthetic
 
 PROTOCOLS = ("reconstruction", "text_to_image", "editing", "understanding")
-REQUIRED = {"reconstruction": ("image",), "text_to_image": ("caption", "image"),
-            "editing": ("source", "instruction", "target_caption"),
-            "understanding": ("image", "question", "answer", "kind")}
+REQUIRED = {
+  "reconstruction": ("image",),
+  "text_to_image": ("caption", "image"),
+  "editing": ("source", "instruction", "target_caption"),
+  "understanding": ("image", "question", "answer", "kind"),
+}
 IMAGE_FIELDS = ("image", "source")
 
 
@@ -54,8 +57,7 @@ def read_jsonl(path: str, protocol: str) -> list[dict]:
     except json.JSONDecodeError as e:
       raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
     if not isinstance(rec, dict):
-      raise EvalDataError(f"{path}:{n}: a record must be a JSON object, got "
-                          f"{type(rec).__name__}")
+      raise EvalDataError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
     missing = [f for f in REQUIRED[protocol] if f not in rec]
     if missing:
       raise EvalDataError(f"{path}:{n}: {protocol} record lacks field(s) {missing}")
@@ -93,8 +95,14 @@ def load_image(value, size: int | None = None, mixed_sizes: str = "resize") -> n
 
 
 def _source(family: str, cfg):
-  return synthetic.SyntheticSource(family, "eval", seed=int(cfg.seed), image_size=int(cfg.size),
-                                   num_train=int(cfg.num_train), num_eval=int(cfg.num_items))
+  return synthetic.SyntheticSource(
+    family,
+    "eval",
+    seed=int(cfg.seed),
+    image_size=int(cfg.size),
+    num_train=int(cfg.num_train),
+    num_eval=int(cfg.num_items),
+  )
 
 
 def synthetic_records(protocol: str, cfg) -> list[dict]:
@@ -104,8 +112,10 @@ def synthetic_records(protocol: str, cfg) -> list[dict]:
     return [{"id": r["key"], "image": r["image"]} for r in (src[i] for i in range(len(src)))]
   if protocol == "text_to_image":
     src = _source("pairs", cfg)
-    return [{"id": r["key"], "caption": r["caption"], "image": r["image"]}
-            for r in (src[i] for i in range(len(src)))]
+    return [
+      {"id": r["key"], "caption": r["caption"], "image": r["image"]}
+      for r in (src[i] for i in range(len(src)))
+    ]
   if protocol == "editing":
     src = _source("edit", cfg)
     out = []
@@ -116,9 +126,15 @@ def synthetic_records(protocol: str, cfg) -> list[dict]:
       rng = np.random.default_rng([src.seed, sid, synthetic.FAMILIES.index("edit")])
       target, instr = synthetic.edit(scene, rng)
       assert instr == r["instruction"]
-      out.append({"id": r["key"], "source": r["source"], "instruction": instr,
-                  "target_caption": synthetic.caption(target)[0],
-                  "source_caption": synthetic.caption(scene)[0]})
+      out.append(
+        {
+          "id": r["key"],
+          "source": r["source"],
+          "instruction": instr,
+          "target_caption": synthetic.caption(target)[0],
+          "source_caption": synthetic.caption(scene)[0],
+        }
+      )
     return out
   if protocol == "understanding":
     return _understanding(_source("chat", cfg))
@@ -134,18 +150,41 @@ def _understanding(src) -> list[dict]:
     scene = synthetic.make_scene(src.seed, sid)
     img = r["image"]
     q = r["conversations"][0]["value"].replace("<image>\n", "")
-    out.append({"id": f"{r['key']}:short", "image": img, "question": q,
-                "answer": r["conversations"][1]["value"], "kind": "short"})
+    out.append(
+      {
+        "id": f"{r['key']}:short",
+        "image": img,
+        "question": q,
+        "answer": r["conversations"][1]["value"],
+        "kind": "short",
+      }
+    )
     opts = dict(zip("ABC", synthetic.BACKGROUNDS))
     answer = "ABC"[synthetic.BACKGROUNDS.index(scene.background)]
-    out.append({"id": f"{r['key']}:choice", "image": img, "kind": "choice", "options": opts,
-                "question": "What colour is the background?", "answer": answer})
+    out.append(
+      {
+        "id": f"{r['key']}:choice",
+        "image": img,
+        "kind": "choice",
+        "options": opts,
+        "question": "What colour is the background?",
+        "answer": answer,
+      }
+    )
     other = [b for b in synthetic.BACKGROUNDS if b != scene.background]
     wrong = other[zlib.crc32(r["key"].encode()) % len(other)]
     for bg, ans in ((scene.background, "yes"), (wrong, "no")):
-      out.append({"id": f"{r['key']}:yn_{bg}", "image": img, "kind": "yes_no",
-                  "question": f"Is the background {bg}? Please answer yes or no.",
-                  "answer": ans, "category": "color", "image_id": r["key"]})
+      out.append(
+        {
+          "id": f"{r['key']}:yn_{bg}",
+          "image": img,
+          "kind": "yes_no",
+          "question": f"Is the background {bg}? Please answer yes or no.",
+          "answer": ans,
+          "category": "color",
+          "image_id": r["key"],
+        }
+      )
   return out
 
 
@@ -161,11 +200,14 @@ def load_records(protocol: str, data_cfg) -> list[dict]:
   else:
     raise EvalDataError(f"data.source={data_cfg.source!r}; choose synthetic or jsonl")
   if not recs:
-    raise EvalDataError(f"{protocol}: the dataset is empty ({data_cfg.source}"
-                        f"{': ' + str(data_cfg.path) if data_cfg.source == 'jsonl' else ''})")
+    raise EvalDataError(
+      f"{protocol}: the dataset is empty ({data_cfg.source}"
+      f"{': ' + str(data_cfg.path) if data_cfg.source == 'jsonl' else ''})"
+    )
   ids = [str(r["id"]) for r in recs]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
-    raise EvalDataError(f"{protocol}: record id {dup!r} occurs more than once (ids key the resume "
-                        "files)")
+    raise EvalDataError(
+      f"{protocol}: record id {dup!r} occurs more than once (ids key the resume files)"
+    )
   return recs

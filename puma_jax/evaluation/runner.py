@@ -32,17 +32,35 @@ from puma_jax.evaluation import models, records as R
 
 # Paper numbers (docs/DESIGN.md §13) beside the metric names that correspond to them.
 PAPER = {
-    "reconstruction": {"f0/psnr": 18.16, "f0/lpips": 0.2215, "f1/psnr": 13.26, "f1/lpips": 0.4325,
-                       "f2/psnr": 12.35, "f2/lpips": 0.4992, "f3/psnr": 11.04, "f3/lpips": 0.5971,
-                       "f4/psnr": 10.76, "f4/lpips": 0.6481},
-    "text_to_image": {"max/clip_i": 0.736, "max/clip_t": 0.317, "f4/lpips_d": 0.613},
-    "editing": {"max/clip_i": 0.846, "max/clip_t": 0.270, "max/dino": 0.785},
-    "understanding": {"choice/accuracy": "68.9 (MMBench)", "mme/total": "1490.3 (MME)",
-                      "short/accuracy": "60.6 (GQA) / 76.2 (VQAv2)"},
+  "reconstruction": {
+    "f0/psnr": 18.16,
+    "f0/lpips": 0.2215,
+    "f1/psnr": 13.26,
+    "f1/lpips": 0.4325,
+    "f2/psnr": 12.35,
+    "f2/lpips": 0.4992,
+    "f3/psnr": 11.04,
+    "f3/lpips": 0.5971,
+    "f4/psnr": 10.76,
+    "f4/lpips": 0.6481,
+  },
+  "text_to_image": {"max/clip_i": 0.736, "max/clip_t": 0.317, "f4/lpips_d": 0.613},
+  "editing": {"max/clip_i": 0.846, "max/clip_t": 0.270, "max/dino": 0.785},
+  "understanding": {
+    "choice/accuracy": "68.9 (MMBench)",
+    "mme/total": "1490.3 (MME)",
+    "short/accuracy": "60.6 (GQA) / 76.2 (VQAv2)",
+  },
 }
 # Fields that change how a run is executed but not its numbers.
-_EXECUTION_ONLY = ("mesh", "num_devices", "batch_size", "max_items_this_run", "process_index",
-                   "process_count")
+_EXECUTION_ONLY = (
+  "mesh",
+  "num_devices",
+  "batch_size",
+  "max_items_this_run",
+  "process_index",
+  "process_count",
+)
 
 
 class EvalError(RuntimeError):
@@ -75,6 +93,7 @@ def make_put(mesh):
     if n % dp:
       x = np.concatenate([x, np.repeat(x[-1:], dp - n % dp, 0)])
     return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)), n
+
   return put
 
 
@@ -102,8 +121,10 @@ class ShardFile:
       except (json.JSONDecodeError, UnicodeDecodeError):
         if n < len(chunks) - 1 and any(c.strip() for c in chunks[n:]):
           # Complete lines follow: not a torn tail but a damaged file; refuse to guess.
-          raise EvalError(f"{self.path}:{n}: not JSON; remove the file (or the workdir) to "
-                          "score this host's records again") from None
+          raise EvalError(
+            f"{self.path}:{n}: not JSON; remove the file (or the workdir) to "
+            "score this host's records again"
+          ) from None
         break  # a torn write from an interrupted run: everything after it is redone
       self._check_line(ln, n)
       lines.append(ln)
@@ -118,21 +139,28 @@ class ShardFile:
           with np.load(path, allow_pickle=False) as z:
             ln["feats"] = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError) as e:
-          raise EvalError(f"{self.path}: batch {ln['batch']} names features file {path}, "
-                          f"which cannot be read ({type(e).__name__}: {e})") from None
+          raise EvalError(
+            f"{self.path}: batch {ln['batch']} names features file {path}, "
+            f"which cannot be read ({type(e).__name__}: {e})"
+          ) from None
     return lines
 
   def _check_line(self, ln, n: int) -> None:
     """A line must be {"batch": int, "items": [{"id", "idx", ...}], "features"?: str}."""
     where = f"{self.path}:{n}"
-    if not isinstance(ln, dict) or not isinstance(ln.get("batch"), int) or not isinstance(
-        ln.get("items"), list):
-      raise EvalError(f"{where}: not a shard line ({{\"batch\": int, \"items\": [...]}}); "
-                      f"got {str(ln)[:80]}")
+    if (
+      not isinstance(ln, dict)
+      or not isinstance(ln.get("batch"), int)
+      or not isinstance(ln.get("items"), list)
+    ):
+      raise EvalError(
+        f'{where}: not a shard line ({{"batch": int, "items": [...]}}); got {str(ln)[:80]}'
+      )
     for it in ln["items"]:
       if not isinstance(it, dict) or "id" not in it or not isinstance(it.get("idx"), int):
-        raise EvalError(f"{where}: an item is not an object with \"id\" and \"idx\"; got "
-                        f"{str(it)[:80]}")
+        raise EvalError(
+          f'{where}: an item is not an object with "id" and "idx"; got {str(it)[:80]}'
+        )
     feats = ln.get("features")
     if feats is not None and (not isinstance(feats, str) or os.path.basename(feats) != feats):
       raise EvalError(f"{where}: features {feats!r} is not a file name in {self.root}")
@@ -181,15 +209,18 @@ def evaluate(cfg, workdir: str, log=print) -> dict | None:
   shard_dir.mkdir(parents=True, exist_ok=True)
   pi, pc = _host(cfg)
   # One run per host share: two runs appending to one shard file would double every result.
-  lock = fileio.WorkdirLock(shard_dir, f"eval run (host {pi} of {pc})",
-                            name=f"host{pi:03d}-of-{pc:03d}.lock")
+  lock = fileio.WorkdirLock(
+    shard_dir, f"eval run (host {pi} of {pc})", name=f"host{pi:03d}-of-{pc:03d}.lock"
+  )
   try:
     lock.acquire()
   except fileio.LockedError as e:
     raise EvalError(str(e)) from None
   if lock.took_over:
-    log(f"[eval {protocol}] taking over the lock of a run that died (pid "
-        f"{lock.took_over.get('pid')} on {lock.took_over.get('host')})")
+    log(
+      f"[eval {protocol}] taking over the lock of a run that died (pid "
+      f"{lock.took_over.get('pid')} on {lock.took_over.get('host')})"
+    )
   try:
     return _evaluate(cfg, workdir, shard_dir, pi, pc, log)
   finally:
@@ -202,14 +233,16 @@ def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dic
   fp = _fingerprint(cfg)
   if pinned.exists():
     if json.loads(pinned.read_text()) != fp:
-      raise EvalError(f"{workdir} holds a run with another config ({pinned}); use a new "
-                      "--workdir or the same config to resume")
+      raise EvalError(
+        f"{workdir} holds a run with another config ({pinned}); use a new "
+        "--workdir or the same config to resume"
+      )
   else:
     pinned.write_text(json.dumps(fp, indent=1, sort_keys=True))
 
   recs = R.load_records(protocol, cfg.data)
   if cfg.max_items > 0:
-    recs = recs[:int(cfg.max_items)]
+    recs = recs[: int(cfg.max_items)]
   for i, r in enumerate(recs):
     r["idx"] = i
   mine = recs[pi::pc]
@@ -217,14 +250,16 @@ def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dic
   done_lines = shard.read()
   finished = {it["id"] for ln in done_lines for it in ln["items"]}
   pending = [r for r in mine if str(r["id"]) not in finished]
-  log(f"[eval {protocol}] host {pi}/{pc}: {len(mine)} records, {len(mine) - len(pending)} "
-      f"already done, {len(pending)} to score")
+  log(
+    f"[eval {protocol}] host {pi}/{pc}: {len(mine)} records, {len(mine) - len(pending)} "
+    f"already done, {len(pending)} to score"
+  )
 
   devices = jax.local_devices()
   if cfg.num_devices > 0:
     if cfg.num_devices > len(devices):
       raise EvalError(f"num_devices={cfg.num_devices} but this host has {len(devices)}")
-    devices = devices[:int(cfg.num_devices)]
+    devices = devices[: int(cfg.num_devices)]
   mesh = sharding.make_mesh(dict(cfg.mesh), devices=devices)
   nets = models.MetricNets(cfg.metrics, mesh)
   gen = models.build_generator(protocol, cfg.model, tuple(cfg.scales)) if pending else None
@@ -236,7 +271,7 @@ def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dic
     if budget > 0 and scored >= budget:
       log(f"[eval {protocol}] stopping after {scored} items (max_items_this_run); rerun to resume")
       return None
-    batch = pending[start:start + bs]
+    batch = pending[start : start + bs]
     items, feats = ev.score(batch)
     idx = {str(r["id"]): r["idx"] for r in batch}
     for it in items:
@@ -250,6 +285,7 @@ def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dic
 
   if pc > 1 and cfg.process_count < 0:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("puma_jax_eval_done")
   if pi != 0:
     return None
@@ -263,20 +299,31 @@ def _evaluate(cfg, workdir: Path, shard_dir: Path, pi: int, pc: int, log) -> dic
   items, feats = _gather(lines)
   idx = [it["idx"] for it in items]
   if len(set(idx)) != len(idx):
-    raise EvalError(f"shard files in {shard_dir} hold {len(idx) - len(set(idx))} duplicate "
-                    "result(s) (written by two runs at once?); remove them to score again")
+    raise EvalError(
+      f"shard files in {shard_dir} hold {len(idx) - len(set(idx))} duplicate "
+      "result(s) (written by two runs at once?); remove them to score again"
+    )
   if len(items) != len(recs):
     raise EvalError(f"shard files hold {len(items)} results for {len(recs)} records")
   if not any("values" in it for it in items):
     reasons = sorted({it["skip"] for it in items})
-    raise EvalError(f"{protocol}: every record was skipped ({', '.join(reasons)}); first: "
-                    f"{items[0].get('detail', '')}")
+    raise EvalError(
+      f"{protocol}: every record was skipped ({', '.join(reasons)}); first: "
+      f"{items[0].get('detail', '')}"
+    )
   results = ev.aggregate(items, feats)
-  out = {"protocol": protocol, "metrics": results, "records": len(recs), "hosts": pc,
-         "devices_per_host": len(devices), "model": cfg.model.kind,
-         "random_weights": sorted(set(nets.random) | (
-             {f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma" else set())),
-         "config": fp}
+  out = {
+    "protocol": protocol,
+    "metrics": results,
+    "records": len(recs),
+    "hosts": pc,
+    "devices_per_host": len(devices),
+    "model": cfg.model.kind,
+    "random_weights": sorted(
+      set(nets.random) | ({f"generator ({cfg.model.kind})"} if cfg.model.kind != "puma" else set())
+    ),
+    "config": fp,
+  }
   (workdir / "results.json").write_text(json.dumps(out, indent=1, sort_keys=True))
   (workdir / "results.md").write_text(markdown(out))
   return out
@@ -291,9 +338,12 @@ def markdown(out: dict) -> str:
   paper = PAPER.get(protocol, {})
   lines = [f"# {protocol}: {out['records']} records, model {out['model']}", ""]
   if out["random_weights"]:
-    lines += ["Stand-ins built in-process (random weights or the toy generator): "
-              f"{', '.join(out['random_weights'])} (the numbers exercise the pipeline; they say "
-              "nothing about PUMA).", ""]
+    lines += [
+      "Stand-ins built in-process (random weights or the toy generator): "
+      f"{', '.join(out['random_weights'])} (the numbers exercise the pipeline; they say "
+      "nothing about PUMA).",
+      "",
+    ]
   lines += ["| metric | ours | paper (PUMA) |", "|---|---|---|"]
   for k in sorted(res):
     lines.append(f"| {k} | {_fmt(res[k])} | {_fmt(paper[k]) if k in paper else ''} |")

@@ -1,14 +1,14 @@
 """Answer scoring for the understanding benchmarks and the per-example "5-scale max".
 
-  short answers   VQAv2 / GQA style: both sides normalized (`normalize_answer`: lower case,
-                  punctuation and articles dropped, number words to digits, spaces collapsed),
-                  then exact match; with several reference answers (VQAv2's ten) the VQA
-                  accuracy min(#matching references / 3, 1).
-  multiple choice MMBench style: the option letter is read from the answer (`choice_letter`) and
-                  compared with the correct letter; an answer naming no option is wrong.
-  yes / no        MME style: the answer's leading yes/no (`yes_no`); per category
-                  accuracy = % questions right, accuracy+ = % images with *both* questions right,
-                  category score = accuracy + accuracy+, total = the sum over categories.
+short answers   VQAv2 / GQA style: both sides normalized (`normalize_answer`: lower case,
+                punctuation and articles dropped, number words to digits, spaces collapsed),
+                then exact match; with several reference answers (VQAv2's ten) the VQA
+                accuracy min(#matching references / 3, 1).
+multiple choice MMBench style: the option letter is read from the answer (`choice_letter`) and
+                compared with the correct letter; an answer naming no option is wrong.
+yes / no        MME style: the answer's leading yes/no (`yes_no`); per category
+                accuracy = % questions right, accuracy+ = % images with *both* questions right,
+                category score = accuracy + accuracy+, total = the sum over categories.
 """
 
 from __future__ import annotations
@@ -18,8 +18,20 @@ import string
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 # Keep a decimal point between digits ("1.5"); every other punctuation mark becomes a space.
 _PUNCT = re.compile(r"(?!(?<=\d)\.(?=\d))[" + re.escape(string.punctuation) + "]")
@@ -48,8 +60,9 @@ def choice_letter(prediction: str, options: Mapping[str, str]) -> str | None:
   circle" is read as text, not as option A (a letter needs punctuation or nothing after it).
   None when undecidable."""
   letters = {k.strip().upper() for k in options}
-  text = re.sub(r"^(?:the\s+)?answer(?:\s+is)?\s*:?\s*", "", str(prediction).strip(),
-                flags=re.IGNORECASE)
+  text = re.sub(
+    r"^(?:the\s+)?answer(?:\s+is)?\s*:?\s*", "", str(prediction).strip(), flags=re.IGNORECASE
+  )
   m = re.match(r"^\(?([A-Za-z])(?:\)|[.:,]|$)", text)
   if m and m.group(1).upper() in letters:
     return m.group(1).upper()
@@ -63,7 +76,7 @@ def multiple_choice_score(prediction: str, options: Mapping[str, str], answer: s
 
 
 def yes_no(prediction: str) -> str:
-  """"yes", "no" or "other" from an answer's first word (MME's parsing)."""
+  """ "yes", "no" or "other" from an answer's first word (MME's parsing)."""
   words = normalize_answer(prediction).split()
   first = words[0] if words else ""
   return first if first in ("yes", "no") else "other"

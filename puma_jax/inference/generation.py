@@ -37,9 +37,10 @@ def scale_slice(features: jax.Array, scale: str | int) -> jax.Array:
   s = pooling.scale_index(scale) if isinstance(scale, str) else int(scale)
   start, n = SCALE_OFFSET[s], pooling.SCALE_TOKENS[s]
   if features.shape[1] < start + n:
-    raise ValueError(f"features hold {features.shape[1]} slots; scale {SCALE_NAMES[s]} needs "
-                     f"{start + n}")
-  return features[:, start:start + n]
+    raise ValueError(
+      f"features hold {features.shape[1]} slots; scale {SCALE_NAMES[s]} needs {start + n}"
+    )
+  return features[:, start : start + n]
 
 
 def _prefill(model, arrays, image_feats, slots):
@@ -73,8 +74,9 @@ def _gen_features(graphdef, state, arrays, images, features, *, num_slots):
   return feats.astype(jnp.float32), router
 
 
-def generate_features(model, prompts: Sequence[dict], through: str | int = "f0", *,
-                      images=None, features=None):
+def generate_features(
+  model, prompts: Sequence[dict], through: str | int = "f0", *, images=None, features=None
+):
   """Generates image features coarse to fine after prompts that end in `[IMG]`.
 
   Returns (features (B, slots, F) with f4 first up to scale `through`, router logits (B, 5) or
@@ -82,11 +84,13 @@ def generate_features(model, prompts: Sequence[dict], through: str | int = "f0",
   input images.
   """
   num_slots = slots_through(through)
-  arrays, images, features = prompt_arrays(model, prompts, num_slots, images=images,
-                                           features=features)
+  arrays, images, features = prompt_arrays(
+    model, prompts, num_slots, images=images, features=features
+  )
   for i, pr in enumerate(prompts):
     if pr["tokens"][-1] != model.config.img_start_id:
       raise ValueError(f"prompt {i} must end with [IMG] (build it with open_image=True)")
   graphdef, state = nnx.split(model)
-  return _gen_features(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
-                       num_slots=num_slots)
+  return _gen_features(
+    graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features, num_slots=num_slots
+  )

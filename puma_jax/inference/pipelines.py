@@ -33,10 +33,19 @@ class PumaPipeline:
   (and a `vae` given as a directory) is loaded on first use, with `load_kw` (dtype,
   param_dtype, mesh), so a request loads only the decoders it decodes with."""
 
-  def __init__(self, model, *, encode, decode, special: seq.SpecialTokens,
-               decoders: Mapping[str, object] | None = None, vae=None,
-               settings: sampler_lib.SamplerSettings = sampler_lib.SamplerSettings(),
-               scheduler_config=None, load_kw: Mapping | None = None):
+  def __init__(
+    self,
+    model,
+    *,
+    encode,
+    decode,
+    special: seq.SpecialTokens,
+    decoders: Mapping[str, object] | None = None,
+    vae=None,
+    settings: sampler_lib.SamplerSettings = sampler_lib.SamplerSettings(),
+    scheduler_config=None,
+    load_kw: Mapping | None = None,
+  ):
     self.model, self.encode, self.decode_text, self.special = model, encode, decode, special
     self.decoders: dict[str, object] = {}
     self._decoder_dirs: dict[str, str] = {}
@@ -58,29 +67,54 @@ class PumaPipeline:
   def _check_decoder(name, dec):
     s = pooling.scale_index(name)
     if dec.config.num_tokens != pooling.SCALE_TOKENS[s]:
-      raise ValueError(f"decoder given for scale {name} ({pooling.SCALE_TOKENS[s]} tokens) "
-                       f"was built for num_tokens={dec.config.num_tokens}")
+      raise ValueError(
+        f"decoder given for scale {name} ({pooling.SCALE_TOKENS[s]} tokens) "
+        f"was built for num_tokens={dec.config.num_tokens}"
+      )
 
   @classmethod
-  def load(cls, puma_dir: str, *, decoders: Mapping[str, str] | None = None, vae: str = "",
-           tokenizer: str = "byte", dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-           **kw) -> PumaPipeline:
+  def load(
+    cls,
+    puma_dir: str,
+    *,
+    decoders: Mapping[str, str] | None = None,
+    vae: str = "",
+    tokenizer: str = "byte",
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh=None,
+    **kw,
+  ) -> PumaPipeline:
     """The PumaModel is loaded now; decoders and the VAE when first needed (same dtypes)."""
     from puma_jax import checkpoints, tokenizer as tokenizer_lib
+
     load_kw = {"dtype": dtype, "param_dtype": param_dtype, "mesh": mesh}
     model = checkpoints.load_module(puma_dir, family="puma", **load_kw)
     encode, decode, special = tokenizer_lib.load(tokenizer)
-    return cls(model, encode=encode, decode=decode, special=special, decoders=decoders,
-               vae=vae or None, load_kw=load_kw, **kw)
+    return cls(
+      model,
+      encode=encode,
+      decode=decode,
+      special=special,
+      decoders=decoders,
+      vae=vae or None,
+      load_kw=load_kw,
+      **kw,
+    )
 
   @classmethod
   def from_release(cls, release, **kw) -> PumaPipeline:
     """From a release directory (puma_jax/release.py; docs/SAMPLING.md) or `Release`."""
     from puma_jax import release as release_lib
-    rel = release if isinstance(release, release_lib.Release) else release_lib.Release.open(
-        release)
-    return cls.load(str(rel.puma), decoders={s: str(p) for s, p in rel.decoders().items()},
-                    vae=str(rel.vae) if rel.has("vae") else "", tokenizer=rel.tokenizer, **kw)
+
+    rel = release if isinstance(release, release_lib.Release) else release_lib.Release.open(release)
+    return cls.load(
+      str(rel.puma),
+      decoders={s: str(p) for s, p in rel.decoders().items()},
+      vae=str(rel.vae) if rel.has("vae") else "",
+      tokenizer=rel.tokenizer,
+      **kw,
+    )
 
   @property
   def scales(self) -> tuple[str, ...]:
@@ -90,11 +124,15 @@ class PumaPipeline:
   def decoder(self, scale: str):
     if scale not in self.decoders:
       if scale not in self._decoder_dirs:
-        raise ValueError(f"no decoder for scale {scale}: pass decoders={{'{scale}': ...}} "
-                         f"(available: {list(self.scales) or 'none'})")
+        raise ValueError(
+          f"no decoder for scale {scale}: pass decoders={{'{scale}': ...}} "
+          f"(available: {list(self.scales) or 'none'})"
+        )
       from puma_jax import checkpoints
-      dec = checkpoints.load_module(self._decoder_dirs[scale], family="puma-decoder",
-                                    **self.load_kw)
+
+      dec = checkpoints.load_module(
+        self._decoder_dirs[scale], family="puma-decoder", **self.load_kw
+      )
       self._check_decoder(scale, dec)
       self.decoders[scale] = dec
     return self.decoders[scale]
@@ -103,6 +141,7 @@ class PumaPipeline:
   def vae(self):
     if isinstance(self._vae, (str, os.PathLike)):
       from puma_jax import checkpoints
+
       self._vae = checkpoints.load_module(self._vae, family="vae", **self.load_kw)
     return self._vae
 
@@ -125,8 +164,9 @@ class PumaPipeline:
     return self._uncond[scale]
 
   def _prompts(self, segment_lists) -> list[dict]:
-    return [seq.build_prompt(segs, self.encode, self.special, open_image=True)
-            for segs in segment_lists]
+    return [
+      seq.build_prompt(segs, self.encode, self.special, open_image=True) for segs in segment_lists
+    ]
 
   def decode_features(self, scale: str, features, seed: int | Sequence[int] = 0) -> np.ndarray:
     """(B, tokens, F) features of `scale` -> uint8 images (B, H, W, 3).
@@ -139,18 +179,23 @@ class PumaPipeline:
       raise ValueError("no VAE: pass vae=... to decode features into pixels")
     _check_features(scale, features, self.decoders[scale].config)
     if scale not in self._samplers:
-      self._samplers[scale] = sampler_lib.DecoderSampler(decoder, self.vae, self.settings,
-                                                         self.scheduler_config)
+      self._samplers[scale] = sampler_lib.DecoderSampler(
+        decoder, self.vae, self.settings, self.scheduler_config
+      )
     features = jnp.asarray(features, jnp.float32)
     uncond = jnp.broadcast_to(jnp.asarray(self.uncond_features(scale)), features.shape)
-    keys = sampler_lib.sample_keys(seed, features.shape[0]) if np.ndim(seed) == 0 else (
-        sampler_lib.example_keys(seed))
+    keys = (
+      sampler_lib.sample_keys(seed, features.shape[0])
+      if np.ndim(seed) == 0
+      else (sampler_lib.example_keys(seed))
+    )
     if keys.shape[0] != features.shape[0]:
       raise ValueError(f"got {keys.shape[0]} seeds for {features.shape[0]} examples")
     return sampler_lib.to_uint8(self._samplers[scale](features, uncond, keys))
 
-  def _generate(self, kind: str, segment_lists, images, scales, seed, return_features,
-                cond_type=None):
+  def _generate(
+    self, kind: str, segment_lists, images, scales, seed, return_features, cond_type=None
+  ):
     prompts = self._prompts(segment_lists)
     if isinstance(scales, str):
       scales = (scales,)
@@ -160,8 +205,11 @@ class PumaPipeline:
     through = "f0" if scales is None else min(scales, key=pooling.scale_index)
     feats, logits = generation.generate_features(self.model, prompts, through, images=images)
     if scales is None:
-      chosen = (router.choose(kind, logits) if logits is not None else
-                [router.default_scale(kind, cond_type)] * len(prompts))
+      chosen = (
+        router.choose(kind, logits)
+        if logits is not None
+        else [router.default_scale(kind, cond_type)] * len(prompts)
+      )
       scales = tuple(sorted(set(chosen), key=pooling.scale_index))
       per_example = chosen
     else:
@@ -176,25 +224,47 @@ class PumaPipeline:
 
   # -- end-user pipelines ----------------------------------------------------------------------
 
-  def text_to_image(self, prompts: str | Sequence[str], scales=("f3",), *, seed: int = 0,
-                    return_features: bool = False) -> dict:
+  def text_to_image(
+    self,
+    prompts: str | Sequence[str],
+    scales=("f3",),
+    *,
+    seed: int = 0,
+    return_features: bool = False,
+  ) -> dict:
     """{scale: uint8 images (B, H, W, 3)} for each requested scale (figure 9 of the paper);
     `scales=None`: one scale per prompt chosen by the router (its names under "chosen")."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_texts(prompts, "prompts")
     _check_scales(scales)
-    return self._generate("t2i", [[seq.Text(p)] for p in prompts], None, scales, seed,
-                          return_features)
+    return self._generate(
+      "t2i", [[seq.Text(p)] for p in prompts], None, scales, seed, return_features
+    )
 
-  def edit(self, images: Sequence, instructions: Sequence[str], scales=None, *, seed: int = 0,
-           return_features: bool = False) -> dict:
+  def edit(
+    self,
+    images: Sequence,
+    instructions: Sequence[str],
+    scales=None,
+    *,
+    seed: int = 0,
+    return_features: bool = False,
+  ) -> dict:
     _check_pairs(images, instructions, "instructions")
     _check_scales(scales)
     segs = [[seq.Image(0), seq.Text(t)] for t in instructions]
     return self._generate("edit", segs, self.pixels(images), scales, seed, return_features)
 
-  def conditional(self, images: Sequence, cond_type: str, prompt: str | Sequence[str] = "",
-                  scales=None, *, seed: int = 0, return_features: bool = False) -> dict:
+  def conditional(
+    self,
+    images: Sequence,
+    cond_type: str,
+    prompt: str | Sequence[str] = "",
+    scales=None,
+    *,
+    seed: int = 0,
+    return_features: bool = False,
+  ) -> dict:
     """canny-to-image, inpainting or colorization from condition images (one prompt for all,
     or one per image)."""
     _check_images(images)
@@ -203,28 +273,40 @@ class PumaPipeline:
     if len(prompts) != len(images):
       raise ValueError(f"got {len(prompts)} prompts for {len(images)} condition images")
     segs = [seq.conditional(cond_type, p)[:2] for p in prompts]
-    return self._generate("conditional", segs, self.pixels(images), scales, seed,
-                          return_features, cond_type=cond_type)
+    return self._generate(
+      "conditional", segs, self.pixels(images), scales, seed, return_features, cond_type=cond_type
+    )
 
-  def chat(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64,
-           **sampling) -> list[str]:
+  def chat(
+    self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64, **sampling
+  ) -> list[str]:
     """Answers with the paper's system message (LLaVA-1.5 layout)."""
     _check_pairs(images, questions, "questions")
-    segs = [[seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0),
-             seq.Text("\n" + q + " ASSISTANT:")] for q in questions]
+    segs = [
+      [seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0), seq.Text("\n" + q + " ASSISTANT:")]
+      for q in questions
+    ]
     prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]
-    out = text.generate_text(self.model, prompts, max_new_tokens, images=self.pixels(images),
-                             stop_tokens=(self.special.eos,), **sampling)
+    out = text.generate_text(
+      self.model,
+      prompts,
+      max_new_tokens,
+      images=self.pixels(images),
+      stop_tokens=(self.special.eos,),
+      **sampling,
+    )
     return [self.decode_text([t for t in o if t != self.special.eos]).strip() for o in out]
 
   def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float] | None]:
     """One normalized [x_min, y_min, x_max, y_max] box per phrase (None if the model did not
     answer with four position tokens)."""
     _check_pairs(images, phrases, "phrases")
-    prompts = [seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special)
-               for p in phrases]
-    out = text.generate_text(self.model, prompts, 5, images=self.pixels(images),
-                             stop_tokens=(self.special.eos,))
+    prompts = [
+      seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special) for p in phrases
+    ]
+    out = text.generate_text(
+      self.model, prompts, 5, images=self.pixels(images), stop_tokens=(self.special.eos,)
+    )
     p0 = self.special.pos0
     boxes = []
     for toks in out:
@@ -272,8 +354,9 @@ def _check_scales(scales) -> None:
     return
   names = (scales,) if isinstance(scales, str) else tuple(scales)
   if not names:
-    raise ValueError("scales=() names no scale: give one or more of f0..f4, or None to let "
-                     "the router choose")
+    raise ValueError(
+      "scales=() names no scale: give one or more of f0..f4, or None to let the router choose"
+    )
   for s in names:
     pooling.scale_index(s)
 
@@ -282,7 +365,8 @@ def _check_features(scale: str, features, config) -> None:
   shape = tuple(np.shape(features))
   want = (pooling.SCALE_TOKENS[pooling.scale_index(scale)], config.mapping_dim)
   if len(shape) != 3 or shape[0] < 1 or shape[1:] != want:
-    raise ValueError(f"features for {scale} must have shape (B >= 1, {want[0]}, {want[1]}); "
-                     f"got {shape}")
+    raise ValueError(
+      f"features for {scale} must have shape (B >= 1, {want[0]}, {want[1]}); got {shape}"
+    )
   if not np.all(np.isfinite(np.asarray(features, np.float32))):
     raise ValueError(f"features for {scale} contain NaN or infinite values")

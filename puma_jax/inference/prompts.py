@@ -20,8 +20,9 @@ def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def left_pad(rows: Sequence[Mapping[str, Sequence[int]]],
-             fill: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+def left_pad(
+  rows: Sequence[Mapping[str, Sequence[int]]], fill: Mapping[str, int] | None = None
+) -> dict[str, np.ndarray]:
   """Left-pads rows of equal-length 1-D int fields into (B, P) int32 arrays plus a bool "mask",
   P a power-of-two bucket: every row then writes its next token into the same cache slot, and
   one compiled function serves prompts of different lengths. `fill`: pad value per field (0)."""
@@ -34,8 +35,8 @@ def left_pad(rows: Sequence[Mapping[str, Sequence[int]]],
   out["mask"] = np.zeros((len(rows), p), bool)
   for i, (r, n) in enumerate(zip(rows, lens)):
     for k in rows[0]:
-      out[k][i, p - n:] = r[k]
-    out["mask"][i, p - n:] = True
+      out[k][i, p - n :] = r[k]
+    out["mask"][i, p - n :] = True
   return out
 
 
@@ -48,11 +49,14 @@ def prompt_arrays(model, prompts: Sequence[dict], extra: int, *, images=None, fe
   for i, pr in enumerate(prompts):
     n = len(pr["tokens"])
     if n + extra > context:
-      raise ValueError(f"prompt {i} has {n} positions; with {extra} to generate it exceeds the "
-                       f"context length {context} (llm.max_position_embeddings)")
+      raise ValueError(
+        f"prompt {i} has {n} positions; with {extra} to generate it exceeds the "
+        f"context length {context} (llm.max_position_embeddings)"
+      )
     if pr["num_images"] > max_images:
-      raise ValueError(f"prompt {i} uses {pr['num_images']} images, more than the "
-                       f"{max_images} given")
+      raise ValueError(
+        f"prompt {i} uses {pr['num_images']} images, more than the {max_images} given"
+      )
   rows = [{k: pr[k] for k in ("tokens", "image_index", "image_token")} for pr in prompts]
   arrays = left_pad(rows, fill={"image_index": -1, "image_token": -1})
   return arrays, images, features
@@ -62,8 +66,7 @@ def puma_inputs(model, arrays, images, features):
   """(language model, input embeddings) of multimodal prompts: text tokens and image slots."""
   image_feats = image_features(model, images, features)
   feats = model.gather_features(image_feats, arrays["image_index"], arrays["image_token"])
-  x = model.input_embeddings(arrays["tokens"], arrays["image_index"], arrays["image_token"],
-                             feats)
+  x = model.input_embeddings(arrays["tokens"], arrays["image_index"], arrays["image_token"], feats)
   return model.llm, x
 
 
@@ -79,13 +82,17 @@ def check_images(model, images, features):
   c = model.config
   if features is not None:
     if features.ndim != 4 or features.shape[2:] != (IMAGE_TOKENS, c.feature_dim):
-      raise ValueError(f"image features must be (batch, images, {IMAGE_TOKENS}, "
-                       f"{c.feature_dim}); got {tuple(features.shape)}")
+      raise ValueError(
+        f"image features must be (batch, images, {IMAGE_TOKENS}, "
+        f"{c.feature_dim}); got {tuple(features.shape)}"
+      )
     return
   want = (c.clip.image_size, c.clip.image_size, c.clip.num_channels)
   if images.ndim != 5 or tuple(images.shape[2:]) != want:
-    raise ValueError(f"images must be preprocessed (batch, images, {want[0]}, {want[1]}, "
-                     f"{want[2]}) arrays (see clip.preprocess_pil); got {tuple(images.shape)}")
+    raise ValueError(
+      f"images must be preprocessed (batch, images, {want[0]}, {want[1]}, "
+      f"{want[2]}) arrays (see clip.preprocess_pil); got {tuple(images.shape)}"
+    )
 
 
 def image_inputs(model, n_rows, images, features):
@@ -94,5 +101,8 @@ def image_inputs(model, n_rows, images, features):
     c = model.config
     features = jnp.zeros((n_rows, 1, IMAGE_TOKENS, c.feature_dim), jnp.float32)
   m = (features if features is not None else images).shape[1]
-  return (None if images is None else jnp.asarray(images),
-          None if features is None else jnp.asarray(features), m)
+  return (
+    None if images is None else jnp.asarray(images),
+    None if features is None else jnp.asarray(features),
+    m,
+  )

@@ -25,8 +25,10 @@ def default_scale(kind: str, cond_type: str | None = None) -> str:
   if kind == "conditional" and cond_type in COND_SCALE:
     return SCALE_NAMES[COND_SCALE[cond_type]]
   if kind not in KIND_SCALE:
-    raise ValueError(f"no default output scale for sequence kind {kind!r}; kinds that generate "
-                     f"images: {sorted(KIND_SCALE)}")
+    raise ValueError(
+      f"no default output scale for sequence kind {kind!r}; kinds that generate "
+      f"images: {sorted(KIND_SCALE)}"
+    )
   return SCALE_NAMES[KIND_SCALE[kind]]
 
 

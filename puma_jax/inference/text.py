@@ -24,12 +24,14 @@ from puma_jax.models.llama import KVCache
 class Sampler(NamedTuple):
   """The static part of the sampling setup (it changes the compiled graph); the numbers
   (temperature, top_k, top_p) are traced, so changing them does not recompile."""
+
   greedy: bool
   filtered: bool  # top-k and/or top-p restriction (costs a sort of the vocabulary per step)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature=1.0,
-                  top_k=0, top_p=1.0) -> jax.Array:
+def sample_logits(
+  logits: jax.Array, key: jax.Array, sampler: Sampler, temperature=1.0, top_k=0, top_p=1.0
+) -> jax.Array:
   """Next tokens (B,) from logits (B, V): greedy, or softmax sampling at `temperature` from
   the `top_k` most likely tokens (0: all), then from the smallest set of those whose
   probability mass reaches `top_p` (HF's order: top-k first, top-p on what remains)."""
@@ -63,8 +65,9 @@ def prefill(model, tokens, mask, slots: int):
 
   Returns (logits of each row's last prompt token (B, V), cache)."""
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                  slots=slots)
+  return _prefill(
+    graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool), slots=slots
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -80,8 +83,20 @@ def decode_step(model, tokens, cache: KVCache):
   return _decode_step(graphdef, state, jnp.asarray(tokens, jnp.int32), cache)
 
 
-def decode_loop(step, last_logits, cache, key, stop_ids, num_steps, temperature, top_k, top_p,
-                *, capacity: int, sampler: Sampler) -> jax.Array:
+def decode_loop(
+  step,
+  last_logits,
+  cache,
+  key,
+  stop_ids,
+  num_steps,
+  temperature,
+  top_k,
+  top_p,
+  *,
+  capacity: int,
+  sampler: Sampler,
+) -> jax.Array:
   """Samples from `last_logits` (B, V), then runs `step(prev_tokens (B,), cache) -> (logits
   (B, V), cache)` in a `while_loop` until `num_steps` tokens or every row has stopped.
 
@@ -119,7 +134,7 @@ def trim_at_stop(out, max_new_tokens: int, stops) -> list[list[int]]:
     toks = [int(t) for t in row if t >= 0]
     for j, t in enumerate(toks):
       if t in stops:
-        toks = toks[:j + 1]
+        toks = toks[: j + 1]
         break
     result.append(toks)
   return result
@@ -132,8 +147,23 @@ def llama_inputs(model, arrays, images, features):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "inputs", "capacity", "sampler"))
-def _generate(graphdef, state, arrays, images, features, key, stop_ids, num_steps, temperature,
-              top_k, top_p, *, inputs, capacity, sampler):
+def _generate(
+  graphdef,
+  state,
+  arrays,
+  images,
+  features,
+  key,
+  stop_ids,
+  num_steps,
+  temperature,
+  top_k,
+  top_p,
+  *,
+  inputs,
+  capacity,
+  sampler,
+):
   """Prefill, then a `while_loop` of single-token steps until `num_steps` or all rows stop.
 
   `inputs(model, arrays, images, features) -> (llm, embeddings (B, P, D))` is the only part
@@ -146,8 +176,19 @@ def _generate(graphdef, state, arrays, images, features, key, stop_ids, num_step
     h, cache = llm.decode_embeddings(llm.embed(prev[:, None]), cache=cache)
     return llm.logits(h)[:, -1], cache
 
-  return decode_loop(step, llm.logits(hidden[:, -1:])[:, 0], cache, key, stop_ids, num_steps,
-                     temperature, top_k, top_p, capacity=capacity, sampler=sampler)
+  return decode_loop(
+    step,
+    llm.logits(hidden[:, -1:])[:, 0],
+    cache,
+    key,
+    stop_ids,
+    num_steps,
+    temperature,
+    top_k,
+    top_p,
+    capacity=capacity,
+    sampler=sampler,
+  )
 
 
 def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
@@ -161,8 +202,9 @@ def _as_rows(prompt_ids, attention_mask) -> list[np.ndarray]:
   if arr.ndim == 1:
     arr = arr[None]
   if arr.ndim != 2:
-    raise ValueError(f"prompt_ids must be a list of sequences or a (batch, length) array; got "
-                     f"shape {arr.shape}")
+    raise ValueError(
+      f"prompt_ids must be a list of sequences or a (batch, length) array; got shape {arr.shape}"
+    )
   if attention_mask is None:
     return [row.astype(np.int64) for row in arr]
   m = np.asarray(attention_mask).astype(bool)
@@ -177,21 +219,36 @@ def _llama_prompts(cfg, prompt_ids, attention_mask, max_new_tokens) -> dict[str,
     if r.size == 0:
       raise ValueError(f"prompt {i} is empty")
     if r.min() < 0 or r.max() >= cfg.vocab_size:
-      raise ValueError(f"prompt {i}: token ids out of range [{r.min()}, {r.max()}] for "
-                       f"vocab_size={cfg.vocab_size}")
+      raise ValueError(
+        f"prompt {i}: token ids out of range [{r.min()}, {r.max()}] for vocab_size={cfg.vocab_size}"
+      )
     if r.size > cfg.max_position_embeddings:
-      raise ValueError(f"prompt {i} has {r.size} tokens, longer than the context "
-                       f"(max_position_embeddings={cfg.max_position_embeddings})")
+      raise ValueError(
+        f"prompt {i} has {r.size} tokens, longer than the context "
+        f"(max_position_embeddings={cfg.max_position_embeddings})"
+      )
     if r.size + max_new_tokens > cfg.max_position_embeddings:
-      raise ValueError(f"prompt {i} ({r.size} tokens) + max_new_tokens={max_new_tokens} exceeds "
-                       f"the context (max_position_embeddings={cfg.max_position_embeddings})")
+      raise ValueError(
+        f"prompt {i} ({r.size} tokens) + max_new_tokens={max_new_tokens} exceeds "
+        f"the context (max_position_embeddings={cfg.max_position_embeddings})"
+      )
   return left_pad([{"tokens": r} for r in rows])
 
 
-def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  stop_tokens: Sequence[int] | None = None, seed: int = 0,
-                  attention_mask=None, *, images=None, features=None) -> list[list[int]]:
+def generate_text(
+  model,
+  prompt_ids,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_tokens: Sequence[int] | None = None,
+  seed: int = 0,
+  attention_mask=None,
+  *,
+  images=None,
+  features=None,
+) -> list[list[int]]:
   """New token ids per prompt (each list ends at and includes its first stop token).
 
   For a LLaMA model, prompt_ids is a list of token-id sequences of any lengths, or a padded
@@ -205,8 +262,9 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if hasattr(model, "input_embeddings"):  # PumaModel: prompts hold image slots
     cfg = model.config.llm
-    arrays, images, features = prompt_arrays(model, prompt_ids, max_new_tokens,
-                                             images=images, features=features)
+    arrays, images, features = prompt_arrays(
+      model, prompt_ids, max_new_tokens, images=images, features=features
+    )
     inputs = puma_inputs
   else:
     if images is not None or features is not None:
@@ -224,9 +282,20 @@ def generate_text(model, prompt_ids, max_new_tokens: int, temperature: float = 0
   capacity = bucket(max_new_tokens)
   sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jax.tree.map(jnp.asarray, arrays), images, features,
-                  jax.random.key(seed), jnp.asarray(stops or (-2,), jnp.int32),
-                  jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
-                  jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
-                  inputs=inputs, capacity=capacity, sampler=sampler)
+  out = _generate(
+    graphdef,
+    state,
+    jax.tree.map(jnp.asarray, arrays),
+    images,
+    features,
+    jax.random.key(seed),
+    jnp.asarray(stops or (-2,), jnp.int32),
+    jnp.int32(max_new_tokens),
+    jnp.float32(max(temperature, 1e-6)),
+    jnp.int32(top_k or 0),
+    jnp.float32(top_p if top_p is not None else 1.0),
+    inputs=inputs,
+    capacity=capacity,
+    sampler=sampler,
+  )
   return trim_at_stop(out, max_new_tokens, stops)

@@ -36,8 +36,9 @@ class AlexNetConfig(ModelConfig):
 
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   """torch MaxPool2d(window, stride), no padding, floor mode."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                               (1, stride, stride, 1), "VALID")
+  return jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+  )
 
 
 class AlexNetFeatures(nnx.Module):
@@ -45,24 +46,37 @@ class AlexNetFeatures(nnx.Module):
   five ReLU outputs. Inputs NHWC, normalized as the caller's reference expects (ImageNet mean/std
   for torchvision classification, LPIPS's scaling layer for LPIPS)."""
 
-  def __init__(self, config: AlexNetConfig = AlexNetConfig(), *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: AlexNetConfig = AlexNetConfig(),
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.config = config
     c_in = config.num_channels
     for idx, width in zip(CONV_INDICES, config.widths):
       k, s, p = _GEOMETRY[idx]
-      setattr(self, f"features_{idx}",
-              layers.Conv(c_in, width, k, strides=s, padding=p, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs))
+      setattr(
+        self,
+        f"features_{idx}",
+        layers.Conv(
+          c_in, width, k, strides=s, padding=p, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        ),
+      )
       c_in = width
 
   def taps(self, x: jax.Array) -> list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != self.config.num_channels:
-      raise ValueError(f"AlexNet input must be NHWC with {self.config.num_channels} channels; got "
-                       f"shape {tuple(x.shape)}")
+      raise ValueError(
+        f"AlexNet input must be NHWC with {self.config.num_channels} channels; got "
+        f"shape {tuple(x.shape)}"
+      )
     if min(x.shape[1:3]) < MIN_SIZE:
-      raise ValueError(f"AlexNet input must be at least {MIN_SIZE}x{MIN_SIZE}; got "
-                       f"{x.shape[1]}x{x.shape[2]}")
+      raise ValueError(
+        f"AlexNet input must be at least {MIN_SIZE}x{MIN_SIZE}; got {x.shape[1]}x{x.shape[2]}"
+      )
     out = []
     for idx in CONV_INDICES:
       if idx in (3, 6):  # the pools of features.2 and features.5 precede these convolutions

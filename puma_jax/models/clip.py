@@ -38,11 +38,15 @@ class CLIPVisionConfig(ModelConfig):
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
-      raise ValueError(f"CLIPVisionConfig: image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
+      raise ValueError(
+        f"CLIPVisionConfig: image_size={self.image_size} is not a multiple of "
+        f"patch_size={self.patch_size}"
+      )
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIPVisionConfig: hidden_size={self.hidden_size} is not divisible by "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+        f"CLIPVisionConfig: hidden_size={self.hidden_size} is not divisible by "
+        f"num_attention_heads={self.num_attention_heads}"
+      )
     layers.activation(self.hidden_act)
 
   @property
@@ -51,7 +55,7 @@ class CLIPVisionConfig(ModelConfig):
 
   @property
   def num_positions(self) -> int:
-    return self.grid ** 2 + 1
+    return self.grid**2 + 1
 
 
 def vit_l14() -> CLIPVisionConfig:
@@ -61,21 +65,31 @@ def vit_l14() -> CLIPVisionConfig:
 
 def tiny() -> CLIPVisionConfig:
   """A 16x16 patch grid (like ViT-L/14 at 224) at toy width, for CPU runs and tests."""
-  return CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, image_size=32, patch_size=2, projection_dim=32)
+  return CLIPVisionConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=2,
+    projection_dim=32,
+  )
 
 
 # HF `CLIPEncoderLayer` attribute names (the parameter paths of converted checkpoints).
-BLOCK_NAMES = layers.BlockNames(norm1="layer_norm1", attn="self_attn", out_proj="out_proj",
-                                norm2="layer_norm2")
+BLOCK_NAMES = layers.BlockNames(
+  norm1="layer_norm1", attn="self_attn", out_proj="out_proj", norm2="layer_norm2"
+)
 
 
 class CLIPEncoder(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    self.layers = nnx.List([layers.EncoderLayer(cfg, BLOCK_NAMES, dtype=dtype,
-                                                param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List(
+      [
+        layers.EncoderLayer(cfg, BLOCK_NAMES, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(cfg.num_hidden_layers)
+      ]
+    )
 
   def __call__(self, x, mask=None):
     # `mask`: boolean, broadcastable to (B, H, T, T), True = attend (the text tower's causal and
@@ -86,25 +100,43 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPVisionEmbeddings(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
     self.cfg = cfg
     self.dtype = dtype
-    self.patch_embedding = layers.Conv(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                       strides=cfg.patch_size, padding="VALID", use_bias=False,
-                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.class_embedding = layers.param(rngs, nnx.initializers.normal(cfg.hidden_size ** -0.5),
-                                        (cfg.hidden_size,), ("embed",), param_dtype)
-    self.position_embedding = layers.Embed(cfg.num_positions, cfg.hidden_size,
-                                           axes=(None, "embed"), dtype=dtype,
-                                           param_dtype=param_dtype, rngs=rngs)
+    self.patch_embedding = layers.Conv(
+      cfg.num_channels,
+      cfg.hidden_size,
+      cfg.patch_size,
+      strides=cfg.patch_size,
+      padding="VALID",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.class_embedding = layers.param(
+      rngs,
+      nnx.initializers.normal(cfg.hidden_size**-0.5),
+      (cfg.hidden_size,),
+      ("embed",),
+      param_dtype,
+    )
+    self.position_embedding = layers.Embed(
+      cfg.num_positions,
+      cfg.hidden_size,
+      axes=(None, "embed"),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, pixel_values):
     b = pixel_values.shape[0]
     patches = self.patch_embedding(pixel_values)
     patches = patches.reshape(b, -1, self.cfg.hidden_size)  # row-major over the patch grid
-    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype),
-                           (b, 1, self.cfg.hidden_size))
+    cls = jnp.broadcast_to(
+      self.class_embedding[...].astype(self.dtype), (b, 1, self.cfg.hidden_size)
+    )
     x = jnp.concatenate([cls, patches], axis=1)
     return x + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
@@ -115,17 +147,20 @@ class CLIPVisionModel(nnx.Module):
   `pixel_values` are preprocessed images, NHWC (see `preprocess`).
   """
 
-  def __init__(self, config: CLIPVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: CLIPVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = CLIPVisionEmbeddings(config, **kw)
-    self.pre_layrnorm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
-                                         dtype=dtype, param_dtype=param_dtype)
+    self.pre_layrnorm = layers.LayerNorm(
+      config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
     self.encoder = CLIPEncoder(config, **kw)
-    self.post_layernorm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
-                                           dtype=dtype, param_dtype=param_dtype)
+    self.post_layernorm = layers.LayerNorm(
+      config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
 
   def check_input(self, pixel_values) -> None:
     c = self.config
@@ -137,13 +172,16 @@ class CLIPVisionModel(nnx.Module):
         hint = " (it looks NCHW: transpose to NHWC)"
       elif len(shape) == 3:
         hint = " (add a batch axis)"
-      raise ValueError(f"CLIP pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}); "
-                       f"got shape {shape}{hint}")
+      raise ValueError(
+        f"CLIP pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}); "
+        f"got shape {shape}{hint}"
+      )
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     self.check_input(pixel_values)
-    x = sharding.constrain(self.embeddings(pixel_values.astype(self.dtype)),
-                           ("batch", "act_seq", "act_embed"))
+    x = sharding.constrain(
+      self.embeddings(pixel_values.astype(self.dtype)), ("batch", "act_seq", "act_embed")
+    )
     x = self.pre_layrnorm(x)
     return self.encoder(x)
 
@@ -185,6 +223,7 @@ def black_features(model: CLIPVisionModel, tokens: int) -> jax.Array:
   """CFG's unconditional decoder input: the black image's patch features pooled to `tokens`
   (1, tokens, D), through the same normalization as every real image."""
   from puma_jax.models import pooling
+
   size = model.config.image_size
   pixels = normalize_uint8(black_image(size)[None])
   return pooling.pool(patch_features(model, pixels), tokens)
@@ -204,6 +243,7 @@ def preprocess_pil(images: Sequence, size: int = 224) -> np.ndarray:
   from PIL import Image
 
   from puma_jax.data.imaging import to_8bit
+
   out = []
   for i, img in enumerate(images):
     if not isinstance(img, Image.Image):

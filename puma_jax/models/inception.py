@@ -37,8 +37,10 @@ class InceptionConfig(ModelConfig):
 
   def __post_init__(self):
     if self.image_size < MIN_SIZE:
-      raise ValueError(f"InceptionConfig: image_size={self.image_size} < {MIN_SIZE}, the "
-                       "smallest size the network accepts")
+      raise ValueError(
+        f"InceptionConfig: image_size={self.image_size} < {MIN_SIZE}, the "
+        "smallest size the network accepts"
+      )
 
 
 class BatchNorm(nnx.Module):
@@ -64,9 +66,17 @@ class BasicConv2d(nnx.Module):
 
   def __init__(self, c_in, c_out, kernel, *, stride=1, padding=0, dtype, param_dtype, rngs):
     ph, pw = _pair(padding)
-    self.conv = layers.Conv(c_in, c_out, _pair(kernel), strides=stride,
-                            padding=((ph, ph), (pw, pw)), use_bias=False, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
+    self.conv = layers.Conv(
+      c_in,
+      c_out,
+      _pair(kernel),
+      strides=stride,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.bn = BatchNorm(c_out, param_dtype=param_dtype)
 
   def __call__(self, x):
@@ -85,18 +95,17 @@ def avg_pool_3x3_exclude_pad(x: jax.Array) -> jax.Array:
 
 def max_pool_3x3_same(x: jax.Array) -> jax.Array:
   """max_pool2d(3, stride 1, padding 1) (pads with -inf, as torch does)."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+  )
 
 
 class _Block(nnx.Module):
-
   def _conv(self, kw, name, c_in, c_out, kernel, **geom):
     setattr(self, name, BasicConv2d(c_in, c_out, kernel, **geom, **kw))
 
 
 class InceptionA(_Block):  # FIDInceptionA: Mixed_5b/5c/5d
-
   def __init__(self, c_in, pool_features, **kw):
     self._conv(kw, "branch1x1", c_in, 64, 1)
     self._conv(kw, "branch5x5_1", c_in, 48, 1)
@@ -115,7 +124,6 @@ class InceptionA(_Block):  # FIDInceptionA: Mixed_5b/5c/5d
 
 
 class InceptionB(_Block):  # Mixed_6a (grid reduction 35 -> 17)
-
   def __init__(self, c_in, **kw):
     self._conv(kw, "branch3x3", c_in, 384, 3, stride=2)
     self._conv(kw, "branch3x3dbl_1", c_in, 64, 1)
@@ -129,7 +137,6 @@ class InceptionB(_Block):  # Mixed_6a (grid reduction 35 -> 17)
 
 
 class InceptionC(_Block):  # FIDInceptionC: Mixed_6b..6e
-
   def __init__(self, c_in, c7, **kw):
     self._conv(kw, "branch1x1", c_in, 192, 1)
     self._conv(kw, "branch7x7_1", c_in, c7, 1)
@@ -153,7 +160,6 @@ class InceptionC(_Block):  # FIDInceptionC: Mixed_6b..6e
 
 
 class InceptionD(_Block):  # Mixed_7a (grid reduction 17 -> 8)
-
   def __init__(self, c_in, **kw):
     self._conv(kw, "branch3x3_1", c_in, 192, 1)
     self._conv(kw, "branch3x3_2", 192, 320, 3, stride=2)
@@ -171,7 +177,6 @@ class InceptionD(_Block):  # Mixed_7a (grid reduction 17 -> 8)
 
 
 class InceptionE(_Block):  # FIDInceptionE_1 (Mixed_7b: avg pool) / E_2 (Mixed_7c: max pool)
-
   def __init__(self, c_in, *, max_pool_branch: bool, **kw):
     self.max_pool_branch = max_pool_branch
     self._conv(kw, "branch1x1", c_in, 320, 1)
@@ -197,8 +202,14 @@ class InceptionE(_Block):  # FIDInceptionE_1 (Mixed_7b: avg pool) / E_2 (Mixed_7
 class FIDInceptionV3(nnx.Module):
   """`model(x)`: NHWC in [-1, 1] (at least 75x75) -> pool3 features (B, 2048), float32."""
 
-  def __init__(self, config: InceptionConfig = InceptionConfig(), *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: InceptionConfig = InceptionConfig(),
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.config = config
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.Conv2d_1a_3x3 = BasicConv2d(config.num_channels, 32, 3, stride=2, **kw)
@@ -221,15 +232,29 @@ class FIDInceptionV3(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     if x.ndim != 4 or x.shape[-1] != c.num_channels:
-      raise ValueError(f"Inception input must be NHWC with {c.num_channels} channels; got shape "
-                       f"{tuple(x.shape)}")
+      raise ValueError(
+        f"Inception input must be NHWC with {c.num_channels} channels; got shape {tuple(x.shape)}"
+      )
     if min(x.shape[1:3]) < MIN_SIZE:
-      raise ValueError(f"Inception input must be at least {MIN_SIZE}x{MIN_SIZE}; got "
-                       f"{x.shape[1]}x{x.shape[2]} (resize to {c.image_size} first)")
+      raise ValueError(
+        f"Inception input must be at least {MIN_SIZE}x{MIN_SIZE}; got "
+        f"{x.shape[1]}x{x.shape[2]} (resize to {c.image_size} first)"
+      )
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = max_pool(x)
     x = max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
-    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                 "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+    for name in (
+      "Mixed_5b",
+      "Mixed_5c",
+      "Mixed_5d",
+      "Mixed_6a",
+      "Mixed_6b",
+      "Mixed_6c",
+      "Mixed_6d",
+      "Mixed_6e",
+      "Mixed_7a",
+      "Mixed_7b",
+      "Mixed_7c",
+    ):
       x = getattr(self, name)(x)
     return x.astype(jnp.float32).mean(axis=(1, 2))

@@ -26,8 +26,13 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
-          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs | None,
+  init: Initializer,
+  shape: Sequence[int],
+  axes: Sequence[str | None],
+  dtype=jnp.float32,
+) -> nnx.Param:
   """A parameter with logical axis names; `rngs` may be None for deterministic initializers."""
   if len(axes) != len(shape):
     raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
@@ -38,20 +43,33 @@ def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
 class Dense(nnx.Module):
   """y = x @ kernel + bias over the last axis; kernel is (in, out)."""
 
-  def __init__(self, in_features: int, out_features: int, *, axes=("embed", "mlp"),
-               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes=("embed", "mlp"),
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    rngs: nnx.Rngs,
+  ):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
     self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
-    self.bias = (param(None, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
-                 if use_bias else None)
+    self.bias = (
+      param(None, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
+      if use_bias
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
       raise ValueError(f"Dense: input width {x.shape[-1]} != in_features {self.in_features}")
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                preferred_element_type=self.dtype)
+    y = jnp.dot(
+      x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=self.dtype
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -60,27 +78,51 @@ class Dense(nnx.Module):
 class Conv(nnx.Module):
   """2-D convolution, NHWC, kernel (kh, kw, in, out) (PyTorch's is (out, in, kh, kw))."""
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int] = 3, *,
-               strides: int | Sequence[int] = 1, padding: int | str = "SAME", use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32,
-               kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int] = 3,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: int | str = "SAME",
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    rngs: nnx.Rngs,
+  ):
     ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
     self.padding = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
-    self.kernel = param(rngs, kernel_init, ks + (in_features, out_features),
-                        (None, None, "conv_in", "conv_out"), param_dtype)
-    self.bias = (param(None, nnx.initializers.zeros, (out_features,), ("conv_out",), param_dtype)
-                 if use_bias else None)
+    self.kernel = param(
+      rngs,
+      kernel_init,
+      ks + (in_features, out_features),
+      (None, None, "conv_in", "conv_out"),
+      param_dtype,
+    )
+    self.bias = (
+      param(None, nnx.initializers.zeros, (out_features,), ("conv_out",), param_dtype)
+      if use_bias
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != self.in_features:
-      raise ValueError(f"Conv: expected NHWC input with {self.in_features} channels, "
-                       f"got shape {x.shape}")
+      raise ValueError(
+        f"Conv: expected NHWC input with {self.in_features} channels, got shape {x.shape}"
+      )
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.strides, self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=self.dtype)
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      self.strides,
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=self.dtype,
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -89,9 +131,17 @@ class Conv(nnx.Module):
 class Embed(nnx.Module):
   """Lookup table (num_embeddings, features)."""
 
-  def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
-               dtype=jnp.float32, param_dtype=jnp.float32,
-               embedding_init: Initializer = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    axes=("vocab", "embed"),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    embedding_init: Initializer = nnx.initializers.normal(0.02),
+    rngs: nnx.Rngs,
+  ):
     self.num_embeddings, self.features, self.dtype = num_embeddings, features, dtype
     self.embedding = param(rngs, embedding_init, (num_embeddings, features), axes, param_dtype)
 
@@ -100,19 +150,31 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output projection: x @ embedding.T."""
-    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
-                   preferred_element_type=self.dtype)
+    return jnp.dot(
+      x.astype(self.dtype),
+      self.embedding[...].astype(self.dtype).T,
+      preferred_element_type=self.dtype,
+    )
 
 
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in float32."""
 
-  def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float = 1e-5,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     self.eps, self.dtype = eps, dtype
     self.scale = param(None, nnx.initializers.ones, (features,), ("norm",), param_dtype)
-    self.bias = (param(None, nnx.initializers.zeros, (features,), ("norm",), param_dtype)
-                 if use_bias else None)
+    self.bias = (
+      param(None, nnx.initializers.zeros, (features,), ("norm",), param_dtype) if use_bias else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -127,8 +189,15 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
   """RMSNorm (LLaMA): x / rms(x) * scale, computed in float32 like HF."""
 
-  def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float = 1e-6,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     self.eps, self.dtype = eps, dtype
     self.scale = param(None, nnx.initializers.ones, (features,), ("norm",), param_dtype)
 
@@ -141,8 +210,16 @@ class RMSNorm(nnx.Module):
 class GroupNorm(nnx.Module):
   """GroupNorm over NHWC (channels last), statistics in float32."""
 
-  def __init__(self, num_groups: int, features: int, *, eps: float = 1e-5, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    num_groups: int,
+    features: int,
+    *,
+    eps: float = 1e-5,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     if features % num_groups:
       raise ValueError(f"GroupNorm: {features} channels not divisible by {num_groups} groups")
     self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
@@ -165,13 +242,13 @@ def quick_gelu(x):
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "relu": jax.nn.relu,
+  "quick_gelu": quick_gelu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "relu": jax.nn.relu,
 }
 
 
@@ -223,8 +300,7 @@ def _fallback(impl: str, why: str) -> str:
   return "xla"
 
 
-def choose_attention(q: jax.Array, k: jax.Array, *, mask=None, bias=None,
-                     device=None) -> str:
+def choose_attention(q: jax.Array, k: jax.Array, *, mask=None, bias=None, device=None) -> str:
   """The implementation `attention` uses for these inputs: the setting, resolved for the
   platform, with explicit XLA fallbacks for what a kernel cannot take."""
   impl = _ATTENTION_IMPL.get()
@@ -252,8 +328,9 @@ def choose_attention(q: jax.Array, k: jax.Array, *, mask=None, bias=None,
     if mask is not None or bias is not None:
       return _fallback(impl, "an explicit mask/bias (splash takes causal + segment ids)")
     if q.shape[1] != k.shape[1] or q.shape[1] % _SPLASH_BLOCK:
-      return _fallback(impl, f"lengths {q.shape[1]}/{k.shape[1]} (need equal multiples of "
-                             f"{_SPLASH_BLOCK})")
+      return _fallback(
+        impl, f"lengths {q.shape[1]}/{k.shape[1]} (need equal multiples of {_SPLASH_BLOCK})"
+      )
   return impl
 
 
@@ -264,26 +341,46 @@ _SPLASH_INTERPRET = contextvars.ContextVar("splash_interpret", default=False)
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(t: int, heads: int, causal: bool, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
   one = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
   b = min(_SPLASH_BLOCK, t)
-  blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  blocks = sa.BlockSizes(
+    block_q=b,
+    block_kv=b,
+    block_kv_compute=b,
+    block_q_dkv=b,
+    block_kv_dkv=b,
+    block_kv_dkv_compute=b,
+    block_q_dq=b,
+    block_kv_dq=b,
+  )
   # The kernel holds its mask tables as arrays; built under a trace (and cached) they would be
   # leaked tracers, so they are made concrete.
   with jax.ensure_compile_time_eval():
-    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(
+      sa.MultiHeadMask([one] * heads),
+      block_sizes=blocks,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+    )
 
 
 def _splash_local(q, k, v, seg, *, is_causal, scale):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
   _, t, h, _ = q.shape
   kernel = _splash_kernel(t, h, bool(is_causal), bool(_SPLASH_INTERPRET.get()))
 
   def one(q, k, v, s):  # (T, H, D) -> the kernel's (H, T, D); grouped K/V heads are native
-    o = kernel(jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 0, 1), jnp.swapaxes(k, 0, 1),
-               jnp.swapaxes(v, 0, 1), segment_ids=sa.SegmentIds(s, s))
+    o = kernel(
+      jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 0, 1),
+      jnp.swapaxes(k, 0, 1),
+      jnp.swapaxes(v, 0, 1),
+      segment_ids=sa.SegmentIds(s, s),
+    )
     return jnp.swapaxes(o, 0, 1)
+
   return jax.vmap(one)(q, k, v, seg)
 
 
@@ -294,23 +391,28 @@ def _splash(q, k, v, segment_ids, is_causal, scale):
   sequence whole on every shard."""
   b, t, _, d = q.shape
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  fn = functools.partial(_splash_local, is_causal=is_causal,
-                         scale=(1.0 / float(d) ** 0.5) if scale is None else scale)
+  fn = functools.partial(
+    _splash_local, is_causal=is_causal, scale=(1.0 / float(d) ** 0.5) if scale is None else scale
+  )
   ctx = sharding.current()
   if ctx is None or ctx[0].size == 1:
     return fn(q, k, v, seg)
   mesh, rules = ctx
   spec = lambda names, x: tuple(sharding.logical_to_spec(names, rules, x.shape, mesh))
   pad = lambda p: p + (None,) * (4 - len(p))
-  qs, ks = pad(spec(("batch", None, "act_heads"), q)), pad(spec(("batch", None, "act_kv_heads"),
-                                                                k))
+  qs, ks = pad(spec(("batch", None, "act_heads"), q)), pad(spec(("batch", None, "act_kv_heads"), k))
   if qs[2] != ks[2]:
     qs, ks = qs[:2] + (None, None), ks[:2] + (None, None)
   if qs[0] != ks[0]:
     raise ValueError(f"attention: query and key batches shard differently ({qs[0]} vs {ks[0]})")
   P = jax.sharding.PartitionSpec
-  return jax.shard_map(fn, mesh=mesh, in_specs=(P(*qs), P(*ks), P(*ks), P(qs[0], None)),
-                       out_specs=P(*qs), check_vma=False)(q, k, v, seg)
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(P(*qs), P(*ks), P(*ks), P(qs[0], None)),
+    out_specs=P(*qs),
+    check_vma=False,
+  )(q, k, v, seg)
 
 
 def host_safe_dtype(dtype):
@@ -322,9 +424,17 @@ def host_safe_dtype(dtype):
   return dtype
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              bias: jax.Array | None = None, is_causal: bool = False,
-              scale: float | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  bias: jax.Array | None = None,
+  is_causal: bool = False,
+  scale: float | None = None,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array:
   """Multi-head attention on (B, T, H, D) inputs; K/V may have fewer heads than Q (GQA).
 
   `segment_ids` (B, T), self-attention only: a query sees the keys of its own segment, 0 =
@@ -344,8 +454,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   dtype = q.dtype
   k, v = k.astype(dtype), v.astype(dtype)
   if segment_ids is not None and q.shape[1] != k.shape[1]:
-    raise ValueError(f"attention: segment_ids need self-attention; got {q.shape[1]} queries "
-                     f"and {k.shape[1]} keys")
+    raise ValueError(
+      f"attention: segment_ids need self-attention; got {q.shape[1]} queries and {k.shape[1]} keys"
+    )
   impl = choose_attention(q, k, mask=mask, bias=bias)
   if impl == "splash":
     return _splash(q, k, v, segment_ids, is_causal, scale).astype(dtype)
@@ -354,12 +465,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     same = (same & (segment_ids != 0)[:, None, :])[:, None]
     mask = same if mask is None else mask & same
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                                        scale=scale, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn"
+    )
   work = host_safe_dtype(dtype)
-  out = jax.nn.dot_product_attention(q.astype(work), k.astype(work), v.astype(work), bias=bias,
-                                     mask=mask, is_causal=is_causal, scale=scale,
-                                     implementation="xla")
+  out = jax.nn.dot_product_attention(
+    q.astype(work),
+    k.astype(work),
+    v.astype(work),
+    bias=bias,
+    mask=mask,
+    is_causal=is_causal,
+    scale=scale,
+    implementation="xla",
+  )
   return out.astype(dtype)
 
 
@@ -379,11 +498,21 @@ class BlockNames(NamedTuple):
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with q/k/v/out projections (B, T, D) -> (B, T, D)."""
 
-  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True,
-               out_name: str = "out_proj", dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    *,
+    qkv_bias: bool = True,
+    out_name: str = "out_proj",
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     self.num_heads, self.out_name = num_heads, out_name
-    mk = lambda axes, bias: Dense(dim, dim, axes=axes, use_bias=bias, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+    mk = lambda axes, bias: Dense(
+      dim, dim, axes=axes, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.q_proj = mk(("embed", "heads"), qkv_bias)
     self.k_proj = mk(("embed", "heads"), qkv_bias)
     self.v_proj = mk(("embed", "heads"), qkv_bias)
@@ -391,10 +520,10 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x, mask=None):
     b, t, d = x.shape
-    split = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
-                                         ("batch", "act_seq", "act_heads", None))
-    o = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                  mask=mask)
+    split = lambda y: sharding.constrain(
+      y.reshape(b, t, self.num_heads, d // self.num_heads), ("batch", "act_seq", "act_heads", None)
+    )
+    o = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=mask)
     return getattr(self, self.out_name)(o.reshape(b, t, d))
 
 
@@ -403,10 +532,12 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.act = activation(act)
-    self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs)
-    self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs)
+    self.fc1 = Dense(
+      dim, hidden, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.fc2 = Dense(
+      hidden, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.fc2(sharding.constrain(self.act(self.fc1(x)), ("batch", "act_seq", "act_mlp")))
@@ -416,18 +547,30 @@ class EncoderLayer(nnx.Module):
   """x + attn(norm1(x)), then x + mlp(norm2(x)). `cfg` needs hidden_size, intermediate_size,
   num_attention_heads, hidden_act and layer_norm_eps (a CLIP or ViT config)."""
 
-  def __init__(self, cfg, names: BlockNames, *, qkv_bias: bool = True, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, cfg, names: BlockNames, *, qkv_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     self.names = names
     d = cfg.hidden_size
     ln = lambda: LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
     setattr(self, names.norm1, ln())
-    setattr(self, names.attn, SelfAttention(d, cfg.num_attention_heads, qkv_bias=qkv_bias,
-                                            out_name=names.out_proj, dtype=dtype,
-                                            param_dtype=param_dtype, rngs=rngs))
+    setattr(
+      self,
+      names.attn,
+      SelfAttention(
+        d,
+        cfg.num_attention_heads,
+        qkv_bias=qkv_bias,
+        out_name=names.out_proj,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      ),
+    )
     setattr(self, names.norm2, ln())
-    self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(
+      d, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, mask=None):
     n = self.names

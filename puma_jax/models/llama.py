@@ -70,31 +70,43 @@ class LlamaConfig(ModelConfig):
 
   def __post_init__(self):
     name = type(self).__name__
-    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "max_position_embeddings"):
+    for f in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "max_position_embeddings",
+    ):
       if int(getattr(self, f)) <= 0:
         raise ValueError(f"{name}: {f}={getattr(self, f)} must be positive")
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
       if self.hidden_size % self.num_attention_heads:
-        raise ValueError(f"{name}: hidden_size={self.hidden_size} is not divisible by "
-                         f"num_attention_heads={self.num_attention_heads} (set head_dim)")
+        raise ValueError(
+          f"{name}: hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads} (set head_dim)"
+        )
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"{name}: num_key_value_heads={self.num_key_value_heads} must divide "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+        f"{name}: num_key_value_heads={self.num_key_value_heads} must divide "
+        f"num_attention_heads={self.num_attention_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"{name}: head_dim={self.head_dim} must be even for rotary embeddings")
     if self.rope_type not in ROPE_TYPES:
-      raise ValueError(f"{name}: unsupported rope_type={self.rope_type!r}; supported: "
-                       f"{ROPE_TYPES}")
+      raise ValueError(f"{name}: unsupported rope_type={self.rope_type!r}; supported: {ROPE_TYPES}")
     if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-      raise ValueError(f"{name}: rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
-                       f"rope_low_freq_factor={self.rope_low_freq_factor}")
+      raise ValueError(
+        f"{name}: rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+        f"rope_low_freq_factor={self.rope_low_freq_factor}"
+      )
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"{name}: unknown remat_policy={self.remat_policy!r}; known: "
-                       f"{REMAT_POLICIES}")
+      raise ValueError(
+        f"{name}: unknown remat_policy={self.remat_policy!r}; known: {REMAT_POLICIES}"
+      )
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     layers.activation(self.hidden_act)
@@ -107,23 +119,47 @@ class LlamaConfig(ModelConfig):
 
 def llama3_8b(**kw) -> LlamaConfig:
   """Meta-Llama-3-8B (PUMA's backbone size): 8,030,261,248 parameters."""
-  return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                     bos_token_id=128000, eos_token_id=128001, **kw)
+  return LlamaConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    **kw,
+  )
 
 
 def llama31_8b(**kw) -> LlamaConfig:
-  return llama3_8b(max_position_embeddings=131072, rope_type="llama3", rope_factor=8.0,
-                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                   rope_original_max_position_embeddings=8192, **kw)
+  return llama3_8b(
+    max_position_embeddings=131072,
+    rope_type="llama3",
+    rope_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_position_embeddings=8192,
+    **kw,
+  )
 
 
 def tiny(**kw) -> LlamaConfig:
   """GQA at toy width, for CPU runs and tests."""
-  base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              bos_token_id=1, eos_token_id=2)
+  base = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
   base.update(kw)
   return LlamaConfig(**base)
 
@@ -179,6 +215,7 @@ class KVCache:
   real token; `index`: the next slot to write (shared by the batch: prompts are left-padded, so
   every row advances together); `length`: (batch,) real tokens seen per row (the next position).
   """
+
   k: jax.Array
   v: jax.Array
   valid: jax.Array
@@ -188,9 +225,13 @@ class KVCache:
   @classmethod
   def init(cls, cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
-               jnp.zeros((batch,), jnp.int32))
+    return cls(
+      jnp.zeros(shape, dtype),
+      jnp.zeros(shape, dtype),
+      jnp.zeros((batch, slots), bool),
+      jnp.zeros((), jnp.int32),
+      jnp.zeros((batch,), jnp.int32),
+    )
 
   @property
   def slots(self) -> int:
@@ -212,6 +253,7 @@ class AttentionMask:
   """What each query may see. Training rows: `causal` plus `segment_ids` (B, T) (0 = padding),
   which fused kernels take without a T x T mask (`layers.attention`). The KV cache path: an
   explicit `mask` (B, 1, T, slots) that already holds the causal order."""
+
   segment_ids: jax.Array | None = None
   mask: jax.Array | None = None
   causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -222,7 +264,6 @@ class AttentionMask:
 
 
 class LlamaAttention(nnx.Module):
-
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
     d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
@@ -255,14 +296,14 @@ class LlamaAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       kv = (k, v)
-    o = layers.attention(q, k, v, mask=mask.mask, is_causal=mask.causal,
-                         segment_ids=mask.segment_ids)
+    o = layers.attention(
+      q, k, v, mask=mask.mask, is_causal=mask.causal, segment_ids=mask.segment_ids
+    )
     o = sharding.constrain(o, ("batch", "act_seq", "act_heads", None))
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
 class LlamaMLP(nnx.Module):
-
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -277,7 +318,6 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
@@ -293,9 +333,9 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 _POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -323,8 +363,9 @@ def _segment_positions(segment_ids: jax.Array) -> jax.Array:
   """Index within each run of equal segment ids (positions restart per packed example)."""
   t = segment_ids.shape[-1]
   idx = jnp.arange(t)
-  start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
   return idx - first
 
@@ -333,29 +374,35 @@ class LlamaForCausalLM(nnx.Module):
   """HF `LlamaForCausalLM`. Parameter paths: `embed_tokens`, `layers.{i}.*` (or stacked
   `layers.*` with `scan_layers`), `norm`, `lm_head` (absent when embeddings are tied)."""
 
-  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = dtype
     cfg = config
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
-                                     rngs=rngs, **kw)
+    self.embed_tokens = layers.Embed(
+      cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), rngs=rngs, **kw
+    )
     if cfg.scan_layers:
+
       @nnx.split_rngs(splits=cfg.num_hidden_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_hidden_layers)
       def make(r):
         return LlamaDecoderLayer(cfg, rngs=r, **kw)
+
       self.layers = make(rngs)
       for _, var in nnx.to_flat_state(nnx.state(self.layers, nnx.Param)):
         var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
     else:
-      self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs, **kw)
-                              for _ in range(cfg.num_hidden_layers)])
+      self.layers = nnx.List(
+        [LlamaDecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)]
+      )
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     if not cfg.tie_word_embeddings:
-      self.lm_head = layers.Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
-                                  use_bias=False, rngs=rngs, **kw)
+      self.lm_head = layers.Dense(
+        cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, **kw
+      )
 
   # -- pieces ------------------------------------------------------------------------------------
 
@@ -368,8 +415,9 @@ class LlamaForCausalLM(nnx.Module):
     ids = np.asarray(token_ids)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= self.config.vocab_size:
-      raise ValueError(f"token_ids out of range: values span [{lo}, {hi}] but vocab_size="
-                       f"{self.config.vocab_size}")
+      raise ValueError(
+        f"token_ids out of range: values span [{lo}, {hi}] but vocab_size={self.config.vocab_size}"
+      )
 
   def embed(self, token_ids: jax.Array) -> jax.Array:
     self.check_ids(token_ids)
@@ -378,8 +426,11 @@ class LlamaForCausalLM(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Output projection in the compute dtype, accumulated and returned in float32."""
-    w = (self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings
-         else self.lm_head.kernel[...])
+    w = (
+      self.embed_tokens.embedding[...].T
+      if self.config.tie_word_embeddings
+      else self.lm_head.kernel[...]
+    )
     dtype = layers.host_safe_dtype(self.dtype)
     out = jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return sharding.constrain(out, ("batch", "act_seq", "act_vocab"))
@@ -388,20 +439,21 @@ class LlamaForCausalLM(nnx.Module):
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask).astype(bool)
       if attention_mask.shape != (b, t):
-        raise ValueError(f"attention_mask must be (batch, length) = {(b, t)}; got "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+          f"attention_mask must be (batch, length) = {(b, t)}; got {tuple(attention_mask.shape)}"
+        )
     if segment_ids is not None:
       segment_ids = jnp.asarray(segment_ids)
       if segment_ids.shape != (b, t):
-        raise ValueError(f"segment_ids must be (batch, length) = {(b, t)}; got "
-                         f"{tuple(segment_ids.shape)}")
+        raise ValueError(
+          f"segment_ids must be (batch, length) = {(b, t)}; got {tuple(segment_ids.shape)}"
+        )
     if cache is None:
       qpos = jnp.arange(t)
       # Padding is segment 0: with only an attention_mask, the real tokens are one segment.
       seg = segment_ids
       if attention_mask is not None:
-        seg = (attention_mask.astype(jnp.int32) if seg is None
-               else jnp.where(attention_mask, seg, 0))
+        seg = attention_mask.astype(jnp.int32) if seg is None else jnp.where(attention_mask, seg, 0)
       if positions is None:
         if segment_ids is not None:
           positions = _segment_positions(segment_ids)
@@ -411,8 +463,10 @@ class LlamaForCausalLM(nnx.Module):
           positions = jnp.broadcast_to(qpos, (b, t))
       return AttentionMask(segment_ids=seg, causal=True), positions, None
     if segment_ids is not None:
-      raise ValueError("segment_ids (packed sequences) are not supported with a KV cache; "
-                       "use attention_mask for padding")
+      raise ValueError(
+        "segment_ids (packed sequences) are not supported with a KV cache; "
+        "use attention_mask for padding"
+      )
     if cache.k.shape[1] != b:
       raise ValueError(f"cache was built for batch {cache.k.shape[1]}, inputs have batch {b}")
     new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
@@ -422,26 +476,35 @@ class LlamaForCausalLM(nnx.Module):
     mask = (slots[None, :] <= qslot[:, None])[None] & valid[:, None, :]
     if positions is None:
       positions = cache.length[:, None] + jnp.maximum(jnp.cumsum(new, axis=1) - 1, 0)
-    cache = dataclasses.replace(cache, valid=valid,
-                                length=cache.length + new.sum(axis=1).astype(jnp.int32))
+    cache = dataclasses.replace(
+      cache, valid=valid, length=cache.length + new.sum(axis=1).astype(jnp.int32)
+    )
     return AttentionMask(mask=mask[:, None]), positions, cache
 
-  def decode_embeddings(self, x: jax.Array, *, positions=None, segment_ids=None,
-                        attention_mask=None, cache: KVCache | None = None):
+  def decode_embeddings(
+    self,
+    x: jax.Array,
+    *,
+    positions=None,
+    segment_ids=None,
+    attention_mask=None,
+    cache: KVCache | None = None,
+  ):
     """Runs the decoder on input embeddings (B, T, D); returns (final hidden states, cache).
 
     The hidden states are after the final RMSNorm (what `logits` projects), in `dtype`.
     """
     b, t, d = x.shape
     if d != self.config.hidden_size:
-      raise ValueError(f"input embeddings have width {d}, hidden_size is "
-                       f"{self.config.hidden_size}")
+      raise ValueError(f"input embeddings have width {d}, hidden_size is {self.config.hidden_size}")
     if cache is not None and not isinstance(cache.index, jax.core.Tracer):
       if int(cache.index) + t > cache.slots:
-        raise ValueError(f"KV cache overflow: {int(cache.index)} slots used + {t} new tokens > "
-                         f"{cache.slots} slots")
-    mask, positions, cache = self._mask_and_positions(b, t, positions, segment_ids,
-                                                      attention_mask, cache)
+        raise ValueError(
+          f"KV cache overflow: {int(cache.index)} slots used + {t} new tokens > {cache.slots} slots"
+        )
+    mask, positions, cache = self._mask_and_positions(
+      b, t, positions, segment_ids, attention_mask, cache
+    )
     cos, sin = rope_cos_sin(rope_inv_freq(self.config), positions, self.dtype)
     x = sharding.constrain(x.astype(self.dtype), ("batch", "act_seq", "act_embed"))
     index = None if cache is None else cache.index
@@ -451,31 +514,36 @@ class LlamaForCausalLM(nnx.Module):
       graphdef, state = nnx.split(self.layers)
       run = _layer_fn(graphdef, policy)
       if cache is None:
+
         def body(h, st):
           return run(st, h, cos, sin, mask, None, None)[0], None
+
         x, _ = jax.lax.scan(body, x, state)
       elif inplace:
+
         def body(carry, xs):
           h, ck, cv = carry
           st, i = xs
           h, kv = run(st, h, cos, sin, mask, (ck, cv), index, i)
           return (h, *kv), None
+
         layer_ids = jnp.arange(self.config.num_hidden_layers)
         (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, layer_ids))
         cache = dataclasses.replace(cache, k=ks, v=vs)
       else:
+
         def body(h, xs):
           st, ck, cv = xs
           h, kv = run(st, h, cos, sin, mask, (ck, cv), index)
           return h, kv
+
         x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
         cache = dataclasses.replace(cache, k=ks, v=vs)
     elif inplace:
       kv = (cache.k, cache.v)
       for i, layer in enumerate(self.layers):
         graphdef, state = nnx.split(layer)
-        x, kv = _layer_fn(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index,
-                                                           i)
+        x, kv = _layer_fn(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index, i)
       cache = dataclasses.replace(cache, k=kv[0], v=kv[1])
     else:
       ks, vs = [], []
@@ -492,12 +560,23 @@ class LlamaForCausalLM(nnx.Module):
       cache = dataclasses.replace(cache, index=cache.index + t)
     return self.norm(x), cache
 
-  def __call__(self, token_ids: jax.Array, *, positions=None, segment_ids=None,
-               attention_mask=None, cache: KVCache | None = None):
+  def __call__(
+    self,
+    token_ids: jax.Array,
+    *,
+    positions=None,
+    segment_ids=None,
+    attention_mask=None,
+    cache: KVCache | None = None,
+  ):
     token_ids = jnp.asarray(token_ids)
     hidden, new_cache = self.decode_embeddings(
-        self.embed(token_ids), positions=positions, segment_ids=segment_ids,
-        attention_mask=attention_mask, cache=cache)
+      self.embed(token_ids),
+      positions=positions,
+      segment_ids=segment_ids,
+      attention_mask=attention_mask,
+      cache=cache,
+    )
     logits = self.logits(hidden)
     return logits if cache is None else (logits, new_cache)
 
@@ -512,8 +591,7 @@ def set_scan_layers(model: LlamaForCausalLM, scan: bool) -> LlamaForCausalLM:
     return model
   new_cfg = cfg.replace(scan_layers=scan)
   flat = restack(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg.num_hidden_layers, scan)
-  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype,
-                                                     rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
   return sharding.materialize(abstract, flat)
 
 

@@ -46,24 +46,44 @@ def _unit_normalize(f: jax.Array) -> jax.Array:
 class LPIPS(nnx.Module):
   """`model(x0, x1)` with NHWC images in [-1, 1] -> distances (B,); `per_layer=True` -> (B, 5)."""
 
-  def __init__(self, config: LPIPSConfig = LPIPSConfig(), *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: LPIPSConfig = LPIPSConfig(),
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.config = config
-    self.net = AlexNetFeatures(AlexNetConfig(widths=tuple(config.widths)), dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+    self.net = AlexNetFeatures(
+      AlexNetConfig(widths=tuple(config.widths)), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     # Non-negative like the trained heads, so random-init models give meaningful distances.
     init = nnx.initializers.uniform(0.1)
-    self.lins = nnx.List([layers.Dense(w, 1, axes=("conv_in", None), use_bias=False, dtype=dtype,
-                                       param_dtype=param_dtype, kernel_init=init, rngs=rngs)
-                          for w in config.widths])
+    self.lins = nnx.List(
+      [
+        layers.Dense(
+          w,
+          1,
+          axes=("conv_in", None),
+          use_bias=False,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          kernel_init=init,
+          rngs=rngs,
+        )
+        for w in config.widths
+      ]
+    )
 
   def scale(self, x: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) - jnp.asarray(SHIFT)) / jnp.asarray(SCALE)
 
   def __call__(self, x0: jax.Array, x1: jax.Array, *, per_layer: bool = False) -> jax.Array:
     if x0.shape != x1.shape:
-      raise ValueError(f"LPIPS inputs must have the same shape; got {tuple(x0.shape)} and "
-                       f"{tuple(x1.shape)}")
+      raise ValueError(
+        f"LPIPS inputs must have the same shape; got {tuple(x0.shape)} and {tuple(x1.shape)}"
+      )
     b = x0.shape[0]
     # One trunk pass over both images halves the number of kernel launches.
     feats = self.net.taps(self.scale(jnp.concatenate([x0, x1], axis=0)))

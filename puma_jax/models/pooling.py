@@ -33,8 +33,9 @@ def pool(patch_tokens: jax.Array, tokens: int) -> jax.Array:
   return x.mean(axis=(2, 4), dtype=jnp.float32).astype(patch_tokens.dtype).reshape(b, t * t, d)
 
 
-def multi_granular(patch_tokens: jax.Array,
-                   tokens: Sequence[int] = SCALE_TOKENS) -> list[jax.Array]:
+def multi_granular(
+  patch_tokens: jax.Array, tokens: Sequence[int] = SCALE_TOKENS
+) -> list[jax.Array]:
   """[f0, f1, f2, f3, f4] from (B, 256, D) patch tokens (class token already dropped).
 
   Each scale is an average pooling with kernel = stride = 16 / sqrt(tokens), flattened

@@ -35,11 +35,11 @@ NUM_SCALES = 5
 class PumaConfig(ModelConfig):
   llm: llama.LlamaConfig = dataclasses.field(default_factory=llama.LlamaConfig)
   clip: clip_lib.CLIPVisionConfig = dataclasses.field(default_factory=clip_lib.CLIPVisionConfig)
-  img_start_id: int = 3     # [IMG]
-  img_end_id: int = 4       # [/IMG]
-  pos0_id: int = 5          # first of the 224 grounding position tokens
+  img_start_id: int = 3  # [IMG]
+  img_end_id: int = 4  # [/IMG]
+  pos0_id: int = 5  # first of the 224 grounding position tokens
   pad_id: int = 0
-  router: bool = False      # learned scale-router head on the [IMG] hidden state
+  router: bool = False  # learned scale-router head on the [IMG] hidden state
 
   def __post_init__(self):
     if isinstance(self.llm, Mapping):
@@ -47,17 +47,22 @@ class PumaConfig(ModelConfig):
     if isinstance(self.clip, Mapping):
       object.__setattr__(self, "clip", clip_lib.CLIPVisionConfig.from_dict(self.clip))
     if self.clip.grid != 16:
-      raise ValueError(f"PumaConfig: the CLIP patch grid must be 16x16 for PUMA's five scales; "
-                       f"clip.image_size={self.clip.image_size} / patch_size="
-                       f"{self.clip.patch_size} gives {self.clip.grid}x{self.clip.grid}")
+      raise ValueError(
+        f"PumaConfig: the CLIP patch grid must be 16x16 for PUMA's five scales; "
+        f"clip.image_size={self.clip.image_size} / patch_size="
+        f"{self.clip.patch_size} gives {self.clip.grid}x{self.clip.grid}"
+      )
     v = self.llm.vocab_size
     for f in ("img_start_id", "img_end_id", "pad_id"):
       if not 0 <= getattr(self, f) < v:
-        raise ValueError(f"PumaConfig: {f}={getattr(self, f)} outside the vocabulary "
-                         f"(llm.vocab_size={v})")
+        raise ValueError(
+          f"PumaConfig: {f}={getattr(self, f)} outside the vocabulary (llm.vocab_size={v})"
+        )
     if not 0 <= self.pos0_id <= v - 224:
-      raise ValueError(f"PumaConfig: pos0_id={self.pos0_id} leaves no room for 224 position "
-                       f"tokens in llm.vocab_size={v}")
+      raise ValueError(
+        f"PumaConfig: pos0_id={self.pos0_id} leaves no room for 224 position "
+        f"tokens in llm.vocab_size={v}"
+      )
 
   @property
   def feature_dim(self) -> int:
@@ -74,19 +79,21 @@ class MLP2(nnx.Module):
   """Linear -> GELU -> Linear."""
 
   def __init__(self, d_in, d_hidden, d_out, axes, *, dtype, param_dtype, rngs):
-    self.fc1 = layers.Dense(d_in, d_hidden, axes=(axes[0], axes[1]), dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = layers.Dense(d_hidden, d_out, axes=(axes[1], axes[2]), dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = layers.Dense(
+      d_in, d_hidden, axes=(axes[0], axes[1]), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.fc2 = layers.Dense(
+      d_hidden, d_out, axes=(axes[1], axes[2]), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class PumaModel(nnx.Module):
-
-  def __init__(self, config: PumaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: PumaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = dtype
     d, f = config.llm.hidden_size, config.feature_dim
@@ -95,13 +102,14 @@ class PumaModel(nnx.Module):
     self.llm = llama.LlamaForCausalLM(config.llm, **kw)
     # The feature width is a model width too: "embed" lets FSDP shard both ends.
     self.projector = MLP2(f, d, d, ("embed", "mlp", "embed"), **kw)
-    self.scale_embed = layers.param(rngs, nnx.initializers.normal(0.02), (NUM_SCALES, d),
-                                    (None, "embed"), param_dtype)
-    self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (256, d),
-                                  (None, "embed"), param_dtype)
+    self.scale_embed = layers.param(
+      rngs, nnx.initializers.normal(0.02), (NUM_SCALES, d), (None, "embed"), param_dtype
+    )
+    self.pos_embed = layers.param(
+      rngs, nnx.initializers.normal(0.02), (256, d), (None, "embed"), param_dtype
+    )
     self.head = MLP2(d, d, f, ("embed", "mlp", "embed"), **kw)
-    self.router = (layers.Dense(d, NUM_SCALES, axes=("embed", None), **kw)
-                   if config.router else None)
+    self.router = layers.Dense(d, NUM_SCALES, axes=("embed", None), **kw) if config.router else None
 
   # -- features ----------------------------------------------------------------------------------
 
@@ -120,11 +128,15 @@ class PumaModel(nnx.Module):
     scale = jnp.asarray(SLOT_SCALE)[slot]
     pos = jnp.asarray(SLOT_POS)[slot]
     e = self.projector(feats.astype(self.dtype))
-    return (e + self.scale_embed[...].astype(self.dtype)[scale]
-            + self.pos_embed[...].astype(self.dtype)[pos])
+    return (
+      e
+      + self.scale_embed[...].astype(self.dtype)[scale]
+      + self.pos_embed[...].astype(self.dtype)[pos]
+    )
 
-  def gather_features(self, image_feats: jax.Array, image_index: jax.Array,
-                      image_token: jax.Array) -> jax.Array:
+  def gather_features(
+    self, image_feats: jax.Array, image_index: jax.Array, image_token: jax.Array
+  ) -> jax.Array:
     """(B, M, 341, F) per-row image features -> (B, T, F) aligned with the sequence."""
     b = image_index.shape[0]
     rows = jnp.arange(b)[:, None]
@@ -148,16 +160,18 @@ class PumaModel(nnx.Module):
     if "image_features" in batch:
       image_feats = jnp.asarray(batch["image_features"])
       if image_feats.shape[-2:] != (IMAGE_TOKENS, self.config.feature_dim):
-        raise ValueError(f"image_features must be (batch, images, {IMAGE_TOKENS}, "
-                         f"{self.config.feature_dim}); got {tuple(image_feats.shape)}")
+        raise ValueError(
+          f"image_features must be (batch, images, {IMAGE_TOKENS}, "
+          f"{self.config.feature_dim}); got {tuple(image_feats.shape)}"
+        )
     else:
       image_feats = self.encode_images(jnp.asarray(batch["images"]))
     feats = self.gather_features(image_feats, batch["image_index"], batch["image_token"])
     x = self.input_embeddings(tokens, batch["image_index"], batch["image_token"], feats)
-    hidden, _ = self.llm.decode_embeddings(x, positions=batch.get("positions"),
-                                           segment_ids=batch.get("segment_ids"))
-    out = {"logits": self.llm.logits(hidden), "feature_pred": self.head(hidden),
-           "features": feats}
+    hidden, _ = self.llm.decode_embeddings(
+      x, positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
+    out = {"logits": self.llm.logits(hidden), "feature_pred": self.head(hidden), "features": feats}
     if self.router is not None:
       out["router_logits"] = self.router(hidden).astype(jnp.float32)
     return out
@@ -166,20 +180,34 @@ class PumaModel(nnx.Module):
 def tiny(vocab_size: int = 512, router: bool = True, **llm_kw) -> PumaConfig:
   """Toy PUMA for CPU: byte-level vocabulary (see sequence.ByteTokenizer), tiny CLIP/LLaMA."""
   from puma_jax.tokenizer import ByteTokenizer
+
   tok = ByteTokenizer()
   llm_cfg = llama.tiny(vocab_size=vocab_size, max_position_embeddings=2048, **llm_kw)
   s = tok.special
-  return PumaConfig(llm=llm_cfg, clip=clip_lib.tiny(), img_start_id=s.img_start,
-                    img_end_id=s.img_end, pos0_id=s.pos0, pad_id=s.pad, router=router)
+  return PumaConfig(
+    llm=llm_cfg,
+    clip=clip_lib.tiny(),
+    img_start_id=s.img_start,
+    img_end_id=s.img_end,
+    pos0_id=s.pos0,
+    pad_id=s.pad,
+    router=router,
+  )
 
 
 def paper(router: bool = True) -> PumaConfig:
   """LLaMA-3-8B grown by PUMA's 226 tokens ([IMG], [/IMG], 224 positions) and CLIP ViT-L/14."""
   base = llama.llama3_8b()
   v = base.vocab_size
-  return PumaConfig(llm=base.replace(vocab_size=v + 226), clip=clip_lib.vit_l14(),
-                    img_start_id=v, img_end_id=v + 1, pos0_id=v + 2, pad_id=base.eos_token_id,
-                    router=router)
+  return PumaConfig(
+    llm=base.replace(vocab_size=v + 226),
+    clip=clip_lib.vit_l14(),
+    img_start_id=v,
+    img_end_id=v + 1,
+    pos0_id=v + 2,
+    pad_id=base.eos_token_id,
+    router=router,
+  )
 
 
 def param_breakdown(model_or_abstract: nnx.Module) -> dict[str, int]:
@@ -189,7 +217,8 @@ def param_breakdown(model_or_abstract: nnx.Module) -> dict[str, int]:
     part = getattr(model_or_abstract, name, None)
     if part is not None:
       out[name] = sharding.count_params(part)
-  out["scale_pos_embed"] = int(np.prod(model_or_abstract.scale_embed.shape)
-                               + np.prod(model_or_abstract.pos_embed.shape))
+  out["scale_pos_embed"] = int(
+    np.prod(model_or_abstract.scale_embed.shape) + np.prod(model_or_abstract.pos_embed.shape)
+  )
   out["total"] = sum(out.values())
   return out

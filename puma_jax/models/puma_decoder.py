@@ -39,10 +39,10 @@ def _puma_unet(**overrides) -> unet.UNetConfig:
 @dataclasses.dataclass(frozen=True)
 class PumaDecoderConfig(ModelConfig):
   unet: unet.UNetConfig = dataclasses.field(default_factory=_puma_unet)
-  mapping_dim: int = 1024    # feature width (CLIP ViT-L/14)
-  mapping_dim1: int = 2048   # after mapping_layer: the UNet's cross_attention_dim
+  mapping_dim: int = 1024  # feature width (CLIP ViT-L/14)
+  mapping_dim1: int = 2048  # after mapping_layer: the UNet's cross_attention_dim
   num_tokens: int = 256
-  use_embeds: bool = True    # the learned positional embedding (the 256-token decoder only)
+  use_embeds: bool = True  # the learned positional embedding (the 256-token decoder only)
 
   def __post_init__(self):
     if isinstance(self.unet, Mapping):
@@ -51,15 +51,20 @@ class PumaDecoderConfig(ModelConfig):
     if not isinstance(self.unet, unet.UNetConfig):
       raise ValueError(f"{name}: unet must be a UNetConfig, got {type(self.unet).__name__}")
     if self.unet.addition_embed_type is not None:
-      raise ValueError(f"{name}: unet.addition_embed_type must be None (PUMA's UNet has no "
-                       f"added embedding), got {self.unet.addition_embed_type!r}")
+      raise ValueError(
+        f"{name}: unet.addition_embed_type must be None (PUMA's UNet has no "
+        f"added embedding), got {self.unet.addition_embed_type!r}"
+      )
     ctx = set(self.unet.context_dims)
     if ctx != {self.mapping_dim1}:
-      raise ValueError(f"{name}: mapping_dim1={self.mapping_dim1} must equal the UNet's "
-                       f"cross_attention_dim={self.unet.cross_attention_dim}")
+      raise ValueError(
+        f"{name}: mapping_dim1={self.mapping_dim1} must equal the UNet's "
+        f"cross_attention_dim={self.unet.cross_attention_dim}"
+      )
     if self.num_tokens < 1 or self.mapping_dim < 1:
-      raise ValueError(f"{name}: num_tokens={self.num_tokens} and mapping_dim="
-                       f"{self.mapping_dim} must be positive")
+      raise ValueError(
+        f"{name}: num_tokens={self.num_tokens} and mapping_dim={self.mapping_dim} must be positive"
+      )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> PumaDecoderConfig:
@@ -83,50 +88,78 @@ def puma_decoder_config(num_tokens: int) -> PumaDecoderConfig:
   """The public decoder of one scale (`unet_{num_tokens}`): SDXL base UNet, no text_time."""
   if num_tokens not in SCALES:
     raise ValueError(f"num_tokens={num_tokens}: PUMA's decoders exist for {SCALES}")
-  return PumaDecoderConfig(unet=_puma_unet(), num_tokens=num_tokens,
-                           use_embeds=num_tokens == 256)
+  return PumaDecoderConfig(unet=_puma_unet(), num_tokens=num_tokens, use_embeds=num_tokens == 256)
 
 
 def tiny_config(num_tokens: int = 16, **unet_overrides) -> PumaDecoderConfig:
   """Toy width (features 16-d, context 32-d) for CPU runs and tests."""
   u = unet.tiny_config(addition_embed_type=None, cross_attention_dim=32, **unet_overrides)
-  return PumaDecoderConfig(unet=u, mapping_dim=16, mapping_dim1=32, num_tokens=num_tokens,
-                           use_embeds=num_tokens == 256)
+  return PumaDecoderConfig(
+    unet=u, mapping_dim=16, mapping_dim1=32, num_tokens=num_tokens, use_embeds=num_tokens == 256
+  )
 
 
 class PumaDecoder(nnx.Module):
   """See the module docstring. `remat=True` rematerializes the UNet's transformer blocks."""
 
-  def __init__(self, config: PumaDecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, remat: bool = False):
+  def __init__(
+    self,
+    config: PumaDecoderConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    remat: bool = False,
+  ):
     self.config = config
     self.dtype = dtype
     rngs = KeySeq(rngs)  # see KeySeq: keeps the real-size eval_shape linear in time
-    self.unet = unet.UNet2DConditionModel(config.unet, dtype=dtype, param_dtype=param_dtype,
-                                          rngs=rngs, remat=remat)
-    self.mapping_layer = (layers.Dense(config.mapping_dim, config.mapping_dim1,
-                                       axes=("embed", "mlp"), dtype=dtype,
-                                       param_dtype=param_dtype, rngs=rngs)
-                          if config.has_mapping_layer else None)
-    self.embed_img_pos = (layers.param(rngs, nnx.initializers.truncated_normal(0.02),
-                                       (1, config.num_tokens, config.mapping_dim1),
-                                       (None, None, "embed"), param_dtype)
-                          if config.use_embeds else None)
+    self.unet = unet.UNet2DConditionModel(
+      config.unet, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat
+    )
+    self.mapping_layer = (
+      layers.Dense(
+        config.mapping_dim,
+        config.mapping_dim1,
+        axes=("embed", "mlp"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+      if config.has_mapping_layer
+      else None
+    )
+    self.embed_img_pos = (
+      layers.param(
+        rngs,
+        nnx.initializers.truncated_normal(0.02),
+        (1, config.num_tokens, config.mapping_dim1),
+        (None, None, "embed"),
+        param_dtype,
+      )
+      if config.use_embeds
+      else None
+    )
 
   def check_features(self, features) -> None:
     c = self.config
     s = tuple(features.shape)
     if len(s) != 3:
-      raise ValueError(f"PUMA decoder features must be (batch, {c.num_tokens}, "
-                       f"{c.mapping_dim}); got shape {s}")
+      raise ValueError(
+        f"PUMA decoder features must be (batch, {c.num_tokens}, {c.mapping_dim}); got shape {s}"
+      )
     if s[2] != c.mapping_dim:
-      raise ValueError(f"PUMA decoder features have width {s[2]}, but this decoder maps "
-                       f"mapping_dim={c.mapping_dim}-d features (CLIP patch features before "
-                       f"post-layernorm); got shape {s}")
+      raise ValueError(
+        f"PUMA decoder features have width {s[2]}, but this decoder maps "
+        f"mapping_dim={c.mapping_dim}-d features (CLIP patch features before "
+        f"post-layernorm); got shape {s}"
+      )
     if s[1] != c.num_tokens:
-      raise ValueError(f"PUMA decoder for {c.num_tokens} tokens got features with {s[1]} "
-                       f"tokens (shape {s}); use the decoder of that scale, or pool the "
-                       "features to this one")
+      raise ValueError(
+        f"PUMA decoder for {c.num_tokens} tokens got features with {s[1]} "
+        f"tokens (shape {s}); use the decoder of that scale, or pool the "
+        "features to this one"
+      )
 
   def context(self, features: jax.Array, use_pos_embed=True) -> jax.Array:
     """The UNet's cross-attention context for `features`."""
@@ -141,11 +174,14 @@ class PumaDecoder(nnx.Module):
       else:
         w = jnp.asarray(use_pos_embed, self.dtype)
         if w.ndim > 1 or (w.ndim == 1 and w.shape[0] != ctx.shape[0]):
-          raise ValueError(f"use_pos_embed must be a bool, a scalar or a (batch,) weight; "
-                           f"got shape {w.shape} for batch {ctx.shape[0]}")
+          raise ValueError(
+            f"use_pos_embed must be a bool, a scalar or a (batch,) weight; "
+            f"got shape {w.shape} for batch {ctx.shape[0]}"
+          )
         ctx = ctx + w.reshape(-1, 1, 1) * pos
     return sharding.constrain(ctx, ("batch", "act_seq", "act_embed"))
 
-  def __call__(self, sample: jax.Array, timesteps, features: jax.Array, *,
-               use_pos_embed=True) -> jax.Array:
+  def __call__(
+    self, sample: jax.Array, timesteps, features: jax.Array, *, use_pos_embed=True
+  ) -> jax.Array:
     return self.unet(sample, timesteps, self.context(features, use_pos_embed))

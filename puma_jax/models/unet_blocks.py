@@ -41,8 +41,14 @@ class KeySeq:
     return jax.random.fold_in(self.base, self.count)
 
 
-def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
-                       freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+  timesteps: jax.Array,
+  dim: int,
+  *,
+  flip_sin_to_cos: bool,
+  freq_shift: float,
+  max_period: float = 10000.0,
+) -> jax.Array:
   """diffusers' `get_timestep_embedding`: (N,) -> (N, dim) sinusoids, float32."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
@@ -59,10 +65,12 @@ class TimestepEmbedding(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, act: str, dtype, param_dtype, rngs):
     self.act = layers.activation(act, "act_fn")
-    self.linear_1 = layers.Dense(in_features, features, axes=("embed", "mlp"), dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = layers.Dense(features, features, axes=("mlp", "embed"), dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+    self.linear_1 = layers.Dense(
+      in_features, features, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.linear_2 = layers.Dense(
+      features, features, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.linear_2(self.act(self.linear_1(x)))
@@ -71,20 +79,39 @@ class TimestepEmbedding(nnx.Module):
 class ResnetBlock2D(nnx.Module):
   """GroupNorm -> act -> conv -> + time projection -> GroupNorm -> act -> conv, + shortcut."""
 
-  def __init__(self, in_ch: int, out_ch: int, temb_ch: int, *, groups: int, eps: float, act: str,
-               output_scale_factor: float = 1.0, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    temb_ch: int,
+    *,
+    groups: int,
+    eps: float,
+    act: str,
+    output_scale_factor: float = 1.0,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.act = layers.activation(act, "act_fn")
     self.output_scale_factor = output_scale_factor
     self.norm1 = layers.GroupNorm(groups, in_ch, eps=eps, **kw)
     self.conv1 = layers.Conv(in_ch, out_ch, 3, padding=1, rngs=rngs, **kw)
     self.dtype = dtype
-    self.time_emb_proj = layers.Dense(temb_ch, out_ch, axes=("embed", "conv_out"), rngs=rngs,
-                                      dtype=jnp.float32, param_dtype=param_dtype)
+    self.time_emb_proj = layers.Dense(
+      temb_ch,
+      out_ch,
+      axes=("embed", "conv_out"),
+      rngs=rngs,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+    )
     self.norm2 = layers.GroupNorm(groups, out_ch, eps=eps, **kw)
     self.conv2 = layers.Conv(out_ch, out_ch, 3, padding=1, rngs=rngs, **kw)
-    self.conv_shortcut = (layers.Conv(in_ch, out_ch, 1, padding=0, rngs=rngs, **kw)
-                          if in_ch != out_ch else None)
+    self.conv_shortcut = (
+      layers.Conv(in_ch, out_ch, 1, padding=0, rngs=rngs, **kw) if in_ch != out_ch else None
+    )
 
   def __call__(self, x, temb):
     h = self.conv1(self.act(self.norm1(x)))
@@ -103,8 +130,16 @@ class Downsample2D(nnx.Module):
 
   def __init__(self, ch: int, *, padding: int, dtype, param_dtype, rngs):
     self.pad_asym = padding == 0
-    self.conv = layers.Conv(ch, ch, 3, strides=2, padding="VALID" if padding == 0 else padding,
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv = layers.Conv(
+      ch,
+      ch,
+      3,
+      strides=2,
+      padding="VALID" if padding == 0 else padding,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x):
     if self.pad_asym:
@@ -140,8 +175,17 @@ class Upsample2D(nnx.Module):
 class Attention(nnx.Module):
   """diffusers `Attention` as SDXL uses it: bias-free q/k/v, biased output projection."""
 
-  def __init__(self, dim: int, heads: int, kv_dim: int | None = None, *, upcast: bool = False,
-               dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    dim: int,
+    heads: int,
+    kv_dim: int | None = None,
+    *,
+    upcast: bool = False,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     kv_dim = kv_dim or dim
     self.heads, self.upcast, self.dtype = heads, upcast, dtype
@@ -160,8 +204,7 @@ class Attention(nnx.Module):
       # upcast_attention (SD 2.x) computes scores and softmax in float32.
       return y.astype(jnp.float32) if self.upcast else y
 
-    o = layers.attention(split(self.to_q(x)), split(self.to_k(context)),
-                         split(self.to_v(context)))
+    o = layers.attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
     return self.to_out(o.astype(self.dtype).reshape(b, t, d))
 
 
@@ -176,7 +219,7 @@ class GEGLUFeedForward(nnx.Module):
 
   def __call__(self, x):
     h = self.proj(x)
-    h, gate = h[..., :self.hidden], h[..., self.hidden:]
+    h, gate = h[..., : self.hidden], h[..., self.hidden :]
     h = h * jax.nn.gelu(gate, approximate=False)
     return self.out(sharding.constrain(h, ("batch", "act_seq", "act_mlp")))
 
@@ -184,8 +227,9 @@ class GEGLUFeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   """Pre-LN: self-attention, cross-attention to the context, GEGLU feed-forward."""
 
-  def __init__(self, dim: int, heads: int, context_dim: int, *, upcast: bool, dtype, param_dtype,
-               rngs):
+  def __init__(
+    self, dim: int, heads: int, context_dim: int, *, upcast: bool, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = layers.LayerNorm(dim, eps=1e-5, **kw)
     self.attn1 = Attention(dim, heads, upcast=upcast, rngs=rngs, **kw)
@@ -212,17 +256,32 @@ class Transformer2DModel(nnx.Module):
   (`use_linear_projection=False`) is the same map, converted by `conv1x1_as_linear`.
   """
 
-  def __init__(self, ch: int, heads: int, context_dim: int, num_layers: int, *, groups: int,
-               upcast: bool, remat: bool, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    ch: int,
+    heads: int,
+    context_dim: int,
+    num_layers: int,
+    *,
+    groups: int,
+    upcast: bool,
+    remat: bool,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     if ch % heads:
       raise ValueError(f"Transformer2DModel: {ch} channels not divisible by {heads} heads")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.remat = remat
     self.norm = layers.GroupNorm(groups, ch, eps=1e-6, **kw)
     self.proj_in = layers.Dense(ch, ch, axes=("conv_in", "embed"), rngs=rngs, **kw)
-    self.transformer_blocks = nnx.List([
+    self.transformer_blocks = nnx.List(
+      [
         BasicTransformerBlock(ch, heads, context_dim, upcast=upcast, rngs=rngs, **kw)
-        for _ in range(num_layers)])
+        for _ in range(num_layers)
+      ]
+    )
     self.proj_out = layers.Dense(ch, ch, axes=("embed", "conv_out"), rngs=rngs, **kw)
 
   def __call__(self, x, context):
@@ -242,18 +301,61 @@ class Transformer2DModel(nnx.Module):
 class DownBlock(nnx.Module):
   """`DownBlock2D` (no attentions) or `CrossAttnDownBlock2D`; returns (x, skip states)."""
 
-  def __init__(self, in_ch, out_ch, temb_ch, *, num_layers, tlayers, heads, context_dim,
-               cross_attn, add_downsample, cfg, remat, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_ch,
+    out_ch,
+    temb_ch,
+    *,
+    num_layers,
+    tlayers,
+    heads,
+    context_dim,
+    cross_attn,
+    add_downsample,
+    cfg,
+    remat,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_ch, groups=cfg.norm_num_groups,
-                      eps=cfg.norm_eps, act=cfg.act_fn, **kw) for j in range(num_layers)])
-    self.attentions = nnx.List([
-        Transformer2DModel(out_ch, heads, context_dim, tlayers[j], groups=cfg.norm_num_groups,
-                           upcast=cfg.upcast_attention, remat=remat, **kw)
-        for j in range(num_layers)]) if cross_attn else None
-    self.downsampler = (Downsample2D(out_ch, padding=cfg.downsample_padding, **kw)
-                        if add_downsample else None)
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_ch if j == 0 else out_ch,
+          out_ch,
+          temb_ch,
+          groups=cfg.norm_num_groups,
+          eps=cfg.norm_eps,
+          act=cfg.act_fn,
+          **kw,
+        )
+        for j in range(num_layers)
+      ]
+    )
+    self.attentions = (
+      nnx.List(
+        [
+          Transformer2DModel(
+            out_ch,
+            heads,
+            context_dim,
+            tlayers[j],
+            groups=cfg.norm_num_groups,
+            upcast=cfg.upcast_attention,
+            remat=remat,
+            **kw,
+          )
+          for j in range(num_layers)
+        ]
+      )
+      if cross_attn
+      else None
+    )
+    self.downsampler = (
+      Downsample2D(out_ch, padding=cfg.downsample_padding, **kw) if add_downsample else None
+    )
 
   def __call__(self, x, temb, context):
     skips = []
@@ -271,16 +373,36 @@ class DownBlock(nnx.Module):
 class MidBlock(nnx.Module):
   """`UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs."""
 
-  def __init__(self, ch, temb_ch, *, tlayers, heads, context_dim, cfg, remat, dtype, param_dtype,
-               rngs):
+  def __init__(
+    self, ch, temb_ch, *, tlayers, heads, context_dim, cfg, remat, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    res = lambda: ResnetBlock2D(ch, ch, temb_ch, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                                act=cfg.act_fn, output_scale_factor=cfg.mid_block_scale_factor,
-                                **kw)
+    res = lambda: ResnetBlock2D(
+      ch,
+      ch,
+      temb_ch,
+      groups=cfg.norm_num_groups,
+      eps=cfg.norm_eps,
+      act=cfg.act_fn,
+      output_scale_factor=cfg.mid_block_scale_factor,
+      **kw,
+    )
     self.resnets = nnx.List([res() for _ in range(len(tlayers) + 1)])
-    self.attentions = nnx.List([
-        Transformer2DModel(ch, heads, context_dim, n, groups=cfg.norm_num_groups,
-                           upcast=cfg.upcast_attention, remat=remat, **kw) for n in tlayers])
+    self.attentions = nnx.List(
+      [
+        Transformer2DModel(
+          ch,
+          heads,
+          context_dim,
+          n,
+          groups=cfg.norm_num_groups,
+          upcast=cfg.upcast_attention,
+          remat=remat,
+          **kw,
+        )
+        for n in tlayers
+      ]
+    )
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -292,20 +414,61 @@ class MidBlock(nnx.Module):
 class UpBlock(nnx.Module):
   """`UpBlock2D` or `CrossAttnUpBlock2D`: each resnet eats one skip state (concatenated)."""
 
-  def __init__(self, in_ch, prev_ch, out_ch, temb_ch, *, num_layers, tlayers, heads, context_dim,
-               cross_attn, add_upsample, cfg, remat, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_ch,
+    prev_ch,
+    out_ch,
+    temb_ch,
+    *,
+    num_layers,
+    tlayers,
+    heads,
+    context_dim,
+    cross_attn,
+    add_upsample,
+    cfg,
+    remat,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     resnets = []
     for j in range(num_layers):
       skip_ch = in_ch if j == num_layers - 1 else out_ch
       res_in = prev_ch if j == 0 else out_ch
-      resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb_ch, groups=cfg.norm_num_groups,
-                                   eps=cfg.norm_eps, act=cfg.act_fn, **kw))
+      resnets.append(
+        ResnetBlock2D(
+          res_in + skip_ch,
+          out_ch,
+          temb_ch,
+          groups=cfg.norm_num_groups,
+          eps=cfg.norm_eps,
+          act=cfg.act_fn,
+          **kw,
+        )
+      )
     self.resnets = nnx.List(resnets)
-    self.attentions = nnx.List([
-        Transformer2DModel(out_ch, heads, context_dim, tlayers[j], groups=cfg.norm_num_groups,
-                           upcast=cfg.upcast_attention, remat=remat, **kw)
-        for j in range(num_layers)]) if cross_attn else None
+    self.attentions = (
+      nnx.List(
+        [
+          Transformer2DModel(
+            out_ch,
+            heads,
+            context_dim,
+            tlayers[j],
+            groups=cfg.norm_num_groups,
+            upcast=cfg.upcast_attention,
+            remat=remat,
+            **kw,
+          )
+          for j in range(num_layers)
+        ]
+      )
+      if cross_attn
+      else None
+    )
     self.upsampler = Upsample2D(out_ch, **kw) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, upsample_size):

@@ -48,18 +48,23 @@ class VAEConfig(ModelConfig):
     n = len(self.block_out_channels)
     if n == 0:
       raise ValueError("VAEConfig: block_out_channels must not be empty")
-    for field, types, want in (("down_block_types", self.down_block_types, _DOWN),
-                               ("up_block_types", self.up_block_types, _UP)):
+    for field, types, want in (
+      ("down_block_types", self.down_block_types, _DOWN),
+      ("up_block_types", self.up_block_types, _UP),
+    ):
       if len(types) != n:
-        raise ValueError(f"VAEConfig: {field} has {len(types)} entries but block_out_channels "
-                         f"has {n}")
+        raise ValueError(
+          f"VAEConfig: {field} has {len(types)} entries but block_out_channels has {n}"
+        )
       bad = [t for t in types if t != want]
       if bad:
         raise ValueError(f"VAEConfig: unsupported {field} {bad}; only {want!r} is implemented")
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"VAEConfig: block_out_channels entry {c} is not divisible by "
-                         f"norm_num_groups={self.norm_num_groups}")
+        raise ValueError(
+          f"VAEConfig: block_out_channels entry {c} is not divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+        )
     if self.layers_per_block < 1 or self.latent_channels < 1:
       raise ValueError("VAEConfig: layers_per_block and latent_channels must be >= 1")
     layers.activation(self.act_fn, "act_fn")
@@ -77,8 +82,12 @@ def sdxl_vae_config() -> VAEConfig:
 def config_with_blocks(block_out_channels, **kw) -> VAEConfig:
   """A config with one DownEncoderBlock2D / UpDecoderBlock2D per entry of `block_out_channels`."""
   n = len(block_out_channels)
-  return VAEConfig(block_out_channels=tuple(block_out_channels), down_block_types=(_DOWN,) * n,
-                   up_block_types=(_UP,) * n, **kw)
+  return VAEConfig(
+    block_out_channels=tuple(block_out_channels),
+    down_block_types=(_DOWN,) * n,
+    up_block_types=(_UP,) * n,
+    **kw,
+  )
 
 
 def tiny_config() -> VAEConfig:
@@ -88,13 +97,13 @@ def tiny_config() -> VAEConfig:
 
 def small_config() -> VAEConfig:
   """The SDXL topology (4 levels, 8x downsampling) at toy width."""
-  return config_with_blocks((8, 16, 32, 32), norm_num_groups=4, layers_per_block=2,
-                            sample_size=64)
+  return config_with_blocks((8, 16, 32, 32), norm_num_groups=4, layers_per_block=2, sample_size=64)
 
 
 def _conv(cin, cout, k=3, *, padding=1, strides=1, dtype, param_dtype, rngs):
-  return layers.Conv(cin, cout, k, padding=padding, strides=strides, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+  return layers.Conv(
+    cin, cout, k, padding=padding, strides=strides, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+  )
 
 
 def _norm(groups, c, *, dtype, param_dtype):
@@ -111,8 +120,7 @@ class ResnetBlock(nnx.Module):
     self.conv1 = _conv(cin, cout, rngs=rngs, **kw)
     self.norm2 = _norm(cfg.norm_num_groups, cout, **kw)
     self.conv2 = _conv(cout, cout, rngs=rngs, **kw)
-    self.conv_shortcut = (_conv(cin, cout, 1, padding=0, rngs=rngs, **kw) if cin != cout
-                          else None)
+    self.conv_shortcut = _conv(cin, cout, 1, padding=0, rngs=rngs, **kw) if cin != cout else None
 
   def __call__(self, x):
     h = self.conv1(self.act(self.norm1(x)))
@@ -129,8 +137,11 @@ class AttentionBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.group_norm = _norm(cfg.norm_num_groups, c, **kw)
     mk = lambda axes: layers.Dense(c, c, axes=axes, rngs=rngs, **kw)
-    self.to_q, self.to_k, self.to_v = mk(("embed", "heads")), mk(("embed", "heads")), mk(
-        ("embed", "heads"))
+    self.to_q, self.to_k, self.to_v = (
+      mk(("embed", "heads")),
+      mk(("embed", "heads")),
+      mk(("embed", "heads")),
+    )
     self.to_out = mk(("heads", "embed"))
 
   def __call__(self, x):
@@ -144,7 +155,6 @@ class AttentionBlock(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-
   def __init__(self, c: int, cfg: VAEConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock(c, c, cfg, **kw), ResnetBlock(c, c, cfg, **kw)])
@@ -162,8 +172,9 @@ class Downsample(nnx.Module):
   `Downsample2D(padding=0)`), which halves odd sizes the same way torch does."""
 
   def __init__(self, c: int, *, dtype, param_dtype, rngs):
-    self.conv = _conv(c, c, padding="VALID", strides=2, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
+    self.conv = _conv(
+      c, c, padding="VALID", strides=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -180,11 +191,11 @@ class Upsample(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-
   def __init__(self, cin, cout, n, add_downsample, cfg, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock(cin if j == 0 else cout, cout, cfg, **kw)
-                             for j in range(n)])
+    self.resnets = nnx.List(
+      [ResnetBlock(cin if j == 0 else cout, cout, cfg, **kw) for j in range(n)]
+    )
     self.downsample = Downsample(cout, **kw) if add_downsample else None
 
   def __call__(self, x):
@@ -194,11 +205,11 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-
   def __init__(self, cin, cout, n, add_upsample, cfg, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock(cin if j == 0 else cout, cout, cfg, **kw)
-                             for j in range(n)])
+    self.resnets = nnx.List(
+      [ResnetBlock(cin if j == 0 else cout, cout, cfg, **kw) for j in range(n)]
+    )
     self.upsample = Upsample(cout, **kw) if add_upsample else None
 
   def __call__(self, x):
@@ -215,9 +226,12 @@ class Encoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch = cfg.block_out_channels
     self.conv_in = _conv(cfg.in_channels, ch[0], **kw)
-    self.down_blocks = nnx.List([
+    self.down_blocks = nnx.List(
+      [
         DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < len(ch) - 1, cfg, **kw)
-        for i in range(len(ch))])
+        for i in range(len(ch))
+      ]
+    )
     self.mid_block = MidBlock(ch[-1], cfg, **kw)
     self.conv_norm_out = _norm(cfg.norm_num_groups, ch[-1], dtype=dtype, param_dtype=param_dtype)
     self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, **kw)
@@ -231,16 +245,18 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, cfg: VAEConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     rev = tuple(reversed(cfg.block_out_channels))
     self.conv_in = _conv(cfg.latent_channels, rev[0], **kw)
     self.mid_block = MidBlock(rev[0], cfg, **kw)
     # Decoder blocks hold one resnet more than encoder blocks (diffusers: layers_per_block + 1).
-    self.up_blocks = nnx.List([
+    self.up_blocks = nnx.List(
+      [
         UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, i < len(rev) - 1, cfg, **kw)
-        for i in range(len(rev))])
+        for i in range(len(rev))
+      ]
+    )
     self.conv_norm_out = _norm(cfg.norm_num_groups, rev[-1], dtype=dtype, param_dtype=param_dtype)
     self.conv_out = _conv(rev[-1], cfg.out_channels, **kw)
 
@@ -255,8 +271,9 @@ class AutoencoderKL(nnx.Module):
   """`encode(images)` -> latent mean (B, H/f, W/f, latent_channels), before `scaling_factor`;
   `decode(latents)` -> images (B, H, W, out_channels), nominally in [-1, 1]. NHWC throughout."""
 
-  def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -264,8 +281,7 @@ class AutoencoderKL(nnx.Module):
     self.encoder = Encoder(config, **kw)
     self.decoder = Decoder(config, **kw)
     self.quant_conv = _conv(2 * z, 2 * z, 1, padding=0, **kw) if config.use_quant_conv else None
-    self.post_quant_conv = (_conv(z, z, 1, padding=0, **kw) if config.use_post_quant_conv
-                            else None)
+    self.post_quant_conv = _conv(z, z, 1, padding=0, **kw) if config.use_post_quant_conv else None
 
   def _check(self, x, what: str, channels: int, field: str):
     shape = tuple(x.shape)
@@ -273,8 +289,10 @@ class AutoencoderKL(nnx.Module):
       hint = ""
       if len(shape) == 4 and shape[1] == channels:
         hint = " (it looks NCHW: transpose to NHWC)"
-      raise ValueError(f"VAE {what} must be NHWC (batch, height, width, {channels}) with "
-                       f"{field}={channels}; got shape {shape}{hint}")
+      raise ValueError(
+        f"VAE {what} must be NHWC (batch, height, width, {channels}) with "
+        f"{field}={channels}; got shape {shape}{hint}"
+      )
 
   def encode_moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(mean, logvar) of the latent distribution; logvar clamped to [-30, 20] like diffusers."""

@@ -41,11 +41,14 @@ class ViTConfig(ModelConfig):
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
-      raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
+      raise ValueError(
+        f"ViTConfig: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+      )
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"ViTConfig: hidden_size={self.hidden_size} is not divisible by "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+        f"ViTConfig: hidden_size={self.hidden_size} is not divisible by "
+        f"num_attention_heads={self.num_attention_heads}"
+      )
     layers.activation(self.hidden_act)
 
   @property
@@ -55,28 +58,43 @@ class ViTConfig(ModelConfig):
 
 def dino_vits16() -> ViTConfig:
   """facebook/dino-vits16 (21,665,664 parameters without the pooler)."""
-  return ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
-                   num_attention_heads=6, image_size=224, patch_size=16)
+  return ViTConfig(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=16,
+  )
 
 
 # HF `ViTLayer` attribute names, as our checkpoints store them (`attention.o_proj` is HF's
 # `attention.output.dense`; see convert/vit.py).
-BLOCK_NAMES = layers.BlockNames(norm1="layernorm_before", attn="attention", out_proj="o_proj",
-                                norm2="layernorm_after")
+BLOCK_NAMES = layers.BlockNames(
+  norm1="layernorm_before", attn="attention", out_proj="o_proj", norm2="layernorm_after"
+)
 
 
 class ViTEmbeddings(nnx.Module):
-
   def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs):
     self.cfg, self.dtype = cfg, dtype
-    self.patch_embeddings = layers.Conv(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                        strides=cfg.patch_size, padding="VALID", dtype=dtype,
-                                        param_dtype=param_dtype, rngs=rngs)
+    self.patch_embeddings = layers.Conv(
+      cfg.num_channels,
+      cfg.hidden_size,
+      cfg.patch_size,
+      strides=cfg.patch_size,
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     init = nnx.initializers.truncated_normal(0.02)
-    self.cls_token = layers.param(rngs, init, (1, 1, cfg.hidden_size), (None, None, "embed"),
-                                  param_dtype)
-    self.position_embeddings = layers.param(rngs, init, (1, cfg.num_patches + 1, cfg.hidden_size),
-                                            (None, None, "embed"), param_dtype)
+    self.cls_token = layers.param(
+      rngs, init, (1, 1, cfg.hidden_size), (None, None, "embed"), param_dtype
+    )
+    self.position_embeddings = layers.param(
+      rngs, init, (1, cfg.num_patches + 1, cfg.hidden_size), (None, None, "embed"), param_dtype
+    )
 
   def __call__(self, pixel_values):
     b = pixel_values.shape[0]
@@ -90,30 +108,42 @@ class ViTEmbeddings(nnx.Module):
 class ViTModel(nnx.Module):
   """`model(pixel_values)` (NHWC, preprocessed) -> last hidden state (B, 1 + N, D)."""
 
-  def __init__(self, config: ViTConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: ViTConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config, self.dtype = config, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = ViTEmbeddings(config, **kw)
-    self.layers = nnx.List([layers.EncoderLayer(config, BLOCK_NAMES, qkv_bias=config.qkv_bias,
-                                                **kw) for _ in range(config.num_hidden_layers)])
-    self.layernorm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
-                                      param_dtype=param_dtype)
+    self.layers = nnx.List(
+      [
+        layers.EncoderLayer(config, BLOCK_NAMES, qkv_bias=config.qkv_bias, **kw)
+        for _ in range(config.num_hidden_layers)
+      ]
+    )
+    self.layernorm = layers.LayerNorm(
+      config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
 
   def check_input(self, pixel_values) -> None:
     c = self.config
     want = (c.image_size, c.image_size, c.num_channels)
     shape = tuple(pixel_values.shape)
     if len(shape) != 4 or shape[1:] != want:
-      hint = " (it looks NCHW: transpose to NHWC)" if (
-          len(shape) == 4 and shape[1] == c.num_channels) else ""
-      raise ValueError(f"ViT pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}); "
-                       f"got shape {shape}{hint}")
+      hint = (
+        " (it looks NCHW: transpose to NHWC)"
+        if (len(shape) == 4 and shape[1] == c.num_channels)
+        else ""
+      )
+      raise ValueError(
+        f"ViT pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}); "
+        f"got shape {shape}{hint}"
+      )
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     self.check_input(pixel_values)
-    x = sharding.constrain(self.embeddings(pixel_values.astype(self.dtype)),
-                           ("batch", "act_seq", "act_embed"))
+    x = sharding.constrain(
+      self.embeddings(pixel_values.astype(self.dtype)), ("batch", "act_seq", "act_embed")
+    )
     for layer in self.layers:
       x = layer(x)
     return self.layernorm(x)
@@ -123,8 +153,9 @@ class ViTModel(nnx.Module):
     return self(pixel_values)[:, 0]
 
 
-def preprocess(images: jax.Array, size: int = 224, method: str = "cubic",
-               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+def preprocess(
+  images: jax.Array, size: int = 224, method: str = "cubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> jax.Array:
   """Float images in [0, 1] (NHWC, any size) -> ViT pixel values: resize to size x size, normalize.
 
   `method`: "cubic" or "linear" (PIL's resample 3 / 2 in a `preprocessor_config.json`).

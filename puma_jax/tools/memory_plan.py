@@ -69,7 +69,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from puma_jax import sharding
 from puma_jax.training import init, registry
 
-GiB = 1024 ** 3
+GiB = 1024**3
 ATTENTION_IMPLS = ("xla", "flash")
 
 
@@ -81,8 +81,9 @@ def resolve_mesh(mesh_cfg: Mapping[str, int], devices: int) -> dict[str, int]:
   """The config's (data, fsdp, tensor) mesh on `devices` devices; one -1 entry takes the rest."""
   unknown = set(mesh_cfg) - set(sharding.MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh: unknown axis name(s) {sorted(unknown)}; axes are "
-                     f"{sharding.MESH_AXES}")
+    raise ValueError(
+      f"config.mesh: unknown axis name(s) {sorted(unknown)}; axes are {sharding.MESH_AXES}"
+    )
   sizes = {a: int(mesh_cfg.get(a, 1)) for a in sharding.MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
@@ -92,12 +93,16 @@ def resolve_mesh(mesh_cfg: Mapping[str, int], devices: int) -> dict[str, int]:
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if devices % fixed:
-      raise ValueError(f"config.mesh {sizes} does not divide --devices={devices} (the fixed axes "
-                       f"need a multiple of {fixed})")
+      raise ValueError(
+        f"config.mesh {sizes} does not divide --devices={devices} (the fixed axes "
+        f"need a multiple of {fixed})"
+      )
     sizes[free[0]] = devices // fixed
   elif fixed != devices:
-    raise ValueError(f"config.mesh {sizes} needs {fixed} devices but --devices={devices}; set "
-                     "one axis to -1 or make the sizes multiply to the device count")
+    raise ValueError(
+      f"config.mesh {sizes} needs {fixed} devices but --devices={devices}; set "
+      "one axis to -1 or make the sizes multiply to the device count"
+    )
   return sizes
 
 
@@ -147,22 +152,25 @@ def static_memory(config, mesh: AbstractMesh, rules=sharding.DEFAULT_RULES) -> d
   the shapes and shardings training itself uses (`training.init.abstract_state`)."""
   a = init.abstract_state(registry.make(config), mesh, rules)
   trainable, frozen, rest = a.trainable, a.frozen, a.rest
-  tensors = (_tensors(trainable, a.state_sharding.params, True)
-             + _tensors(frozen, a.frozen_sharding, False))
+  tensors = _tensors(trainable, a.state_sharding.params, True) + _tensors(
+    frozen, a.frozen_sharding, False
+  )
   # A group's MaskedNode (parameters of the other groups) has no leaves: it holds nothing.
-  opt_bytes = sum(jax.tree.leaves(jax.tree.map(_leaf_bytes, a.opt_state,
-                                               a.state_sharding.opt_state)))
-  rest_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(rest))
+  opt_bytes = sum(
+    jax.tree.leaves(jax.tree.map(_leaf_bytes, a.opt_state, a.state_sharding.opt_state))
+  )
+  rest_bytes = sum(
+    int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(rest)
+  )
   trainable_bytes = sum(t.bytes_per_device for t in tensors if t.trainable)
   return {
-      "abstract": a.model,
-      "tensors": tensors,
-      "params": sum(t.bytes_per_device for t in tensors) + rest_bytes,
-      "trainable_params": trainable_bytes,
-      "optimizer": opt_bytes,
-      "n_trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
-      "n_frozen": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)),
+    "abstract": a.model,
+    "tensors": tensors,
+    "params": sum(t.bytes_per_device for t in tensors) + rest_bytes,
+    "trainable_params": trainable_bytes,
+    "optimizer": opt_bytes,
+    "n_trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
+    "n_frozen": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)),
   }
 
 
@@ -175,8 +183,9 @@ def _split(n: int, tensor: int) -> int:
   return n // tensor if n % tensor == 0 else n
 
 
-def llama_layer_bytes_per_token(llm, *, seq_len: int, tensor: int, dtype_bytes: int,
-                                policy: str, attention: str) -> int:
+def llama_layer_bytes_per_token(
+  llm, *, seq_len: int, tensor: int, dtype_bytes: int, policy: str, attention: str
+) -> int:
   """Bytes per token saved by one decoder layer for the backward pass (module docstring)."""
   if attention not in ATTENTION_IMPLS:
     raise ValueError(f"attention={attention!r}: choose from {ATTENTION_IMPLS}")
@@ -210,8 +219,9 @@ def _gathered_elements(t: Tensor, tensor: int) -> int:
   return n
 
 
-def _gathered_blocks(tensors: list[Tensor], n_layers: int, stacked: bool,
-                     tensor: int) -> tuple[int, int]:
+def _gathered_blocks(
+  tensors: list[Tensor], n_layers: int, stacked: bool, tensor: int
+) -> tuple[int, int]:
   """(parameters of one decoder layer, of the largest other trainable tensor: LM head or
   embedding), as FSDP all-gathers them (split over the tensor axis only)."""
   layer, other = 0, 0
@@ -228,18 +238,22 @@ def _gathered_blocks(tensors: list[Tensor], n_layers: int, stacked: bool,
   return layer, other
 
 
-def activation_memory(config, static: dict, mesh_shape: Mapping[str, int], global_batch: int,
-                      attention: str) -> dict:
+def activation_memory(
+  config, static: dict, mesh_shape: Mapping[str, int], global_batch: int, attention: str
+) -> dict:
   """Per-device bytes of saved activations, logits and transients for the MLLM step."""
   from puma_jax.models import puma
+
   mc = puma.PumaConfig.from_dict(config.model.to_dict())
   llm = mc.llm
   accum = int(config.train.grad_accum_steps)
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   tensor = mesh_shape["tensor"]
   if global_batch % accum or (global_batch // accum) % shards:
-    raise ValueError(f"train.grad_accum_steps={accum} must split the global batch {global_batch} "
-                     f"into microbatches divisible by data x fsdp = {shards}")
+    raise ValueError(
+      f"train.grad_accum_steps={accum} must split the global batch {global_batch} "
+      f"into microbatches divisible by data x fsdp = {shards}"
+    )
   rows = global_batch // accum // shards
   seq_len = int(config.seq_len)
   tokens = rows * seq_len
@@ -255,13 +269,20 @@ def activation_memory(config, static: dict, mesh_shape: Mapping[str, int], globa
   saved = tokens * (llm.num_hidden_layers * per_layer + outside)
   logits = tokens * (8 + b) * _split(llm.vocab_size, tensor)
   recompute = tokens * none_layer if policy != "none" else 0
-  layer, other = _gathered_blocks(static["tensors"], llm.num_hidden_layers, llm.scan_layers,
-                                  tensor)
+  layer, other = _gathered_blocks(static["tensors"], llm.num_hidden_layers, llm.scan_layers, tensor)
   gathered = max(layer, other) * (b + 4) + layer * b
   update = static["trainable_params"]
-  return {"activations": saved, "logits": logits, "transient": recompute + gathered + update,
-          "rows_per_device": rows, "tokens_per_device": tokens, "per_layer_per_token": per_layer,
-          "recompute": recompute, "gathered": gathered, "update": update}
+  return {
+    "activations": saved,
+    "logits": logits,
+    "transient": recompute + gathered + update,
+    "rows_per_device": rows,
+    "tokens_per_device": tokens,
+    "per_layer_per_token": per_layer,
+    "recompute": recompute,
+    "gathered": gathered,
+    "update": update,
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +299,7 @@ class Plan:
   attention: str
   device_memory: int
   usable_fraction: float
-  rows: dict            # name -> bytes per device
+  rows: dict  # name -> bytes per device
   details: dict
 
   @property
@@ -294,9 +315,17 @@ class Plan:
     return self.total <= self.budget
 
 
-def make_plan(config, devices: int, device_memory_gb: float, *, processes: int | None = None,
-              global_batch: int = 0, attention: str = "xla", usable_fraction: float = 0.9,
-              static: dict | None = None) -> Plan:
+def make_plan(
+  config,
+  devices: int,
+  device_memory_gb: float,
+  *,
+  processes: int | None = None,
+  global_batch: int = 0,
+  attention: str = "xla",
+  usable_fraction: float = 0.9,
+  static: dict | None = None,
+) -> Plan:
   """Per-device memory of `config` trained on `devices` devices of `device_memory_gb` GiB.
 
   The global batch is `global_batch`, else data.batch_size per host x `processes` (default: one
@@ -310,21 +339,30 @@ def make_plan(config, devices: int, device_memory_gb: float, *, processes: int |
   gb = int(global_batch) or int(config.data.batch_size) * int(processes or devices)
   static = static or static_memory(config, mesh)
   accum = int(config.train.grad_accum_steps)
-  rows = {"params": static["params"],
-          "grads": static["trainable_params"] * (2 if accum > 1 else 1),
-          "optimizer": static["optimizer"]}
+  rows = {
+    "params": static["params"],
+    "grads": static["trainable_params"] * (2 if accum > 1 else 1),
+    "optimizer": static["optimizer"],
+  }
   details = dict(static, static=static)
   remat = "n/a"
   if config.stage == "mllm":
     act = activation_memory(config, static, sizes, gb, attention)
-    rows.update(activations=act["activations"], logits=act["logits"],
-                transient=act["transient"])
+    rows.update(activations=act["activations"], logits=act["logits"], transient=act["transient"])
     details.update(act)
     remat = config.model.llm.remat_policy
-  return Plan(mesh=sizes, devices=devices, global_batch=gb,
-              grad_accum=int(config.train.grad_accum_steps), remat=remat, attention=attention,
-              device_memory=int(device_memory_gb * GiB), usable_fraction=usable_fraction,
-              rows=rows, details=details)
+  return Plan(
+    mesh=sizes,
+    devices=devices,
+    global_batch=gb,
+    grad_accum=int(config.train.grad_accum_steps),
+    remat=remat,
+    attention=attention,
+    device_memory=int(device_memory_gb * GiB),
+    usable_fraction=usable_fraction,
+    rows=rows,
+    details=details,
+  )
 
 
 def _with(config, accum: int | None = None, remat: str | None = None):
@@ -342,8 +380,11 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
   if config.stage != "mllm":
     return []
   shards = plan.mesh["data"] * plan.mesh["fsdp"]
-  accums = [a for a in range(1, plan.global_batch + 1)
-            if plan.global_batch % a == 0 and (plan.global_batch // a) % shards == 0]
+  accums = [
+    a
+    for a in range(1, plan.global_batch + 1)
+    if plan.global_batch % a == 0 and (plan.global_batch // a) % shards == 0
+  ]
   out, seen = [], set()
   order = ["none", "dots", "dots_no_batch", "full"]
   start = order.index(plan.remat) if plan.remat in order else 0
@@ -351,9 +392,16 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
     for a in accums:
       if a < plan.grad_accum and remat == plan.remat:
         continue
-      p = make_plan(_with(config, a, remat), plan.devices, plan.device_memory / GiB,
-                    global_batch=plan.global_batch, attention=plan.attention,
-                    usable_fraction=plan.usable_fraction, static=plan.details["static"], **kw)
+      p = make_plan(
+        _with(config, a, remat),
+        plan.devices,
+        plan.device_memory / GiB,
+        global_batch=plan.global_batch,
+        attention=plan.attention,
+        usable_fraction=plan.usable_fraction,
+        static=plan.details["static"],
+        **kw,
+      )
       if p.fits:
         if (a, p.total) in seen:  # this remat saves the same as a cheaper one here
           break
@@ -361,32 +409,44 @@ def suggestions(config, plan: Plan, **kw) -> list[str]:
         flags = f"--config.train.grad_accum_steps={a}"
         if remat != plan.remat:
           flags += f" --config.model.llm.remat_policy={remat}"
-        out.append(f"{flags}: {p.total / GiB:.1f} GiB per device "
-                   f"({p.global_batch // a // shards} rows per device per microbatch)")
+        out.append(
+          f"{flags}: {p.total / GiB:.1f} GiB per device "
+          f"({p.global_batch // a // shards} rows per device per microbatch)"
+        )
         break
   return out
 
 
 def format_plan(plan: Plan) -> str:
   gib = lambda n: f"{n / GiB:10.3f}{n:>18,}"
-  lines = [f"mesh {plan.mesh} on {plan.devices} devices; global batch {plan.global_batch}, "
-           f"grad_accum {plan.grad_accum}, remat {plan.remat}, attention {plan.attention}"]
+  lines = [
+    f"mesh {plan.mesh} on {plan.devices} devices; global batch {plan.global_batch}, "
+    f"grad_accum {plan.grad_accum}, remat {plan.remat}, attention {plan.attention}"
+  ]
   d = plan.details
   lines.append(f"parameters: {d['n_trainable']:,} trainable, {d['n_frozen']:,} frozen")
   if "tokens_per_device" in d:
-    lines.append(f"microbatch: {d['rows_per_device']} rows = {d['tokens_per_device']:,} tokens "
-                 f"per device; {d['per_layer_per_token']:,} bytes per token per layer saved")
-  whole = sorted((t for t in d["tensors"] if shard_shape(t.shape, t.spec, plan.mesh) == t.shape),
-                 key=lambda t: -t.bytes_per_device)
+    lines.append(
+      f"microbatch: {d['rows_per_device']} rows = {d['tokens_per_device']:,} tokens "
+      f"per device; {d['per_layer_per_token']:,} bytes per token per layer saved"
+    )
+  whole = sorted(
+    (t for t in d["tensors"] if shard_shape(t.shape, t.spec, plan.mesh) == t.shape),
+    key=lambda t: -t.bytes_per_device,
+  )
   if plan.devices > 1 and whole and whole[0].bytes_per_device >= 1 << 20:
-    lines.append("largest unsharded (replicated) parameters: " + ", ".join(
-        f"{t.path} {t.shape} {t.bytes_per_device / 2**20:.1f} MiB" for t in whole[:3]))
+    lines.append(
+      "largest unsharded (replicated) parameters: "
+      + ", ".join(f"{t.path} {t.shape} {t.bytes_per_device / 2**20:.1f} MiB" for t in whole[:3])
+    )
   lines.append(f"{'per device':<14}{'GiB':>10}{'bytes':>18}")
   for name, n in plan.rows.items():
     lines.append(f"{name:<14}{gib(n)}")
   lines.append(f"{'total':<14}{gib(plan.total)}")
-  lines.append(f"{'device':<14}{gib(plan.device_memory)}  (usable at "
-               f"{plan.usable_fraction:.0%}: {plan.budget / GiB:.2f})")
+  lines.append(
+    f"{'device':<14}{gib(plan.device_memory)}  (usable at "
+    f"{plan.usable_fraction:.0%}: {plan.budget / GiB:.2f})"
+  )
   return "\n".join(lines)
 
 
@@ -399,10 +459,20 @@ def cheapest_remat(config, plan: Plan, **kw) -> tuple[str, Plan] | None:
   if config.stage != "mllm":
     return None
   for remat in REMAT_ORDER:
-    p = plan if remat == plan.remat else make_plan(
-        _with(config, remat=remat), plan.devices, plan.device_memory / GiB,
-        global_batch=plan.global_batch, attention=plan.attention,
-        usable_fraction=plan.usable_fraction, static=plan.details["static"], **kw)
+    p = (
+      plan
+      if remat == plan.remat
+      else make_plan(
+        _with(config, remat=remat),
+        plan.devices,
+        plan.device_memory / GiB,
+        global_batch=plan.global_batch,
+        attention=plan.attention,
+        usable_fraction=plan.usable_fraction,
+        static=plan.details["static"],
+        **kw,
+      )
+    )
     if p.fits:
       return remat, p
   return None
@@ -410,29 +480,36 @@ def cheapest_remat(config, plan: Plan, **kw) -> tuple[str, Plan] | None:
 
 def verdict(config, plan: Plan, **kw) -> str:
   if plan.fits:
-    head = (f"FITS: {plan.total / GiB:.1f} GiB of {plan.budget / GiB:.1f} GiB usable per device")
+    head = f"FITS: {plan.total / GiB:.1f} GiB of {plan.budget / GiB:.1f} GiB usable per device"
     if "activations" not in plan.rows:
       head += " (parameters, gradients and optimizer state only; activations not estimated)"
     best = cheapest_remat(config, plan, **kw)
     if best is not None and best[0] != plan.remat:
-      head += (f"\ncheaper remat fits (less recomputation, faster steps): "
-               f"--config.model.llm.remat_policy={best[0]}: {best[1].total / GiB:.1f} GiB per "
-               f"device")
+      head += (
+        f"\ncheaper remat fits (less recomputation, faster steps): "
+        f"--config.model.llm.remat_policy={best[0]}: {best[1].total / GiB:.1f} GiB per "
+        f"device"
+      )
     elif best is not None:
       head += f"\nremat {plan.remat!r} is the cheapest policy that fits"
     return head
-  lines = [f"DOES NOT FIT: {plan.total / GiB:.1f} GiB > {plan.budget / GiB:.1f} GiB usable per "
-           "device"]
+  lines = [
+    f"DOES NOT FIT: {plan.total / GiB:.1f} GiB > {plan.budget / GiB:.1f} GiB usable per device"
+  ]
   fixes = suggestions(config, plan, **kw)
   if fixes:
     lines.append("smallest changes that fit (same global batch, same update):")
     lines += [f"  {f}" for f in fixes]
   else:
-    lines.append("no gradient-accumulation / remat setting fits: add devices, shard over "
-                 "--config.mesh.tensor, or shorten --config.seq_len")
+    lines.append(
+      "no gradient-accumulation / remat setting fits: add devices, shard over "
+      "--config.mesh.tensor, or shorten --config.seq_len"
+    )
   if plan.attention == "xla":
-    lines.append("  (a fused flash-attention kernel, --attention=flash, drops the seq_len^2 "
-                 "scores; cuDNN's needs Ampere or newer, not V100)")
+    lines.append(
+      "  (a fused flash-attention kernel, --attention=flash, drops the seq_len^2 "
+      "scores; cuDNN's needs Ampere or newer, not V100)"
+    )
   return "\n".join(lines)
 
 
@@ -442,12 +519,19 @@ def verdict(config, plan: Plan, **kw) -> str:
 
 def main(argv):
   from absl import flags
+
   del argv
   f = flags.FLAGS
   config = _CONFIG.value
-  plan = make_plan(config, f.devices, f.device_memory_gb, processes=f.processes or None,
-                   global_batch=f.global_batch, attention=f.attention,
-                   usable_fraction=f.usable_fraction)
+  plan = make_plan(
+    config,
+    f.devices,
+    f.device_memory_gb,
+    processes=f.processes or None,
+    global_batch=f.global_batch,
+    attention=f.attention,
+    usable_fraction=f.usable_fraction,
+  )
   print(format_plan(plan))
   print(verdict(config, plan, processes=f.processes or None))
 
@@ -455,15 +539,22 @@ def main(argv):
 if __name__ == "__main__":
   from absl import flags
   from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:paper",
-                                            "Training config (and :variant).", lock_config=True)
+
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/pretrain.py:paper", "Training config (and :variant).", lock_config=True
+  )
   flags.DEFINE_integer("devices", 256, "Devices to plan for (the mesh's -1 axis takes the rest).")
   flags.DEFINE_float("device_memory_gb", 32.0, "Memory per device in GiB (V100: 32).")
   flags.DEFINE_integer("processes", 0, "Hosts feeding data.batch_size each (0: one per device).")
   flags.DEFINE_integer("global_batch", 0, "Global batch (0: data.batch_size x processes).")
-  flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLS),
-                    "Attention kernel: xla (materialized scores) or flash (fused).")
+  flags.DEFINE_enum(
+    "attention",
+    "xla",
+    list(ATTENTION_IMPLS),
+    "Attention kernel: xla (materialized scores) or flash (fused).",
+  )
   flags.DEFINE_float("usable_fraction", 0.9, "Fraction of device memory the step may use.")
 
   from puma_jax import cli
+
   sys.exit(cli.run(main, doc=__doc__))

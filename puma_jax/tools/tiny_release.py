@@ -28,6 +28,7 @@ DECODER_SAMPLE_SIZE = 16  # latent pixels; x2 (the toy VAE) = 32-pixel images, a
 def decoder_config(scale: str, feature_dim: int):
   """The toy decoder of configs/decoder.py:tiny_<scale> reading `feature_dim`-wide features."""
   from puma_jax.models import puma_decoder
+
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
   cfg = puma_decoder.tiny_config(tokens, sample_size=DECODER_SAMPLE_SIZE)
   return cfg.replace(mapping_dim=feature_dim)
@@ -41,6 +42,7 @@ def _random(build, seed: int):
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
+
   graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   rng = np.random.default_rng(seed)
 
@@ -64,10 +66,12 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
   from flax import nnx
   from puma_jax import checkpoints, export
   from puma_jax.models import puma, puma_decoder, vae
+
   ckpts = [export.read_checkpoint(w) for w in workdirs]
   random = f"{CREATED_BY} (seeded random weights, seed {seed})"
-  with release_lib.ReleaseWriter(dst, name=NAME if not ckpts else "tiny-trained",
-                                 created_by=CREATED_BY) as w:
+  with release_lib.ReleaseWriter(
+    dst, name=NAME if not ckpts else "tiny-trained", created_by=CREATED_BY
+  ) as w:
     for c in ckpts:
       if c.stage == "mllm":
         export.write_mllm(w, c)
@@ -90,20 +94,30 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
       if s in w.manifest["parts"]["decoders"]:
         continue
       cfg = decoder_config(s, feature_dim)
-      model = _random(lambda: puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(0)),
-                      seed + 2 + pooling.scale_index(s))
+      model = _random(
+        lambda: puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(0)), seed + 2 + pooling.scale_index(s)
+      )
       checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)
       w.add_decoder(s, source=random)
   return release_lib.Release.open(dst)
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("dst", None, "release directory to create (must not exist or be empty)",
-                    flag_values=FLAGS, required=True)
+flags.DEFINE_string(
+  "dst",
+  None,
+  "release directory to create (must not exist or be empty)",
+  flag_values=FLAGS,
+  required=True,
+)
 flags.DEFINE_integer("seed", 0, "seed of the random weights", flag_values=FLAGS)
-flags.DEFINE_multi_string("from_workdir", [], "training workdir to take a part from "
-                          "(repeatable): MLLM -> puma/ + tokenizer, decoder -> its scale",
-                          flag_values=FLAGS)
+flags.DEFINE_multi_string(
+  "from_workdir",
+  [],
+  "training workdir to take a part from "
+  "(repeatable): MLLM -> puma/ + tokenizer, decoder -> its scale",
+  flag_values=FLAGS,
+)
 flags.DEFINE_alias("from-workdir", "from_workdir", flag_values=FLAGS)
 flags.DEFINE_list("scales", list(pooling.SCALE_NAMES), "decoders to include", flag_values=FLAGS)
 
@@ -114,13 +128,16 @@ def _main(argv: list[str]) -> None:
   for s in FLAGS.scales:
     pooling.scale_index(s)
   rel = make(FLAGS.dst, seed=FLAGS.seed, workdirs=FLAGS.from_workdir, scales=FLAGS.scales)
-  print(f"tiny release {rel.root}: decoders {', '.join(rel.scales)}, {rel.image_size}x"
-        f"{rel.image_size} images, tokenizer {rel.manifest['tokenizer']}")
+  print(
+    f"tiny release {rel.root}: decoders {', '.join(rel.scales)}, {rel.image_size}x"
+    f"{rel.image_size} images, tokenizer {rel.manifest['tokenizer']}"
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
   from puma_jax import cli
+
   argv = sys.argv if argv is None else ["python -m puma_jax.tools.tiny_release", *argv]
   return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
 

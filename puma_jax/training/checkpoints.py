@@ -18,18 +18,25 @@ TRAIN_ITEMS = ("state", "frozen", "data", "meta")
 
 def train_manager(directory: Path, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(config.train.keep_checkpoints),
-      enable_async_checkpointing=bool(config.train.async_checkpointing),
-      create=True)
-  return ocp.CheckpointManager(Path(directory).absolute(), item_names=TRAIN_ITEMS,
-                               options=options)
+    max_to_keep=int(config.train.keep_checkpoints),
+    enable_async_checkpointing=bool(config.train.async_checkpointing),
+    create=True,
+  )
+  return ocp.CheckpointManager(Path(directory).absolute(), item_names=TRAIN_ITEMS, options=options)
 
 
-def save_train(manager: ocp.CheckpointManager, step: int, state, frozen, data_state: dict,
-               meta: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-      data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+def save_train(
+  manager: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict
+) -> None:
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      frozen=ocp.args.StandardSave(frozen),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+    ),
+  )
 
 
 def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
@@ -38,15 +45,21 @@ def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> N
   if stored != json.loads(json.dumps(meta)):
     diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
     raise CheckpointError(
-        f"{manager.directory} holds a checkpoint (step {step}) of another model or stage "
-        f"(differs in {diff}); use a new --workdir, or the same config to resume. "
-        "Nothing was changed.")
+      f"{manager.directory} holds a checkpoint (step {step}) of another model or stage "
+      f"(differs in {diff}); use a new --workdir, or the same config to resume. "
+      "Nothing was changed."
+    )
 
 
 def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_frozen):
-  got = manager.restore(step, args=ocp.args.Composite(
+  got = manager.restore(
+    step,
+    args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      frozen=ocp.args.StandardRestore(abstract_frozen), data=ocp.args.JsonRestore()))
+      frozen=ocp.args.StandardRestore(abstract_frozen),
+      data=ocp.args.JsonRestore(),
+    ),
+  )
   return got["state"], got["frozen"], got["data"]
 
 
@@ -71,6 +84,7 @@ class UnreadableCheckpoint(Exception):
 
 def _hash_file(path: Path) -> str:
   import hashlib
+
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -79,13 +93,17 @@ def _hash_file(path: Path) -> str:
 
 
 def _step_files(step_dir: Path) -> dict[str, str]:
-  return {str(p.relative_to(step_dir)): _hash_file(p) for p in sorted(step_dir.rglob("*"))
-          if p.is_file() and p.name != MANIFEST}
+  return {
+    str(p.relative_to(step_dir)): _hash_file(p)
+    for p in sorted(step_dir.rglob("*"))
+    if p.is_file() and p.name != MANIFEST
+  }
 
 
 def write_manifests(manager: ocp.CheckpointManager) -> None:
   """Waits for pending saves, then writes the manifest of every step that lacks one."""
   import jax
+
   manager.wait_until_finished()
   if jax.process_index() != 0:
     return
@@ -123,6 +141,7 @@ def set_aside(directory: Path, name: str, reason: str, log) -> None:
   """Moves `directory/name` to `directory/../checkpoints.unreadable/` (nothing is deleted),
   out of orbax's way: orbax would count it as the latest step and refuse to save below it."""
   import time
+
   dst_root = Path(directory).parent / SET_ASIDE
   dst_root.mkdir(exist_ok=True)
   dst = dst_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -135,6 +154,7 @@ def sanitize(directory: Path, log) -> None:
   their manifest are set aside; other stray entries are left where they are, with a warning
   (orbax ignores them)."""
   import jax
+
   directory = Path(directory)
   if jax.process_index() != 0 or not directory.is_dir():
     return

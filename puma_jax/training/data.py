@@ -1,9 +1,9 @@
 """Host data: each process reads its share of the stream; the loop places it as a global batch.
 
-  host_data(dcfg, split, encode, same_on_hosts)  the process's batch iterator
-  global_batch(host_batch, mesh)                  host rows -> one global array per key,
-                                                  sharded over the mesh's data x fsdp axes
-  check_batch_divides(config, mesh)               the global batch size, or a clear error
+host_data(dcfg, split, encode, same_on_hosts)  the process's batch iterator
+global_batch(host_batch, mesh)                  host rows -> one global array per key,
+                                                sharded over the mesh's data x fsdp axes
+check_batch_divides(config, mesh)               the global batch size, or a clear error
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class HostSlice:
   def __next__(self):
     batch = next(self.it)
     n = len(next(iter(batch.values()))) // self.count
-    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+    return {k: v[self.index * n : (self.index + 1) * n] for k, v in batch.items()}
 
   def get_state(self):
     return self.it.get_state()
@@ -63,12 +63,16 @@ def check_batch_divides(config, mesh) -> int:
   global_size = per_host * jax.process_count()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_size % shards:
-    raise ValueError(f"data.batch_size={per_host} per host x {jax.process_count()} host(s) = "
-                     f"{global_size} does not divide over mesh data x fsdp = {shards} devices")
+    raise ValueError(
+      f"data.batch_size={per_host} per host x {jax.process_count()} host(s) = "
+      f"{global_size} does not divide over mesh data x fsdp = {shards} devices"
+    )
   accum = int(config.train.grad_accum_steps)
   if accum < 1 or global_size % accum or (global_size // accum) % shards:
-    raise ValueError(f"train.grad_accum_steps={accum} must split the global batch "
-                     f"{global_size} into microbatches divisible by data x fsdp = {shards}")
+    raise ValueError(
+      f"train.grad_accum_steps={accum} must split the global batch "
+      f"{global_size} into microbatches divisible by data x fsdp = {shards}"
+    )
   return global_size
 
 
@@ -79,8 +83,10 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def global_batch(host_batch: dict, mesh) -> dict:
   """Every process's host rows -> global arrays (rows over data x fsdp; scalars replicated)."""
+
   def put(x):
     x = np.asarray(x)
     spec = P(BATCH_AXES) if x.ndim else P()
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+
   return {k: put(v) for k, v in host_batch.items()}

@@ -67,25 +67,39 @@ class DecoderStage:
     self.scale = str(config.scale)
     self.tokens = pooling.SCALE_TOKENS[pooling.scale_index(self.scale)]
     if self.dec_cfg.num_tokens != self.tokens:
-      raise ValueError(f"config.scale={self.scale} has {self.tokens} tokens but "
-                       f"config.model.decoder.num_tokens={self.dec_cfg.num_tokens}")
+      raise ValueError(
+        f"config.scale={self.scale} has {self.tokens} tokens but "
+        f"config.model.decoder.num_tokens={self.dec_cfg.num_tokens}"
+      )
     if self.dec_cfg.mapping_dim != self.clip_cfg.hidden_size:
-      raise ValueError(f"config.model.decoder.mapping_dim={self.dec_cfg.mapping_dim} must equal "
-                       f"the CLIP width config.model.clip.hidden_size={self.clip_cfg.hidden_size}")
+      raise ValueError(
+        f"config.model.decoder.mapping_dim={self.dec_cfg.mapping_dim} must equal "
+        f"the CLIP width config.model.clip.hidden_size={self.clip_cfg.hidden_size}"
+      )
     if self.vae_cfg.latent_channels != self.dec_cfg.unet.in_channels:
-      raise ValueError("config.model.vae.latent_channels must equal the decoder UNet's "
-                       "in_channels")
+      raise ValueError("config.model.vae.latent_channels must equal the decoder UNet's in_channels")
     self.dtype = jnp.dtype(precision.resolve(str(config.precision)))
     self.loads_pretrained = bool(config.init.clip or config.init.vae or config.init.decoder)
     self._sampler = None  # built (and compiled) at the first evaluation, then given new weights
 
   def build(self, rngs):
-    return DecoderTrainModel(self.clip_cfg, self.vae_cfg, self.dec_cfg, dtype=self.dtype,
-                             rngs=rngs, remat=bool(self.config.remat))
+    return DecoderTrainModel(
+      self.clip_cfg,
+      self.vae_cfg,
+      self.dec_cfg,
+      dtype=self.dtype,
+      rngs=rngs,
+      remat=bool(self.config.remat),
+    )
 
   def meta(self) -> dict:
-    return {"stage": "decoder", "scale": self.scale, "decoder": self.dec_cfg.to_dict(),
-            "clip": self.clip_cfg.to_dict(), "vae": self.vae_cfg.to_dict()}
+    return {
+      "stage": "decoder",
+      "scale": self.scale,
+      "decoder": self.dec_cfg.to_dict(),
+      "clip": self.clip_cfg.to_dict(),
+      "vae": self.vae_cfg.to_dict(),
+    }
 
   def load_pretrained(self, model) -> None:
     """CLIP and VAE from converted dirs; the decoder from a converted puma-decoder dir, or from
@@ -109,14 +123,19 @@ class DecoderStage:
   def train_data(self, split: str = "train"):
     dcfg = self.config.data
     if int(dcfg.image.clip_size) != self.clip_cfg.image_size:
-      raise ValueError(f"data.image.clip_size={dcfg.image.clip_size} must equal the CLIP "
-                       f"image_size={self.clip_cfg.image_size}")
+      raise ValueError(
+        f"data.image.clip_size={dcfg.image.clip_size} must equal the CLIP "
+        f"image_size={self.clip_cfg.image_size}"
+      )
     want = self.dec_cfg.unet.sample_size * self.vae_cfg.downsample_factor
     if int(dcfg.image.vae_size) != want:
-      raise ValueError(f"data.image.vae_size={dcfg.image.vae_size} must be the decoder's image "
-                       f"size unet.sample_size x VAE downsampling = {want}")
-    return data_lib.host_data(dcfg, split, DecoderEncoder(),
-                              bool(self.config.train.same_data_on_hosts))
+      raise ValueError(
+        f"data.image.vae_size={dcfg.image.vae_size} must be the decoder's image "
+        f"size unet.sample_size x VAE downsampling = {want}"
+      )
+    return data_lib.host_data(
+      dcfg, split, DecoderEncoder(), bool(self.config.train.same_data_on_hosts)
+    )
 
   def device_arrays(self, host_batch: dict) -> dict:
     return host_batch
@@ -159,8 +178,9 @@ class DecoderStage:
       feats = jnp.where(drop[:, None, None], self.blank_features(model), feats)
       latents = self.latents(model, k_lat, mb["vae"])
       draw = jax.vmap(draw_one)(k_noise, latents)
-      pred = model.decoder(draw.noisy, draw.timesteps, feats,
-                           use_pos_embed=1.0 - drop.astype(jnp.float32))
+      pred = model.decoder(
+        draw.noisy, draw.timesteps, feats, use_pos_embed=1.0 - drop.astype(jnp.float32)
+      )
       loss = losses.diffusion_loss(pred, draw.target)
       return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
 
@@ -175,11 +195,13 @@ class DecoderStage:
 
       loss, grads, m = steps.accumulate(per_micro, state.params, batch, n, state.loss_scale)
       return steps.apply(state, tx, loss, grads, m)
+
     return step
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
-    return {k: float(summed[k]) / n_steps for k in ("loss", "grad_norm", "diffusion_mse",
-                                                    "dropped")}
+    return {
+      k: float(summed[k]) / n_steps for k in ("loss", "grad_norm", "diffusion_mse", "dropped")
+    }
 
   def flops_per_token(self) -> None:
     return None  # diffusion steps are counted in images/s (`throughput`)
@@ -192,6 +214,7 @@ class DecoderStage:
     configured number of steps), writes `samples/step_N.png` (inputs above, samples below)
     and returns their mean absolute pixel error."""
     from PIL import Image
+
     model = nnx.merge(graphdef, frozen, state.params, rest)
     batch = next(self.train_data("eval"))
     n = min(int(self.config.train.sample_images), len(batch["clip"]))
@@ -200,18 +223,23 @@ class DecoderStage:
     blank = self.blank_features(model)
     if self._sampler is None:
       settings = sampler_lib.SamplerSettings(num_steps=int(self.config.train.sample_steps))
-      self._sampler = sampler_lib.DecoderSampler(model.decoder, model.vae, settings,
-                                                 scheduler_config=self.sched)
+      self._sampler = sampler_lib.DecoderSampler(
+        model.decoder, model.vae, settings, scheduler_config=self.sched
+      )
     else:
       self._sampler.set_weights(model.decoder)  # the VAE is frozen
     samp = self._sampler
-    images = sampler_lib.to_uint8(samp(feats, jnp.broadcast_to(blank, feats.shape),
-                                       sampler_lib.sample_keys(0, n)))
+    images = sampler_lib.to_uint8(
+      samp(feats, jnp.broadcast_to(blank, feats.shape), sampler_lib.sample_keys(0, n))
+    )
     step = int(state.step)
     if jax.process_index() == 0 and self.workdir is not None:
       out = Path(self.workdir) / "samples"
       out.mkdir(parents=True, exist_ok=True)
       grid = np.concatenate([np.concatenate(list(target), 1), np.concatenate(list(images), 1)], 0)
       Image.fromarray(grid).save(out / f"step_{step}.png")
-    return {"sample_abs_error": float(np.abs(images.astype(np.float32) -
-                                             target.astype(np.float32)).mean() / 255)}
+    return {
+      "sample_abs_error": float(
+        np.abs(images.astype(np.float32) - target.astype(np.float32)).mean() / 255
+      )
+    }

@@ -33,35 +33,43 @@ def _masked(x) -> bool:
 
 def _structs(tree, shardings):
   return jax.tree.map(
-      lambda v, s: v if _masked(v) else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-      tree, shardings, is_leaf=_masked)
+    lambda v, s: v if _masked(v) else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+    tree,
+    shardings,
+    is_leaf=_masked,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class AbstractState:
   """Shapes (jax.ShapeDtypeStruct pure dicts) and shardings of a stage's training state."""
-  model: nnx.Module             # the abstract module (eval_shape)
-  graphdef: nnx.GraphDef        # merges (frozen, trainable, rest) back into the module
-  trainable: Any                # trainable parameters
-  frozen: Any                   # frozen parameters (no gradient, no optimizer state)
-  rest: Any                     # non-parameter state (replicated)
-  opt_state: Any                # `tx.init(trainable)`; optax.MaskedNode for other groups
-  loss_scale: Any               # the initial precision.DynamicLossScale (float16: dynamic)
+
+  model: nnx.Module  # the abstract module (eval_shape)
+  graphdef: nnx.GraphDef  # merges (frozen, trainable, rest) back into the module
+  trainable: Any  # trainable parameters
+  frozen: Any  # frozen parameters (no gradient, no optimizer state)
+  rest: Any  # non-parameter state (replicated)
+  opt_state: Any  # `tx.init(trainable)`; optax.MaskedNode for other groups
+  loss_scale: Any  # the initial precision.DynamicLossScale (float16: dynamic)
   tx: optax.GradientTransformation
-  schedules: dict               # lr group -> schedule (groups that have parameters)
-  state_sharding: TrainState    # a parameter's moments follow its sharding; counters replicate
+  schedules: dict  # lr group -> schedule (groups that have parameters)
+  state_sharding: TrainState  # a parameter's moments follow its sharding; counters replicate
   frozen_sharding: Any
   rest_sharding: Any
 
   def state(self) -> TrainState:
     """The TrainState as sharded ShapeDtypeStructs (restore target, lowering)."""
     s = self.state_sharding
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=s.step),
-                      params=_structs(self.trainable, s.params),
-                      opt_state=_structs(self.opt_state, s.opt_state),
-                      loss_scale=jax.tree.map(
-                          lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          self.loss_scale, s.loss_scale))
+    return TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=s.step),
+      params=_structs(self.trainable, s.params),
+      opt_state=_structs(self.opt_state, s.opt_state),
+      loss_scale=jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        self.loss_scale,
+        s.loss_scale,
+      ),
+    )
 
   def frozen_structs(self):
     return _structs(self.frozen, self.frozen_sharding)
@@ -73,8 +81,11 @@ class AbstractState:
 def loss_scale(stage: Stage) -> precision.DynamicLossScale:
   """The initial loss scale of a stage's compute dtype (`config.loss_scale`; float16 only)."""
   c = stage.config.get("loss_scale")
-  kw = {} if c is None else dict(initial=float(c.initial), period=int(c.period),
-                                 factor=float(c.factor))
+  kw = (
+    {}
+    if c is None
+    else dict(initial=float(c.initial), period=int(c.period), factor=float(c.factor))
+  )
   return precision.DynamicLossScale.create(stage.dtype, **kw)
 
 
@@ -91,25 +102,44 @@ def abstract_state(stage: Stage, mesh, rules=sharding.DEFAULT_RULES) -> Abstract
   tx, schedules = stage.optimizer(trainable)
   opt_a = jax.eval_shape(tx.init, trainable)
   opt_shard = optax.tree_map_params(
-      tx, lambda v, s: v if _masked(v) else s, opt_a, p_shard,
-      transform_non_params=lambda x: x if _masked(x) else replicated, is_leaf=_masked)
+    tx,
+    lambda v, s: v if _masked(v) else s,
+    opt_a,
+    p_shard,
+    transform_non_params=lambda x: x if _masked(x) else replicated,
+    is_leaf=_masked,
+  )
   ls = loss_scale(stage)
   return AbstractState(
-      model=abstract, graphdef=graphdef, trainable=trainable, frozen=frozen, rest=rest,
-      opt_state=opt_a, loss_scale=ls, tx=tx, schedules=schedules,
-      state_sharding=TrainState(step=replicated, params=p_shard, opt_state=opt_shard,
-                                loss_scale=jax.tree.map(lambda _: replicated, ls)),
-      frozen_sharding=f_shard, rest_sharding=r_shard)
+    model=abstract,
+    graphdef=graphdef,
+    trainable=trainable,
+    frozen=frozen,
+    rest=rest,
+    opt_state=opt_a,
+    loss_scale=ls,
+    tx=tx,
+    schedules=schedules,
+    state_sharding=TrainState(
+      step=replicated,
+      params=p_shard,
+      opt_state=opt_shard,
+      loss_scale=jax.tree.map(lambda _: replicated, ls),
+    ),
+    frozen_sharding=f_shard,
+    rest_sharding=r_shard,
+  )
 
 
 @dataclasses.dataclass
 class Initialized:
   """A stage's training state on the mesh, restored or fresh."""
+
   abstract: AbstractState
   state: TrainState
   frozen: Any
   rest: Any
-  data_state: dict | None       # the data iterator's saved position (None: fresh run)
+  data_state: dict | None  # the data iterator's saved position (None: fresh run)
 
 
 def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -> Initialized:
@@ -120,14 +150,18 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
   if latest is not None:
     try:
       checkpoints.check_train_meta(manager, latest, stage.meta())
-      state, frozen, data_state = checkpoints.restore_train(manager, latest, a.state(),
-                                                            a.frozen_structs())
+      state, frozen, data_state = checkpoints.restore_train(
+        manager, latest, a.state(), a.frozen_structs()
+      )
     except CheckpointError:
       raise  # another model's checkpoint: refuse, touch nothing
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
       raise checkpoints.UnreadableCheckpoint(
-          latest, f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-          if str(e) else f"restore failed: {type(e).__name__}") from None
+        latest,
+        f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if str(e)
+        else f"restore failed: {type(e).__name__}",
+      ) from None
     rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), a.rest)
     logging.info("restored step %d from %s", latest, manager.directory)
     return Initialized(a, state, frozen, rest, data_state)
@@ -137,9 +171,16 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
     stage.load_pretrained(model)
     _, trainable, frozen, rest = optim.split_trainable(model, stage.frozen)
     params = nnx.to_pure_dict(trainable)
-    return (TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=a.tx.init(params), loss_scale=a.loss_scale),
-            nnx.to_pure_dict(frozen), nnx.to_pure_dict(rest))
+    return (
+      TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=a.tx.init(params),
+        loss_scale=a.loss_scale,
+      ),
+      nnx.to_pure_dict(frozen),
+      nnx.to_pure_dict(rest),
+    )
 
   if stage.loads_pretrained:  # host-side weights: build, then place on the mesh
     state, frozen, rest = init()
@@ -147,5 +188,6 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
   else:
     with sharding.use_mesh(mesh, rules):
       state, frozen, rest = jax.jit(
-          init, out_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding))()
+        init, out_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding)
+      )()
   return Initialized(a, state, frozen, rest, None)

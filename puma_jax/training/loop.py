@@ -38,6 +38,7 @@ from puma_jax import distributed, fileio, perf, sharding
 from puma_jax.models import layers
 from puma_jax.training import checkpoints, data as data_lib, init as init_lib, registry
 
+
 class StopTraining(RuntimeError):
   pass
 
@@ -64,10 +65,11 @@ class _Guard:
     if float(metrics["finite"]) < 1:
       self.manager.wait_until_finished()
       raise StopTraining(
-          f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-          f"grad_norm={float(metrics['grad_norm'])}); the update was not applied and the run "
-          f"stopped. Last good checkpoint: step {self.manager.latest_step()} in "
-          f"{self.manager.directory}")
+        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}); the update was not applied and the run "
+        f"stopped. Last good checkpoint: step {self.manager.latest_step()} in "
+        f"{self.manager.directory}"
+      )
 
 
 def _window_scalars(summed: dict, n_steps: int, last: dict) -> tuple[dict, dict]:
@@ -109,8 +111,11 @@ class _Signals:
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C aborts
       if jax.process_index() == 0:
-        print("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again aborts "
-              "without saving)", flush=True)
+        print(
+          "Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again aborts "
+          "without saving)",
+          flush=True,
+        )
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -141,8 +146,10 @@ class MetricsLog:
     if self.is_main:
       try:
         from clu import metric_writers
-        self.writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
-                                                           just_logging=False)
+
+        self.writer = metric_writers.create_default_writer(
+          str(workdir / "tensorboard"), just_logging=False
+        )
       except Exception as e:  # clu's TensorBoard writer needs tensorflow; console still works
         logging.warning("metric writers unavailable (%s); writing metrics.jsonl only", e)
 
@@ -214,8 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   distributed.initialize(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  lock = fileio.WorkdirLock(workdir, "training run",
-                            name=f".train-host{jax.process_index():03d}.lock")
+  lock = fileio.WorkdirLock(
+    workdir, "training run", name=f".train-host{jax.process_index():03d}.lock"
+  )
   try:
     lock.acquire()
   except fileio.LockedError as e:
@@ -223,8 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     with _log_file(workdir):
       if lock.took_over:
-        logging.warning("taking over the work directory lock of a run that died (pid %s on %s)",
-                        lock.took_over.get("pid"), lock.took_over.get("host"))
+        logging.warning(
+          "taking over the work directory lock of a run that died (pid %s on %s)",
+          lock.took_over.get("pid"),
+          lock.took_over.get("host"),
+        )
       return _train(stage_cls(config, workdir), config, workdir)
   finally:
     lock.release()
@@ -242,8 +253,9 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
   layers.set_attention_impl(str(config.get("attention", "auto")))
   n_dev = int(config.get("num_devices", 0) or 0)
   if n_dev and jax.process_count() > 1:
-    raise ValueError("config.num_devices restricts a single-process run; leave it 0 with "
-                     "several processes")
+    raise ValueError(
+      "config.num_devices restricts a single-process run; leave it 0 with several processes"
+    )
   mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:n_dev] if n_dev else None)
   rules = sharding.DEFAULT_RULES
   global_batch = data_lib.check_batch_divides(config, mesh)
@@ -258,8 +270,9 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
     except checkpoints.UnreadableCheckpoint as e:
       manager.close()
       if jax.process_index() == 0:
-        checkpoints.set_aside(ckpt_dir, str(e.step), e.reason,
-                              lambda msg: logging.warning("%s", msg))
+        checkpoints.set_aside(
+          ckpt_dir, str(e.step), e.reason, lambda msg: logging.warning("%s", msg)
+        )
       manager = _open_manager(config, ckpt_dir)
   if got.data_state is not None:
     logging.warning("resuming from step %d (%s)", int(got.state.step), manager.directory)
@@ -278,23 +291,39 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   if got.data_state is not None:
     data.set_state(got.data_state)
-  jit_step = jax.jit(stage.train_step(graphdef, tx),
-                     in_shardings=(a.state_sharding, a.frozen_sharding, a.rest_sharding,
-                                   data_lib.batch_sharding(mesh)),
-                     out_shardings=(a.state_sharding, None), donate_argnums=(0,))
+  jit_step = jax.jit(
+    stage.train_step(graphdef, tx),
+    in_shardings=(
+      a.state_sharding,
+      a.frozen_sharding,
+      a.rest_sharding,
+      data_lib.batch_sharding(mesh),
+    ),
+    out_shardings=(a.state_sharding, None),
+    donate_argnums=(0,),
+  )
 
   log = MetricsLog(workdir, start)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("stage %s: %s trainable parameters, %s frozen; mesh %s; global batch %d",
-               config.stage, f"{n_params:,}",
-               f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)):,}",
-               dict(mesh.shape), global_batch)
+  logging.info(
+    "stage %s: %s trainable parameters, %s frozen; mesh %s; global batch %d",
+    config.stage,
+    f"{n_params:,}",
+    f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)):,}",
+    dict(mesh.shape),
+    global_batch,
+  )
   kind = jax.devices()[0].device_kind
   peak = perf.peak_flops(kind, str(stage.dtype))
   flops = stage.flops_per_token()
   window = perf.ThroughputWindow(flops, peak, mesh.size)
-  logging.info("compute %s on %s: peak %s FLOP/s per device; %s training FLOPs per real token",
-               stage.dtype, kind, peak, flops)
+  logging.info(
+    "compute %s on %s: peak %s FLOP/s per device; %s training FLOPs per real token",
+    stage.dtype,
+    kind,
+    peak,
+    flops,
+  )
   guard = _Guard(manager)
   pending, last = [], {}
   t_start = time.perf_counter()
@@ -313,8 +342,9 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
       guard.add(step, metrics)
       if step % int(config.train.log_every) == 0 or step == total:
         guard.check()
-        summed = jax.tree.map(lambda *xs: np.sum(np.stack([np.asarray(x) for x in xs]), 0),
-                              *pending)
+        summed = jax.tree.map(
+          lambda *xs: np.sum(np.stack([np.asarray(x) for x in xs]), 0), *pending
+        )
         summed, own = _window_scalars(summed, len(pending), jax.device_get(pending[-1]))
         window.add(steps=len(pending), real_tokens=own.pop("real_tokens", 0))
         scalars = stage.summarize(summed, len(pending))
@@ -326,12 +356,14 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
         scalars.update(data.metrics())
         log.write(step, scalars)
         after = step - step_compiled
-        eta = ((total - step) * (time.perf_counter() - t_compiled) / after if after > 0
-               else float("nan"))
-        line = (f"step {step}/{total}  loss {scalars['loss']:.4f}  "
-                + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()
-                            if k in stage.progress_keys) +
-                f"  {steps_per_s:.2f} steps/s  ETA {_fmt_time(eta)}")
+        eta = (
+          (total - step) * (time.perf_counter() - t_compiled) / after if after > 0 else float("nan")
+        )
+        line = (
+          f"step {step}/{total}  loss {scalars['loss']:.4f}  "
+          + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k in stage.progress_keys)
+          + f"  {steps_per_s:.2f} steps/s  ETA {_fmt_time(eta)}"
+        )
         logging.info("%s", line, extra={"file_only": True})  # the console has the print
         if jax.process_index() == 0:
           print(line, flush=True)

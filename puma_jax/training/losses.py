@@ -29,13 +29,21 @@ WEIGHT_KEYS = ("text_weight", "image_weight", "router_weight")
 
 def loss_weights(loss_cfg, has_router: bool) -> dict[str, float]:
   """The MLLM loss weights from `config.loss`; no router head -> no router term."""
-  return {"text_weight": float(loss_cfg.text_weight),
-          "image_weight": float(loss_cfg.image_weight),
-          "router_weight": float(loss_cfg.router_weight) if has_router else 0.0}
+  return {
+    "text_weight": float(loss_cfg.text_weight),
+    "image_weight": float(loss_cfg.image_weight),
+    "router_weight": float(loss_cfg.router_weight) if has_router else 0.0,
+  }
 
 
-def mllm_sums(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, batch: dict, *,
-              router_logits: jax.Array | None = None) -> dict[str, jax.Array]:
+def mllm_sums(
+  logits: jax.Array,
+  feature_pred: jax.Array,
+  features: jax.Array,
+  batch: dict,
+  *,
+  router_logits: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Per-position loss sums and counts of a (micro)batch; they add across microbatches.
 
   logits (B, T, V); feature_pred (B, T, D): the head's prediction at each position of the
@@ -62,24 +70,28 @@ def mllm_sums(logits: jax.Array, feature_pred: jax.Array, features: jax.Array, b
   if router_logits is not None:
     label = batch["router_label"]
     rmask = (label >= 0).astype(f32)
-    rce = optax.softmax_cross_entropy_with_integer_labels(router_logits.astype(f32),
-                                                          jnp.maximum(label, 0))
+    rce = optax.softmax_cross_entropy_with_integer_labels(
+      router_logits.astype(f32), jnp.maximum(label, 0)
+    )
     router_sum, router_count = jnp.sum(rce * rmask), jnp.sum(rmask)
 
   scale = batch["target_scale"]
   kind = batch["kind_id"]
   scales, kinds = range(len(SCALE_NAMES)), range(len(sequence.KINDS))
   return {
-      "text_ce_sum": ce_sum, "text_count": n_text,
-      "image_mse_sum": mse_sum, "image_count": n_feat,
-      "router_ce_sum": router_sum, "router_count": router_count,
-      # unweighted per-scale MSE (what each scale's regression achieves)
-      "scale_mse_sum": jnp.stack([jnp.sum(tok_mse * feat_mask * (scale == s)) for s in scales]),
-      "scale_count": jnp.stack([jnp.sum(feat_mask * (scale == s)) for s in scales]),
-      "task_text_ce_sum": jnp.stack([jnp.sum(ce * text_mask * (kind == t)) for t in kinds]),
-      "task_text_count": jnp.stack([jnp.sum(text_mask * (kind == t)) for t in kinds]),
-      "task_image_mse_sum": jnp.stack([jnp.sum(w * tok_mse * (kind == t)) for t in kinds]),
-      "task_image_count": jnp.stack([jnp.sum(feat_mask * (kind == t)) for t in kinds]),
+    "text_ce_sum": ce_sum,
+    "text_count": n_text,
+    "image_mse_sum": mse_sum,
+    "image_count": n_feat,
+    "router_ce_sum": router_sum,
+    "router_count": router_count,
+    # unweighted per-scale MSE (what each scale's regression achieves)
+    "scale_mse_sum": jnp.stack([jnp.sum(tok_mse * feat_mask * (scale == s)) for s in scales]),
+    "scale_count": jnp.stack([jnp.sum(feat_mask * (scale == s)) for s in scales]),
+    "task_text_ce_sum": jnp.stack([jnp.sum(ce * text_mask * (kind == t)) for t in kinds]),
+    "task_text_count": jnp.stack([jnp.sum(text_mask * (kind == t)) for t in kinds]),
+    "task_image_mse_sum": jnp.stack([jnp.sum(w * tok_mse * (kind == t)) for t in kinds]),
+    "task_image_count": jnp.stack([jnp.sum(feat_mask * (kind == t)) for t in kinds]),
   }
 
 
@@ -87,26 +99,33 @@ def mllm_normalizers(batch: dict) -> dict[str, jax.Array]:
   """The full batch's counts that every microbatch's sums are divided by (at least 1, so an
   empty term contributes 0 instead of NaN)."""
   f32 = jnp.float32
-  return {"text": jnp.maximum(jnp.sum(batch["text_mask"].astype(f32)), 1.0),
-          "image": jnp.maximum(jnp.sum((batch["feature_weight"] > 0).astype(f32)), 1.0),
-          "router": jnp.maximum(jnp.sum((batch["router_label"] >= 0).astype(f32)), 1.0)}
+  return {
+    "text": jnp.maximum(jnp.sum(batch["text_mask"].astype(f32)), 1.0),
+    "image": jnp.maximum(jnp.sum((batch["feature_weight"] > 0).astype(f32)), 1.0),
+    "router": jnp.maximum(jnp.sum((batch["router_label"] >= 0).astype(f32)), 1.0),
+  }
 
 
 def counts_as_normalizers(sums: Mapping) -> dict[str, jax.Array]:
   """Normalizers from accumulated counts (summaries: the sums already cover the whole batch)."""
-  return {name: jnp.maximum(jnp.asarray(sums[f"{name}_count"], jnp.float32), 1.0)
-          for name in ("text", "image", "router")}
+  return {
+    name: jnp.maximum(jnp.asarray(sums[f"{name}_count"], jnp.float32), 1.0)
+    for name in ("text", "image", "router")
+  }
 
 
 def mllm_objective(sums: Mapping, normalizers: Mapping, weights: Mapping) -> jax.Array:
   """THE MLLM loss: weighted sums over the full batch's normalizers (module docstring)."""
-  return (weights["text_weight"] * sums["text_ce_sum"] / normalizers["text"]
-          + weights["image_weight"] * sums["image_mse_sum"] / normalizers["image"]
-          + weights["router_weight"] * sums["router_ce_sum"] / normalizers["router"])
+  return (
+    weights["text_weight"] * sums["text_ce_sum"] / normalizers["text"]
+    + weights["image_weight"] * sums["image_mse_sum"] / normalizers["image"]
+    + weights["router_weight"] * sums["router_ce_sum"] / normalizers["router"]
+  )
 
 
-def mllm_loss(logits, feature_pred, features, batch: dict, weights: Mapping, *,
-              router_logits=None) -> tuple[jax.Array, dict]:
+def mllm_loss(
+  logits, feature_pred, features, batch: dict, weights: Mapping, *, router_logits=None
+) -> tuple[jax.Array, dict]:
   """(loss, sums) of one whole batch: `mllm_objective` over its own normalizers."""
   sums = mllm_sums(logits, feature_pred, features, batch, router_logits=router_logits)
   return mllm_objective(sums, mllm_normalizers(batch), weights), sums
@@ -117,9 +136,11 @@ def summarize(sums: Mapping, weights: Mapping) -> dict[str, float]:
   sequence kind; "loss" is `mllm_objective` of the accumulated sums."""
   m = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(sums))
   div = lambda a, b: float(a / jnp.maximum(b, 1.0))
-  out = {"loss": float(mllm_objective(m, counts_as_normalizers(m), weights)),
-         "text_ce": div(m["text_ce_sum"], m["text_count"]),
-         "image_mse": div(m["image_mse_sum"], m["image_count"])}
+  out = {
+    "loss": float(mllm_objective(m, counts_as_normalizers(m), weights)),
+    "text_ce": div(m["text_ce_sum"], m["text_count"]),
+    "image_mse": div(m["image_mse_sum"], m["image_count"]),
+  }
   if float(m["router_count"]) > 0:
     out["router_ce"] = div(m["router_ce_sum"], m["router_count"])
   for s, name in enumerate(SCALE_NAMES):

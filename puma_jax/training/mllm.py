@@ -31,29 +31,45 @@ def objective(graphdef, frozen, rest, weights: dict):
     normalizers = mb.pop("_normalizers")
     model = nnx.merge(graphdef, frozen, params, rest)
     out = model(mb)
-    sums = losses.mllm_sums(out["logits"], out["feature_pred"], out["features"], mb,
-                            router_logits=out.get("router_logits"))
+    sums = losses.mllm_sums(
+      out["logits"],
+      out["feature_pred"],
+      out["features"],
+      mb,
+      router_logits=out.get("router_logits"),
+    )
     return losses.mllm_objective(sums, normalizers, weights), sums
 
   return loss_fn
 
 
-def train_step(state: steps.TrainState, frozen, rest, batch: dict, *, graphdef, tx,
-               weights: dict, grad_accum: int = 1):
+def train_step(
+  state: steps.TrainState,
+  frozen,
+  rest,
+  batch: dict,
+  *,
+  graphdef,
+  tx,
+  weights: dict,
+  grad_accum: int = 1,
+):
   """One optimizer step on a global batch (uint8 CLIP views in batch["images"])."""
   batch = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
   normalizers = losses.mllm_normalizers(batch)
   # Every row carries the full batch's normalizers, so each microbatch divides by them.
   batch["_normalizers"] = jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (batch["tokens"].shape[0],)), normalizers)
+    lambda x: jnp.broadcast_to(x, (batch["tokens"].shape[0],)), normalizers
+  )
   loss_fn = objective(graphdef, frozen, rest, weights)
 
   def per_micro(params, mb):
     mb = dict(mb, _normalizers=jax.tree.map(lambda x: x[0], mb["_normalizers"]))
     return loss_fn(params, mb)
 
-  loss, grads, metrics = steps.accumulate(per_micro, state.params, batch, grad_accum,
-                                          state.loss_scale)
+  loss, grads, metrics = steps.accumulate(
+    per_micro, state.params, batch, grad_accum, state.loss_scale
+  )
   state, metrics = steps.apply(state, tx, loss, grads, metrics)
   # positions holding an example (padding is segment 0): the loop's real-token throughput
   metrics["real_tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
@@ -89,11 +105,17 @@ class MLLMStage:
     (the data), so planning a run needs no tokenizer files."""
     encode, decode, special = tokenizer.load(str(self.config.tokenizer))
     mc = self.model_config
-    for field, want in (("img_start_id", special.img_start), ("img_end_id", special.img_end),
-                        ("pos0_id", special.pos0), ("pad_id", special.pad)):
+    for field, want in (
+      ("img_start_id", special.img_start),
+      ("img_end_id", special.img_end),
+      ("pos0_id", special.pos0),
+      ("pad_id", special.pad),
+    ):
       if getattr(mc, field) != want:
-        raise ValueError(f"config.model.{field}={getattr(mc, field)} but the tokenizer "
-                         f"({self.config.tokenizer}) gives {want}")
+        raise ValueError(
+          f"config.model.{field}={getattr(mc, field)} but the tokenizer "
+          f"({self.config.tokenizer}) gives {want}"
+        )
     return encode, decode, special
 
   # model -------------------------------------------------------------------------------------
@@ -105,8 +127,12 @@ class MLLMStage:
     return {"stage": "mllm", "model": self.model_config.to_dict()}
 
   def load_pretrained(self, model) -> None:
-    assemble.load_components(model, clip_dir=self.config.init.clip, llm_dir=self.config.init.llm,
-                             puma_dir=self.config.init.puma)
+    assemble.load_components(
+      model,
+      clip_dir=self.config.init.clip,
+      llm_dir=self.config.init.llm,
+      puma_dir=self.config.init.puma,
+    )
 
   def optimizer(self, params):
     return optim.make(self.config.optim, params)
@@ -115,21 +141,29 @@ class MLLMStage:
 
   def _encoder(self):
     encode, _, special = self._tokenizer
-    return MLLMEncoder(encode, special, int(self.config.seq_len),
-                       int(self.config.data.max_images), int(self.model_config.clip.image_size))
+    return MLLMEncoder(
+      encode,
+      special,
+      int(self.config.seq_len),
+      int(self.config.data.max_images),
+      int(self.model_config.clip.image_size),
+    )
 
   def train_data(self, split: str = "train"):
     dcfg = self.config.data
     if int(dcfg.image.clip_size) != self.model_config.clip.image_size:
-      raise ValueError(f"data.image.clip_size={dcfg.image.clip_size} must equal the CLIP "
-                       f"encoder's image_size={self.model_config.clip.image_size}")
+      raise ValueError(
+        f"data.image.clip_size={dcfg.image.clip_size} must equal the CLIP "
+        f"encoder's image_size={self.model_config.clip.image_size}"
+      )
     if split != "train":
       dcfg = dcfg.copy_and_resolve_references()
       dcfg.num_epochs, dcfg.shuffle = 1, False
     else:
       self.check_fit()
-    return data_lib.host_data(dcfg, split, self._encoder(),
-                              bool(self.config.train.same_data_on_hosts))
+    return data_lib.host_data(
+      dcfg, split, self._encoder(), bool(self.config.train.same_data_on_hosts)
+    )
 
   def check_fit(self) -> list[str]:
     """Warns loudly (stderr and the log) about every sequence kind of the mix of which no
@@ -137,6 +171,7 @@ class MLLMStage:
     import sys
 
     from puma_jax.data import rows
+
     encode, _, special = self._tokenizer
     report = rows.fit_report(self.config.data, encode, special)
     warnings = rows.check_fit(report, int(self.config.seq_len), int(self.config.data.max_images))
@@ -152,12 +187,18 @@ class MLLMStage:
   # steps -------------------------------------------------------------------------------------
 
   def train_step(self, graphdef, tx):
-    return functools.partial(train_step, graphdef=graphdef, tx=tx, weights=self.weights,
-                             grad_accum=int(self.config.train.grad_accum_steps))
+    return functools.partial(
+      train_step,
+      graphdef=graphdef,
+      tx=tx,
+      weights=self.weights,
+      grad_accum=int(self.config.train.grad_accum_steps),
+    )
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
-    out = losses.summarize({k: v for k, v in summed.items()
-                            if k not in ("loss", "grad_norm", "finite")}, self.weights)
+    out = losses.summarize(
+      {k: v for k, v in summed.items() if k not in ("loss", "grad_norm", "finite")}, self.weights
+    )
     out["loss"] = float(summed["loss"]) / n_steps  # the optimized (accumulated) loss
     out["grad_norm"] = float(summed["grad_norm"]) / n_steps
     return out
@@ -172,8 +213,7 @@ class MLLMStage:
   def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
     """Loss on the held-out split (`train.eval_batches` batches)."""
     if self._eval_fn is None:
-      self._eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef,
-                                                weights=self.weights))
+      self._eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, weights=self.weights))
     data = self.train_data("eval")
     sums = None
     for i, hb in enumerate(data):

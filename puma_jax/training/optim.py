@@ -16,14 +16,20 @@ import optax
 from flax import nnx
 
 
-def schedule(peak: float, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
-             end_factor: float = 0.0) -> optax.Schedule:
+def schedule(
+  peak: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  decay: str = "cosine",
+  end_factor: float = 0.0,
+) -> optax.Schedule:
   """Linear warm-up to `peak`, then `decay` (cosine | linear | constant) to peak * end_factor."""
   if total_steps <= 0:
     raise ValueError(f"optim: total_steps={total_steps} must be positive")
   if not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"optim: warmup_steps={warmup_steps} must be in [0, total_steps="
-                     f"{total_steps}]")
+    raise ValueError(
+      f"optim: warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]"
+    )
   rest = max(total_steps - warmup_steps, 1)
   if decay == "cosine":
     after = optax.cosine_decay_schedule(peak, rest, alpha=end_factor)
@@ -47,8 +53,9 @@ def _group_of(path: tuple, groups: Mapping[str, float]) -> str:
 def param_labels(params, groups: Mapping[str, float]):
   """Same tree as `params`, each leaf replaced by its group name."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: _group_of(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), groups),
-      params)
+    lambda p, _: _group_of(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), groups),
+    params,
+  )
 
 
 def _decay_mask(params):
@@ -61,14 +68,24 @@ def make(cfg: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransfor
   groups = dict(cfg.lr_groups)
   if "default" not in groups:
     raise ValueError(f"optim.lr_groups needs a 'default' entry; got {sorted(groups)}")
-  schedules = {g: schedule(float(lr), int(cfg.total_steps), int(cfg.warmup_steps), cfg.decay,
-                           float(cfg.end_factor)) for g, lr in groups.items()}
+  schedules = {
+    g: schedule(
+      float(lr), int(cfg.total_steps), int(cfg.warmup_steps), cfg.decay, float(cfg.end_factor)
+    )
+    for g, lr in groups.items()
+  }
   labels = param_labels(params, groups)
   used = set(jax.tree.leaves(labels))
   txs = {}
   for g in groups:
-    txs[g] = optax.adamw(schedules[g], b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                         weight_decay=float(cfg.weight_decay), mask=_decay_mask)
+    txs[g] = optax.adamw(
+      schedules[g],
+      b1=float(cfg.b1),
+      b2=float(cfg.b2),
+      eps=float(cfg.eps),
+      weight_decay=float(cfg.weight_decay),
+      mask=_decay_mask,
+    )
   tx = optax.multi_transform(txs, labels)
   if float(cfg.grad_clip) > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), tx)

@@ -8,8 +8,8 @@ from puma_jax.training import decoder, mllm
 from puma_jax.training.stage import Stage
 
 STAGES: dict[str, type] = {
-    "mllm": mllm.MLLMStage,        # PumaModel pretraining / unified tuning
-    "decoder": decoder.DecoderStage,  # one scale's diffusion decoder
+  "mllm": mllm.MLLMStage,  # PumaModel pretraining / unified tuning
+  "decoder": decoder.DecoderStage,  # one scale's diffusion decoder
 }
 
 

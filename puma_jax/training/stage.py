@@ -96,6 +96,7 @@ class Stage(Protocol):
     from the loop (`perf.ThroughputWindow`) when `flops_per_token()` is not None and the
     stage's steps report `real_tokens`."""
 
-  def evaluate(self, graphdef: nnx.GraphDef, state: TrainState, frozen, rest,
-               mesh) -> dict[str, float]:
+  def evaluate(
+    self, graphdef: nnx.GraphDef, state: TrainState, frozen, rest, mesh
+  ) -> dict[str, float]:
     """Held-out scalars at `train.eval_every` steps (logged with an "eval/" prefix)."""

@@ -22,7 +22,7 @@ import optax
 @dataclasses.dataclass
 class TrainState:
   step: jax.Array
-  params: Any      # trainable parameters (pure dict), float32 master weights
+  params: Any  # trainable parameters (pure dict), float32 master weights
   opt_state: Any
   # precision.DynamicLossScale: dynamic for float16 compute, a fixed 1 otherwise
   loss_scale: Any = None
@@ -35,11 +35,14 @@ def split_micro(batch: dict, n: int) -> dict:
   microbatch the same share of every device's block, so no row moves between devices (a
   contiguous split needs an all-to-all). Losses are normalized by the whole batch, so which rows
   share a microbatch does not change the update."""
+
   def one(x):
     if x.shape[0] % n:
-      raise ValueError(f"batch of {x.shape[0]} does not split into {n} microbatches "
-                       "(train.grad_accum_steps)")
+      raise ValueError(
+        f"batch of {x.shape[0]} does not split into {n} microbatches (train.grad_accum_steps)"
+      )
     return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
   return jax.tree.map(one, batch)
 
 
@@ -55,6 +58,7 @@ def accumulate(loss_fn: Callable, params, batch: dict, n: int, loss_scale=None):
     def loss_fn(p, mb):
       loss, metrics = inner(p, mb)
       return loss_scale.scale_loss(loss), metrics
+
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if n == 1:
     (loss, metrics), grads = grad_fn(params, batch)
@@ -93,13 +97,16 @@ def apply(state: TrainState, tx: optax.GradientTransformation, loss, grads, metr
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   new_ls = ls.adjust(grads_ok) if dynamic else ls
-  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                         opt_state=keep(new_opt, state.opt_state), loss_scale=new_ls)
+  new_state = TrainState(
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt, state.opt_state),
+    loss_scale=new_ls,
+  )
   finite = ok
   extra = {}
   if dynamic:
     finite = loss_ok & (grads_ok | (ls.scale > ls.min_scale))
     extra = {"overflow": (~grads_ok).astype(jnp.float32), "loss_scale": ls.scale}
-  metrics = dict(metrics, loss=loss, grad_norm=gnorm, finite=finite.astype(jnp.float32),
-                 **extra)
+  metrics = dict(metrics, loss=loss, grad_norm=gnorm, finite=finite.astype(jnp.float32), **extra)
   return new_state, metrics
