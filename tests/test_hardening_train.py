@@ -221,3 +221,46 @@ def test_data_path_matching_no_file_is_a_value_error(tmp_path):
     loop.train_and_evaluate(c, str(tmp_path / "w"))
   assert isinstance(e.value, ValueError)
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def _rewrite_state(step_dir: Path, edit) -> None:
+  """Rewrites a checkpoint's train state through `edit(tree)` (as another version of the code
+  would have saved it); its manifest goes, as an older save has none."""
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  tree = ckptr.restore(step_dir / "state")
+  edit(tree)
+  shutil.rmtree(step_dir / "state")
+  ckptr.save(step_dir / "state", tree)
+  ckptr.wait_until_finished()
+  (step_dir / checkpoints.MANIFEST).unlink()
+
+
+def test_checkpoint_of_an_older_format_resumes_and_another_structure_is_refused(tmp_path):
+  import shutil
+
+  ref_dir = tmp_path / "ref"
+  loop.train_and_evaluate(config(), str(ref_dir))
+  ref = read_metrics(ref_dir)
+  # Saved before the train state carried the loss scale: resumes, with a fresh scale, to the
+  # same losses as the uninterrupted run.
+  old = tmp_path / "old"
+  shutil.copytree(ref_dir, old)
+  shutil.rmtree(old / "checkpoints" / "4")
+  _rewrite_state(old / "checkpoints" / "2", lambda t: t.pop("loss_scale"))
+  loop.train_and_evaluate(config(), str(old))
+  got = read_metrics(old)
+  assert sorted(got) == [1, 2, 3, 4] and got[4]["loss"] == ref[4]["loss"]
+  assert not (old / "checkpoints.unreadable").exists()
+  # A state of another structure is no damage: refused by name, nothing moved or changed.
+  other = tmp_path / "other"
+  shutil.copytree(ref_dir, other)
+  _rewrite_state(other / "checkpoints" / "4", lambda t: t.update(extra={"x": t["step"]}))
+  before = tree_digest(other / "checkpoints")
+  with pytest.raises(ValueError, match="checkpoint step 4 in .* holds a training state of another"):
+    loop.train_and_evaluate(config(total=6), str(other))
+  assert tree_digest(other / "checkpoints") == before
+  assert not (other / "checkpoints.unreadable").exists()

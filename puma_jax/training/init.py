@@ -131,6 +131,35 @@ def abstract_state(stage: Stage, mesh, rules=sharding.DEFAULT_RULES) -> Abstract
   )
 
 
+_MISMATCH = "tree structures do not match"
+
+
+def _restore(manager, step: int, a: AbstractState):
+  """(state, frozen, data state) of checkpoint `step`. A checkpoint written before the train
+  state carried the loss scale restores with a fresh one; any other difference in structure
+  is another kind of state, refused as `CheckpointError` (never set aside as damaged)."""
+  try:
+    return checkpoints.restore_train(manager, step, a.state(), a.frozen_structs())
+  except ValueError as e:
+    if _MISMATCH not in str(e):
+      raise
+  full = a.state()
+  legacy = {"step": full.step, "params": full.params, "opt_state": full.opt_state}
+  try:
+    old, frozen, data_state = checkpoints.restore_train(manager, step, legacy, a.frozen_structs())
+  except ValueError as e:
+    if _MISMATCH not in str(e):
+      raise
+    raise CheckpointError(
+      f"checkpoint step {step} in {manager.directory} holds a training state of another "
+      f"structure than this config builds ({str(e).splitlines()[0][:200]}); use another "
+      "--workdir, or the code and config that wrote it"
+    ) from None
+  scale = jax.device_put(a.loss_scale, a.state_sharding.loss_scale)
+  logging.info("checkpoint step %d has no loss scale (older format): starting a fresh one", step)
+  return TrainState(**old, loss_scale=scale), frozen, data_state
+
+
 @dataclasses.dataclass
 class Initialized:
   """A stage's training state on the mesh, restored or fresh."""
@@ -150,9 +179,7 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
   if latest is not None:
     try:
       checkpoints.check_train_meta(manager, latest, stage.meta())
-      state, frozen, data_state = checkpoints.restore_train(
-        manager, latest, a.state(), a.frozen_structs()
-      )
+      state, frozen, data_state = _restore(manager, latest, a)
     except CheckpointError:
       raise  # another model's checkpoint: refuse, touch nothing
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
