@@ -54,8 +54,9 @@ def run(
     return 0
   # absl only sends its records to stderr once its handler is installed (app.run does this).
   logging.use_absl_handler()
-  if fv.is_parsed():  # a second in-process call starts again from the defaults
-    fv.unparse_flags()
+  # Every in-process call starts again from the defaults, also after a call whose parse failed
+  # half-way (absl leaves the flags parsed until then set, and repeatable ones would append).
+  fv.unparse_flags()
   try:
     argv = config_args(argv, fv)
     args = fv(argv)

@@ -128,3 +128,15 @@ def test_assemble_and_reconstruct_cli_flags(tmp_path, capsys):
   assert "f9" in capsys.readouterr().err
   assert reconstruct_main(["--help"]) == 0
   assert "--scheduler_config" in capsys.readouterr().out
+
+
+def test_a_failed_parse_leaves_nothing_for_the_next_call(tmp_path, capsys):
+  """A repeatable flag given to a call whose parse failed must not carry into the next call."""
+  from puma_jax.reconstruct import FLAGS
+  from puma_jax.reconstruct import main as reconstruct_main
+
+  base = ["--decoder=d", "--clip=c", "--vae=v", "--out=o.png"]
+  assert reconstruct_main(base + ["--image=first.png", "--batch=0"]) == 2
+  assert reconstruct_main(base + [f"--image={tmp_path / 'second.png'}"]) == 2
+  assert FLAGS.image == [str(tmp_path / "second.png")]
+  assert "first.png" not in capsys.readouterr().err
