@@ -1,9 +1,14 @@
 """Entry point: python -m puma_jax.eval --config=configs/eval/<protocol>.py[:variant] --workdir=DIR
-[--config.key=value ...]
+[--release=R] [--config.key=value ...]
 
 Scores this host's share of the records (resuming from DIR/shards), and on process 0 writes
 DIR/results.json and DIR/results.md (our numbers beside the paper's). See
 puma_jax/evaluation/runner.py.
+
+`--release=R` takes the model from a release directory (docs/SAMPLING.md): for the synthetic
+protocol (configs/eval/synthetic.py; puma_jax/evaluation/synthetic_eval.py) it is the release
+scored; for the others it sets model.kind=puma and model.puma / decoders / vae / tokenizer (and
+model.clip when R has a clip/ part). With --release, --workdir defaults to `<R>_eval`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,27 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for shard files and results (a partly finished run there is resumed)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_RELEASE = flags.DEFINE_string(
+  "release", None, "Release directory to evaluate (docs/SAMPLING.md); --workdir defaults to R_eval."
+)
+flags.mark_flags_as_required(["config"])
+
+
+def apply_release(cfg, release: str):
+  """A copy of a sharded protocol's config whose model is `release`'s parts."""
+  from puma_jax import release as release_lib
+
+  rel = release_lib.Release.open(release)
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.kind = "puma"
+    cfg.model.puma = str(rel.puma) if rel.has("puma") else ""
+    cfg.model.clip = str(rel.clip) if rel.has("clip") else ""
+    cfg.model.vae = str(rel.vae) if rel.has("vae") else ""
+    cfg.model.tokenizer = rel.tokenizer
+    for s in cfg.model.decoders:
+      cfg.model.decoders[s] = str(rel.decoder(s)) if s in rel.scales else ""
+  return cfg
 
 
 def main(argv):
@@ -30,7 +55,24 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from puma_jax.evaluation import runner
 
-  out = runner.evaluate(_CONFIG.value, _WORKDIR.value)
+  cfg, release = _CONFIG.value, _RELEASE.value or ""
+  if cfg.protocol == "synthetic":
+    from puma_jax.evaluation import synthetic_eval
+
+    release = release or cfg.release
+    if not release:
+      raise app.UsageError("the synthetic protocol needs --release=DIR (or --config.release)")
+    workdir = _WORKDIR.value or synthetic_eval.default_workdir(release)
+    out = synthetic_eval.run(cfg, release, workdir)
+    print(synthetic_eval.markdown(out), end="")
+    print(f"wrote {workdir}/results.json, results.md and grid.png ({out['wall_s']:.0f}s)")
+    return
+  if release:
+    cfg = apply_release(cfg, release)
+  workdir = _WORKDIR.value or (release and release.rstrip("/") + "_eval")
+  if not workdir:
+    raise app.UsageError("give --workdir=DIR (or --release=R, whose workdir is R_eval)")
+  out = runner.evaluate(cfg, workdir)
   if out is not None:
     if out["random_weights"]:
       print(
@@ -39,13 +81,16 @@ def main(argv):
         "the pipeline, not PUMA"
       )
     print(runner.markdown(out), end="")
-    print(f"wrote {_WORKDIR.value}/results.json and results.md")
+    print(f"wrote {workdir}/results.json and results.md")
 
 
 def _expected():
-  from puma_jax.evaluation import metrics, records, runner  # late: `--help` should not wait
+  from puma_jax import release
+  from puma_jax.evaluation import metrics, records, runner, synthetic_eval  # late: `--help`
 
   return (
+    release.ReleaseError,
+    synthetic_eval.SyntheticEvalError,
     records.EvalDataError,
     runner.EvalError,
     metrics.MissingWeightsError,
