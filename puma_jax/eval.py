@@ -8,7 +8,8 @@ puma_jax/evaluation/runner.py.
 `--release=R` takes the model from a release directory (docs/SAMPLING.md): for the synthetic
 protocol (configs/eval/synthetic.py; puma_jax/evaluation/synthetic_eval.py) it is the release
 scored; for the others it sets model.kind=puma and model.puma / decoders / vae / tokenizer (and
-model.clip when R has a clip/ part). With --release, --workdir defaults to `<R>_eval`.
+model.clip when R has a clip/ part). With --release, --workdir defaults to `<R>_eval` for the
+synthetic protocol and `<R>_eval_<protocol>` for the others.
 """
 
 from __future__ import annotations
@@ -28,26 +29,12 @@ _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for shard files and results (a partly finished run there is resumed)."
 )
 _RELEASE = flags.DEFINE_string(
-  "release", None, "Release directory to evaluate (docs/SAMPLING.md); --workdir defaults to R_eval."
+  "release",
+  None,
+  "Release directory to evaluate (docs/SAMPLING.md); --workdir defaults to R_eval "
+  "(synthetic) or R_eval_PROTOCOL.",
 )
 flags.mark_flags_as_required(["config"])
-
-
-def apply_release(cfg, release: str):
-  """A copy of a sharded protocol's config whose model is `release`'s parts."""
-  from puma_jax import release as release_lib
-
-  rel = release_lib.Release.open(release)
-  cfg = cfg.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.model.kind = "puma"
-    cfg.model.puma = str(rel.puma) if rel.has("puma") else ""
-    cfg.model.clip = str(rel.clip) if rel.has("clip") else ""
-    cfg.model.vae = str(rel.vae) if rel.has("vae") else ""
-    cfg.model.tokenizer = rel.tokenizer
-    for s in cfg.model.decoders:
-      cfg.model.decoders[s] = str(rel.decoder(s)) if s in rel.scales else ""
-  return cfg
 
 
 def main(argv):
@@ -68,10 +55,12 @@ def main(argv):
     print(f"wrote {workdir}/results.json, results.md and grid.png ({out['wall_s']:.0f}s)")
     return
   if release:
-    cfg = apply_release(cfg, release)
-  workdir = _WORKDIR.value or (release and release.rstrip("/") + "_eval")
+    from puma_jax.evaluation import config as eval_config
+
+    cfg = eval_config.from_release(cfg, release)
+  workdir = _WORKDIR.value or (release and release.rstrip("/") + f"_eval_{cfg.protocol}")
   if not workdir:
-    raise app.UsageError("give --workdir=DIR (or --release=R, whose workdir is R_eval)")
+    raise app.UsageError("give --workdir=DIR (or --release=R: the workdir is then R_eval_PROTOCOL)")
   out = runner.evaluate(cfg, workdir)
   if out is not None:
     if out["random_weights"]:

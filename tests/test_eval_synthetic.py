@@ -189,12 +189,31 @@ def test_default_workdir():
   assert E.default_workdir("/a/b/rel/") == "/a/b/rel_eval"
 
 
-def test_smoke_run_on_a_random_release(tmp_path):
-  """The CLI end to end on a seeded random release (two decoders keep compilation short)."""
+@pytest.fixture(scope="module")
+def tiny_rel(tmp_path_factory):
+  """A seeded random release with two decoders (keeps compilation short)."""
   from puma_jax.tools import tiny_release
 
-  rel = tmp_path / "rel"
+  rel = tmp_path_factory.mktemp("r") / "rel"
   tiny_release.make(rel, seed=0, scales=("f1", "f4"))
+  return rel
+
+
+def test_release_fills_the_other_protocols(tiny_rel, tmp_path):
+  from puma_jax.evaluation import config as eval_config
+
+  cfg = eval_config.from_release(eval_config.base("text_to_image", "toy"), str(tiny_rel))
+  assert cfg.model.kind == "puma" and cfg.model.puma == str(tiny_rel / "puma")
+  assert cfg.model.decoders.f1 == str(tiny_rel / "decoders" / "f1") and cfg.model.decoders.f0 == ""
+  assert cfg.model.tokenizer == "byte" and cfg.model.vae == str(tiny_rel / "vae")
+  cmd = [sys.executable, "-m", "puma_jax.eval", "--config=configs/eval/understanding.py:toy"]
+  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "--workdir" in p.stderr
+
+
+def test_smoke_run_on_a_random_release(tiny_rel):
+  """The CLI end to end on a seeded random release; the workdir defaults to <release>_eval."""
+  rel, tmp_path = tiny_rel, tiny_rel.parent
   cmd = [
     sys.executable,
     "-m",
@@ -231,3 +250,35 @@ def test_smoke_run_on_a_random_release(tmp_path):
     cmd[:4] + [f"--release={tmp_path / 'nope'}"], cwd=ROOT, capture_output=True, text=True
   )
   assert p.returncode == 2 and "nope" in p.stderr
+
+
+def test_untrained_release_of_other_scales_is_refused(tiny_rel, tmp_path):
+  from puma_jax.tools import tiny_release
+
+  other = tmp_path / "other"
+  tiny_release.make(other, seed=1, scales=("f4",))
+  cfg = _config()
+  with cfg.unlocked():
+    cfg.untrained_release = str(other)
+  with pytest.raises(E.SyntheticEvalError, match="same architectures"):
+    E.run(cfg, str(tiny_rel), str(tmp_path / "w"), log=lambda *a: None)
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_full_release_with_untrained_column(tmp_path):
+  """~4 min: every scale and the untrained column (the fast twin: the smoke run above)."""
+  from puma_jax.tools import tiny_release
+
+  tiny_release.make(tmp_path / "r", seed=0)
+  tiny_release.make(tmp_path / "r0", seed=1)
+  cfg = _config()
+  with cfg.unlocked():
+    cfg.untrained_release = str(tmp_path / "r0")
+  out = E.run(cfg, str(tmp_path / "r"), str(tmp_path / "w"), log=lambda *a: None)
+  assert out["columns"] == ["trained", "untrained", "trivial"]
+  m = out["metrics"]
+  for name in E.TARGETS:
+    assert m[name]["trained"] is not None and m[name]["untrained"] is not None, name
+  md = (tmp_path / "w" / "results.md").read_text()
+  assert "| reconstruction/f0/psnr |" in md and "No untrained release" not in md

@@ -58,3 +58,22 @@ def base(protocol: str, variant: str) -> ml_collections.ConfigDict:
   c.metrics.lpips_d = True  # text-to-image: LPIPS between two seeds
   c.metrics.fid = True  # text-to-image: FID per scale
   return c
+
+
+def from_release(cfg: ml_collections.ConfigDict, release: str) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose model is release `release`'s parts (docs/SAMPLING.md): kind puma,
+  model.puma / decoders / vae / tokenizer, and model.clip when the release has a clip/ part
+  (a release with puma/ has none: its CLIP is inside the PumaModel)."""
+  from puma_jax import release as release_lib
+
+  rel = release_lib.Release.open(release)
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.kind = "puma"
+    cfg.model.puma = str(rel.puma) if rel.has("puma") else ""
+    cfg.model.clip = str(rel.clip) if rel.has("clip") else ""
+    cfg.model.vae = str(rel.vae) if rel.has("vae") else ""
+    cfg.model.tokenizer = rel.tokenizer
+    for s in cfg.model.decoders:
+      cfg.model.decoders[s] = str(rel.decoder(s)) if s in rel.scales else ""
+  return cfg

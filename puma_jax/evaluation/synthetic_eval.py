@@ -542,15 +542,16 @@ def run(cfg, release: str, workdir: str, log=print) -> dict:
     + ", ".join(f"{k} {len(v)}" for k, v in items.items())
     + f" ({size}x{size} images)"
   )
+  if cfg.untrained_release:
+    base = release_lib.Release.open(cfg.untrained_release)
+    if base.scales != rel.scales:
+      raise SyntheticEvalError(
+        f"untrained_release {cfg.untrained_release} has scales {list(base.scales)}; the release "
+        f"has {list(rel.scales)} (it must have the same architectures)"
+      )
   preds = {"trained": ReleaseModel(release, cfg, log).predict(items)}
   if cfg.untrained_release:
-    untrained = ReleaseModel(cfg.untrained_release, cfg, log)
-    if untrained.scales != rel.scales:
-      raise SyntheticEvalError(
-        f"untrained_release {cfg.untrained_release} has scales {untrained.scales}; the release "
-        f"has {rel.scales} (it must have the same architectures)"
-      )
-    preds["untrained"] = untrained.predict(items)
+    preds["untrained"] = ReleaseModel(cfg.untrained_release, cfg, log).predict(items)
   preds["trivial"] = trivial_predictions(cfg, items, size, rel.scales)
   scored = {k: score(p, items) for k, p in preds.items()}
   order = list(scored["trained"])
