@@ -162,6 +162,8 @@ def test_held_out_items_and_trivial_baseline():
   # t2i prompts are the captions training puts before [IMG]
   assert items["t2i"][0]["caption"] == S.caption(items["t2i"][0]["scene"])[0]
   assert {x["type"] for x in items["qa"]} == set(E.QUESTION_TYPES)
+  ops = [C.edit_op(x["source"], x["target"]) for x in items["edit"]]
+  assert sorted(ops) == sorted(C.EDIT_OPS)  # smoke: one edit per operation
   with cfg.unlocked():
     cfg.data.trivial_train = 300
   pred = E.trivial_predictions(cfg, items, 32, ("f0", "f1"))

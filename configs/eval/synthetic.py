@@ -39,9 +39,9 @@ def get_config(arg: str = "default"):
   c.num.reconstruction = n  # held-out images reconstructed at every scale
   c.num.understanding = 2 if smoke else 12  # questions per type (colour, shape, ...)
   c.num.grounding = n  # held-out scenes; every shape of each is grounded
-  c.num.editing = 2 if smoke else 24  # held-out edits, decoded at the edit scales
+  c.num.editing = 1 if smoke else 6  # held-out edits per operation (colour, move, ...)
   c.num.conditional = 2 if smoke else 12  # held-out condition images (canny/inpaint/colorize)
-  c.edit_scales = ("f1", "f0")  # editing output scales (f1: the task default, router.py)
+  c.edit_scales = ("f1",)  # editing output scales (f1: the task default, router.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.seed = 0  # the training data's seed (data.seed): scenes and per-example choices

@@ -16,8 +16,9 @@ prompted exactly as training formats its task (data/rows.py, sequence.py templat
   grounding       the grounded-caption format training teaches (rows._grounded_caption): image,
                   the caption up to the end of a shape's phrase (earlier shapes followed by their
                   true box tokens), then 4 generated position tokens -> box; IoU with the truth.
-  editing         `[source] instruction [IMG]` (sequence.edit) at `edit_scales`; per operation
-                  the asked change is visible ("edit") and the rest kept ("kept"); check_edit.
+  editing         `[source] instruction [IMG]` (sequence.edit) at `edit_scales`, `num.editing`
+                  edits per operation; the asked change is visible ("edit") and the rest kept
+                  ("kept"); check_edit.
   conditional     canny / inpaint / colorize condition images derived by the training parser
                   (data/parse.py), `[condition] <task prompt> caption [IMG]`, decoded at the
                   condition's default scale (router.py); colour / cell of single-shape scenes.
@@ -149,13 +150,18 @@ def held_out(cfg, image_size: int) -> dict:
       )
 
   edit = _source("edit", "eval", cfg, image_size)
-  items["edit"] = []
-  for i in range(min(len(edit), int(it.editing))):
-    r, sid = edit[i], int(edit.ids[i])
+  items["edit"], per_op = [], Counter()
+  for i in range(len(edit)):
+    sid = int(edit.ids[i])
     source = S.make_scene(edit.seed, sid)
     # The draw SyntheticSource made, replayed to recover the target scene.
     rng = np.random.default_rng([edit.seed, sid, S.FAMILIES.index("edit")])
     target, instr = S.edit(source, rng)
+    op = C.edit_op(source, target)
+    if per_op[op] >= int(it.editing):
+      continue
+    per_op[op] += 1
+    r = edit[i]
     if instr != r["instruction"]:
       raise SyntheticEvalError(f"edit replay disagrees with the source at {r['key']}")
     items["edit"].append(
