@@ -495,7 +495,12 @@ def markdown(out: dict) -> str:
     f"{out['config']['guidance']}, seed {out['config']['seed']}.",
     "Percentages unless named (psnr: dB, mean_iou: 0..1). trivial: no model (most frequent "
     "training answer per question type, mean training box, mean training image).",
+    "Text-to-image, conditional and reconstruction colour/cell use single-shape held-out scenes "
+    "(reconstruction PSNR: all); editing is read cell by cell; a change of shape kind is not "
+    "checked. Targets (issue 13) are marked pass/short for the trained release.",
   ]
+  if "wall_s" in out:
+    lines.append(f"Wall time {out['wall_s']:.0f}s.")
   if "untrained" not in cols:
     lines.append("No untrained release given (config untrained_release): that column is skipped.")
   if not out["router_learned"]:
