@@ -39,7 +39,7 @@ def mllm(
   if not tiny:
     c.model.llm.scan_layers = True  # one compiled layer, scanned 32 times
     # Per puma_jax.tools.memory_plan the paper setup (256 x 32 GB, batch 2048, seq 2048) fits
-    # only with full remat and 2 microbatches (21.3 GiB/device planned; "dots" needs 212 GiB).
+    # only with full remat and 2 microbatches (12.6 GiB/device planned; "dots" needs 195 GiB).
     c.model.llm.remat_policy = "full"
   # Positions per row (an image takes 343). Tiny: 896 so that a conditional example (two
   # images, the condition prompt and a caption: 769..839 positions on the shapes set) fits;
@@ -63,6 +63,8 @@ def mllm(
   c.loss.image_weight = 1.0  # PUMA paper, appendix 7.2.1 (per-scale weights 1024..1:
   # puma_jax/sequence.py)
   c.loss.router_weight = 0.1  # (ours) router head's CE weight, docs/DESIGN.md §7
+  c.loss.ce_chunk = 256  # positions whose vocabulary logits exist at once in the text CE
+  # (0: all at once; docs/DESIGN.md §11, precision and performance)
 
   c.optim = optim(
     {

@@ -87,7 +87,13 @@ def test_tiny_activation_bytes_match_formula(remat):
   outside = b * (7 * d + 2 * c.model.clip.hidden_size)
   assert plan.details["tokens_per_device"] == tokens
   assert plan.rows["activations"] == tokens * (n * per_layer + outside)
-  assert plan.rows["logits"] == tokens * (8 + b) * v
+  # chunked cross-entropy: one chunk's logits per row at a time, plus the sorted hidden copy
+  chunk = c.loss.ce_chunk
+  assert 0 < chunk < t
+  assert plan.rows["logits"] == 2 * chunk * (8 + b) * v + tokens * b * d
+  with c.unlocked():
+    c.loss.ce_chunk = 0
+  assert mp.make_plan(c, 8, 32, processes=2).rows["logits"] == tokens * (8 + b) * v
 
 
 def test_tensor_axis_splits_activations_and_vocab():
@@ -99,7 +105,9 @@ def test_tensor_axis_splits_activations_and_vocab():
   base = mp.make_plan(_tiny(), 8, 32, processes=1)
   # same global batch on 4 batch shards instead of 8: twice the tokens, half the vocabulary
   assert plan.details["tokens_per_device"] == 2 * base.details["tokens_per_device"]
-  assert plan.rows["logits"] == base.rows["logits"]
+  # the chunked cross-entropy's sorted hidden copy (d per token) is not split over `tensor`
+  hidden = lambda p: p.details["tokens_per_device"] * F32 * c.model.llm.hidden_size
+  assert plan.rows["logits"] - hidden(plan) == base.rows["logits"] - hidden(base)
 
 
 @pytest.fixture(scope="module")

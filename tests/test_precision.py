@@ -1,10 +1,12 @@
 """Precision policy per device; dynamic loss scaling: overflow skips and halves, growth."""
 
+import functools
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from puma_jax import precision
@@ -56,3 +58,30 @@ def test_bfloat16_and_float32_do_not_scale():
     assert float(ls.adjust(jnp.array(False)).scale) == 1.0
   with pytest.raises(ValueError, match="factor"):
     precision.DynamicLossScale.create(jnp.float16, factor=1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_dot_f32_gradients_match_the_plain_dot(dtype, tol):
+  """layers.dot_f32 (the LM head's float32-output matmul, backward in the compute dtype) gives
+  the gradients of the float32 masters that a plain float32-output dot gives: exactly in
+  float32, within bfloat16 rounding in bfloat16."""
+  from puma_jax.models import layers
+
+  rng = np.random.RandomState(0)
+  x32 = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
+  w32 = jnp.asarray(rng.randn(16, 33) * 0.3, jnp.float32)
+  y = jnp.asarray(rng.randint(0, 33, (2, 5)))
+
+  def loss(dot, x, w):
+    logits = dot(x.astype(dtype), w.astype(dtype))
+    assert logits.dtype == jnp.float32
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+  plain = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  l_ref, g_ref = jax.value_and_grad(functools.partial(loss, plain), (0, 1))(x32, w32)
+  l_got, g_got = jax.value_and_grad(functools.partial(loss, layers.dot_f32), (0, 1))(x32, w32)
+  assert float(l_got) == float(l_ref)  # the forward is the same dot
+  for a, b in zip(g_got, g_ref):
+    assert a.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(a - b))) / float(jnp.max(jnp.abs(b)))
+    assert err <= tol, err

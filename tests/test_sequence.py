@@ -188,7 +188,11 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
   pred = rng.randn(B, T, D).astype(np.float32)
   feats = rng.randn(B, T, D).astype(np.float32) * (batch["image_index"] >= 0)[..., None]
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  m = losses.mllm_sums(jnp.asarray(logits), jnp.asarray(pred), jnp.asarray(feats), jbatch)
+
+  def ce(logits, b):
+    return losses.text_ce(lambda x: x, jnp.asarray(logits), b["text_target"], b["text_mask"])
+
+  m = losses.mllm_sums(ce(logits, jbatch), jnp.asarray(pred), jnp.asarray(feats), jbatch)
   # The paper's weights (the reference hard-codes 0.02 and 1.0); no router head.
   weights = {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.0}
   # What training optimizes: the objective over the full batch's normalizers ...
@@ -200,7 +204,7 @@ def test_loss_equals_numpy_reference_on_a_mixed_batch():
   halves = [
     losses.mllm_objective(
       losses.mllm_sums(
-        jnp.asarray(logits[i : i + 2]),
+        ce(logits[i : i + 2], {k: v[i : i + 2] for k, v in jbatch.items()}),
         jnp.asarray(pred[i : i + 2]),
         jnp.asarray(feats[i : i + 2]),
         {k: v[i : i + 2] for k, v in jbatch.items()},

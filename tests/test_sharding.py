@@ -108,3 +108,45 @@ def test_constrain_is_noop_without_mesh_and_shards_with_one():
   with pytest.raises(ValueError, match="rank 2"):
     with sharding.use_mesh(mesh):
       sharding.constrain(x, ("batch",))
+
+
+def _gathers_after_partitioning(compile_dir, precision):
+  """Element types of every all-gather in the tiny MLLM train step on an 8-way FSDP mesh,
+  read from the HLO right after SPMD partitioning (the CPU backend later widens bfloat16
+  collectives to float32, which a GPU or TPU does not)."""
+  import functools
+  import re
+
+  from puma_jax.training import data as data_lib, init as init_lib, mllm, registry
+  from tests.test_train import small_config
+
+  c = small_config()
+  c.precision, c.num_devices = precision, 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+  stage = registry.make(c)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  a = init_lib.abstract_state(stage, mesh)
+  batch = data_lib.global_batch(stage.device_arrays(next(stage.train_data())), mesh)
+  step = functools.partial(
+    mllm.train_step, graphdef=a.graphdef, tx=a.tx, weights=stage.weights, ce_chunk=stage.ce_chunk
+  )
+  with sharding.use_mesh(mesh):
+    jax.jit(step).lower(a.state(), a.frozen_structs(), a.rest_structs(), batch).compile(
+      compiler_options={
+        "xla_dump_to": str(compile_dir),
+        "xla_dump_hlo_pass_re": "spmd-partitioning",
+      }
+    )
+  (hlo,) = compile_dir.glob("*train_step*after_spmd-partitioning*.txt")
+  return re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", hlo.read_text())
+
+
+def test_fsdp_parameter_all_gathers_move_the_compute_dtype(tmp_path):
+  """bfloat16 compute: every all-gather of the sharded step is bfloat16, half the bytes of the
+  float32 masters; the LM head's backward (layers.dot_f32) was the one that gathered float32.
+  float32 compute gathers float32 (the check sees the dtype)."""
+  bf16 = _gathers_after_partitioning(tmp_path / "bf16", "bfloat16")
+  floats = [t for t in bf16 if t in ("f32", "bf16", "f16")]
+  assert len(floats) > 20 and set(floats) == {"bf16"}, sorted(set(bf16))
+  f32 = _gathers_after_partitioning(tmp_path / "f32", "float32")
+  assert {t for t in f32 if t in ("f32", "bf16", "f16")} == {"f32"}

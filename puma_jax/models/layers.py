@@ -415,6 +415,34 @@ def _splash(q, k, v, segment_ids, is_causal, scale):
   )(q, k, v, seg)
 
 
+@jax.custom_vjp
+def dot_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (..., D) @ w (D, V) accumulated and returned in float32, with a backward pass in the
+  operands' dtype: the float32 cotangent is cast to it before both backward matmuls.
+
+  Plain `jnp.dot(..., preferred_element_type=float32)` transposes with float32 operands: with
+  bfloat16 compute, the weight is upcast to float32 while still FSDP-sharded and all-gathered
+  at twice the bytes (the LM head, the largest gather: vocab x hidden). Here every all-gather
+  of `w` moves its compute dtype (tests/test_sharding.py checks the compiled step)."""
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_fwd(x, w):
+  return dot_f32(x, w), (x, w)
+
+
+def _dot_f32_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  lead = tuple(range(x.ndim - 1))
+  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.tensordot(x, g, axes=(lead, lead), preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)
+
+
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
+
+
 def host_safe_dtype(dtype):
   """`dtype` for a dot accumulated in float32, except float16 on CPU, whose dot has no
   float16 x float16 -> float32 form: there the operands go in as float32 (float16 runs on CPU

@@ -432,7 +432,7 @@ class LlamaForCausalLM(nnx.Module):
       else self.lm_head.kernel[...]
     )
     dtype = layers.host_safe_dtype(self.dtype)
-    out = jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    out = layers.dot_f32(hidden.astype(dtype), w.astype(dtype))
     return sharding.constrain(out, ("batch", "act_seq", "act_vocab"))
 
   def _mask_and_positions(self, b, t, positions, segment_ids, attention_mask, cache):

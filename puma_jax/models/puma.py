@@ -152,10 +152,12 @@ class PumaModel(nnx.Module):
 
   # -- training forward --------------------------------------------------------------------------
 
-  def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  def __call__(self, batch: Mapping[str, jax.Array], logits: bool = True) -> dict[str, jax.Array]:
     """Teacher-forced forward. Returns logits (B, T, V) float32, feature_pred (B, T, F),
     features (B, T, F) (the inputs at feature slots: shifted by one, the targets) and, with a
-    router, router_logits (B, T, 5)."""
+    router, router_logits (B, T, 5). With `logits=False`, `hidden` (B, T, D) (what
+    `self.llm.logits` projects) instead of the logits: the training loss projects it in chunks
+    (`losses.text_ce`)."""
     tokens = jnp.asarray(batch["tokens"])
     if "image_features" in batch:
       image_feats = jnp.asarray(batch["image_features"])
@@ -171,7 +173,11 @@ class PumaModel(nnx.Module):
     hidden, _ = self.llm.decode_embeddings(
       x, positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
     )
-    out = {"logits": self.llm.logits(hidden), "feature_pred": self.head(hidden), "features": feats}
+    out = {"feature_pred": self.head(hidden), "features": feats}
+    if logits:
+      out["logits"] = self.llm.logits(hidden)
+    else:
+      out["hidden"] = hidden
     if self.router is not None:
       out["router_logits"] = self.router(hidden).astype(jnp.float32)
     return out

@@ -35,6 +35,8 @@ How each row is computed (every number is per device):
                b(7d + 2F) (final norm, projector in, feature head out; F = CLIP width).
   logits       (8 + b) x vocab per token: float32 logits kept for the cross-entropy backward,
                their float32 gradient, its compute-dtype cast for the LM-head matmul backward.
+               With `loss.ce_chunk` (losses.text_ce) only one chunk's positions per row hold
+               logits at a time, plus a copy of the hidden states (b d per token) sorted for it.
   transient    the largest momentary buffers on top of the above: under remat, one layer
                recomputed with nothing saved (the `none` row for a single layer); FSDP's
                all-gathered weights of the largest block (a layer or the LM head) in the compute
@@ -267,7 +269,10 @@ def activation_memory(
   d, feat = llm.hidden_size, mc.feature_dim
   outside = b * (7 * d + 2 * feat)
   saved = tokens * (llm.num_hidden_layers * per_layer + outside)
+  chunk = int(config.loss.get("ce_chunk", 0))
   logits = tokens * (8 + b) * _split(llm.vocab_size, tensor)
+  if 0 < chunk < seq_len:
+    logits = rows * chunk * (8 + b) * _split(llm.vocab_size, tensor) + tokens * b * d
   recompute = tokens * none_layer if policy != "none" else 0
   layer, other = _gathered_blocks(static["tensors"], llm.num_hidden_layers, llm.scan_layers, tensor)
   gathered = max(layer, other) * (b + 4) + layer * b

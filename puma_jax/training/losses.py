@@ -14,7 +14,7 @@ microbatches of an accumulated step each add their share and the total equals on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,61 @@ def loss_weights(loss_cfg, has_router: bool) -> dict[str, float]:
   }
 
 
+def text_ce(
+  logits_fn: Callable[[jax.Array], jax.Array],
+  hidden: jax.Array,
+  target: jax.Array,
+  mask: jax.Array,
+  chunk: int = 0,
+) -> jax.Array:
+  """Per-position text cross-entropy (B, T) in float32, 0 where `mask` is 0.
+
+  `logits_fn` maps hidden states (B, c, D) to logits (B, c, V) (the LM head; the identity when
+  `hidden` already holds logits). With `chunk` > 0 the positions are cut into chunks of `chunk`
+  and the logits of one chunk at a time exist, in forward and backward (`lax.map` over a
+  rematerialized body): at the paper's vocabulary 128k x 2048 positions the float32 logits of
+  every position are most of the head's activation memory. 0 (or >= T) is one chunk: no remat,
+  the logits are saved for the backward pass as without chunking.
+
+  A chunk without a supervised position costs nothing (a `lax.cond` skips its head). With several
+  chunks each row's supervised positions are first moved to its front (a stable sort), so in
+  image-heavy rows the trailing chunks are empty in every row and skipped.
+  """
+  b, t = target.shape
+  c = t if chunk <= 0 else min(int(chunk), t)
+  n = -(-t // c)
+  mask = mask.astype(bool)
+  if n > 1:
+    order = jnp.argsort(~mask, axis=1, stable=True)
+    hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    target = jnp.take_along_axis(target, order, axis=1)
+    mask = jnp.take_along_axis(mask, order, axis=1)
+  pad = n * c - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    target = jnp.pad(target, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+
+  def ce(h, y, m):
+    logits = logits_fn(h).astype(jnp.float32)
+    return jnp.where(m, optax.softmax_cross_entropy_with_integer_labels(logits, y), 0.0)
+
+  def one(xs):
+    h, y, m = xs
+    return jax.lax.cond(jnp.any(m), ce, lambda *_: jnp.zeros(m.shape, jnp.float32), h, y, m)
+
+  split = lambda x: jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+  out = jax.lax.map(
+    jax.checkpoint(one) if n > 1 else one, (split(hidden), split(target), split(mask))
+  )
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * c)[:, :t]
+  if n > 1:
+    out = jnp.take_along_axis(out, jnp.argsort(order, axis=1), axis=1)
+  return out
+
+
 def mllm_sums(
-  logits: jax.Array,
+  ce: jax.Array,
   feature_pred: jax.Array,
   features: jax.Array,
   batch: dict,
@@ -46,17 +99,23 @@ def mllm_sums(
 ) -> dict[str, jax.Array]:
   """Per-position loss sums and counts of a (micro)batch; they add across microbatches.
 
-  logits (B, T, V); feature_pred (B, T, D): the head's prediction at each position of the
-  *next* slot's feature; features (B, T, D): the input features at feature slots (teacher
-  forcing), whose shift by one position is the target. `batch` holds `text_target`,
-  `text_mask`, `feature_weight`, `target_scale`, `kind_id` (see puma_jax.sequence).
-  With `router_logits` (B, T, scales), the router cross-entropy at the positions with a
-  `router_label` (ours, docs/DESIGN.md §7: the router is not in the paper's loss).
+  ce (B, T): the per-position text cross-entropy, 0 where `text_mask` is 0 (`text_ce`);
+  feature_pred (B, T, D): the head's prediction at each position of the *next* slot's feature;
+  features (B, T, D): the input features at feature slots (teacher forcing), whose shift by one
+  position is the target. `batch` holds `text_target`, `text_mask`, `feature_weight`,
+  `target_scale`, `kind_id` (see puma_jax.sequence). With `router_logits` (B, T, scales), the
+  router cross-entropy at the positions with a `router_label` (ours, docs/DESIGN.md §7: the
+  router is not in the paper's loss).
   """
   f32 = jnp.float32
+  if ce.shape != batch["text_mask"].shape:
+    raise ValueError(
+      f"mllm_sums: the text cross-entropy must be per position "
+      f"{tuple(batch['text_mask'].shape)} (losses.text_ce), got {tuple(ce.shape)}"
+    )
   text_mask = batch["text_mask"].astype(f32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(f32), batch["text_target"])
-  ce_sum = jnp.sum(ce * text_mask)
+  ce = ce.astype(f32)
+  ce_sum = jnp.sum(ce)
   n_text = jnp.sum(text_mask)
 
   target = jnp.concatenate([features[:, 1:], jnp.zeros_like(features[:, :1])], axis=1)
@@ -88,7 +147,7 @@ def mllm_sums(
     # unweighted per-scale MSE (what each scale's regression achieves)
     "scale_mse_sum": jnp.stack([jnp.sum(tok_mse * feat_mask * (scale == s)) for s in scales]),
     "scale_count": jnp.stack([jnp.sum(feat_mask * (scale == s)) for s in scales]),
-    "task_text_ce_sum": jnp.stack([jnp.sum(ce * text_mask * (kind == t)) for t in kinds]),
+    "task_text_ce_sum": jnp.stack([jnp.sum(ce * (kind == t)) for t in kinds]),
     "task_text_count": jnp.stack([jnp.sum(text_mask * (kind == t)) for t in kinds]),
     "task_image_mse_sum": jnp.stack([jnp.sum(w * tok_mse * (kind == t)) for t in kinds]),
     "task_image_count": jnp.stack([jnp.sum(feat_mask * (kind == t)) for t in kinds]),
@@ -126,8 +185,10 @@ def mllm_objective(sums: Mapping, normalizers: Mapping, weights: Mapping) -> jax
 def mllm_loss(
   logits, feature_pred, features, batch: dict, weights: Mapping, *, router_logits=None
 ) -> tuple[jax.Array, dict]:
-  """(loss, sums) of one whole batch: `mllm_objective` over its own normalizers."""
-  sums = mllm_sums(logits, feature_pred, features, batch, router_logits=router_logits)
+  """(loss, sums) of one whole batch from its logits (B, T, V): `mllm_objective` over its own
+  normalizers."""
+  ce = text_ce(lambda x: x, logits, batch["text_target"], batch["text_mask"])
+  sums = mllm_sums(ce, feature_pred, features, batch, router_logits=router_logits)
   return mllm_objective(sums, mllm_normalizers(batch), weights), sums
 
 

@@ -23,16 +23,20 @@ from puma_jax.models import clip as clip_lib, puma
 from puma_jax.training import data as data_lib, losses, optim, steps
 
 
-def objective(graphdef, frozen, rest, weights: dict):
-  """loss_fn(params, microbatch with "_normalizers") -> (loss, metric sums)."""
+def objective(graphdef, frozen, rest, weights: dict, ce_chunk: int = 0):
+  """loss_fn(params, microbatch with "_normalizers") -> (loss, metric sums). The LM head runs
+  on `ce_chunk` positions at a time (`losses.text_ce`; 0: all at once)."""
 
   def loss_fn(params, mb):
     mb = dict(mb)
     normalizers = mb.pop("_normalizers")
     model = nnx.merge(graphdef, frozen, params, rest)
-    out = model(mb)
+    out = model(mb, logits=False)
+    ce = losses.text_ce(
+      model.llm.logits, out["hidden"], mb["text_target"], mb["text_mask"], ce_chunk
+    )
     sums = losses.mllm_sums(
-      out["logits"],
+      ce,
       out["feature_pred"],
       out["features"],
       mb,
@@ -53,6 +57,7 @@ def train_step(
   tx,
   weights: dict,
   grad_accum: int = 1,
+  ce_chunk: int = 0,
 ):
   """One optimizer step on a global batch (uint8 CLIP views in batch["images"])."""
   batch = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
@@ -61,7 +66,7 @@ def train_step(
   batch["_normalizers"] = jax.tree.map(
     lambda x: jnp.broadcast_to(x, (batch["tokens"].shape[0],)), normalizers
   )
-  loss_fn = objective(graphdef, frozen, rest, weights)
+  loss_fn = objective(graphdef, frozen, rest, weights, ce_chunk)
 
   def per_micro(params, mb):
     mb = dict(mb, _normalizers=jax.tree.map(lambda x: x[0], mb["_normalizers"]))
@@ -76,11 +81,13 @@ def train_step(
   return state, metrics
 
 
-def eval_step(params, frozen, rest, batch: dict, *, graphdef, weights: dict) -> dict:
+def eval_step(
+  params, frozen, rest, batch: dict, *, graphdef, weights: dict, ce_chunk: int = 0
+) -> dict:
   """Metric sums of one held-out batch (no update)."""
   batch = dict(batch, images=clip_lib.normalize_uint8(batch["images"]))
   batch["_normalizers"] = losses.mllm_normalizers(batch)
-  _, sums = objective(graphdef, frozen, rest, weights)(params, batch)
+  _, sums = objective(graphdef, frozen, rest, weights, ce_chunk)(params, batch)
   return sums
 
 
@@ -96,6 +103,10 @@ class MLLMStage:
     self.model_config = puma.PumaConfig.from_dict(config.model.to_dict())
     self.dtype = jnp.dtype(precision.resolve(str(config.precision)))
     self.weights = losses.loss_weights(config.loss, has_router=self.model_config.router)
+    # configs without the field (older workdirs' configs) run the head unchunked
+    self.ce_chunk = int(config.loss.get("ce_chunk", 0))
+    if self.ce_chunk < 0:
+      raise ValueError(f"loss.ce_chunk={self.ce_chunk} must be >= 0 (0: unchunked)")
     self.loads_pretrained = bool(config.init.clip or config.init.llm or config.init.puma)
     self._eval_fn = None  # jitted once per run, on the first evaluation
 
@@ -193,6 +204,7 @@ class MLLMStage:
       tx=tx,
       weights=self.weights,
       grad_accum=int(self.config.train.grad_accum_steps),
+      ce_chunk=self.ce_chunk,
     )
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
@@ -213,7 +225,11 @@ class MLLMStage:
   def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
     """Loss on the held-out split (`train.eval_batches` batches)."""
     if self._eval_fn is None:
-      self._eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, weights=self.weights))
+      self._eval_fn = jax.jit(
+        functools.partial(
+          eval_step, graphdef=graphdef, weights=self.weights, ce_chunk=self.ce_chunk
+        )
+      )
     data = self.train_data("eval")
     sums = None
     for i, hb in enumerate(data):
