@@ -189,13 +189,7 @@ def status(stage: Stage, total_steps: int | None) -> tuple[str, int]:
   if stage.kind == "part":
     return ("done" if (stage.path / "config.json").is_file() else "todo"), 0
   if stage.kind == "release":
-    from puma_jax import release as release_lib
-
-    try:
-      release_lib.Release.open(stage.path)
-      return "done", 0
-    except (OSError, ValueError):
-      return "todo", 0
+    return ("done" if _release_done(stage.path) else "todo"), 0
   from puma_jax.training import checkpoints
 
   root = stage.path / "checkpoints"
@@ -214,6 +208,16 @@ def status(stage: Stage, total_steps: int | None) -> tuple[str, int]:
   if total_steps is not None and steps[-1] >= total_steps and final:
     return "done", steps[-1]
   return "partial", steps[-1]
+
+
+def _release_done(path: Path) -> bool:
+  from puma_jax import release as release_lib
+
+  try:
+    release_lib.Release.open(path)
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def _staged(dst: Path, make: Callable[[Path], None]) -> None:
