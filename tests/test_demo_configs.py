@@ -3,6 +3,7 @@ held-out evaluation of the MLLM stage covering every sequence kind."""
 
 import json
 
+import numpy as np
 import pytest
 
 from puma_jax import sequence
@@ -82,12 +83,18 @@ def test_interleave_round_robin_and_uneven_lengths():
     pipeline.Interleave([[1]])[1]
 
 
-def test_mllm_eval_reports_image_and_text_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+  """configs/unified.py:demo trained one step (held-out evaluation after it) on the demo's
+  shared random CLIP."""
   from puma_jax.training import loop
 
+  root = tmp_path_factory.mktemp("demo")
+  train_demo.write_clip(root / "clip", seed=3)
   c = demo(
     "unified",
     **{
+      "init.clip": str(root / "clip"),
       "optim.total_steps": 1,
       "optim.warmup_steps": 0,
       "train.total_steps": 1,
@@ -98,9 +105,37 @@ def test_mllm_eval_reports_image_and_text_metrics(tmp_path):
       "data.synthetic.num_eval": 4,
     },
   )
-  loop.train_and_evaluate(c, str(tmp_path))
-  recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  ev = next(r for r in recs if any(k.startswith("eval/") for k in r))
+  loop.train_and_evaluate(c, str(root / "unified"))
+  return root
+
+
+def test_mllm_eval_reports_image_and_text_metrics(one_step):
+  lines = (one_step / "unified" / "metrics.jsonl").read_text().splitlines()
+  ev = next(r for r in map(json.loads, lines) if any(k.startswith("eval/") for k in r))
   assert ev["eval/image_mse"] > 0 and ev["eval/text_ce"] > 0
   assert any(k.startswith("eval/image_mse/") for k in ev)
   assert len([k for k in ev if k.startswith("eval/text_ce/")]) >= 3, sorted(ev)
+
+
+def test_releases_share_the_clip_and_the_baseline_is_random(one_step, tmp_path):
+  from puma_jax import checkpoints
+  from puma_jax.tools import tiny_release
+
+  clip = checkpoints.param_arrays(checkpoints.load_module(one_step / "clip"))
+  trained = tiny_release.make(tmp_path / "r", workdirs=[one_step / "unified"], scales=["f4"])
+  base = tiny_release.make(
+    tmp_path / "r0",
+    workdirs=[one_step / "unified"],
+    scales=["f4"],
+    clip=one_step / "clip",
+    untrained=True,
+  )
+  assert base.manifest["name"] == "tiny-untrained"
+  pt = checkpoints.param_arrays(checkpoints.load_module(trained.puma))
+  pb = checkpoints.param_arrays(checkpoints.load_module(base.puma))
+  assert set(pt) == set(pb)  # the same architecture
+  for k, v in clip.items():
+    np.testing.assert_array_equal(pt[f"clip.{k}"], v)
+    np.testing.assert_array_equal(pb[f"clip.{k}"], v)
+  llm = [k for k in pt if not k.startswith("clip.")]
+  assert all(not np.array_equal(pt[k], pb[k]) for k in llm if pt[k].std() > 0)

@@ -156,3 +156,36 @@ def test_eta_scales_priors_by_measured_speed():
   eta.record("pretrain", 2 * eta.prior("pretrain"), 0)  # twice as slow as the prior
   assert eta.left([("unified", 0)]) == pytest.approx(base)
   assert eta.left([("unified", 50)]) < base
+
+
+@pytest.mark.slow
+def test_smoke_demo_writes_sampleable_releases(tmp_path):
+  """The real --smoke run (every stage, 2 steps each); its releases sample through
+  puma_jax.sample: one t2i image at one scale and one reconstruction."""
+  import numpy as np
+  from PIL import Image
+
+  from puma_jax import release as release_lib, sample
+
+  w = tmp_path / "demo"
+  assert train_demo.main([f"--workdir={w}", "--smoke"]) == 0
+  times = json.loads((w / train_demo.TIMES_FILE).read_text())
+  assert set(times) == set(ORDER)
+  rel = release_lib.Release.open(w / "release")
+  assert rel.scales == ("f0", "f1", "f2", "f3", "f4") and rel.image_size == 32
+  assert "unified" in json.dumps(rel.manifest)  # the trained MLLM, not a random one
+  base = release_lib.Release.open(w / "release_untrained")
+  assert "random" in json.dumps(base.manifest["parts"]["puma"])
+  img = tmp_path / "scene.png"
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(img)
+  for r in (w / "release", w / "release_untrained"):
+    out = tmp_path / f"t2i_{r.name}"
+    common = [f"--release={r}", "--steps=2", "--scales=f1"]
+    assert sample.main(["text_to_image", *common, "--prompt=a red circle", f"--out={out}"]) == 0
+    assert Image.open(out / "0000_f1.png").size == (32, 32)
+    out = tmp_path / f"rec_{r.name}"
+    assert sample.main(["reconstruct", *common, f"--image={img}", f"--out={out}"]) == 0
+    assert Image.open(out / "0000_f1.png").size == (32, 32)
+  # resumed: everything done, nothing retrained
+  assert train_demo.main([f"--workdir={w}", "--smoke"]) == 0
+  assert json.loads((w / train_demo.TIMES_FILE).read_text()) == times
