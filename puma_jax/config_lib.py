@@ -97,7 +97,9 @@ def demo_block(c: ml_collections.ConfigDict) -> None:
   sources, data.pipeline.build)."""
   c.train.log_every = 25  # steps between metric lines
   c.train.checkpoint_every = 100  # steps between checkpoints (what a resumed demo redoes)
-  c.train.eval_every = c.optim.get_ref("total_steps")  # held-out evaluation at the end
+  # held-out evaluation at the end; a derived reference (not the same one), so that setting
+  # eval_every leaves total_steps alone
+  c.train.eval_every = c.optim.get_ref("total_steps") * 1
   c.train.eval_batches = 6  # 48 held-out examples, each family several times
 
 

@@ -72,6 +72,11 @@ def test_load_config_like_config_flags():
   assert train_demo.load_config("configs/pretrain.py").optim.total_steps == 150  # default tiny
   with pytest.raises(ValueError, match="no field 'init.nope'"):
     train_demo.load_config("configs/pretrain.py:demo", {"init.nope": 1})
+  # eval_every follows total_steps but setting it leaves total_steps alone (--smoke sets both)
+  c = train_demo.load_config("configs/unified.py:demo", optional=train_demo.SMOKE)
+  assert (c.optim.total_steps, c.train.total_steps, c.train.eval_every) == (2, 2, 0)
+  c = train_demo.load_config("configs/unified.py:demo", {"optim.total_steps": 9})
+  assert (c.train.total_steps, c.train.eval_every) == (9, 9)
   c = train_demo.load_config("configs/pretrain.py:demo", optional={"nope.deep": 1})
   assert "nope" not in c
   with pytest.raises(ValueError, match="does not exist"):
