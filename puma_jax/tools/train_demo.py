@@ -92,14 +92,16 @@ class Stage:
     return load_config(self.config, self.overrides, SMOKE if smoke else None)
 
 
-# --smoke: where a stage's config has the field
+# --smoke: where a stage's config has the field. In this order: a config whose eval_every *is*
+# its total_steps reference (not a derived one) has both set by either, so total_steps comes
+# last (such a stage then evaluates once, at its last step).
 SMOKE = {
-  "optim.total_steps": SMOKE_STEPS,
-  "optim.warmup_steps": 0,
-  "train.total_steps": SMOKE_STEPS,
+  "train.eval_every": 0,
   "train.log_every": 1,
   "train.checkpoint_every": SMOKE_STEPS,
-  "train.eval_every": 0,
+  "optim.warmup_steps": 0,
+  "optim.total_steps": SMOKE_STEPS,
+  "train.total_steps": SMOKE_STEPS,
 }
 
 
