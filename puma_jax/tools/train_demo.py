@@ -42,9 +42,10 @@ from puma_jax.models import pooling
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
 TIMES_FILE = "demo_times.json"
-# Seconds per optimizer step before a stage of that kind has run on this machine (2 idle cores),
-# measured; the ETA scales them by how much slower the stages that did run were.
-PRIOR_STEP_S = {"vae": 0.15, "decoder": 0.25, "mllm": 0.65}
+# Seconds per optimizer step of each stage kind on 2 idle cores (the MLLM's measured at 1.6
+# steps/s; the VAE's and decoders' from their configs' "about 2 minutes" for 600 and 300 steps);
+# the ETA scales them by how much slower the stages that did run were.
+PRIOR_STEP_S = {"vae": 0.17, "decoder": 0.33, "mllm": 0.62}
 PRIOR_FIXED_S = 20.0  # per stage: compile, data start, checkpoint, export
 
 
