@@ -4,17 +4,27 @@ Variants (`--config=configs/decoder.py:VARIANT`):
   tiny, tiny_f0 .. tiny_f4  (default tiny = tiny_f2) toy CLIP / VAE / UNet on the synthetic set
                             at 32 px; a few minutes on a 2-core CPU. Random CLIP and VAE (no
                             pretrained weights on this machine).
+  demo_f0 .. demo_f4        the tiny decoders of the tiny-PUMA demo (puma_jax/tools/train_demo.py),
+                            tuned for speed: about 2 minutes each on a 2-core CPU. Frozen CLIP
+                            and VAE from --config.init.clip (the demo's shared random CLIP) and
+                            --config.init.vae (configs/vae.py:demo, whose scaling factor this
+                            config takes: configs/vae.py `demo_vae_config`).
   f0 .. f4                  the paper: SDXL UNet (from a converted sdxl-unet dir), CLIP-L, SDXL
                             VAE; AdamW, lr 8e-5, linear decay, clip 1.0, batch 1024, steps
                             40k / 30k / 20k / 15k / 10k, noise offset 0.1, 10% blank features.
 
 Run:
   python -m puma_jax.main --config=configs/decoder.py --workdir=/tmp/puma_decoder
+  python -m puma_jax.main --config=configs/decoder.py:demo_f0 --workdir=W/decoder_f0 \
+      --config.init.clip=W/parts/clip --config.init.vae=W/parts/vae
   python -m puma_jax.main --config=configs/decoder.py:f0 --workdir=/ckpt/decoder_f0 \
       --config.init.clip=/ckpt/clip_l14 --config.init.vae=/ckpt/sdxl_vae \
       --config.init.decoder=/ckpt/sdxl_unet \
       --config.data.sources.images.paths=/data/laion/{00000..09999}.tar
 """
+
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
@@ -26,11 +36,22 @@ from puma_jax.models import clip, pooling, puma_decoder, vae
 PAPER_STEPS = {"f0": 40_000, "f1": 30_000, "f2": 20_000, "f3": 15_000, "f4": 10_000}
 
 
+def _demo_vae_config():
+  """configs/vae.py's demo VAE (config files are loaded by path, as main.py loads them)."""
+  spec = importlib.util.spec_from_file_location("_vae_config", Path(__file__).with_name("vae.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.demo_vae_config()
+
+
 def get_config(arg: str = "tiny"):
-  tiny = arg.startswith("tiny")
+  demo = arg.startswith("demo_")
+  tiny = arg.startswith("tiny") or demo  # the demo's decoders are the tiny ones
   scale = arg.split("_", 1)[1] if "_" in arg else ("f2" if tiny else arg)
-  if scale not in PAPER_STEPS:
-    raise ValueError(f"configs/decoder.py: unknown variant {arg!r}; use f0..f4 or tiny_f0..f4")
+  if scale not in PAPER_STEPS or (demo and arg != f"demo_{scale}"):
+    raise ValueError(
+      f"configs/decoder.py: unknown variant {arg!r}; use f0..f4, tiny_f0..f4 or demo_f0..f4"
+    )
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
   c = ml_collections.ConfigDict()
   c.stage = "decoder"  # training stage (puma_jax/training/registry.py)
@@ -42,7 +63,8 @@ def get_config(arg: str = "tiny"):
   c.model = ml_collections.ConfigDict()
   clip_cfg = clip.tiny() if tiny else clip.vit_l14()
   c.model.clip = clip_cfg.to_dict()  # frozen CLIP encoder
-  c.model.vae = (vae.tiny_config() if tiny else vae.sdxl_vae_config()).to_dict()  # frozen VAE
+  vae_cfg = _demo_vae_config() if demo else (vae.tiny_config() if tiny else vae.sdxl_vae_config())
+  c.model.vae = vae_cfg.to_dict()  # frozen VAE
   if tiny:
     dec = puma_decoder.tiny_config(tokens, sample_size=16)
     dec = dec.replace(mapping_dim=clip_cfg.hidden_size)
@@ -86,9 +108,29 @@ def get_config(arg: str = "tiny"):
     eval_batches=1,
   )
   c.train.sample_images = 4  # held-out images reconstructed at each evaluation
-  c.train.sample_steps = 10 if tiny else 50  # sampler steps for those (DDPM, guidance 2.0)
+  c.train.sample_steps = 10 if tiny else 50  # sampler steps for those
+  c.train.sample_scheduler = "ddpm"  # their sampler (docs/DESIGN.md §4: the paper's DDPM)
+  c.train.sample_guidance = 2.0  # their classifier-free guidance (docs/DESIGN.md §4)
+  if demo:
+    _demo_schedule(c)
 
   c.num_devices = 0  # 0: every device; N: only the first N (single-process debugging, tests)
   c.mesh = config_lib.mesh(tiny)
   c.distributed = config_lib.distributed()
   return c
+
+
+# The demo decoders' schedule (ours): the five together in about 10 minutes on a 2-core CPU.
+DEMO_STEPS = {"f0": 400, "f1": 300, "f2": 300, "f3": 300, "f4": 300}
+
+
+def _demo_schedule(c: ml_collections.ConfigDict) -> None:
+  """configs/decoder.py:demo_fK: the tiny decoder trained for speed (fields as above)."""
+  c.optim.lr_groups.default = 2e-3  # (ours) the tiny UNet tolerates it and converges sooner
+  c.optim.total_steps = DEMO_STEPS[c.scale]  # f0 has the most detail to learn
+  c.optim.warmup_steps = 20
+  c.train.log_every = 25
+  c.train.checkpoint_every = 1000  # the last step only (the loop always saves it)
+  c.train.eval_every = c.optim.get_ref("total_steps")  # one evaluation, at the end
+  c.train.sample_images = 8
+  c.train.sample_steps = 25  # DDPM at 25 steps: enough at 16x16 latents, half the cost of 50

@@ -7,7 +7,9 @@
 An MLLM-stage workdir gives the PumaModel (`puma/`) and its tokenizer (from the workdir's
 config.json: "byte", or a tokenizer directory copied to `tokenizer/` with PUMA's tokens). A
 decoder-stage workdir gives `decoders/<scale>`, plus its frozen VAE when the release has none
-and its frozen CLIP when the release has neither `puma/` nor `clip/`.
+and its frozen CLIP when the release has neither `puma/` nor `clip/`. A VAE-stage workdir gives
+`vae/`. `save_module_dir` writes a workdir's trained model as a module dir instead (the
+`--config.init.*` input of the next stage).
 
 Checkpoints are read through `read_checkpoint` only: parameters (trainable and frozen, as NumPy
 arrays), step, the stage description saved with them, and the workdir's config.json; the
@@ -28,6 +30,7 @@ from puma_jax import release as release_lib
 
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+STAGES = ("mllm", "decoder", "vae")  # training stages whose checkpoints export reads
 
 
 class ExportError(ValueError):
@@ -38,7 +41,7 @@ class ExportError(ValueError):
 class WorkdirCheckpoint:
   """One training checkpoint: `params` merges the trainable and the frozen parameters into the
   model's nested pure dict; `meta` is the stage description saved with it ("stage": "mllm" |
-  "decoder", the model configs); `config` the workdir's config.json."""
+  "decoder" | "vae", the model configs); `config` the workdir's config.json."""
 
   workdir: Path
   step: int
@@ -112,7 +115,7 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
     elif step not in steps:
       raise ExportError(f"{ckpt_dir}: no checkpoint at step {step} (have {sorted(steps)})")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if not isinstance(meta, dict) or meta.get("stage") not in ("mllm", "decoder"):
+    if not isinstance(meta, dict) or meta.get("stage") not in STAGES:
       raise ExportError(f"{ckpt_dir}/{step}/meta: no known stage ({meta!r:.200})")
     item_meta = manager.item_metadata(step)
 
@@ -129,16 +132,21 @@ def read_checkpoint(workdir: str | Path, step: int | None = None) -> WorkdirChec
         item=item, restore_args=restore_args, partial_restore=keep is not None
       )
 
-    got = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=target("state", keep=("params", "step")), frozen=target("frozen")
-      ),
-    )
+    items = {"state": target("state", keep=("params", "step"))}
+    if _has_item(item_meta, "frozen"):  # absent where the stage froze nothing (vae)
+      items["frozen"] = target("frozen")
+    got = manager.restore(step, args=ocp.args.Composite(**items))
   finally:
     manager.close()
-  params = _merge(got["state"]["params"], got["frozen"] or {})
+  params = _merge(got["state"]["params"], (got["frozen"] if "frozen" in items else None) or {})
   return WorkdirCheckpoint(workdir, int(step), params, meta, config)
+
+
+def _has_item(item_meta, name: str) -> bool:
+  try:
+    return item_meta[name] is not None
+  except KeyError:
+    return False
 
 
 def _dotted(path) -> str:
@@ -223,11 +231,48 @@ def write_decoder(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) ->
     writer.add_part("clip", source=frozen)
 
 
+def write_vae(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
+  """vae/ from a VAE-stage checkpoint."""
+  from puma_jax import checkpoints
+
+  if "vae" in writer.manifest["parts"]:
+    raise ExportError(f"the release already has a vae part; not replacing it with {ckpt.source}")
+  family, cfg, model = trained_module(ckpt)
+  checkpoints.save_module(writer.part_dir("vae"), family, cfg, model, source=ckpt.source)
+  writer.add_part("vae", source=ckpt.source)
+
+
 def write_workdir(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
   if ckpt.stage == "mllm":
     write_mllm(writer, ckpt)
+  elif ckpt.stage == "vae":
+    write_vae(writer, ckpt)
   else:
     write_decoder(writer, ckpt)
+
+
+def trained_module(ckpt: WorkdirCheckpoint):
+  """(family, config, module) of the model a checkpoint's stage trains: the PumaModel of an
+  MLLM stage, the decoder of a decoder stage, the VAE of a VAE stage (frozen parts left out)."""
+  if ckpt.stage == "mllm":
+    return ("puma", *_module("puma", ckpt.meta["model"], ckpt.params))
+  if ckpt.stage == "decoder":
+    return ("puma-decoder", *_module("puma-decoder", ckpt.meta["decoder"], ckpt.params["decoder"]))
+  return ("vae", *_module("vae", ckpt.meta["vae"], ckpt.params["vae"]))
+
+
+def save_module_dir(workdir: str | Path, dst: str | Path, step: int | None = None) -> Path:
+  """Writes the model a training workdir trained (`trained_module`) at checkpoint `step`
+  (default: the newest) as a module dir (`checkpoints.save_module`): a VAE workdir's for
+  `--config.init.vae`, an MLLM workdir's PumaModel for `--config.init.puma`."""
+  from puma_jax import checkpoints
+
+  ckpt = read_checkpoint(workdir, step)
+  family, cfg, model = trained_module(ckpt)
+  try:
+    return checkpoints.save_module(dst, family, cfg, model, source=ckpt.source)
+  except checkpoints.CheckpointError as e:
+    raise ExportError(f"{ckpt.source} -> {dst}: {e}") from None
 
 
 def export(

@@ -8,7 +8,8 @@ It holds what a converted PUMA release holds: the PumaModel (`puma.tiny()`: 2-la
 configs/decoder.py:tiny_fK), the toy VAE and the built-in byte tokenizer; images are 32x32.
 `--from-workdir=W` (repeatable) takes parts from training workdirs instead (an MLLM workdir: the
 PumaModel and its tokenizer, e.g. the README's tiny run; a decoder workdir: its scale's decoder
-and its VAE); the rest stays random. The images mean nothing; the code path is the real one.
+and its VAE; a VAE workdir: the VAE); the rest stays random. The images mean nothing; the code
+path is the real one.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def make(
       checkpoints.save_module(w.part_dir("puma"), "puma", cfg, model, source=source)
       w.add_part("puma", source=source)
       w.set_tokenizer(release_lib.BYTE_TOKENIZER)
+    for c in ckpts:
+      if c.stage == "vae":  # before the decoders: their frozen VAE is only the fallback
+        export.write_vae(w, c)
     for c in ckpts:
       if c.stage == "decoder":
         export.write_decoder(w, c)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from puma_jax.checkpoints import CheckpointError
@@ -28,15 +29,15 @@ def train_manager(directory: Path, config) -> ocp.CheckpointManager:
 def save_train(
   manager: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict
 ) -> None:
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      frozen=ocp.args.StandardSave(frozen),
-      data=ocp.args.JsonSave(data_state),
-      meta=ocp.args.JsonSave(meta),
-    ),
+  items = dict(
+    state=ocp.args.StandardSave(state),
+    frozen=ocp.args.StandardSave(frozen),
+    data=ocp.args.JsonSave(data_state),
+    meta=ocp.args.JsonSave(meta),
   )
+  if not jax.tree.leaves(frozen):
+    del items["frozen"]  # a stage that freezes nothing (vae): orbax refuses an empty item
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
 def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
@@ -52,15 +53,15 @@ def check_train_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> N
 
 
 def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state, abstract_frozen):
-  got = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      frozen=ocp.args.StandardRestore(abstract_frozen),
-      data=ocp.args.JsonRestore(),
-    ),
+  items = dict(
+    state=ocp.args.StandardRestore(abstract_state),
+    frozen=ocp.args.StandardRestore(abstract_frozen),
+    data=ocp.args.JsonRestore(),
   )
-  return got["state"], got["frozen"], got["data"]
+  if not jax.tree.leaves(abstract_frozen):
+    del items["frozen"]  # never saved (save_train)
+  got = manager.restore(step, args=ocp.args.Composite(**items))
+  return got["state"], got["frozen"] if "frozen" in items else abstract_frozen, got["data"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from flax import nnx
 
 from puma_jax import assemble, checkpoints, precision
 from puma_jax.diffusion import sampler as sampler_lib, schedulers as S
+from puma_jax.evaluation import metrics as metrics_lib
 from puma_jax.models import clip as clip_lib, pooling, puma_decoder, vae as vae_lib
 from puma_jax.training import data as data_lib, losses, optim, steps
 
@@ -48,6 +49,18 @@ class DecoderEncoder:
 def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
   """One key per example: fold_in(key, the example's index in the global batch)."""
   return jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+
+
+def _check_same_config(stored, configured, field: str, path: str, model_field: str) -> None:
+  """A frozen part loaded from a module dir must be the configured one, field for field: the
+  decoder is trained (and exported) with `config.model`'s description of it."""
+  a, b = stored.to_dict(), configured.to_dict()
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  if diff:
+    shown = ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} configured" for k in diff[:4])
+    raise ValueError(
+      f"config.{field}={path}: its config differs from config.{model_field} ({shown})"
+    )
 
 
 class DecoderStage:
@@ -106,9 +119,14 @@ class DecoderStage:
     an SDXL UNet (sdxl-unet dir) as the paper initializes it (mapping layer stays random)."""
     c = self.config.init
     if c.clip:
-      assemble._copy(model.clip, checkpoints.load_module(c.clip, family="clip-vision"), c.clip)
+      src = checkpoints.load_module(c.clip, family="clip-vision")
+      _check_same_config(src.config, self.clip_cfg, "init.clip", c.clip, "model.clip")
+      assemble._copy(model.clip, src, c.clip)
     if c.vae:
-      assemble._copy(model.vae, checkpoints.load_module(c.vae, family="vae"), c.vae)
+      src = checkpoints.load_module(c.vae, family="vae")
+      # Above all scaling_factor: the latents must be scaled as the VAE's stage measured them.
+      _check_same_config(src.config, self.vae_cfg, "init.vae", c.vae, "model.vae")
+      assemble._copy(model.vae, src, c.vae)
     if c.decoder:
       family, _ = checkpoints.load_config(c.decoder)
       src = checkpoints.load_module(c.decoder, family=family)
@@ -210,9 +228,10 @@ class DecoderStage:
     return {"images_per_s": global_batch * steps_per_s}
 
   def evaluate(self, graphdef, state, frozen, rest, mesh) -> dict:
-    """Reconstructs a few held-out images with the current decoder (CFG sampling, the
-    configured number of steps), writes `samples/step_N.png` (inputs above, samples below)
-    and returns their mean absolute pixel error."""
+    """Reconstructs a few held-out images with the current decoder (CFG sampling with the
+    configured sampler, steps and guidance), writes `samples/step_N.png` (inputs above, samples
+    below) and returns their mean absolute pixel error and mean PSNR (dB; this scale's
+    reconstruction PSNR, CLIP features -> decoder -> VAE, on uint8 images)."""
     from PIL import Image
 
     model = nnx.merge(graphdef, frozen, state.params, rest)
@@ -222,7 +241,12 @@ class DecoderStage:
     feats = self.features(model, clip_u8)
     blank = self.blank_features(model)
     if self._sampler is None:
-      settings = sampler_lib.SamplerSettings(num_steps=int(self.config.train.sample_steps))
+      t = self.config.train
+      settings = sampler_lib.SamplerSettings(
+        num_steps=int(t.sample_steps),
+        guidance_scale=float(t.sample_guidance),
+        scheduler=str(t.sample_scheduler),
+      )
       self._sampler = sampler_lib.DecoderSampler(
         model.decoder, model.vae, settings, scheduler_config=self.sched
       )
@@ -238,8 +262,11 @@ class DecoderStage:
       out.mkdir(parents=True, exist_ok=True)
       grid = np.concatenate([np.concatenate(list(target), 1), np.concatenate(list(images), 1)], 0)
       Image.fromarray(grid).save(out / f"step_{step}.png")
+    psnr = metrics_lib.psnr(images / 255.0, target / 255.0)
     return {
       "sample_abs_error": float(
         np.abs(images.astype(np.float32) - target.astype(np.float32)).mean() / 255
-      )
+      ),
+      # Capped: an exact sample would make the mean infinite.
+      "sample_psnr": float(np.mean(np.minimum(np.asarray(psnr), 100.0))),
     }

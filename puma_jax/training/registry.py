@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puma_jax.training import decoder, mllm
+from puma_jax.training import decoder, mllm, vae
 from puma_jax.training.stage import Stage
 
 STAGES: dict[str, type] = {
   "mllm": mllm.MLLMStage,  # PumaModel pretraining / unified tuning
   "decoder": decoder.DecoderStage,  # one scale's diffusion decoder
+  "vae": vae.VAEStage,  # the VAE the decoders denoise in (tiny demo: no pretrained one)
 }
 
 

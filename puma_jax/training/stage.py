@@ -1,9 +1,9 @@
 """What a training stage supplies to the loop (`loop.train_and_evaluate`).
 
 A stage is a class `Stage(config, workdir)` registered in `training.registry.STAGES`; one
-module per stage holds its model setup and its step (`mllm.py`, `decoder.py`). The loop owns
-everything shared: mesh, sharded init and restore (`init.py`), the jitted step, checkpoints,
-logging. The members below are all the loop and `init` use.
+module per stage holds its model setup and its step (`mllm.py`, `decoder.py`, `vae.py`). The
+loop owns everything shared: mesh, sharded init and restore (`init.py`), the jitted step,
+checkpoints, logging. The members below are all the loop and `init` use.
 """
 
 from __future__ import annotations
