@@ -310,7 +310,12 @@ def run(workdir: str | Path, *, smoke: bool = False, seed: int = 0, say=print) -
         if new != "done":  # a Ctrl-C / SIGTERM: the loop saved and returned
           raise loop.StopTraining(f"{st.name} stopped before its last step; rerun to resume")
       else:
-        _staged(st.path, st.make)
+        # reading a finished workdir read-only makes orbax warn about its save options
+        logging.set_verbosity(logging.ERROR)
+        try:
+          _staged(st.path, st.make)
+        finally:
+          logging.set_verbosity(logging.WARNING)
       wall = time.perf_counter() - ts
       eta.record(st.name, wall, done)
       state[st.name] = ("done", steps.get(st.name, 0))
