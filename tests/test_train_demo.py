@@ -7,7 +7,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from puma_jax import export
+from puma_jax import checkpoints, export
 from puma_jax.tools import tiny_release, train_demo
 from puma_jax.training import checkpoints as train_ckpt, loop
 
@@ -62,7 +62,7 @@ def test_status_from_disk(tmp_path):
   part = train_demo.Stage("p", "part", tmp_path / "p")
   assert train_demo.status(part, None)[0] == "todo"
   (tmp_path / "p").mkdir()
-  (tmp_path / "p" / "config.json").write_text("{}")
+  (tmp_path / "p" / checkpoints.CONFIG_FILE).write_text("{}")
   assert train_demo.status(part, None)[0] == "done"
 
 
@@ -105,7 +105,7 @@ def faked(monkeypatch):
   def part(name, dst):
     calls.append(name)
     Path(dst).mkdir(parents=True)
-    (Path(dst) / "config.json").write_text("{}")
+    (Path(dst) / checkpoints.CONFIG_FILE).write_text("{}")
 
   def release(dst, **kw):
     calls.append("untrained" if kw.get("untrained") else "trained")

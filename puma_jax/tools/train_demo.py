@@ -197,7 +197,10 @@ def write_clip(dst: Path, seed: int) -> None:
 def status(stage: Stage, total_steps: int | None) -> tuple[str, int]:
   """("done" | "partial" | "todo", newest finished step) of a stage from what is on disk."""
   if stage.kind == "part":
-    return ("done" if (stage.path / "config.json").is_file() else "todo"), 0
+    from puma_jax import checkpoints
+
+    # parts are renamed into place whole (`_staged`): present means finished
+    return ("done" if (stage.path / checkpoints.CONFIG_FILE).is_file() else "todo"), 0
   if stage.kind == "release":
     return ("done" if _release_done(stage.path) else "todo"), 0
   from puma_jax.training import checkpoints
