@@ -50,6 +50,9 @@ def test_unified_demo_trains_every_kind_with_nothing_dropped_by_length():
     if seen == set(sequence.KINDS):
       break
   assert seen == set(sequence.KINDS), it.metrics()
+  m = it.metrics()
+  # per example, not per row's first example: the counts add up to every packed example
+  assert sum(v for k, v in m.items() if k.startswith("data/task/")) == m["data/examples"]
 
 
 def test_pretrain_demo_leaves_edit_and_conditional_to_unified_tuning():

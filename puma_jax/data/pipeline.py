@@ -317,7 +317,14 @@ class CountingBatchIterator(grain.DatasetIterator):
           self.real_positions += int(np.count_nonzero(seg))
           self.positions += seg.size
         self.examples += n
-        self.per_task[_kind_name(item)] += n
+        if n > 1 and "kind_id" in item:
+          # a packed row: each example's own kind (at its first position), not the row's first
+          seg, kind = np.asarray(item["segment_ids"]), np.asarray(item["kind_id"])
+          for k in range(1, n + 1):
+            t = int(kind[np.argmax(seg == k)])
+            self.per_task[EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else "other"] += 1
+        else:
+          self.per_task[_kind_name(item)] += n
         return item
       self.skipped[item.reason] += 1
       self.skipped_by_source[item.source] += 1
