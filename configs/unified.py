@@ -1,7 +1,10 @@
 """Unified tuning (PUMA paper, appendix 7.2.4): one model for t2i, editing, conditional
 generation and chat.
 
-Variants: tiny (default; synthetic set, CPU) and paper (batch 2048, 30k steps, lr 1e-5, 1k
+Variants: tiny (default; synthetic set, CPU), demo (the tiny PUMA of
+`python -m puma_jax.tools.train_demo`: every sequence kind of the 32-px synthetic set -- t2i,
+i2t, chat, edit, conditional, grounding, text -- and the router head, from the demo's pretrained
+PumaModel, --config.init.puma=W/parts/pretrain_puma) and paper (batch 2048, 30k steps, lr 1e-5, 1k
 warm-up, cosine; start from a pretrained PumaModel with --config.init.puma=DIR).
 
 Run:
@@ -14,6 +17,8 @@ from puma_jax import config_lib
 
 
 def get_config(arg: str = "tiny"):
+  if arg == "demo":
+    return demo()
   if arg == "tiny":
     return config_lib.mllm(
       "tiny", lr_llm=1e-3, lr_other=1e-3, warmup=10, steps=200, grad_clip=5.0, data_preset="unified"
@@ -22,3 +27,22 @@ def get_config(arg: str = "tiny"):
   return config_lib.mllm(
     arg, lr_llm=1e-5, lr_other=1e-5, warmup=1000, steps=30_000, grad_clip=5.0, data_preset="unified"
   )
+
+
+def demo():
+  """Unified tuning of the train_demo PUMA on every sequence kind (the budget and measured
+  figures: the docstring of puma_jax/tools/train_demo.py)."""
+  c = config_lib.mllm(
+    "tiny",
+    lr_llm=1e-3,
+    lr_other=1e-3,
+    warmup=20,
+    steps=DEMO_STEPS,
+    grad_clip=5.0,
+    data_preset="unified",
+  )
+  config_lib.demo_block(c)
+  return c
+
+
+DEMO_STEPS = 800  # optimizer steps of configs/unified.py:demo (1.6 steps/s on 2 idle cores)

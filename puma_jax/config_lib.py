@@ -4,6 +4,7 @@ mllm(...)         a whole MLLM-stage config (configs/pretrain.py, configs/unifie
 optim(...)        the `optim` block (AdamW groups, schedule, clipping)
 train(...)        the `train` block (loop, checkpoints, evaluation)
 mesh(tiny)        the `mesh` block; distributed() the `distributed` block
+demo_block(c)     the train_demo settings of an MLLM config (configs/pretrain.py:demo, unified)
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def mllm(
   c.mesh = mesh(tiny)
   c.distributed = distributed()
   return c
+
+
+def demo_block(c: ml_collections.ConfigDict) -> None:
+  """What configs/pretrain.py:demo and configs/unified.py:demo share on top of the tiny MLLM:
+  a log line and a checkpoint often enough that an interrupted demo loses little, and one
+  held-out evaluation at the end over every sequence kind (the eval pass interleaves the
+  sources, data.pipeline.build)."""
+  c.train.log_every = 25  # steps between metric lines
+  c.train.checkpoint_every = 100  # steps between checkpoints (what a resumed demo redoes)
+  # held-out evaluation at the end; a derived reference (not the same one), so that setting
+  # eval_every leaves total_steps alone
+  c.train.eval_every = c.optim.get_ref("total_steps") * 1
+  c.train.eval_batches = 6  # 48 held-out examples, each family several times
 
 
 def precision_block(c: ml_collections.ConfigDict, default: str) -> None:

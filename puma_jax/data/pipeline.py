@@ -169,8 +169,10 @@ def build(
     ds = grain.MapDataset.mix(parts, weights)
   else:
     # A weighted mix of finite datasets stops at the first exhausted one; a finite pass (eval,
-    # validation) wants every record once, so weights do not apply there.
-    ds = grain.MapDataset.concatenate(parts)
+    # validation) wants every record once, so weights do not apply there. Interleaved, not
+    # concatenated: an evaluation reads only its first batches, which must hold every source
+    # (concatenated, they held only the alphabetically first one).
+    ds = grain.MapDataset.source(Interleave(parts))
   img = image_options(dcfg)
   ds = ds.map(transforms.Preprocess(img, tokenize))
   if encode == "arrays":
@@ -199,6 +201,25 @@ def build(
   return CountingBatchDataset(
     it, int(dcfg.batch_size), bool(dcfg.drop_remainder), int(dcfg.max_consecutive_skips)
   )
+
+
+class Interleave:
+  """Random-access round robin over finite datasets: record 0 of each, then record 1 of each,
+  ...; a dataset that runs out drops out of the rotation. Every record exactly once."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    lens = [len(p) for p in self.parts]
+    # index -> (part, record), built once: lengths are the sources' record counts (eval splits:
+    # hundreds), so the table is small
+    self._index = [(j, i) for i in range(max(lens, default=0)) for j, n in enumerate(lens) if i < n]
+
+  def __len__(self):
+    return len(self._index)
+
+  def __getitem__(self, k):
+    j, i = self._index[k]
+    return self.parts[j][i]
 
 
 class _NoneSafe:
@@ -296,7 +317,14 @@ class CountingBatchIterator(grain.DatasetIterator):
           self.real_positions += int(np.count_nonzero(seg))
           self.positions += seg.size
         self.examples += n
-        self.per_task[_kind_name(item)] += n
+        if n > 1 and "kind_id" in item:
+          # a packed row: each example's own kind (at its first position), not the row's first
+          seg, kind = np.asarray(item["segment_ids"]), np.asarray(item["kind_id"])
+          for k in range(1, n + 1):
+            t = int(kind[np.argmax(seg == k)])
+            self.per_task[EXAMPLE_KINDS[t] if 0 <= t < len(EXAMPLE_KINDS) else "other"] += 1
+        else:
+          self.per_task[_kind_name(item)] += n
         return item
       self.skipped[item.reason] += 1
       self.skipped_by_source[item.source] += 1

@@ -35,7 +35,7 @@ def decoder_config(scale: str, feature_dim: int):
   return cfg.replace(mapping_dim=feature_dim)
 
 
-def _random(build, seed: int):
+def random_module(build, seed: int):
   """build()'s module with seeded NumPy weights: kernels and embeddings N(0, 1/fan_in), norm
   scales 1, biases 0. The model's own initializers would compile an XLA program per parameter
   shape (or one large one), minutes on a busy 2-core machine; NumPy takes milliseconds."""
@@ -62,25 +62,47 @@ def _random(build, seed: int):
   return nnx.merge(graphdef, params, rest)
 
 
-def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> release_lib.Release:
-  """Writes the tiny release to `dst` (which must not exist or be empty) and opens it."""
+def make(
+  dst,
+  *,
+  seed: int = 0,
+  workdirs=(),
+  scales=pooling.SCALE_NAMES,
+  clip=None,
+  untrained: bool = False,
+) -> release_lib.Release:
+  """Writes the tiny release to `dst` (which must not exist or be empty) and opens it.
+
+  `workdirs`: training workdirs whose trained parts it takes; with `untrained` only their
+  architectures (the model configs saved with their newest checkpoints), every weight random:
+  the untrained baseline of a trained release. `clip`: a clip-vision module dir whose weights
+  the random PumaModel's CLIP takes (the baseline then reads the features the trained
+  decoders were trained on)."""
   from flax import nnx
-  from puma_jax import checkpoints, export
+  from puma_jax import assemble, checkpoints, export
   from puma_jax.models import puma, puma_decoder, vae
 
   ckpts = [export.read_checkpoint(w) for w in workdirs]
+  # the architectures of the parts left random (the trained ones' when untrained)
+  arch_mllm = next((c.meta["model"] for c in ckpts if c.stage == "mllm"), None)
+  arch_dec = {c.meta["scale"]: c.meta for c in ckpts if c.stage == "decoder"}
+  if untrained:
+    ckpts = []
   random = f"{CREATED_BY} (seeded random weights, seed {seed})"
-  with release_lib.ReleaseWriter(
-    dst, name=NAME if not ckpts else "tiny-trained", created_by=CREATED_BY
-  ) as w:
+  name = "tiny-untrained" if untrained else NAME if not ckpts else "tiny-trained"
+  with release_lib.ReleaseWriter(dst, name=name, created_by=CREATED_BY) as w:
     for c in ckpts:
       if c.stage == "mllm":
         export.write_mllm(w, c)
     if "puma" not in w.manifest["parts"]:
-      cfg = puma.tiny()
-      model = _random(lambda: puma.PumaModel(cfg, rngs=nnx.Rngs(0)), seed)
-      checkpoints.save_module(w.part_dir("puma"), "puma", cfg, model, source=random)
-      w.add_part("puma", source=random)
+      cfg = puma.PumaConfig.from_dict(arch_mllm) if arch_mllm else puma.tiny()
+      model = random_module(lambda: puma.PumaModel(cfg, rngs=nnx.Rngs(0)), seed)
+      source = random
+      if clip:
+        assemble.load_components(model, clip_dir=str(clip))
+        source = f"{random}; CLIP from {clip}"
+      checkpoints.save_module(w.part_dir("puma"), "puma", cfg, model, source=source)
+      w.add_part("puma", source=source)
       w.set_tokenizer(release_lib.BYTE_TOKENIZER)
     for c in ckpts:
       if c.stage == "vae":  # before the decoders: their frozen VAE is only the fallback
@@ -89,16 +111,20 @@ def make(dst, *, seed: int = 0, workdirs=(), scales=pooling.SCALE_NAMES) -> rele
       if c.stage == "decoder":
         export.write_decoder(w, c)
     if "vae" not in w.manifest["parts"]:
-      cfg = vae.tiny_config()
-      model = _random(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0)), seed + 1)
+      vae_arch = next((m["vae"] for m in arch_dec.values()), None)
+      cfg = vae.VAEConfig.from_dict(vae_arch) if vae_arch else vae.tiny_config()
+      model = random_module(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0)), seed + 1)
       checkpoints.save_module(w.part_dir("vae"), "vae", cfg, model, source=random)
       w.add_part("vae", source=random)
     feature_dim = checkpoints.load_config(w.part_dir("puma"))[1].feature_dim
     for s in release_lib.sort_scales(scales):
       if s in w.manifest["parts"]["decoders"]:
         continue
-      cfg = decoder_config(s, feature_dim)
-      model = _random(
+      if s in arch_dec:
+        cfg = puma_decoder.PumaDecoderConfig.from_dict(arch_dec[s]["decoder"])
+      else:
+        cfg = decoder_config(s, feature_dim)
+      model = random_module(
         lambda: puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(0)), seed + 2 + pooling.scale_index(s)
       )
       checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)

@@ -1,0 +1,378 @@
+"""A complete tiny PUMA trained end to end on the built-in synthetic set, on a CPU.
+
+    python -m puma_jax.tools.train_demo --workdir=W [--smoke]
+
+Every stage is an ordinary training run (`training.loop.train_and_evaluate` of a
+`configs/<file>.py:<variant>` config, exactly what `python -m puma_jax.main` runs), in process,
+each in its own workdir under W:
+
+  W/parts/clip        the ONE random CLIP (seeded) every stage reads: the decoders invert the
+                      MLLM's CLIP features, so both must see the same network
+  W/vae               configs/vae.py:demo              -> W/parts/vae
+  W/decoder_f4..f0    configs/decoder.py:demo_fK       (init.clip, init.vae)
+  W/pretrain          configs/pretrain.py:demo         (init.clip) -> W/parts/pretrain_puma
+  W/unified           configs/unified.py:demo          (init.puma) every task + the router
+  W/release           the trained release (docs/SAMPLING.md), tiny_release.make
+  W/release_untrained the same architectures with random weights and the same CLIP (baseline)
+
+Rerunning resumes: a stage whose final checkpoint is present is skipped, a partly trained one
+resumes from its newest checkpoint (the loop's own resume), finished parts and releases are
+kept. One line per stage start and end with the elapsed time and an ETA for the whole demo;
+per-stage wall times are printed at the end and written to W/demo_times.json. `--smoke` runs a
+handful of steps per stage (CI: the release is written and can be sampled).
+
+Budget (2-core CPU, 30 minutes): VAE ~2 min, five decoders ~10 min, pretrain + unified ~15 min.
+The MLLM stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
+positions per step, ~1.5 examples a row) run 1.6 steps/s on 2 idle cores, so 400 + 800 steps
+take ~13 min. Measured at 300 + 300 steps on a shared machine (load average 10-12, 0.2-0.5
+steps/s, 16 + 17 min): pretraining ends at loss 0.66 (text CE 2.60, image MSE 0.70, router CE
+0.004), held-out text CE 2.57, image MSE 1.02; unified tuning at loss 0.78 (text CE 2.53,
+image MSE 0.69, router CE 0.27), held-out text CE 2.52, image MSE 2.20 (t2i 1.37, edit 3.59,
+conditional 1.24; per scale f0 0.22 .. f4 0.36, against 0.15 / 0.04 on training rows).
+Then: python -m puma_jax.eval --config=configs/eval/synthetic.py --release=W/release
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import app, flags
+
+from puma_jax.models import pooling
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
+TIMES_FILE = "demo_times.json"
+# Seconds per optimizer step of each stage kind on 2 idle cores (the MLLM's measured at 1.6
+# steps/s; the VAE's and decoders' from their configs' "about 2 minutes" for 600 and 300 steps);
+# the ETA scales them by how much slower the stages that did run were.
+PRIOR_STEP_S = {"vae": 0.17, "decoder": 0.33, "mllm": 0.62}
+PRIOR_FIXED_S = 20.0  # per stage: compile, data start, checkpoint, export
+
+
+def load_config(spec: str, overrides: dict | None = None, optional: dict | None = None):
+  """The config of "path/to/file.py[:arg]" as ml_collections' config_flags builds it
+  (`get_config(arg)`, or `get_config()` without one), with dotted-key `overrides` applied
+  (a key the config lacks is an error) and `optional` ones (applied where the key exists).
+  A relative path is taken from the repository root."""
+  path, _, arg = spec.partition(":")
+  p = Path(path)
+  if not p.is_absolute():
+    p = REPO / p
+  if not p.is_file():
+    raise ValueError(f"config file {p} does not exist")
+  mod_spec = importlib.util.spec_from_file_location(f"_puma_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for key, value in [*(overrides or {}).items(), *(optional or {}).items()]:
+    target, *path_, leaf = [config, *key.split(".")]
+    for k in path_:
+      target = target[k] if k in target else {}
+    if leaf not in target:
+      if key in (optional or {}):
+        continue
+      raise ValueError(f"{spec}: no field {key!r} to override")
+    target[leaf] = value
+  return config
+
+
+@dataclasses.dataclass
+class Stage:
+  """One step of the demo. kind: "train" (a training run in `workdir`), "part" (a module dir
+  written by `make`), "release"."""
+
+  name: str
+  kind: str
+  path: Path  # the workdir, part dir or release dir
+  config: str = ""  # train: configs/<file>.py:<variant>
+  overrides: dict = dataclasses.field(default_factory=dict)
+  make: Callable[[Path], None] | None = None  # part / release: writes `path`
+  step_kind: str = ""  # train: vae | decoder | mllm (the ETA's prior)
+
+  def load(self, smoke: bool):
+    return load_config(self.config, self.overrides, SMOKE if smoke else None)
+
+
+# --smoke: where a stage's config has the field. In this order: a config whose eval_every *is*
+# its total_steps reference (not a derived one) has both set by either, so total_steps comes
+# last (such a stage then evaluates once, at its last step).
+SMOKE = {
+  "train.eval_every": 0,
+  "train.log_every": 1,
+  "train.checkpoint_every": SMOKE_STEPS,
+  "optim.warmup_steps": 0,
+  "optim.total_steps": SMOKE_STEPS,
+  "train.total_steps": SMOKE_STEPS,
+}
+
+
+def plan(workdir: Path, seed: int = 0) -> list[Stage]:
+  """The demo's stages, in order."""
+  from puma_jax import export
+  from puma_jax.tools import tiny_release
+
+  w = Path(workdir).absolute()
+  clip, vae, pre_puma = w / "parts" / "clip", w / "parts" / "vae", w / "parts" / "pretrain_puma"
+  scales = list(reversed(pooling.SCALE_NAMES))  # f4 (1 token, fastest) first
+  decoders = [w / f"decoder_{s}" for s in pooling.SCALE_NAMES]
+  stages = [
+    Stage("clip", "part", clip, make=lambda dst: write_clip(dst, seed)),
+    Stage("vae", "train", w / "vae", "configs/vae.py:demo", step_kind="vae"),
+    Stage("vae_part", "part", vae, make=lambda dst: export.save_module_dir(w / "vae", dst)),
+  ]
+  for s in scales:
+    stages.append(
+      Stage(
+        f"decoder_{s}",
+        "train",
+        w / f"decoder_{s}",
+        f"configs/decoder.py:demo_{s}",
+        {"init.clip": str(clip), "init.vae": str(vae)},
+        step_kind="decoder",
+      )
+    )
+  stages += [
+    Stage(
+      "pretrain",
+      "train",
+      w / "pretrain",
+      "configs/pretrain.py:demo",
+      {"init.clip": str(clip)},
+      step_kind="mllm",
+    ),
+    Stage(
+      "pretrain_puma",
+      "part",
+      pre_puma,
+      make=lambda dst: export.save_module_dir(w / "pretrain", dst),
+    ),
+    Stage(
+      "unified",
+      "train",
+      w / "unified",
+      "configs/unified.py:demo",
+      {"init.puma": str(pre_puma)},
+      step_kind="mllm",
+    ),
+    Stage(
+      "release",
+      "release",
+      w / "release",
+      make=lambda dst: tiny_release.make(dst, seed=seed, workdirs=[w / "unified", *decoders]),
+    ),
+    Stage(
+      "release_untrained",
+      "release",
+      w / "release_untrained",
+      make=lambda dst: tiny_release.make(
+        dst, seed=seed, workdirs=[w / "unified", *decoders], clip=clip, untrained=True
+      ),
+    ),
+  ]
+  return stages
+
+
+def write_clip(dst: Path, seed: int) -> None:
+  """The demo's shared random CLIP (the tiny CLIP of puma.tiny(), seeded)."""
+  from flax import nnx
+
+  from puma_jax import checkpoints
+  from puma_jax.models import clip as clip_lib
+  from puma_jax.tools import tiny_release
+
+  cfg = clip_lib.tiny()
+  model = tiny_release.random_module(lambda: clip_lib.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)), seed)
+  checkpoints.save_module(
+    dst, "clip-vision", cfg, model, source=f"puma_jax.tools.train_demo (random, seed {seed})"
+  )
+
+
+def status(stage: Stage, total_steps: int | None) -> tuple[str, int]:
+  """("done" | "partial" | "todo", newest finished step) of a stage from what is on disk."""
+  if stage.kind == "part":
+    from puma_jax import checkpoints
+
+    # parts are renamed into place whole (`_staged`): present means finished
+    return ("done" if (stage.path / checkpoints.CONFIG_FILE).is_file() else "todo"), 0
+  if stage.kind == "release":
+    return ("done" if _release_done(stage.path) else "todo"), 0
+  from puma_jax.training import checkpoints
+
+  root = stage.path / "checkpoints"
+  steps = (
+    sorted(
+      int(p.name)
+      for p in root.iterdir()
+      if p.name.isdigit() and p.is_dir() and checkpoints.verify(p) is None
+    )
+    if root.is_dir()
+    else []
+  )
+  if not steps:
+    return "todo", 0
+  final = (root / str(steps[-1]) / checkpoints.MANIFEST).is_file()
+  if total_steps is not None and steps[-1] >= total_steps and final:
+    return "done", steps[-1]
+  return "partial", steps[-1]
+
+
+def _release_done(path: Path) -> bool:
+  from puma_jax import release as release_lib
+
+  try:
+    release_lib.Release.open(path)
+  except (OSError, ValueError):
+    return False
+  return True
+
+
+def _staged(dst: Path, make: Callable[[Path], None]) -> None:
+  """make() into a temporary sibling, renamed to `dst` at the end: an interrupted part is never
+  mistaken for a finished one."""
+  import shutil
+
+  tmp = dst.with_name(f".{dst.name}.partial")
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.parent.mkdir(parents=True, exist_ok=True)
+  make(tmp)
+  tmp.rename(dst)
+
+
+def _fmt(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 60}:{s % 60:02d}"
+
+
+class Eta:
+  """Seconds left for the whole demo: remaining steps x the prior step time of their kind,
+  scaled by measured / prior of the training stages already run in this process."""
+
+  def __init__(self, stages: list[Stage], steps: dict[str, int]):
+    self.steps, self.kinds = steps, {s.name: s.step_kind for s in stages}
+    self.measured = self.predicted = 0.0
+
+  def prior(self, name: str, done_steps: int = 0) -> float:
+    kind = self.kinds.get(name)
+    if not kind:
+      return PRIOR_FIXED_S / 4
+    return PRIOR_FIXED_S + PRIOR_STEP_S[kind] * max(self.steps[name] - done_steps, 0)
+
+  def record(self, name: str, wall: float, done_steps: int) -> None:
+    if self.kinds.get(name):
+      self.measured += wall
+      self.predicted += self.prior(name, done_steps)
+
+  def left(self, remaining: list[tuple[str, int]]) -> float:
+    factor = self.measured / self.predicted if self.predicted else 1.0
+    return factor * sum(self.prior(n, d) for n, d in remaining)
+
+
+def run(workdir: str | Path, *, smoke: bool = False, seed: int = 0, say=print) -> dict:
+  """Runs (or resumes) every stage; returns {stage: wall seconds} of this run."""
+  from absl import logging
+
+  from puma_jax.training import loop
+
+  w = Path(workdir).absolute()
+  w.mkdir(parents=True, exist_ok=True)
+  stages = plan(w, seed)
+  configs = {s.name: s.load(smoke) for s in stages if s.kind == "train"}
+  steps = {n: int(c.train.total_steps) for n, c in configs.items()}
+  state = {s.name: status(s, steps.get(s.name)) for s in stages}
+  eta = Eta(stages, steps)
+  times_path = w / TIMES_FILE
+  times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+  t0 = time.perf_counter()
+  # The stages' progress lines are prints; absl INFO (metric writers, orbax) goes to each
+  # workdir's train.log only.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  this_run = {}
+  try:
+    for i, st in enumerate(stages):
+      what, done = state[st.name]
+      remaining = [(s.name, state[s.name][1]) for s in stages[i:] if state[s.name][0] != "done"]
+      if what == "done":
+        say(f"[demo {_fmt(time.perf_counter() - t0)}] {st.name}: done ({st.path}), skipped")
+        continue
+      desc = (
+        f"{st.config}, {steps[st.name]} steps"
+        + (f", resuming at step {done}" if what == "partial" else "")
+        if st.kind == "train"
+        else "writing"
+      )
+      say(
+        f"[demo {_fmt(time.perf_counter() - t0)}] stage {i + 1}/{len(stages)} {st.name} "
+        f"({desc}) -> {st.path}; ETA {_fmt(eta.left(remaining))}"
+      )
+      ts = time.perf_counter()
+      if st.kind == "train":
+        loop.train_and_evaluate(configs[st.name], str(st.path))
+        new, _ = status(st, steps[st.name])
+        if new != "done":  # a Ctrl-C / SIGTERM: the loop saved and returned
+          raise loop.StopTraining(f"{st.name} stopped before its last step; rerun to resume")
+      else:
+        # reading a finished workdir read-only makes orbax warn about its save options
+        logging.set_verbosity(logging.ERROR)
+        try:
+          _staged(st.path, st.make)
+        finally:
+          logging.set_verbosity(logging.WARNING)
+      wall = time.perf_counter() - ts
+      eta.record(st.name, wall, done)
+      state[st.name] = ("done", steps.get(st.name, 0))
+      this_run[st.name] = times[st.name] = round(wall, 2)
+      times_path.write_text(json.dumps(times, indent=1) + "\n")
+      left = [(s.name, state[s.name][1]) for s in stages if state[s.name][0] != "done"]
+      say(
+        f"[demo {_fmt(time.perf_counter() - t0)}] {st.name} done in {_fmt(wall)}; "
+        f"ETA {_fmt(eta.left(left))}"
+      )
+  finally:
+    logging.set_verbosity(verbosity)
+  total = time.perf_counter() - t0
+  say(f"demo finished in {_fmt(total)}; stage wall times (also in {times_path}):")
+  for name, s in times.items():
+    say(f"  {name:18s} {_fmt(s)}" + ("" if name in this_run else "  (an earlier run)"))
+  say(
+    "next: python -m puma_jax.eval --config=configs/eval/synthetic.py "
+    f"--release={w / 'release'} --config.untrained_release={w / 'release_untrained'} "
+    f"--workdir={w / 'eval'}"
+  )
+  return this_run
+
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "demo directory (created; rerun to resume)", flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, f"{SMOKE_STEPS} steps per stage (CI)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the shared CLIP and the baseline", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
+
+
+def _main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  run(FLAGS.workdir, smoke=FLAGS.smoke, seed=FLAGS.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  from puma_jax import cli
+  from puma_jax.training import loop
+
+  argv = sys.argv if argv is None else ["python -m puma_jax.tools.train_demo", *argv]
+  return cli.run(
+    _main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError, loop.StopTraining)
+  )
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
