@@ -113,3 +113,35 @@ def test_negative_chunk_is_refused():
   config.loss.ce_chunk = -1
   with pytest.raises(ValueError, match="loss.ce_chunk"):
     registry.make(config)
+
+
+def test_min_snr_weights_by_hand_and_weighted_loss():
+  """Min-SNR-gamma weights equal the hand-written formula for each target type, and the
+  weighted loss is the per-example weighted mean (ones: the plain mean)."""
+  from puma_jax.diffusion import schedulers as S
+
+  ac = np.asarray(S.alphas_cumprod(S.SchedulerConfig()), np.float64)
+  t = np.array([0, 10, 300, 700, 999])
+  snr = ac[t] / (1 - ac[t])
+  gamma = 5.0
+  want = {
+    "epsilon": np.minimum(snr, gamma) / snr,
+    "v_prediction": np.minimum(snr, gamma) / (snr + 1),
+    "sample": np.minimum(snr, gamma),
+  }
+  for kind, w in want.items():
+    got = losses.min_snr_weights(jnp.asarray(ac), jnp.asarray(t), gamma, kind)
+    np.testing.assert_allclose(np.asarray(got), w, rtol=1e-5, err_msg=kind)
+  # epsilon: low-noise steps (SNR above gamma) are down-weighted, high-noise ones keep weight 1
+  eps = np.asarray(losses.min_snr_weights(jnp.asarray(ac), jnp.asarray(t), gamma, "epsilon"))
+  assert eps[0] < 0.01 and eps[-1] == 1.0
+  with pytest.raises(ValueError, match="prediction_type"):
+    losses.min_snr_weights(jnp.asarray(ac), jnp.asarray(t), gamma, "flow")
+
+  rng = np.random.default_rng(0)
+  pred, target = rng.normal(size=(2, 3, 4, 4, 2)).astype(np.float32)
+  plain = losses.diffusion_loss(pred, target)
+  np.testing.assert_allclose(losses.diffusion_loss(pred, target, jnp.ones(3)), plain, rtol=1e-6)
+  w = np.array([0.5, 2.0, 0.0], np.float32)
+  per = ((pred - target) ** 2).reshape(3, -1).mean(1)
+  np.testing.assert_allclose(losses.diffusion_loss(pred, target, w), (w * per).mean(), rtol=1e-6)

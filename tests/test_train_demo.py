@@ -1,5 +1,5 @@
 """python -m puma_jax.tools.train_demo: stage planning, skip / resume, progress and times (fast,
-training faked); the --smoke run end to end, its release sampled (slow)."""
+training faked); the --smoke run end to end, its release sampled (CI)."""
 
 import json
 from pathlib import Path
@@ -163,10 +163,10 @@ def test_eta_scales_priors_by_measured_speed():
   assert eta.left([("unified", 50)]) < base
 
 
-@pytest.mark.slow
 def test_smoke_demo_writes_sampleable_releases(tmp_path):
-  """The real --smoke run (every stage, 2 steps each); its releases sample through
-  puma_jax.sample: one t2i image at one scale and one reconstruction."""
+  """The real --smoke run (every stage, 2 steps each; about 6 minutes on 2 cores, mostly
+  compilation, so CI runs the whole demo path); its releases sample through puma_jax.sample:
+  one t2i image at one scale and one reconstruction."""
   import numpy as np
   from PIL import Image
 

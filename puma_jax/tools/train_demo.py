@@ -21,14 +21,11 @@ kept. One line per stage start and end with the elapsed time and an ETA for the 
 per-stage wall times are printed at the end and written to W/demo_times.json. `--smoke` runs a
 handful of steps per stage (CI: the release is written and can be sampled).
 
-Budget (2-core CPU, 30 minutes): VAE ~2 min, five decoders ~10 min, pretrain + unified ~15 min.
-The MLLM stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
-positions per step, ~1.5 examples a row) run 1.6 steps/s on 2 idle cores, so 400 + 800 steps
-take ~13 min. Measured at 300 + 300 steps on a shared machine (load average 10-12, 0.2-0.5
-steps/s, 16 + 17 min): pretraining ends at loss 0.66 (text CE 2.60, image MSE 0.70, router CE
-0.004), held-out text CE 2.57, image MSE 1.02; unified tuning at loss 0.78 (text CE 2.53,
-image MSE 0.69, router CE 0.27), held-out text CE 2.52, image MSE 2.20 (t2i 1.37, edit 3.59,
-conditional 1.24; per scale f0 0.22 .. f4 0.36, against 0.15 / 0.04 on training rows).
+Budget (2-core CPU): 30 minutes. Measured on 2 idle cores: 23 min 56 s in all (VAE 1:55,
+decoders f4..f0 1:37 / 1:20 / 1:17 / 2:04 / 2:46, pretraining 400 steps 4:15, unified tuning
+800 steps 8:15, the two releases 26 s). The MLLM stages (puma.tiny(): 173k trainable
+parameters, 84k frozen CLIP; 8 packed rows of 896 positions per step) run 1.7 steps/s there.
+Held-out scores of that run: the README, "The tiny PUMA, end to end".
 Then: python -m puma_jax.eval --config=configs/eval/synthetic.py --release=W/release
 """
 

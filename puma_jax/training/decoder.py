@@ -179,6 +179,10 @@ class DecoderStage:
   def train_step(self, graphdef, tx):
     sched, cfg = self.sched, self.config
     drop_p, offset = float(cfg.cfg_drop_prob), float(cfg.noise_offset)
+    min_snr = float(cfg.get("min_snr_gamma", 0.0))  # older configs: no weighting
+    if min_snr < 0:
+      raise ValueError(f"min_snr_gamma={min_snr} must be >= 0 (0: plain MSE)")
+    ac = jnp.asarray(S.alphas_cumprod(sched))
     base = jax.random.key(int(cfg.seed))
     n = int(cfg.train.grad_accum_steps)
 
@@ -199,7 +203,10 @@ class DecoderStage:
       pred = model.decoder(
         draw.noisy, draw.timesteps, feats, use_pos_embed=1.0 - drop.astype(jnp.float32)
       )
-      loss = losses.diffusion_loss(pred, draw.target)
+      weights = None
+      if min_snr > 0:
+        weights = losses.min_snr_weights(ac, draw.timesteps, min_snr, sched.prediction_type)
+      loss = losses.diffusion_loss(pred, draw.target, weights)
       return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
 
     def step(state, frozen, rest, batch):

@@ -215,6 +215,35 @@ def summarize(sums: Mapping, weights: Mapping) -> dict[str, float]:
   return out
 
 
-def diffusion_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
-  """Epsilon (or v) prediction MSE, mean over all elements, in float32."""
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+def diffusion_loss(
+  pred: jax.Array, target: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+  """Epsilon (or v) prediction MSE in float32: the mean over all elements, or with `weights`
+  (one per example, e.g. `min_snr_weights`) the mean over examples of weight x that example's
+  mean squared error."""
+  err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  if weights is None:
+    return jnp.mean(err)
+  per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+  return jnp.mean(weights.astype(jnp.float32) * per_example)
+
+
+def min_snr_weights(
+  alphas_cumprod: jax.Array, timesteps: jax.Array, gamma: float, prediction_type: str
+) -> jax.Array:
+  """Min-SNR-gamma loss weights per example (Hang et al., "Efficient Diffusion Training via
+  Min-SNR Weighting Strategy", 2023): the x0-space weight SNR(t) clipped at `gamma`, expressed
+  for the network's target: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for
+  v, min(SNR, gamma) for x0 ("sample"). Low-noise steps, where the epsilon loss is large but
+  says little about the image's layout and colours, stop dominating the gradient
+  (docs/DESIGN.md §5)."""
+  ac = alphas_cumprod[timesteps].astype(jnp.float32)
+  snr = ac / (1.0 - ac)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction_type == "epsilon":
+    return clipped / snr
+  if prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  if prediction_type == "sample":
+    return clipped
+  raise ValueError(f"min_snr_weights: unknown prediction_type {prediction_type!r}")
