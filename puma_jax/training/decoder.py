@@ -183,7 +183,6 @@ class DecoderStage:
     if min_snr < 0:
       raise ValueError(f"min_snr_gamma={min_snr} must be >= 0 (0: plain MSE)")
     ac = jnp.asarray(S.alphas_cumprod(sched))
-    base = jax.random.key(int(cfg.seed))
     n = int(cfg.train.grad_accum_steps)
 
     def draw_one(key, latent):
@@ -209,19 +208,7 @@ class DecoderStage:
       loss = losses.diffusion_loss(pred, draw.target, weights)
       return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
 
-    def step(state, frozen, rest, batch):
-      key = jax.random.fold_in(base, state.step)
-      batch = dict(batch, _index=jnp.arange(batch["clip"].shape[0]))
-
-      def per_micro(params, mb):
-        # Each microbatch's mean over its 1/n of the batch: the n of them add up to the mean.
-        loss, m = loss_fn(params, mb, frozen, rest, key)
-        return loss / n, jax.tree.map(lambda x: x / n, m)
-
-      loss, grads, m = steps.accumulate(per_micro, state.params, batch, n, state.loss_scale)
-      return steps.apply(state, tx, loss, grads, m)
-
-    return step
+    return steps.mean_loss_step(loss_fn, int(cfg.seed), n, "clip", tx)
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
     return {

@@ -110,3 +110,25 @@ def apply(state: TrainState, tx: optax.GradientTransformation, loss, grads, metr
     extra = {"overflow": (~grads_ok).astype(jnp.float32), "loss_scale": ls.scale}
   metrics = dict(metrics, loss=loss, grad_norm=gnorm, finite=finite.astype(jnp.float32), **extra)
   return new_state, metrics
+
+
+def mean_loss_step(loss_fn: Callable, seed: int, n: int, size_key: str, tx):
+  """The train step of a stage whose loss is a mean over examples (the VAE and decoder
+  stages): `loss_fn(params, microbatch, frozen, rest, key) -> (loss, metrics)` with one step
+  key (from `seed` and the step) and `microbatch["_index"]`, each example's index in the batch
+  (for per-example keys). Each of the `n` microbatches' means is divided by n, so they add up
+  to the batch's mean; then `apply`."""
+  base = jax.random.key(seed)
+
+  def step(state, frozen, rest, batch):
+    key = jax.random.fold_in(base, state.step)
+    batch = dict(batch, _index=jnp.arange(batch[size_key].shape[0]))
+
+    def per_micro(params, mb):
+      loss, m = loss_fn(params, mb, frozen, rest, key)
+      return loss / n, jax.tree.map(lambda x: x / n, m)
+
+    loss, grads, m = accumulate(per_micro, state.params, batch, n, state.loss_scale)
+    return apply(state, tx, loss, grads, m)
+
+  return step

@@ -125,8 +125,6 @@ class VAEStage:
     return recon, jnp.mean(kl_to_standard(mean, logvar)), mean
 
   def train_step(self, graphdef, tx):
-    base = jax.random.key(int(self.config.seed))
-    n = int(self.config.train.grad_accum_steps)
     kl_weight = self.kl_weight
 
     def loss_fn(params, mb, frozen, rest, key):
@@ -137,18 +135,8 @@ class VAEStage:
       m2 = jnp.mean(jnp.square(mean.astype(jnp.float32)))
       return loss, {"recon": recon, "kl": kl, "latent_m2": m2}
 
-    def step(state, frozen, rest, batch):
-      key = jax.random.fold_in(base, state.step)
-      batch = dict(batch, _index=jnp.arange(batch["vae"].shape[0]))
-
-      def per_micro(params, mb):
-        loss, m = loss_fn(params, mb, frozen, rest, key)
-        return loss / n, jax.tree.map(lambda x: x / n, m)
-
-      loss, grads, m = steps.accumulate(per_micro, state.params, batch, n, state.loss_scale)
-      return steps.apply(state, tx, loss, grads, m)
-
-    return step
+    n = int(self.config.train.grad_accum_steps)
+    return steps.mean_loss_step(loss_fn, int(self.config.seed), n, "vae", tx)
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
     out = {k: float(summed[k]) / n_steps for k in ("loss", "grad_norm", "recon", "kl")}
