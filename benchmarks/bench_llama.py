@@ -153,7 +153,6 @@ def main(argv):
     "jax_backend": jax.default_backend(),
   }
   print(json.dumps(result, indent=2))
-  return result
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def bench_pack(args):
 
   tok = ByteTokenizer()
   model = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
-  graphdef, frozen, params, rest = nnx.split(model, model.frozen_filter(), nnx.Param, ...)
+  graphdef, frozen, params, rest = nnx.split(model, mllm.MLLMStage.frozen, nnx.Param, ...)
   objective = mllm.objective(
     graphdef, frozen, rest, {"text_weight": 0.02, "image_weight": 1.0, "router_weight": 0.1}
   )

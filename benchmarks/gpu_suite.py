@@ -110,7 +110,7 @@ def _mllm_step_fn(cfg, dtype):
   from puma_jax.models import clip as clip_lib, puma
 
   model = puma.PumaModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-  graphdef, frozen, params, rest = nnx.split(model, model.frozen_filter(), nnx.Param, ...)
+  graphdef, frozen, params, rest = nnx.split(model, mllm.MLLMStage.frozen, nnx.Param, ...)
   tx = optax.adamw(1e-5)
   opt = tx.init(params)
   objective = mllm.objective(
