@@ -317,6 +317,8 @@ def grounding_prompt(
       f"give the boxes of the {len(spans) - 1} phrase(s) before the asked one; got {len(boxes)}"
     )
   end = int(spans[-1][1])
+  if not 0 < end <= len(caption):
+    raise ValueError(f"the asked phrase {tuple(spans[-1])} is not inside the caption {caption!r}")
   if any(int(e) > end for _, e in spans[:-1]):
     raise ValueError(f"the asked phrase {tuple(spans[-1])} must end after every earlier phrase")
   return grounded_caption(caption[:end], spans[:-1], boxes, supervised=False)

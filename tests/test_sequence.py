@@ -137,6 +137,8 @@ def test_grounding_prompt_is_the_training_prefix():
     seq.grounding_prompt(caption, spans)
   with pytest.raises(ValueError, match="must end after"):
     seq.grounding_prompt(caption, spans[::-1], boxes[:1])
+  with pytest.raises(ValueError, match="not inside the caption"):
+    seq.grounding_prompt("a dot", [(0, 12)])
   with pytest.raises(ValueError, match="one box per phrase"):
     seq.grounded_caption(caption, spans, boxes[:1])
   with pytest.raises(ValueError, match="outside the caption"):
