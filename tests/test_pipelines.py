@@ -102,6 +102,8 @@ def test_ground_asks_as_training_lays_out_and_always_answers(pipe, monkeypatch):
     segs, kind = rows.segments(ex)
     train = seq.build(segs, TOK.encode, TOK.special, kind).tokens
     np.testing.assert_array_equal(train[: len(prompt["tokens"])], prompt["tokens"])
+    caption = seq.build(seq.i2t(ex.text), TOK.encode, TOK.special, "i2t").tokens
+    assert not np.array_equal(caption[: len(prompt["tokens"])], prompt["tokens"])
     assert list(train[len(prompt["tokens"]) :][:4] - TOK.special.pos0) == [56, 56, 168, 168]
 
 
