@@ -62,6 +62,11 @@ class SpecialTokens:
   img_end: int
   pos0: int  # id of the first of the 224 grounding position tokens (contiguous)
 
+  @property
+  def positions(self) -> range:
+    """The ids of the 224 position tokens, the only tokens a box is made of."""
+    return range(self.pos0, self.pos0 + NUM_POSITION_TOKENS)
+
 
 @dataclasses.dataclass(frozen=True)
 class Text:
@@ -262,8 +267,66 @@ def conditional(cond_type: str, prompt: str = "") -> list[Segment]:
   return [Image(0), Text(text), Image(1, supervised=True)]
 
 
+# (ours, docs/DESIGN.md §10) The task marker of grounding, given after the image. Without it a
+# grounded caption shares every token up to its first box with an i2t caption of the same image,
+# and a model asked for a phrase's box continues the caption instead.
+GROUNDING_PROMPT = "Caption this image with a box after each object.\n"
+
+
+def grounded_caption(
+  caption: str,
+  spans: Sequence[tuple[int, int]],
+  boxes: Sequence[Sequence[float]],
+  supervised: bool = True,
+) -> list[Segment]:
+  """GRIT-style grounded caption: image, `GROUNDING_PROMPT`, the caption with each phrase (a
+  (start, end) character span of `caption`) followed by its box as 4 position tokens.
+
+  `supervised` marks the caption and the boxes; the marker is always given, never predicted."""
+  if len(spans) != len(boxes):
+    raise ValueError(
+      f"a grounded caption needs one box per phrase: {len(spans)} phrase spans, {len(boxes)} boxes"
+    )
+  segs: list[Segment] = [Image(0), Text(GROUNDING_PROMPT)]
+  pos = 0
+  for i in sorted(range(len(spans)), key=lambda i: spans[i][1]):
+    end = int(spans[i][1])
+    if not 0 <= end <= len(caption):
+      raise ValueError(
+        f"phrase span {tuple(spans[i])} ends outside the caption ({len(caption)} characters)"
+      )
+    if end > pos:
+      segs.append(Text(caption[pos:end], supervised))
+      pos = end
+    segs.append(Boxes((tuple(float(v) for v in boxes[i]),), supervised))
+  if pos < len(caption):
+    segs.append(Text(caption[pos:], supervised))
+  return segs
+
+
+def grounding_prompt(
+  caption: str, spans: Sequence[tuple[int, int]], boxes: Sequence[Sequence[float]] = ()
+) -> list[Segment]:
+  """The prompt that asks for the box of the last span's phrase: exactly the grounded caption's
+  segments up to that phrase's end, each earlier phrase followed by its given box (`boxes`, one
+  per earlier span). One span at the start of `caption`: image, marker, phrase."""
+  if not spans:
+    raise ValueError("a grounding prompt needs the span of the phrase to ground")
+  if len(boxes) != len(spans) - 1:
+    raise ValueError(
+      f"give the boxes of the {len(spans) - 1} phrase(s) before the asked one; got {len(boxes)}"
+    )
+  end = int(spans[-1][1])
+  if not 0 < end <= len(caption):
+    raise ValueError(f"the asked phrase {tuple(spans[-1])} is not inside the caption {caption!r}")
+  if any(int(e) > end for _, e in spans[:-1]):
+    raise ValueError(f"the asked phrase {tuple(spans[-1])} must end after every earlier phrase")
+  return grounded_caption(caption[:end], spans[:-1], boxes, supervised=False)
+
+
 def grounding(phrase: str, boxes: Sequence[Sequence[float]]) -> list[Segment]:
-  return [Image(0), Text(phrase), Boxes(tuple(tuple(b) for b in boxes), supervised=True)]
+  """A grounded caption that is one phrase with its boxes."""
+  return grounded_caption(phrase, [(0, len(phrase))] * len(boxes), boxes)
 
 
 def text_only(text: str) -> list[Segment]:

@@ -142,6 +142,32 @@ def test_parse_boxes_reads_the_training_encoding():
   assert C.parse_boxes(enc("no box here"), special.pos0, seq.NUM_POSITION_TOKENS) == []
 
 
+def test_grounding_prompts_are_the_training_rows_prefix():
+  """The eval asks for a box with exactly the tokens training put before that box: the rows of
+  the same held-out records (parser -> rows) start with the prompt, then the asked box."""
+  from puma_jax import tokenizer
+  from puma_jax.data import parse, rows
+
+  cfg = _config()
+  enc, _, special = tokenizer.load("byte")
+  items = E.held_out(cfg, 32)["ground"]
+  src = E._source("grounding", "eval", cfg, 32)
+  parser = parse.Parser("grounding", "syn")
+  records = {(src[i]["caption"], src[i]["image"].tobytes()): src[i] for i in range(len(src))}
+  assert any(len(x["spans"]) > 1 for x in items)  # earlier boxes given in some prompts
+  for x in items:
+    segs, kind = rows.segments(parser(records[x["caption"], x["image"].tobytes()]))
+    assert segs[:2] == [seq.Image(0), seq.Text(seq.GROUNDING_PROMPT)]
+    train = seq.build(segs, enc, special, kind, num_images=1).tokens
+    prompt = seq.build_prompt(E.ground_prompt(x), enc, special)["tokens"]
+    np.testing.assert_array_equal(train[: len(prompt)], prompt)
+    # an image caption (i2t) of the same image does not start like it: no box-less continuation
+    i2t = seq.build(seq.i2t(x["caption"]), enc, special, "i2t", num_images=1).tokens
+    assert not np.array_equal(i2t[: len(prompt)], prompt)
+    box = train[len(prompt) : len(prompt) + 4] - special.pos0
+    np.testing.assert_allclose(seq.bins_to_box(box), x["boxes"][-1], atol=1 / 224)  # the answer
+
+
 def test_question_types_cover_the_chat_templates():
   rng = np.random.default_rng(0)
   seen = set()

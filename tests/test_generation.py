@@ -178,6 +178,37 @@ def test_no_recompile_within_bucket(models):
   assert text._generate._cache_size() == n
 
 
+def test_allowed_tokens_restrict_every_generated_token(models):
+  _, ours = models
+  allowed = list(range(40, 50))
+  free = generate_text(ours, PROMPTS, 8, stop_tokens=())
+  assert any(t not in allowed for row in free for t in row)  # unmasked, the model goes elsewhere
+  got = generate_text(ours, PROMPTS, 8, stop_tokens=(), allowed_tokens=allowed)
+  assert all(len(row) == 8 and set(row) <= set(allowed) for row in got)
+  # greedy under the mask is the argmax over the allowed tokens, not just any allowed token
+  ids, mask = left_pad(PROMPTS)
+  last, _ = text.prefill(ours, ids, mask, slots=32)
+  want = np.asarray(allowed)[np.asarray(last)[:, allowed].argmax(-1)]
+  np.testing.assert_array_equal([row[0] for row in got], want)
+  # sampling: top-k applies to the allowed tokens only (k=1 is the masked greedy)
+  hot = generate_text(
+    ours, PROMPTS, 8, temperature=2.0, seed=1, stop_tokens=(), allowed_tokens=allowed
+  )
+  assert all(set(row) <= set(allowed) for row in hot) and hot != got
+  k1 = generate_text(
+    ours, PROMPTS, 8, temperature=1.0, top_k=1, stop_tokens=(), allowed_tokens=allowed
+  )
+  assert k1 == got
+  # another mask is a traced value: no recompilation
+  n = text._generate._cache_size()
+  other = generate_text(ours, PROMPTS, 8, stop_tokens=(), allowed_tokens=[7, 8])
+  assert text._generate._cache_size() == n and all(set(row) <= {7, 8} for row in other)
+  with pytest.raises(ValueError, match="allowed_tokens is empty"):
+    generate_text(ours, PROMPTS, 4, allowed_tokens=[])
+  with pytest.raises(ValueError, match="allowed_tokens out of range.*vocab_size=128"):
+    generate_text(ours, PROMPTS, 4, allowed_tokens=[3, 128])
+
+
 def test_bad_generation_inputs(models):
   _, ours = models
   with pytest.raises(ValueError, match="longer than the context.*max_position_embeddings=128"):

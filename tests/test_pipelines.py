@@ -67,7 +67,44 @@ def test_edit_conditional_chat_ground_run(pipe):
   answers = pipe.chat(images(2), ["What colour?", "How many?"], max_new_tokens=4)
   assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
   boxes = pipe.ground(images(1), ["the circle"])
-  assert len(boxes) == 1 and (boxes[0] is None or len(boxes[0]) == 4)
+  assert len(boxes) == 1 and len(boxes[0]) == 4
+
+
+def test_ground_asks_as_training_lays_out_and_always_answers(pipe, monkeypatch):
+  """The prompt is the training row's prefix up to the phrase (data rows of a caption that
+  starts with the phrase), and decoding is restricted to 4 position tokens."""
+  from puma_jax.data import rows
+  from puma_jax.data.schema import Example
+  from puma_jax.inference import text
+
+  calls, real = [], text.generate_text
+  monkeypatch.setattr(
+    text, "generate_text", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw)
+  )
+  phrases = ["the circle", "a small red square"]
+  boxes = pipe.ground(images(2), phrases)
+  assert [len(b) for b in boxes] == [4, 4]
+  assert all(0 < v < 1 for b in boxes for v in b)
+  ((args, kw),) = calls
+  assert list(kw["allowed_tokens"]) == list(TOK.special.positions) and kw["stop_tokens"] == ()
+  assert args[2] == 4
+  # without the restriction the same random model does not answer with position tokens only
+  free = real(*args, images=kw["images"], stop_tokens=())
+  assert any(t not in TOK.special.positions for row in free for t in row)
+  for phrase, prompt, img in zip(phrases, args[1], images(2)):
+    ex = Example(
+      kind="grounding",
+      images=(img,),
+      text=phrase + " in the middle",
+      phrases=((0, len(phrase)),),
+      boxes=np.array([[0.25, 0.25, 0.75, 0.75]], np.float32),
+    )
+    segs, kind = rows.segments(ex)
+    train = seq.build(segs, TOK.encode, TOK.special, kind).tokens
+    np.testing.assert_array_equal(train[: len(prompt["tokens"])], prompt["tokens"])
+    caption = seq.build(seq.i2t(ex.text), TOK.encode, TOK.special, "i2t").tokens
+    assert not np.array_equal(caption[: len(prompt["tokens"])], prompt["tokens"])
+    assert list(train[len(prompt["tokens"]) :][:4] - TOK.special.pos0) == [56, 56, 168, 168]
 
 
 def test_router_defaults_and_errors(pipe):
@@ -114,6 +151,7 @@ def test_bad_inputs_are_refused_by_name():
     (lambda: pipe.chat(images(1), ["a?", "b?"]), "1 image.*2 questions"),
     (lambda: pipe.ground(images(2), ["the circle"]), "2 image.*1 phrases"),
     (lambda: pipe.ground([], []), "images is empty"),
+    (lambda: pipe.answer_boxes([{}], images(2)), "2 image.*1 prompts"),
     (lambda: pipe.text_to_image([], scales=("f4",)), "prompts is empty"),
     (lambda: pipe.text_to_image([3], scales=("f4",)), r"prompts\[0\] is a int"),
     (lambda: pipe.text_to_image(["x"], scales=()), r"scales=\(\) names no scale"),

@@ -90,8 +90,60 @@ def test_grounding_boxes_as_position_tokens():
   boxes = [(0.1, 0.2, 0.5, 0.9), (0.0, 0.0, 1.0, 1.0)]
   b = build(seq.grounding("the red square", boxes), "grounding")
   sup = b.text_target[b.text_mask]
-  assert list(sup[:-1] - SP.pos0) == seq.box_to_bins(boxes[0]) + seq.box_to_bins(boxes[1])
+  assert bytes(int(t) - 10 for t in sup[:14]).decode() == "the red square"
+  assert list(sup[14:-1] - SP.pos0) == seq.box_to_bins(boxes[0]) + seq.box_to_bins(boxes[1])
   assert sup[-1] == 2
+
+
+def _caption():
+  caption = "a red circle at the top and a blue square below it"
+  spans = [(0, 12), (28, 41)]
+  boxes = [(0.1, 0.0, 0.4, 0.3), (0.5, 0.6, 0.9, 0.95)]
+  return caption, spans, boxes
+
+
+def test_grounded_caption_starts_with_the_unsupervised_marker():
+  caption, spans, boxes = _caption()
+  b = build(seq.grounded_caption(caption, spans, boxes), "grounding")
+  after = 1 + 1 + 341 + 1  # bos [IMG] slots [/IMG]
+  marker = encode(seq.GROUNDING_PROMPT)
+  assert list(b.tokens[after : after + len(marker)]) == marker
+  # the marker is given (no position predicts it); caption, boxes and </s> are supervised
+  assert not b.text_mask[after - 1 : after + len(marker) - 1].any()
+  sup = b.text_target[b.text_mask]
+  box_ids = [SP.pos0 + v for v in seq.box_to_bins(boxes[0])]
+  want = encode(caption[:12]) + box_ids
+  want += encode(caption[12:41]) + [SP.pos0 + v for v in seq.box_to_bins(boxes[1])]
+  assert list(sup) == want + encode(caption[41:]) + [SP.eos]
+  # an i2t caption of the same image differs from the first text token on
+  i2t = build(seq.i2t(caption), "i2t")
+  assert list(i2t.tokens[:after]) == list(b.tokens[:after])
+  assert i2t.tokens[after] != b.tokens[after]
+
+
+def test_grounding_prompt_is_the_training_prefix():
+  caption, spans, boxes = _caption()
+  full = build(seq.grounded_caption(caption, spans, boxes), "grounding").tokens
+  for k in range(len(spans)):
+    prompt = seq.build_prompt(seq.grounding_prompt(caption, spans[: k + 1], boxes[:k]), encode, SP)[
+      "tokens"
+    ]
+    n = len(prompt)
+    np.testing.assert_array_equal(full[:n], prompt)
+    assert list(full[n : n + 4] - SP.pos0) == seq.box_to_bins(boxes[k])  # what it must answer
+  one = seq.grounding_prompt("a red circle", [(0, 12)])
+  assert one == [seq.Image(0), seq.Text(seq.GROUNDING_PROMPT), seq.Text("a red circle")]
+  with pytest.raises(ValueError, match="boxes of the 1 phrase"):
+    seq.grounding_prompt(caption, spans)
+  with pytest.raises(ValueError, match="must end after"):
+    seq.grounding_prompt(caption, spans[::-1], boxes[:1])
+  with pytest.raises(ValueError, match="not inside the caption"):
+    seq.grounding_prompt("a dot", [(0, 12)])
+  with pytest.raises(ValueError, match="one box per phrase"):
+    seq.grounded_caption(caption, spans, boxes[:1])
+  with pytest.raises(ValueError, match="outside the caption"):
+    seq.grounded_caption("short", spans[:1], boxes[:1])
+  assert list(SP.positions) == list(range(SP.pos0, SP.pos0 + seq.NUM_POSITION_TOKENS))
 
 
 def test_box_round_trip_and_errors():

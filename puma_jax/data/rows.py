@@ -31,22 +31,6 @@ _KIND = {
 }
 
 
-def _grounded_caption(ex: Example) -> list[seq.Segment]:
-  """GRIT-style: the caption is supervised, each grounded phrase followed by its box tokens."""
-  segs: list[seq.Segment] = [seq.Image(0)]
-  order = sorted(range(len(ex.phrases)), key=lambda i: ex.phrases[i][1])
-  pos = 0
-  for i in order:
-    _, end = ex.phrases[i]
-    if end > pos:
-      segs.append(seq.Text(ex.text[pos:end], supervised=True))
-      pos = end
-    segs.append(seq.Boxes((tuple(float(v) for v in ex.boxes[i]),), supervised=True))
-  if pos < len(ex.text):
-    segs.append(seq.Text(ex.text[pos:], supervised=True))
-  return segs
-
-
 def _chat(ex: Example) -> list[seq.Segment]:
   """LLaVA-1.5 layout with the paper's system message; images where the user put `<image>`."""
   segs: list[seq.Segment] = [seq.Text(seq.SYSTEM_MESSAGE)]
@@ -77,7 +61,7 @@ def segments(ex: Example) -> tuple[list[seq.Segment], str]:
   if t == "i2t":
     return seq.i2t(ex.text), t
   if t == "grounding":
-    return _grounded_caption(ex), t
+    return seq.grounded_caption(ex.text, ex.phrases, ex.boxes), t
   if t == "text":
     return seq.text_only(ex.text), t
   if t == "chat":

@@ -13,9 +13,10 @@ prompted exactly as training formats its task (data/rows.py, sequence.py templat
                   PSNR (all scenes), colour / cell (single-shape scenes).
   understanding   the chat set's questions (synthetic._questions) asked alone with the image in
                   the LLaVA layout (PumaPipeline.chat); normalized exact match per question type.
-  grounding       the grounded-caption format training teaches (rows._grounded_caption): image,
-                  the caption up to the end of a shape's phrase (earlier shapes followed by their
-                  true box tokens), then 4 generated position tokens -> box; IoU with the truth.
+  grounding       the grounded caption training teaches (sequence.grounded_caption): image, the
+                  grounding marker, the caption up to the end of a shape's phrase (earlier shapes
+                  followed by their true box tokens), then 4 tokens generated among the position
+                  tokens only (PumaPipeline.answer_boxes) -> box; IoU with the truth.
   editing         `[source] instruction [IMG]` (sequence.edit) at `edit_scales`, `num.editing`
                   edits per operation; the asked change is visible ("edit") and the rest kept
                   ("kept"); check_edit.
@@ -227,6 +228,14 @@ def trivial_predictions(cfg, items: dict, image_size: int, scales) -> dict:
 # -- a release's predictions ---------------------------------------------------------------------
 
 
+def ground_prompt(item: dict) -> list:
+  """The segments of a grounding item's prompt: its caption up to the asked (last) phrase's end,
+  earlier phrases followed by their true boxes, as training lays the caption out."""
+  from puma_jax import sequence as seq
+
+  return seq.grounding_prompt(item["caption"], item["spans"], item["boxes"][:-1])
+
+
 def _chunks(n: int, size: int):
   for start in range(0, n, size):
     yield start, min(n, start + size)
@@ -298,7 +307,7 @@ class ReleaseModel:
 
   def predict(self, items: dict) -> dict:
     from puma_jax import sequence as seq
-    from puma_jax.inference import generation, text
+    from puma_jax.inference import generation
     from puma_jax.reconstruct import Reconstructor
 
     scales, out, t = self.scales, {"router": {}}, time.time()
@@ -342,26 +351,12 @@ class ReleaseModel:
     out["qa"] = answers
     self.log(f"[synthetic] understanding: {len(qa)} questions")
 
-    sp = self.pipe.special
-    prompts = []
-    for x in items["ground"]:
-      segs, pos = [seq.Image(0)], 0
-      for k, ((_, end), box) in enumerate(zip(x["spans"], x["boxes"])):
-        segs.append(seq.Text(x["caption"][pos:end]))
-        pos = end
-        if k < len(x["spans"]) - 1:  # earlier shapes: their true boxes, as in training
-          segs.append(seq.Boxes((tuple(box),)))
-      prompts.append(self._prompt(segs, False))
+    prompts = [self._prompt(ground_prompt(x), False) for x in items["ground"]]
     boxes = []
     for a, b in _chunks(len(prompts), self.bs):
       ps = prompts[a:b] + [prompts[b - 1]] * (self.bs - (b - a))
       im = np.stack([x["image"] for x in items["ground"][a:b]])
-      toks = text.generate_text(
-        self.pipe.model, ps, 4, images=self.pipe.pixels(list(_pad(im, self.bs))), stop_tokens=()
-      )
-      for tk in toks[: b - a]:
-        found = C.parse_boxes(tk, sp.pos0, seq.NUM_POSITION_TOKENS)
-        boxes.append(found[0] if found else None)
+      boxes += self.pipe.answer_boxes(ps, list(_pad(im, self.bs)))[: b - a]
     out["ground"] = boxes
     self.log(f"[synthetic] grounding: {len(prompts)} phrases")
 

@@ -297,22 +297,32 @@ class PumaPipeline:
     )
     return [self.decode_text([t for t in o if t != self.special.eos]).strip() for o in out]
 
-  def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float] | None]:
-    """One normalized [x_min, y_min, x_max, y_max] box per phrase (None if the model did not
-    answer with four position tokens)."""
+  def ground(self, images: Sequence, phrases: Sequence[str]) -> list[list[float]]:
+    """One normalized [x_min, y_min, x_max, y_max] box per phrase, asked as training lays a
+    grounded caption out (`sequence.grounding_prompt`: image, grounding marker, phrase)."""
     _check_pairs(images, phrases, "phrases")
     prompts = [
-      seq.build_prompt([seq.Image(0), seq.Text(p)], self.encode, self.special) for p in phrases
+      seq.build_prompt(seq.grounding_prompt(p, [(0, len(p))]), self.encode, self.special)
+      for p in phrases
     ]
+    return self.answer_boxes(prompts, images)
+
+  def answer_boxes(self, prompts: Sequence[dict], images: Sequence) -> list[list[float]]:
+    """The box each grounding prompt (`sequence.build_prompt` of a `sequence.grounding_prompt`)
+    asks for, one image per prompt. Decoding is restricted to the position tokens for exactly
+    4 tokens, so every prompt gets a box: unrestricted, a model may continue the caption."""
+    _check_images(images)
+    if len(prompts) != len(images):
+      raise ValueError(f"got {len(images)} image(s) and {len(prompts)} prompts: give one per image")
     out = text.generate_text(
-      self.model, prompts, 5, images=self.pixels(images), stop_tokens=(self.special.eos,)
+      self.model,
+      prompts,
+      4,
+      images=self.pixels(images),
+      stop_tokens=(),
+      allowed_tokens=self.special.positions,
     )
-    p0 = self.special.pos0
-    boxes = []
-    for toks in out:
-      bins = [t - p0 for t in toks if 0 <= t - p0 < seq.NUM_POSITION_TOKENS][:4]
-      boxes.append(seq.bins_to_box(bins) if len(bins) == 4 else None)
-    return boxes
+    return [seq.bins_to_box([t - self.special.pos0 for t in toks]) for toks in out]
 
 
 # -- input checks of the public methods: a wrong input is a ValueError naming it, never a

@@ -27,17 +27,32 @@ class Sampler(NamedTuple):
 
   greedy: bool
   filtered: bool  # top-k and/or top-p restriction (costs a sort of the vocabulary per step)
+  # Only the tokens of a boolean vocabulary mask may be generated (a box: position tokens).
+  constrained: bool = False
 
 
 def sample_logits(
-  logits: jax.Array, key: jax.Array, sampler: Sampler, temperature=1.0, top_k=0, top_p=1.0
+  logits: jax.Array,
+  key: jax.Array,
+  sampler: Sampler,
+  temperature=1.0,
+  top_k=0,
+  top_p=1.0,
+  allowed: jax.Array | None = None,
 ) -> jax.Array:
   """Next tokens (B,) from logits (B, V): greedy, or softmax sampling at `temperature` from
   the `top_k` most likely tokens (0: all), then from the smallest set of those whose
-  probability mass reaches `top_p` (HF's order: top-k first, top-p on what remains)."""
+  probability mass reaches `top_p` (HF's order: top-k first, top-p on what remains).
+  With `sampler.constrained`, tokens outside the bool mask `allowed` (V,) or (B, V) are removed
+  first (as HF's logits processors run before its warpers), so top-k / top-p see only allowed
+  tokens."""
   if sampler.greedy:
+    if sampler.constrained:
+      logits = jnp.where(allowed, logits, -jnp.inf)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
+  if sampler.constrained:
+    logits = jnp.where(allowed, logits, -jnp.inf)
   if sampler.filtered:
     neg = jnp.finfo(jnp.float32).min
     v = logits.shape[-1]
@@ -96,16 +111,18 @@ def decode_loop(
   *,
   capacity: int,
   sampler: Sampler,
+  allowed: jax.Array | None = None,
 ) -> jax.Array:
   """Samples from `last_logits` (B, V), then runs `step(prev_tokens (B,), cache) -> (logits
   (B, V), cache)` in a `while_loop` until `num_steps` tokens or every row has stopped.
 
   Returns (B, capacity) token ids, -1 after a row's stop token. Shared by LLaMA text generation
   and PumaModel's multimodal text generation (which only differ in how a token is embedded).
+  `allowed`: the bool vocabulary mask of a constrained `sampler` (`sample_logits`).
   """
   b = last_logits.shape[0]
   key, sub = jax.random.split(key)
-  first = sample_logits(last_logits, sub, sampler, temperature, top_k, top_p)
+  first = sample_logits(last_logits, sub, sampler, temperature, top_k, top_p, allowed)
   out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_ids)
 
@@ -117,7 +134,7 @@ def decode_loop(
     i, out, done, prev, cache, key = carry
     logits, cache = step(prev, cache)
     key, sub = jax.random.split(key)
-    tok = sample_logits(logits, sub, sampler, temperature, top_k, top_p)
+    tok = sample_logits(logits, sub, sampler, temperature, top_k, top_p, allowed)
     tok = jnp.where(done, -1, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
     done = done | jnp.isin(tok, stop_ids)
@@ -159,6 +176,7 @@ def _generate(
   temperature,
   top_k,
   top_p,
+  allowed,
   *,
   inputs,
   capacity,
@@ -188,6 +206,7 @@ def _generate(
     top_p,
     capacity=capacity,
     sampler=sampler,
+    allowed=allowed,
   )
 
 
@@ -248,6 +267,7 @@ def generate_text(
   *,
   images=None,
   features=None,
+  allowed_tokens: Sequence[int] | None = None,
 ) -> list[list[int]]:
   """New token ids per prompt (each list ends at and includes its first stop token).
 
@@ -257,6 +277,8 @@ def generate_text(
   or `features` (B, M, 341, F). temperature 0 is greedy; otherwise softmax sampling at
   `temperature`, restricted to the `top_k` most likely tokens and/or the `top_p` nucleus.
   `stop_tokens` defaults to the config's `eos_token_id` (pass `()` to never stop early).
+  `allowed_tokens`: ids that every generated token must be one of (a box: `SpecialTokens.positions`
+  with 4 new tokens and no stop token); applied as a mask on the logits inside the compiled loop.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -280,7 +302,12 @@ def generate_text(
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
   capacity = bucket(max_new_tokens)
-  sampler = Sampler(greedy=temperature == 0.0, filtered=top_k is not None or top_p is not None)
+  allowed = None if allowed_tokens is None else allowed_mask(allowed_tokens, cfg.vocab_size)
+  sampler = Sampler(
+    greedy=temperature == 0.0,
+    filtered=top_k is not None or top_p is not None,
+    constrained=allowed is not None,
+  )
   graphdef, state = nnx.split(model)
   out = _generate(
     graphdef,
@@ -294,8 +321,24 @@ def generate_text(
     jnp.float32(max(temperature, 1e-6)),
     jnp.int32(top_k or 0),
     jnp.float32(top_p if top_p is not None else 1.0),
+    None if allowed is None else jnp.asarray(allowed),
     inputs=inputs,
     capacity=capacity,
     sampler=sampler,
   )
   return trim_at_stop(out, max_new_tokens, stops)
+
+
+def allowed_mask(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
+  """The bool (vocab_size,) mask of `token_ids`, checked: a token outside the vocabulary or an
+  empty set would leave nothing to generate."""
+  ids = np.asarray(list(token_ids), np.int64).reshape(-1)
+  if ids.size == 0:
+    raise ValueError("allowed_tokens is empty: nothing could be generated")
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise ValueError(
+      f"allowed_tokens out of range [{ids.min()}, {ids.max()}] for vocab_size={vocab_size}"
+    )
+  mask = np.zeros(vocab_size, bool)
+  mask[ids] = True
+  return mask
