@@ -72,6 +72,11 @@ class SpecialTokens:
 class Text:
   text: str
   supervised: bool = False
+  # Close with `</s>` (supervised like the text): LLaVA-1.5 ends every assistant turn so, and
+  # generation stops there; without it the position after an answer that a later turn follows
+  # has no target, and only last answers teach stopping (docs/DESIGN.md §10). The example's
+  # final `</s>` is added by `build`.
+  eos: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,7 @@ def build(
   n_img = 0
   for seg in segments:
     if isinstance(seg, Text):
-      ids = list(encode(seg.text))
+      ids = list(encode(seg.text)) + ([special.eos] if seg.eos else [])
       toks += ids
       img_idx += [-1] * len(ids)
       img_tok += [-1] * len(ids)
@@ -238,14 +243,15 @@ def i2t(caption: str) -> list[Segment]:
 def chat(
   turns: Sequence[tuple[str, str]], with_image: bool = True, system: str = SYSTEM_MESSAGE
 ) -> list[Segment]:
-  """LLaVA-1.5 style: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>...`; answers supervised."""
+  """LLaVA-1.5 style: `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`;
+  answers and their `</s>` supervised (the last `</s>` is `build`'s)."""
   segs: list[Segment] = [Text(system + " USER: ")]
   for k, (question, answer) in enumerate(turns):
     if k == 0 and with_image:
       segs += [Image(0), Text("\n" + question + " ASSISTANT:")]
     else:
-      segs += [Text((" USER: " if k else "") + question + " ASSISTANT:")]
-    segs += [Text(" " + answer, supervised=True)]
+      segs += [Text(("USER: " if k else "") + question + " ASSISTANT:")]
+    segs += [Text(" " + answer, supervised=True, eos=k < len(turns) - 1)]
   return segs
 
 

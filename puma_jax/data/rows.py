@@ -12,12 +12,12 @@ pipeline counts as a skip.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from puma_jax import sequence as seq
-from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example
+from puma_jax.data.schema import IMAGE_PLACEHOLDER, Example, Turn
 
 # example kind -> sequence kind
 _KIND = {
@@ -32,12 +32,20 @@ _KIND = {
 
 
 def _chat(ex: Example) -> list[seq.Segment]:
-  """LLaVA-1.5 layout with the paper's system message; images where the user put `<image>`."""
+  return chat_segments(ex.conversation)
+
+
+def chat_segments(turns: Sequence[Turn]) -> list[seq.Segment]:
+  """LLaVA-1.5 layout with the paper's system message, images where the user put `<image>`:
+  `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`. Every answer but the
+  last ends in its own supervised `</s>` (the last one's is `seq.build`'s), so an answer is
+  always followed by `</s>`, where generation stops. Conversations ending with a user turn end
+  in ` ASSISTANT:`: the inference prompt (`chat_prompt`)."""
   segs: list[seq.Segment] = [seq.Text(seq.SYSTEM_MESSAGE)]
   k = 0
-  for turn in ex.conversation:
+  for i, turn in enumerate(turns):
     if turn.role == "user":
-      segs.append(seq.Text(" USER: "))
+      segs.append(seq.Text(" USER: " if i == 0 or turns[i - 1].role == "user" else "USER: "))
       parts = turn.text.split(IMAGE_PLACEHOLDER)
       for j, part in enumerate(parts):
         if j:
@@ -47,8 +55,15 @@ def _chat(ex: Example) -> list[seq.Segment]:
           segs.append(seq.Text(part))
       segs.append(seq.Text(" ASSISTANT:"))
     else:
-      segs.append(seq.Text(" " + turn.text, supervised=True))
+      segs.append(seq.Text(" " + turn.text, supervised=True, eos=i < len(turns) - 1))
   return segs
+
+
+def chat_prompt(question: str) -> list[seq.Segment]:
+  """The inference prompt of a one-image question: the training layout of the user turn
+  `<image>\\n<question>` (stripped, as `parse.parse_chat` strips training turns), up to and
+  including ` ASSISTANT:`, so that prompt and training tokens agree for any tokenizer."""
+  return chat_segments([Turn("user", IMAGE_PLACEHOLDER + "\n" + question.strip())])
 
 
 def segments(ex: Example) -> tuple[list[seq.Segment], str]:

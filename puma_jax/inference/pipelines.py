@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from puma_jax import sequence as seq
+from puma_jax.data import rows
 from puma_jax.diffusion import sampler as sampler_lib
 from puma_jax.inference import generation, router, text
 from puma_jax.models import clip as clip_lib, pooling
@@ -280,13 +281,10 @@ class PumaPipeline:
   def chat(
     self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 64, **sampling
   ) -> list[str]:
-    """Answers with the paper's system message (LLaVA-1.5 layout)."""
+    """Answers with the paper's system message (LLaVA-1.5 layout), each prompt built by the
+    training layout itself (`data.rows.chat_prompt`)."""
     _check_pairs(images, questions, "questions")
-    segs = [
-      [seq.Text(seq.SYSTEM_MESSAGE + " USER: "), seq.Image(0), seq.Text("\n" + q + " ASSISTANT:")]
-      for q in questions
-    ]
-    prompts = [seq.build_prompt(s, self.encode, self.special) for s in segs]
+    prompts = [seq.build_prompt(rows.chat_prompt(q), self.encode, self.special) for q in questions]
     out = text.generate_text(
       self.model,
       prompts,
