@@ -1,6 +1,7 @@
 """Issue 14's ratios side by side, one run on whatever device jax has:
 
-  python -m benchmarks.bench_throughput [--tiny] [--repeats=3] [--only=pack,attention,decode,sample]
+  python -m benchmarks.bench_throughput [--tiny] [--repeats=3] \
+      [--only=pack,attention,decode,sample,latent_cache]
 
   pack       real tokens/s of MLLM training steps (forward + backward + SGD update) on the tiny
              PumaModel, packed rows vs one example per row, the pretraining-like synthetic mix
@@ -11,6 +12,11 @@
   decode     greedy decode tokens/s at batch 1/16/64 with the KV cache copied per token (the
              old scheme, `llama.CACHE_UPDATE = "copy"`) vs updated in place.
   sample     one 50-step CFG sample (DDPM, tiny PUMA decoder + VAE), float32 vs bfloat16.
+  latent_cache
+             one decoder-stage train step, its host batch included, reading images (VAE encode
+             and CLIP forward in the step) vs the latent cache (`data.latent_cache`): the demo
+             f0 decoder (configs/decoder.py:demo_f0, random frozen parts) at batch 8; --tiny: a
+             tiny f3 decoder at batch 4.
 
 Every figure is the median of `repeats` timed runs after a compile run, the two sides
 alternating, so that load on a shared machine hits both alike. `--tiny`: small sizes, a few
@@ -237,11 +243,64 @@ def bench_sample(args):
   )
 
 
+def bench_latent_cache(args):
+  import tempfile
+
+  from puma_jax import sharding
+  from puma_jax.tools.train_demo import load_config
+  from puma_jax.training import data as data_lib, init as init_lib, latent_cache, registry
+
+  if args.tiny:
+    config = load_config("configs/decoder.py:tiny_f3")
+    u = config.model.decoder.unet
+    u.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+    u.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+    u.block_out_channels, u.transformer_layers_per_block = (16, 32), (1, 1)
+    u.attention_head_dim = (2, 2)
+    config.data.batch_size, config.data.synthetic.num_train = 4, 8
+  else:
+    config = load_config("configs/decoder.py:demo_f0")
+    config.data.batch_size, config.data.synthetic.num_train = 8, 64
+  config.data.num_threads = 1
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  with tempfile.TemporaryDirectory() as tmp:
+    latent_cache.write(config, f"{tmp}/cache", batch_size=int(config.data.batch_size))
+    runs = {}
+    for name, cache in (("images", ""), ("cache", f"{tmp}/cache")):
+      c = config.copy_and_resolve_references()
+      c.data.latent_cache = cache
+      stage = registry.make(c)
+      data = stage.train_data()
+      with sharding.use_mesh(mesh):
+        got = init_lib.restore_or_init(stage, None, mesh)
+      stage.check_frozen(got.frozen)
+      step = jax.jit(stage.train_step(got.abstract.graphdef, got.abstract.tx))
+      held = {"state": got.state}
+
+      def run(stage=stage, data=data, step=step, got=got, held=held):
+        batch = data_lib.global_batch(stage.device_arrays(next(data)), mesh)
+        with sharding.use_mesh(mesh):
+          held["state"], m = step(held["state"], got.frozen, got.rest, batch)
+        return m["loss"]
+
+      runs[name] = run
+    t = alternate(runs, args.repeats)
+  line(
+    f"decoder step ms ({config.scale}, batch {config.data.batch_size})",
+    "images",
+    t["images"] * 1e3,
+    "cache",
+    t["cache"] * 1e3,
+    "ms",
+  )
+
+
 BENCHES = {
   "pack": bench_pack,
   "attention": bench_attention,
   "decode": bench_decode,
   "sample": bench_sample,
+  "latent_cache": bench_latent_cache,
 }
 
 

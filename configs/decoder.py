@@ -91,6 +91,9 @@ def get_config(arg: str = "tiny"):
       c.data.sources[name].weight = 1.0 if name == "pairs" else 0.0
     c.data.image.vae_size = 32  # = unet.sample_size x VAE downsampling (16 x 2)
   c.data.batch_size = 8 if tiny else 1024 // 256  # per host (paper: 1024 in total)
+  c.data.latent_cache = ""  # a latent cache directory (python -m puma_jax.data.prepare
+  # --decoder_config=THIS CONFIG --dst=DIR): train on its VAE moments and CLIP features instead
+  # of encoding the images at every step; its fingerprint must match (docs/DESIGN.md §5)
 
   c.optim = config_lib.optim(
     {"default": 1e-3 if tiny else 8e-5},  # PUMA paper, appendix 7.1.2 (tiny: ours)

@@ -140,6 +140,8 @@ def config_args(argv: list[str], fv: flags.FlagValues) -> list[str]:
   out = list(argv)
   for name in names:
     idx = [i for i, a in enumerate(out) if a.startswith(f"--{name}=")]
+    if not idx and fv[name].default is None:
+      continue  # an optional config flag left unset (default_as_str would read "None")
     value = out[idx[-1]].split("=", 1)[1] if idx else fv[name].default_as_str
     value = value.strip("'\"") if value else value
     if not value:

@@ -109,9 +109,17 @@ def _stable_seed(seed: int, name: str) -> int:
 
 
 def source_dataset(
-  name: str, scfg, dcfg, split: str = "train", host_index: int = 0, host_count: int = 1, reader=None
+  name: str,
+  scfg,
+  dcfg,
+  split: str = "train",
+  host_index: int = 0,
+  host_count: int = 1,
+  reader=None,
+  decode=None,
 ) -> grain.MapDataset:
-  """One source: sharded by host, shuffled per epoch, repeated, parsed (Example or Skip)."""
+  """One source: sharded by host, shuffled per epoch, repeated, parsed (Example or Skip).
+  `decode` replaces the parser (records that are already encoded: see `build`)."""
   if not 0 <= host_index < host_count:
     raise ValueError(f"host_index {host_index} outside 0..{host_count - 1}")
   reader = reader if reader is not None else open_source(name, scfg, dcfg, split)
@@ -124,7 +132,7 @@ def source_dataset(
     ds = ds.shuffle(seed=_stable_seed(dcfg.seed, name))
   epochs = int(dcfg.num_epochs)
   ds = ds.repeat(None if epochs < 0 else epochs)
-  return ds.map(parse.Parser(_family(scfg), name, parse_options(dcfg, scfg)))
+  return ds.map(decode or parse.Parser(_family(scfg), name, parse_options(dcfg, scfg)))
 
 
 def active_sources(dcfg) -> dict:
@@ -143,6 +151,7 @@ def build(
   host_index: int | None = None,
   host_count: int | None = None,
   readers: dict | None = None,
+  decode: Callable[[str], Callable] | None = None,
 ) -> CountingBatchDataset:
   """The whole pipeline. `encode`: "arrays" (transforms.ArrayEncoder, fixed-shape batches), a
   callable Example -> dict of arrays (e.g. the MLLM sequence builder), or None (batches are
@@ -151,7 +160,11 @@ def build(
   encoder), examples are packed first fit into rows (`data.packing`, `data.pack_bins` open
   rows); other splits, and encoders that cannot pack, give one example per row.
   `readers` maps source names to ready random-access readers (anything with len and
-  getitem), replacing what the config would open (tests, in-memory data)."""
+  getitem), replacing what the config would open (tests, in-memory data).
+  `decode(source name)` gives a map from a raw record to the finished row (a dict of arrays)
+  or a `Skip`, replacing parsing, preprocessing and `encode`: for records that are already
+  encoded examples (the decoder stage's latent cache, `training.latent_cache`); sharding,
+  shuffling, mixing, skip counting and batching stay as they are."""
   if host_index is None or host_count is None:
     import jax
 
@@ -159,7 +172,7 @@ def build(
   srcs = active_sources(dcfg)
   readers = readers or {}
   parts = [
-    source_dataset(n, s, dcfg, split, host_index, host_count, readers.get(n))
+    source_dataset(n, s, dcfg, split, host_index, host_count, readers.get(n), decode and decode(n))
     for n, s in srcs.items()
   ]
   weights = [float(s.weight) for s in srcs.values()]
@@ -174,7 +187,10 @@ def build(
     # (concatenated, they held only the alphabetically first one).
     ds = grain.MapDataset.source(Interleave(parts))
   img = image_options(dcfg)
-  ds = ds.map(transforms.Preprocess(img, tokenize))
+  if decode is not None:
+    encode = None  # the records are rows already
+  else:
+    ds = ds.map(transforms.Preprocess(img, tokenize))
   if encode == "arrays":
     encode = transforms.ArrayEncoder(
       img, int(dcfg.max_images), int(dcfg.text.max_len), int(dcfg.max_boxes)
@@ -387,6 +403,16 @@ class CountingBatchIterator(grain.DatasetIterator):
     out.update({f"data/task/{t}": n for t, n in sorted(self.per_task.items())})
     out.update({f"data/skipped/{r}": n for r, n in sorted(self.skipped.items())})
     return out
+
+
+def encoded_source(name: str, scfg, dcfg, encode: Callable, split: str = "train"):
+  """Source `name` in record order, one item per record: `encode`'s row, or the `Skip` the
+  training pipeline would count for it (one pass, unshuffled, one host). What a cache of
+  encoded examples is written from (`training.latent_cache`)."""
+  cfg = dcfg.copy_and_resolve_references()
+  cfg.num_epochs, cfg.shuffle = 1, False
+  ds = source_dataset(name, scfg, cfg, split)
+  return ds.map(transforms.Preprocess(image_options(cfg))).map(_SkipSafe(encode))
 
 
 def iterate_examples(

@@ -5,6 +5,9 @@
   python -m puma_jax.data.prepare --format=json --family=chat --src=llava_v1_5_mix665k.json \
       --image_root=/data/llava --dst=/data/llava_ar/chat
   python -m puma_jax.data.prepare --format=synthetic --family=edit --dst=/tmp/shapes/edit
+  python -m puma_jax.data.prepare --decoder_config=configs/decoder.py:demo_f0 \
+      --decoder_config.init.clip=W/parts/clip --decoder_config.init.vae=W/parts/vae \
+      --dst=W/latents [--encode_batch=32]
 
 Records are the raw records (canonical keys) with images embedded as encoded bytes (image
 paths are read and inlined), msgpack-encoded; read them back with a source of
@@ -12,6 +15,17 @@ paths are read and inlined), msgpack-encoded; read them back with a source of
 left out and counted (a report is printed), so the output holds only usable records.
 Per-example choices (t2i vs i2t, derived conditions) are *not* baked in: they are made at
 training time from the seed.
+
+With --decoder_config the command writes the decoder stage's latent cache instead (a new
+directory --dst; `puma_jax.training.latent_cache`): each training example's VAE moments and f0
+CLIP features, computed once with the frozen VAE and CLIP, read back with
+`--config.data.latent_cache=DIR`. One cache serves the five decoders (f0 pools to every scale).
+It takes a decoder config, not the VAE and CLIP module dirs, because the config is what the
+cached values depend on, in the form the stage reads it: the data (sources, image sizes), the
+frozen models (configs, converted dirs or their random initialization from `config.seed`) and
+the compute dtype. The stage checks the cache's fingerprint of these against its own. The
+conversion flags (--format, --src, ...) do not apply: the data is the config's
+(`--decoder_config.data.sources...`).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import tempfile
 
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from puma_jax import cli, fileio
 from puma_jax.data import config as data_config
@@ -35,7 +50,7 @@ def _define_flags():
   """CLI flags, defined only when run as a program: importing this module (tests, the
   training entry point) must not add flags to the importer's absl namespace."""
   global _FORMAT, _FAMILY, _SRC, _DST, _IMAGE_ROOT, _FIELDS, _SPLIT, _TFDS, _PER_FILE, _LIMIT
-  global _SYN_SIZE, _SYN_N, _BOX_FORMAT
+  global _SYN_SIZE, _SYN_N, _BOX_FORMAT, _DECODER_CONFIG, _ENCODE_BATCH
   _FORMAT = flags.DEFINE_enum("format", None, list(data_config.FORMATS), "Input format.")
   _FAMILY = flags.DEFINE_enum("family", None, list(parse.PARSERS[:-1]), "Task family.")
   _SRC = flags.DEFINE_string("src", "", "Input files or globs, comma-separated.")
@@ -53,6 +68,28 @@ def _define_flags():
   _BOX_FORMAT = flags.DEFINE_enum(
     "box_format", "normalized", ["normalized", "pixels"], "Grounding box coordinates in the input."
   )
+  _DECODER_CONFIG = config_flags.DEFINE_config_file(
+    "decoder_config", None, "A decoder config: write its latent cache to the directory --dst."
+  )
+  _ENCODE_BATCH = flags.DEFINE_integer(
+    "encode_batch", 32, "Latent cache: images per VAE / CLIP call."
+  )
+
+
+# Flags of a conversion that a latent cache, whose data is the decoder config's, cannot take.
+_CONVERSION_FLAGS = (
+  "format",
+  "family",
+  "src",
+  "image_root",
+  "fields",
+  "split",
+  "tfds_name",
+  "limit",
+  "synthetic_size",
+  "synthetic_num",
+  "box_format",
+)
 
 
 def inline_images(rec: dict, max_bytes: int) -> dict:
@@ -152,6 +189,28 @@ def convert(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DECODER_CONFIG.value is not None:
+    given = [f"--{n}" for n in _CONVERSION_FLAGS if flags.FLAGS[n].present]
+    if given:
+      raise app.UsageError(
+        f"{', '.join(given)}: not with --decoder_config (the latent cache reads the decoder "
+        "config's data: set --decoder_config.data.... instead)"
+      )
+    if _DECODER_CONFIG.value.get("stage") != "decoder":
+      raise app.UsageError("--decoder_config: not a decoder config (its stage is not 'decoder')")
+    from puma_jax.training import latent_cache
+
+    meta = latent_cache.write(
+      _DECODER_CONFIG.value, _DST.value, _ENCODE_BATCH.value, _PER_FILE.value
+    )
+    report = {k: meta[k] for k in ("sources", "shapes", "dtype", "bytes_per_example")}
+    print(json.dumps(report, indent=2))
+    return
+  if _ENCODE_BATCH.present:
+    raise app.UsageError("--encode_batch: only with --decoder_config")
+  missing = [f"--{n}" for n in ("format", "family") if flags.FLAGS[n].value is None]
+  if missing:
+    raise app.UsageError(f"{', '.join(missing)} required (or --decoder_config)")
   dcfg = data_config.get_config("synthetic")
   dcfg.synthetic.image_size, dcfg.synthetic.num_train = _SYN_SIZE.value, _SYN_N.value
   fields = dict(kv.split("=", 1) for kv in _FIELDS.value.split(",") if kv)
@@ -172,5 +231,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flags_as_required(["format", "family", "dst"])
+  flags.mark_flags_as_required(["dst"])
   sys.exit(cli.run(main, doc=__doc__, expected=(ValueError, OSError)))

@@ -45,15 +45,16 @@ class HostSlice:
     return self.it.metrics()
 
 
-def host_data(dcfg, split: str, encode, same_on_hosts: bool):
+def host_data(dcfg, split: str, encode, same_on_hosts: bool, **build):
   """This process's iterator of host batches (`data.batch_size` rows), with get_state,
-  set_state and metrics. `same_on_hosts`: every host reads the global stream (`HostSlice`)."""
+  set_state and metrics. `same_on_hosts`: every host reads the global stream (`HostSlice`).
+  `build`: more `pipeline.build` arguments (readers, decode)."""
   if same_on_hosts and jax.process_count() > 1:
     dcfg = dcfg.copy_and_resolve_references()
     dcfg.batch_size = int(dcfg.batch_size) * jax.process_count()
-    it = iter(pipeline.build(dcfg, split=split, encode=encode, host_index=0, host_count=1))
-    return HostSlice(it, jax.process_index(), jax.process_count())
-  return iter(pipeline.build(dcfg, split=split, encode=encode))
+    it = pipeline.build(dcfg, split=split, encode=encode, host_index=0, host_count=1, **build)
+    return HostSlice(iter(it), jax.process_index(), jax.process_count())
+  return iter(pipeline.build(dcfg, split=split, encode=encode, **build))
 
 
 def check_batch_divides(config, mesh) -> int:

@@ -9,6 +9,11 @@ target (epsilon).
 Every random draw of an example comes from its own key, fold_in(step key, its index in the
 global batch), so the draws do not depend on how the batch is split into microbatches or
 devices: an accumulated step is the same update as one big batch.
+
+With `data.latent_cache` (a directory `python -m puma_jax.data.prepare --decoder_config=...`
+wrote: `training.latent_cache`) the training batches carry each example's VAE moments and f0
+CLIP features instead of its pixels: the step skips both encoders, pools the features to its
+scale and draws the latent from the moments with the same key as above.
 """
 
 from __future__ import annotations
@@ -22,18 +27,27 @@ import numpy as np
 from flax import nnx
 
 from puma_jax import assemble, checkpoints, precision
+from puma_jax.data import pipeline
 from puma_jax.diffusion import sampler as sampler_lib, schedulers as S
 from puma_jax.evaluation import metrics as metrics_lib
 from puma_jax.models import clip as clip_lib, pooling, puma_decoder, vae as vae_lib
 from puma_jax.training import data as data_lib, losses, optim, steps
 
 
-class DecoderTrainModel(nnx.Module):
+class FrozenParts(nnx.Module):
+  """The frozen CLIP and VAE alone, drawn first from `rngs` (as in `DecoderTrainModel`, so
+  randomly initialized ones equal the stage's): what the latent cache is computed with."""
+
+  def __init__(self, clip_cfg, vae_cfg, *, dtype, rngs):
+    self.clip = clip_lib.CLIPVisionModel(clip_cfg, dtype=dtype, rngs=rngs)
+    self.vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dtype, rngs=rngs)
+
+
+class DecoderTrainModel(FrozenParts):
   """The trainable decoder with its frozen companions (one module, so one sharded init)."""
 
   def __init__(self, clip_cfg, vae_cfg, dec_cfg, *, dtype, rngs, remat=False):
-    self.clip = clip_lib.CLIPVisionModel(clip_cfg, dtype=dtype, rngs=rngs)
-    self.vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dtype, rngs=rngs)
+    super().__init__(clip_cfg, vae_cfg, dtype=dtype, rngs=rngs)
     self.decoder = puma_decoder.PumaDecoder(dec_cfg, dtype=dtype, rngs=rngs, remat=remat)
 
 
@@ -93,6 +107,8 @@ class DecoderStage:
       raise ValueError("config.model.vae.latent_channels must equal the decoder UNet's in_channels")
     self.dtype = jnp.dtype(precision.resolve(str(config.precision)))
     self.loads_pretrained = bool(config.init.clip or config.init.vae or config.init.decoder)
+    self.latent_cache = str(config.data.get("latent_cache", "") or "")
+    self._cache_meta = None  # the cache's metadata, read (and checked) by train_data
     self._sampler = None  # built (and compiled) at the first evaluation, then given new weights
 
   def build(self, rngs):
@@ -104,6 +120,10 @@ class DecoderStage:
       rngs=rngs,
       remat=bool(self.config.remat),
     )
+
+  def build_frozen(self, rngs):
+    """The frozen parts alone (`FrozenParts`), as `build` initializes them."""
+    return FrozenParts(self.clip_cfg, self.vae_cfg, dtype=self.dtype, rngs=rngs)
 
   def meta(self) -> dict:
     return {
@@ -117,6 +137,19 @@ class DecoderStage:
   def load_pretrained(self, model) -> None:
     """CLIP and VAE from converted dirs; the decoder from a converted puma-decoder dir, or from
     an SDXL UNet (sdxl-unet dir) as the paper initializes it (mapping layer stays random)."""
+    self.load_frozen(model)
+    c = self.config.init
+    if c.decoder:
+      family, _ = checkpoints.load_config(c.decoder)
+      src = checkpoints.load_module(c.decoder, family=family)
+      if family == "puma-decoder":
+        assemble._copy(model.decoder, src, c.decoder)
+      else:
+        assemble._copy(model.decoder.unet, src, c.decoder)
+
+  def load_frozen(self, model) -> None:
+    """CLIP and VAE from the converted dirs `config.init` names, into `model.clip` and
+    `model.vae` (a `DecoderTrainModel` or `FrozenParts`)."""
     c = self.config.init
     if c.clip:
       src = checkpoints.load_module(c.clip, family="clip-vision")
@@ -127,18 +160,31 @@ class DecoderStage:
       # Above all scaling_factor: the latents must be scaled as the VAE's stage measured them.
       _check_same_config(src.config, self.vae_cfg, "init.vae", c.vae, "model.vae")
       assemble._copy(model.vae, src, c.vae)
-    if c.decoder:
-      family, _ = checkpoints.load_config(c.decoder)
-      src = checkpoints.load_module(c.decoder, family=family)
-      if family == "puma-decoder":
-        assemble._copy(model.decoder, src, c.decoder)
-      else:
-        assemble._copy(model.decoder.unet, src, c.decoder)
 
   def optimizer(self, params):
     return optim.make(self.config.optim, params)
 
   def train_data(self, split: str = "train"):
+    self.check_image_sizes()
+    dcfg = self.config.data
+    same = bool(self.config.train.same_data_on_hosts)
+    if split == "train" and self.latent_cache:
+      from puma_jax.training import latent_cache
+
+      meta = self._cache_meta = latent_cache.check_config(self)
+      names = list(pipeline.active_sources(dcfg))
+      return data_lib.host_data(
+        dcfg,
+        split,
+        None,
+        same,
+        readers=latent_cache.readers(self.latent_cache, meta, names),
+        decode=lambda name: latent_cache.Decode(name, meta["shapes"]),
+      )
+    return data_lib.host_data(dcfg, split, DecoderEncoder(), same)
+
+  def check_image_sizes(self) -> None:
+    """`data.image` must give the CLIP and VAE views this stage's models take."""
     dcfg = self.config.data
     if int(dcfg.image.clip_size) != self.clip_cfg.image_size:
       raise ValueError(
@@ -151,27 +197,36 @@ class DecoderStage:
         f"data.image.vae_size={dcfg.image.vae_size} must be the decoder's image "
         f"size unet.sample_size x VAE downsampling = {want}"
       )
-    return data_lib.host_data(
-      dcfg, split, DecoderEncoder(), bool(self.config.train.same_data_on_hosts)
-    )
+
+  def check_frozen(self, frozen) -> None:
+    """Called by the loop with the run's frozen parameters (fresh or restored): a latent cache
+    made with other CLIP or VAE weights is refused."""
+    if self.latent_cache:
+      from puma_jax.training import latent_cache
+
+      meta = self._cache_meta or latent_cache.check_config(self)
+      latent_cache.check_weights(self.latent_cache, meta, self, frozen)
 
   def device_arrays(self, host_batch: dict) -> dict:
     return host_batch
 
-  def features(self, model, clip_uint8):
-    """The decoder's conditioning: CLIP patch features pooled to this scale's tokens."""
+  def features(self, model, clip_uint8, tokens: int | None = None):
+    """The decoder's conditioning: CLIP patch features pooled to `tokens` (this scale's)."""
     patches = clip_lib.patch_features(model.clip, clip_lib.normalize_uint8(clip_uint8))
-    return jax.lax.stop_gradient(pooling.pool(patches, self.tokens))
+    return jax.lax.stop_gradient(pooling.pool(patches, tokens or self.tokens))
 
   def blank_features(self, model):
     """Features of the black image (1, tokens, D): CFG's unconditional input."""
     return jax.lax.stop_gradient(clip_lib.black_features(model.clip, self.tokens))
 
-  def latents(self, model, keys, images_uint8):
+  def moments(self, model, images_uint8):
+    """The VAE's latent distribution (mean, logvar) of uint8 images."""
+    images = images_uint8.astype(jnp.float32) / 127.5 - 1.0
+    return jax.lax.stop_gradient(model.vae.encode_moments(images))
+
+  def latents(self, keys, mean, logvar):
     """Scaled VAE latents, one draw mean + std x N(0, 1) per example key (as
     `AutoencoderKL.sample_latent`, which draws a whole batch from one key)."""
-    images = images_uint8.astype(jnp.float32) / 127.5 - 1.0
-    mean, logvar = model.vae.encode_moments(images)
     eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
     lat = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar) * eps).astype(mean.dtype)
     return jax.lax.stop_gradient(lat * self.vae_cfg.scaling_factor)
@@ -184,6 +239,7 @@ class DecoderStage:
       raise ValueError(f"min_snr_gamma={min_snr} must be >= 0 (0: plain MSE)")
     ac = jnp.asarray(S.alphas_cumprod(sched))
     n = int(cfg.train.grad_accum_steps)
+    cached = bool(self.latent_cache)
 
     def draw_one(key, latent):
       # q_sample draws a batch from one key: give it a batch of one per example key.
@@ -194,10 +250,15 @@ class DecoderStage:
       model = nnx.merge(graphdef, frozen, params, rest)
       keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, mb["_index"]))
       k_drop, k_lat, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
-      feats = self.features(model, mb["clip"])
+      if cached:  # the cache's f0 features hold this compute dtype's values, as float32
+        feats = pooling.pool(mb["clip_f0"].astype(self.dtype), self.tokens)
+        moments = (mb["vae_mean"].astype(self.dtype), mb["vae_logvar"].astype(self.dtype))
+      else:
+        feats = self.features(model, mb["clip"])
+        moments = self.moments(model, mb["vae"])
       drop = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop) < drop_p
       feats = jnp.where(drop[:, None, None], self.blank_features(model), feats)
-      latents = self.latents(model, k_lat, mb["vae"])
+      latents = self.latents(k_lat, *moments)
       draw = jax.vmap(draw_one)(k_noise, latents)
       pred = model.decoder(
         draw.noisy, draw.timesteps, feats, use_pos_embed=1.0 - drop.astype(jnp.float32)
@@ -208,7 +269,7 @@ class DecoderStage:
       loss = losses.diffusion_loss(pred, draw.target, weights)
       return loss, {"diffusion_mse": loss, "dropped": jnp.mean(drop.astype(jnp.float32))}
 
-    return steps.mean_loss_step(loss_fn, int(cfg.seed), n, "clip", tx)
+    return steps.mean_loss_step(loss_fn, int(cfg.seed), n, "vae_mean" if cached else "clip", tx)
 
   def summarize(self, summed: dict, n_steps: int) -> dict:
     return {

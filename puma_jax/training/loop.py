@@ -277,6 +277,9 @@ def _train(stage, config: ml_collections.ConfigDict, workdir: Path) -> dict:
   if got.data_state is not None:
     logging.warning("resuming from step %d (%s)", int(got.state.step), manager.directory)
   a, state, frozen, rest = got.abstract, got.state, got.frozen, got.rest
+  check_frozen = getattr(stage, "check_frozen", None)
+  if check_frozen is not None:  # e.g. inputs precomputed with frozen weights (a latent cache)
+    check_frozen(frozen)
   graphdef, tx, schedules = a.graphdef, a.tx, a.schedules
   start = int(state.step)
   if start >= total:

@@ -78,6 +78,10 @@ class Stage(Protocol):
   def train_data(self) -> DataIterator:
     """This host's training batches."""
 
+  # Optional: `check_frozen(frozen)`, called with the run's frozen parameters (fresh or
+  # restored) before the first step; raises when they do not fit the stage's inputs (the
+  # decoder's latent cache, made with other weights).
+
   def device_arrays(self, host_batch: dict) -> dict:
     """The host batch's arrays the step reads (host-only fields dropped)."""
 
