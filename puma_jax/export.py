@@ -208,6 +208,36 @@ def write_mllm(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> No
     writer.set_tokenizer(release_lib.TOKENIZER_DIR)
 
 
+def decoder_scheduler(ckpt: WorkdirCheckpoint) -> dict:
+  """The scheduler config a decoder-stage checkpoint was trained with (`schedulers.to_dict`):
+  from its stage description, else (checkpoints written before it held one) from the workdir's
+  config.json, else SDXL's defaults (what the decoder stage used before it was configurable)."""
+  from puma_jax.diffusion import schedulers as S
+
+  d = ckpt.meta.get("scheduler")
+  where = f"{ckpt.source}: stage description key 'scheduler'"
+  if d is None:
+    d = (ckpt.config.get("model") or {}).get("scheduler")
+    where = f"{ckpt.workdir / CONFIG_FILE}: key 'model.scheduler'"
+  if d is None:
+    return S.to_dict(S.SchedulerConfig())
+  try:
+    return S.to_dict(S.from_diffusers_config(d))
+  except (TypeError, ValueError, AttributeError) as e:
+    raise ExportError(f"{where}: {e}") from None
+
+
+def _module_meta(ckpt: WorkdirCheckpoint) -> dict:
+  """What a trained module dir records beside its config: the source and, for a decoder, the
+  schedule it must be sampled with (`sampler.SCHEDULER_KEY`)."""
+  from puma_jax.diffusion import sampler as sampler_lib
+
+  meta = {"source": ckpt.source}
+  if ckpt.stage == "decoder":
+    meta[sampler_lib.SCHEDULER_KEY] = decoder_scheduler(ckpt)
+  return meta
+
+
 def write_decoder(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) -> None:
   """decoders/<scale> from a decoder-stage checkpoint, plus its frozen VAE (and CLIP) when the
   release has no other source for them."""
@@ -216,7 +246,7 @@ def write_decoder(writer: release_lib.ReleaseWriter, ckpt: WorkdirCheckpoint) ->
   scale = ckpt.meta.get("scale")
   dec_cfg, dec = _module("puma-decoder", ckpt.meta["decoder"], ckpt.params["decoder"])
   checkpoints.save_module(
-    writer.decoder_dir(scale), "puma-decoder", dec_cfg, dec, source=ckpt.source
+    writer.decoder_dir(scale), "puma-decoder", dec_cfg, dec, **_module_meta(ckpt)
   )
   writer.add_decoder(scale, source=ckpt.source)
   parts = writer.manifest["parts"]
@@ -264,13 +294,14 @@ def trained_module(ckpt: WorkdirCheckpoint):
 def save_module_dir(workdir: str | Path, dst: str | Path, step: int | None = None) -> Path:
   """Writes the model a training workdir trained (`trained_module`) at checkpoint `step`
   (default: the newest) as a module dir (`checkpoints.save_module`): a VAE workdir's for
-  `--config.init.vae`, an MLLM workdir's PumaModel for `--config.init.puma`."""
+  `--config.init.vae`, an MLLM workdir's PumaModel for `--config.init.puma`, a decoder with the
+  schedule it was trained with."""
   from puma_jax import checkpoints
 
   ckpt = read_checkpoint(workdir, step)
   family, cfg, model = trained_module(ckpt)
   try:
-    return checkpoints.save_module(dst, family, cfg, model, source=ckpt.source)
+    return checkpoints.save_module(dst, family, cfg, model, **_module_meta(ckpt))
   except checkpoints.CheckpointError as e:
     raise ExportError(f"{ckpt.source} -> {dst}: {e}") from None
 

@@ -94,8 +94,13 @@ def load(
   scheduler_config: S.SchedulerConfig | None = None,
   dtype=jnp.float32,
 ) -> Reconstructor:
+  """`scheduler_config`: None for the decoder's own (`sampler.decoder_scheduler_config`); one
+  that contradicts it raises (`sampler.resolve_scheduler_config`)."""
   from puma_jax import checkpoints
 
+  scheduler_config = SM.resolve_scheduler_config(
+    SM.decoder_scheduler_config(decoder_dir), scheduler_config, f"decoder {decoder_dir}"
+  )
   clip_model = checkpoints.load_module(clip_dir, dtype=dtype, family="clip-vision")
   decoder = checkpoints.load_module(decoder_dir, dtype=dtype, family="puma-decoder")
   vae = checkpoints.load_module(vae_dir, dtype=dtype, family="vae")
@@ -135,7 +140,8 @@ flags.DEFINE_enum("scheduler", "ddpm", sorted(S.SCHEDULERS), "sampler", flag_val
 flags.DEFINE_string(
   "scheduler_config",
   "",
-  "diffusers scheduler_config.json (default: SDXL base's values)",
+  "diffusers scheduler_config.json (default: the one the decoder dir records, else SDXL base's;"
+  " its noise levels and prediction type must be the decoder's)",
   flag_values=FLAGS,
 )
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", flag_values=FLAGS)

@@ -308,9 +308,15 @@ class Reconstruction:
     from puma_jax.diffusion import sampler as sampler_lib
 
     if scale not in self._recs:
-      dec = checkpoints.load_module(self.parts.decoders[scale], family="puma-decoder", **self.kw)
+      path = self.parts.decoders[scale]
+      dec = checkpoints.load_module(path, family="puma-decoder", **self.kw)
       self._recs[scale] = reconstruct.Reconstructor(
-        self.clip, dec, self.vae, scale, settings_of(self.o)
+        self.clip,
+        dec,
+        self.vae,
+        scale,
+        settings_of(self.o),
+        sampler_lib.decoder_scheduler_config(path),  # the schedule it was trained with
       )
     rec = self._recs[scale]
     feats = rec.features(images)

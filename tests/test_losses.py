@@ -137,6 +137,15 @@ def test_min_snr_weights_by_hand_and_weighted_loss():
   assert eps[0] < 0.01 and eps[-1] == 1.0
   with pytest.raises(ValueError, match="prediction_type"):
     losses.min_snr_weights(jnp.asarray(ac), jnp.asarray(t), gamma, "flow")
+  # zero terminal SNR: the last step has SNR 0; finite weights, the formulas' limits there
+  zac = jnp.asarray(S.alphas_cumprod(S.SchedulerConfig(rescale_betas_zero_snr=True)))
+  assert float(zac[999]) == 0.0
+  end = jnp.asarray([999, 998])
+  for kind, limit in (("epsilon", 1.0), ("v_prediction", 0.0), ("sample", 0.0)):
+    got = np.asarray(losses.min_snr_weights(zac, end, gamma, kind))
+    assert np.all(np.isfinite(got)), kind
+    assert got[0] == limit, kind
+    assert abs(got[1] - limit) < 1e-3, kind  # continuous at the end
 
   rng = np.random.default_rng(0)
   pred, target = rng.normal(size=(2, 3, 4, 4, 2)).astype(np.float32)

@@ -180,6 +180,52 @@ def test_euler_step_parity(case):
     _close(o.pred_original_sample, r.pred_original_sample.numpy())
 
 
+@pytest.mark.parametrize("name", ["ddpm", "euler"])
+def test_zero_snr_v_prediction_sampling_parity(name, monkeypatch):
+  """The demo decoders' schedule (v-prediction, zero terminal SNR, trailing): the first step is
+  at SNR 0 (Euler, as diffusers, at alpha_bar 2^-24 rather than an infinite sigma)."""
+  cfg = S.SchedulerConfig(
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    steps_offset=0,
+  )
+  kw = {**_kw(cfg), "rescale_betas_zero_snr": True}
+  ref = (
+    diffusers.DDPMScheduler(**kw, clip_sample=False)
+    if name == "ddpm"
+    else diffusers.EulerDiscreteScheduler(**kw)
+  )
+  ref.set_timesteps(25)
+  ours = S.make(name, cfg)
+  sched = ours.set_timesteps(25)
+  assert int(sched.timesteps[0]) == 999
+  if name == "ddpm":
+    assert float(sched.alpha_prod[0]) == 0.0
+  else:
+    np.testing.assert_allclose(np.asarray(sched.sigmas), ref.sigmas.numpy(), rtol=1e-5)
+    _close(ours.init_noise_sigma(sched), float(ref.init_noise_sigma), 1e-6)
+  import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
+  box = {}
+  monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda shape, **kw: box["n"])
+  step = jax.jit(ours.step)
+  rng = np.random.RandomState(0)
+  for i, t in enumerate(ref.timesteps):
+    out, x, noise = _inputs(rng)
+    box["n"] = torch.from_numpy(noise)
+    if name == "euler":
+      x = x * float(ref.init_noise_sigma) if i == 0 else x
+      r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x))
+      o = step(sched, i, jnp.asarray(out), jnp.asarray(x))
+    else:
+      r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x))
+      o = step(sched, i, jnp.asarray(out), jnp.asarray(x), jnp.asarray(noise))
+    assert np.all(np.isfinite(np.asarray(o.prev_sample)))
+    _close(o.prev_sample, r.prev_sample.numpy())
+    _close(o.pred_original_sample, r.pred_original_sample.numpy())
+
+
 @pytest.mark.parametrize("beta", ["scaled_linear", "linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_training_noise_parity(beta, zero_snr):

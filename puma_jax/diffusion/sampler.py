@@ -162,6 +162,47 @@ class SamplerSettings:
   batch_cfg: bool = True  # both CFG branches in one 2B-batch call (see `guided`)
 
 
+# Key of a puma-decoder dir's puma_config.json: the schedule it was trained with
+# (`schedulers.to_dict`), so that every sampling path uses it (docs/DESIGN.md §4).
+SCHEDULER_KEY = "scheduler"
+
+
+def decoder_scheduler_config(decoder_dir) -> S.SchedulerConfig:
+  """The schedule a converted decoder dir records; none recorded (the paper's decoders converted
+  from PUMA's weights, dirs written before the key existed): SDXL's defaults, theirs."""
+  from puma_jax import checkpoints
+
+  info = checkpoints.load_info(decoder_dir)
+  d = info.get(SCHEDULER_KEY)
+  if d is None:
+    return S.SchedulerConfig()
+  where = f"{decoder_dir}/{checkpoints.CONFIG_FILE}: key {SCHEDULER_KEY!r}"
+  if not isinstance(d, dict):
+    raise ValueError(f"{where} must be an object (a scheduler config), got {d!r:.80}")
+  try:
+    return S.from_diffusers_config(d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def resolve_scheduler_config(
+  trained: S.SchedulerConfig, given: S.SchedulerConfig | None, where: str
+) -> S.SchedulerConfig:
+  """The config to sample a decoder trained with `trained` with: `given` (a caller's choice) when
+  it keeps the trained noise levels and prediction type (`schedulers.TRAINED_FIELDS`; spacing and
+  the like may differ), `trained` when None. A decoder sampled with another schedule than it
+  learned makes wrong images without failing, so a mismatch raises, naming `where`."""
+  if given is None:
+    return trained
+  bad = S.trained_mismatch(trained, given)
+  if bad:
+    raise ValueError(
+      f"{where} was trained with another noise schedule than the one given "
+      f"({'; '.join(bad)}); leave the scheduler config out to use the decoder's own"
+    )
+  return given
+
+
 def make_scheduler(settings: SamplerSettings, config: S.SchedulerConfig | None = None):
   kw = {"eta": settings.eta} if settings.scheduler == "ddim" else {}
   return S.make(settings.scheduler, config or S.SchedulerConfig(), **kw)

@@ -127,6 +127,38 @@ def from_diffusers_config(d: dict[str, Any]) -> SchedulerConfig:
   return SchedulerConfig(**kw)
 
 
+def to_dict(cfg: SchedulerConfig) -> dict[str, Any]:
+  """`cfg` as a JSON-able dict of its fields (diffusers' names; `from_diffusers_config` reads it
+  back): what a decoder dir records as the schedule it was trained with."""
+  d = dataclasses.asdict(cfg)
+  if d["trained_betas"] is not None:
+    d["trained_betas"] = list(d["trained_betas"])
+  return d
+
+
+# The fields that define the noise levels and the meaning of the model's output: a decoder must
+# be sampled with the values it was trained with. The others (timestep spacing, offset,
+# clipping, DDPM's variance, ...) only choose how a sampler walks those levels.
+TRAINED_FIELDS = (
+  "num_train_timesteps",
+  "beta_start",
+  "beta_end",
+  "beta_schedule",
+  "trained_betas",
+  "prediction_type",
+  "rescale_betas_zero_snr",
+)
+
+
+def trained_mismatch(trained: SchedulerConfig, given: SchedulerConfig) -> list[str]:
+  """The `TRAINED_FIELDS` where `given` differs from `trained`, as "field: trained -> given"."""
+  return [
+    f"{k}: {getattr(trained, k)!r} -> {getattr(given, k)!r}"
+    for k in TRAINED_FIELDS
+    if getattr(trained, k) != getattr(given, k)
+  ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Noise schedule (host-side numpy, float32 like diffusers' torch tensors)
 
@@ -168,6 +200,16 @@ def _rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
 def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
   """Cumulative product of (1 - beta), accumulated in float32 as diffusers does."""
   return np.cumprod(1.0 - betas(cfg), dtype=np.float32)
+
+
+def _sigma_alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
+  """`alphas_cumprod` for the sigma-parameterized samplers (Euler, DPM-Solver): as diffusers, a
+  zero-terminal-SNR schedule's last entry becomes 2^-24, as its sigma would be infinite."""
+  ac = alphas_cumprod(cfg)
+  if cfg.rescale_betas_zero_snr:
+    ac = ac.copy()
+    ac[-1] = 2.0**-24
+  return ac
 
 
 def inference_timesteps(
@@ -400,7 +442,7 @@ class EulerDiscrete(_Base):
 
   def set_timesteps(self, num_steps: int) -> Schedule:
     ts = inference_timesteps(self.config, num_steps, round_linspace=False).astype(np.float32)
-    ac = alphas_cumprod(self.config)
+    ac = _sigma_alphas_cumprod(self.config)
     train_sigmas = ((1 - ac) / ac) ** 0.5
     sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
@@ -464,11 +506,7 @@ class DPMSolverMultistep(_Base):
 
   def set_timesteps(self, num_steps: int) -> Schedule:
     ts = dpm_timesteps(self.config, num_steps)
-    ac = alphas_cumprod(self.config)
-    if self.config.rescale_betas_zero_snr:
-      # As diffusers: the zero-SNR end would give sigma = inf; 2^-24 keeps it finite.
-      ac = ac.copy()
-      ac[-1] = 2.0**-24
+    ac = _sigma_alphas_cumprod(self.config)
     train_sigmas = ((1 - ac) / ac) ** 0.5
     sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

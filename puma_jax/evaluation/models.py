@@ -139,7 +139,6 @@ class PipelineGenerator:
 
   def __init__(self, pipe):
     self.pipe = pipe
-    self._samplers = {}
 
   def _decode(self, feats: dict, scales, seed, indices) -> dict:
     import jax.numpy as jnp
@@ -149,13 +148,11 @@ class PipelineGenerator:
     for s in scales:
       if s not in self.pipe.decoders or self.pipe.vae is None:
         raise ValueError(f"scale {s} needs a decoder (model.decoders.{s}) and model.vae")
-      if s not in self._samplers:
-        self._samplers[s] = SM.DecoderSampler(
-          self.pipe.decoders[s], self.pipe.vae, self.pipe.settings
-        )
+      # The pipeline's sampler: the decoder's own scheduler config (PumaPipeline docstring).
+      sampler = self.pipe.sampler(s)
       f = jnp.asarray(feats[s], jnp.float32)
       uncond = jnp.broadcast_to(jnp.asarray(self.pipe.uncond_features(s)), f.shape)
-      out[s] = np.asarray(SM.to_uint8(self._samplers[s](f, uncond, record_keys(seed, indices))))
+      out[s] = np.asarray(SM.to_uint8(sampler(f, uncond, record_keys(seed, indices))))
     return out
 
   def text_to_image(self, prompts, scales, seed: int, indices) -> dict:

@@ -32,7 +32,12 @@ from puma_jax.models import clip as clip_lib, pooling
 class PumaPipeline:
   """`decoders` maps scales to decoder modules or to converted decoder directories; a directory
   (and a `vae` given as a directory) is loaded on first use, with `load_kw` (dtype,
-  param_dtype, mesh), so a request loads only the decoders it decodes with."""
+  param_dtype, mesh), so a request loads only the decoders it decodes with.
+
+  Each decoder is sampled with the noise schedule it was trained with: a directory's recorded
+  one (`sampler.decoder_scheduler_config`). `scheduler_config` (one config, or {scale: config})
+  sets it for decoders given as modules (default: SDXL's) and may change a directory's sampling
+  fields only: one that contradicts its trained schedule raises."""
 
   def __init__(
     self,
@@ -59,7 +64,7 @@ class PumaPipeline:
         self.decoders[name] = dec
     self._vae = vae
     self.settings = settings
-    self.scheduler_config = scheduler_config
+    self.scheduler_config = scheduler_config  # None | SchedulerConfig | {scale: SchedulerConfig}
     self.load_kw = dict(load_kw or {})
     self._samplers: dict[str, sampler_lib.DecoderSampler] = {}
     self._uncond: dict[str, np.ndarray] = {}
@@ -150,6 +155,27 @@ class PumaPipeline:
   def vae(self, value):
     self._vae = value
 
+  def scheduler_config_for(self, scale: str):
+    """The scheduler config `scale`'s decoder is sampled with (see the class docstring)."""
+    given = self.scheduler_config
+    if isinstance(given, Mapping):
+      given = given.get(scale)
+    if scale in self._decoder_dirs:
+      path = self._decoder_dirs[scale]
+      trained = sampler_lib.decoder_scheduler_config(path)
+      return sampler_lib.resolve_scheduler_config(trained, given, f"decoder {scale} ({path})")
+    return given
+
+  def sampler(self, scale: str) -> sampler_lib.DecoderSampler:
+    """`scale`'s decoder sampler (built once, with `settings` and its scheduler config)."""
+    if scale not in self._samplers:
+      if self.vae is None:
+        raise ValueError("no VAE: pass vae=... to decode features into pixels")
+      self._samplers[scale] = sampler_lib.DecoderSampler(
+        self.decoder(scale), self.vae, self.settings, self.scheduler_config_for(scale)
+      )
+    return self._samplers[scale]
+
   # -- pieces ------------------------------------------------------------------------------------
 
   def pixels(self, images: Sequence) -> jax.Array:
@@ -178,11 +204,8 @@ class PumaPipeline:
     decoder = self.decoder(scale)
     if self.vae is None:
       raise ValueError("no VAE: pass vae=... to decode features into pixels")
-    _check_features(scale, features, self.decoders[scale].config)
-    if scale not in self._samplers:
-      self._samplers[scale] = sampler_lib.DecoderSampler(
-        decoder, self.vae, self.settings, self.scheduler_config
-      )
+    _check_features(scale, features, decoder.config)
+    sampler = self.sampler(scale)
     features = jnp.asarray(features, jnp.float32)
     uncond = jnp.broadcast_to(jnp.asarray(self.uncond_features(scale)), features.shape)
     keys = (
@@ -192,7 +215,7 @@ class PumaPipeline:
     )
     if keys.shape[0] != features.shape[0]:
       raise ValueError(f"got {keys.shape[0]} seeds for {features.shape[0]} examples")
-    return sampler_lib.to_uint8(self._samplers[scale](features, uncond, keys))
+    return sampler_lib.to_uint8(sampler(features, uncond, keys))
 
   def _generate(
     self, kind: str, segment_lists, images, scales, seed, return_features, cond_type=None

@@ -80,12 +80,15 @@ def make(
   decoders were trained on)."""
   from flax import nnx
   from puma_jax import assemble, checkpoints, export
+  from puma_jax.diffusion import sampler as sampler_lib, schedulers
   from puma_jax.models import puma, puma_decoder, vae
 
   ckpts = [export.read_checkpoint(w) for w in workdirs]
   # the architectures of the parts left random (the trained ones' when untrained)
   arch_mllm = next((c.meta["model"] for c in ckpts if c.stage == "mllm"), None)
   arch_dec = {c.meta["scale"]: c.meta for c in ckpts if c.stage == "decoder"}
+  # and the schedules they are sampled with (a random decoder: SDXL's, the default)
+  sched_dec = {c.meta["scale"]: export.decoder_scheduler(c) for c in ckpts if c.stage == "decoder"}
   if untrained:
     ckpts = []
   random = f"{CREATED_BY} (seeded random weights, seed {seed})"
@@ -127,7 +130,15 @@ def make(
       model = random_module(
         lambda: puma_decoder.PumaDecoder(cfg, rngs=nnx.Rngs(0)), seed + 2 + pooling.scale_index(s)
       )
-      checkpoints.save_module(w.decoder_dir(s), "puma-decoder", cfg, model, source=random)
+      sched = sched_dec.get(s) or schedulers.to_dict(schedulers.SchedulerConfig())
+      checkpoints.save_module(
+        w.decoder_dir(s),
+        "puma-decoder",
+        cfg,
+        model,
+        source=random,
+        **{sampler_lib.SCHEDULER_KEY: sched},
+      )
       w.add_decoder(s, source=random)
   return release_lib.Release.open(dst)
 

@@ -4,7 +4,7 @@ Per example: CLIP features of the image at the decoder's scale; 10% of them repl
 black image's features with the positional embedding off (the CFG unconditional input, as at
 inference: docs/DESIGN.md §5); VAE latent (a draw from the latent distribution, x
 scaling_factor); offset noise (0.1); uniform timesteps; MSE on the scheduler's prediction
-target (epsilon).
+target (`config.model.scheduler.prediction_type`: epsilon as the paper; docs/DESIGN.md §5).
 
 Every random draw of an example comes from its own key, fold_in(step key, its index in the
 global batch), so the draws do not depend on how the batch is split into microbatches or
@@ -132,6 +132,8 @@ class DecoderStage:
       "decoder": self.dec_cfg.to_dict(),
       "clip": self.clip_cfg.to_dict(),
       "vae": self.vae_cfg.to_dict(),
+      # The schedule it learns: export records it with the decoder for sampling.
+      "scheduler": S.to_dict(self.sched),
     }
 
   def load_pretrained(self, model) -> None:

@@ -236,12 +236,14 @@ def min_snr_weights(
   for the network's target: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for
   v, min(SNR, gamma) for x0 ("sample"). Low-noise steps, where the epsilon loss is large but
   says little about the image's layout and colours, stop dominating the gradient
-  (docs/DESIGN.md §5)."""
+  (docs/DESIGN.md §5). A zero-terminal-SNR schedule's last step (SNR 0) gets epsilon's limit 1
+  and v's and x0's 0: at SNR 0 the epsilon target is the input itself."""
   ac = alphas_cumprod[timesteps].astype(jnp.float32)
   snr = ac / (1.0 - ac)
   clipped = jnp.minimum(snr, gamma)
   if prediction_type == "epsilon":
-    return clipped / snr
+    # min(SNR, gamma) / SNR written so that SNR 0 gives its limit 1, not 0 / 0.
+    return jnp.minimum(1.0, gamma / snr)
   if prediction_type == "v_prediction":
     return clipped / (snr + 1.0)
   if prediction_type == "sample":
