@@ -19,8 +19,8 @@
              tiny f3 decoder at batch 4.
 
 Every figure is the median of `repeats` timed runs after a compile run, the two sides
-alternating, so that load on a shared machine hits both alike. `--tiny`: small sizes, a few
-seconds in all (a smoke test of the benchmark, not a measurement).
+alternating, so that load on a shared machine hits both alike. `--tiny`: small sizes, about
+two minutes in all on 2 CPU cores (a smoke test of the benchmark, not a measurement).
 """
 
 from __future__ import annotations
