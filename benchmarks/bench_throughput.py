@@ -248,7 +248,7 @@ def bench_latent_cache(args):
 
   from puma_jax import sharding
   from puma_jax.tools.train_demo import load_config
-  from puma_jax.training import data as data_lib, init as init_lib, latent_cache, registry
+  from puma_jax.training import data as data_lib, decoder, init as init_lib, latent_cache, registry
 
   if args.tiny:
     config = load_config("configs/decoder.py:tiny_f3")
@@ -264,7 +264,9 @@ def bench_latent_cache(args):
   config.data.num_threads = 1
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   with tempfile.TemporaryDirectory() as tmp:
-    latent_cache.write(config, f"{tmp}/cache", batch_size=int(config.data.batch_size))
+    latent_cache.write(
+      decoder.DecoderStage(config), f"{tmp}/cache", batch_size=int(config.data.batch_size)
+    )
     runs = {}
     for name, cache in (("images", ""), ("cache", f"{tmp}/cache")):
       c = config.copy_and_resolve_references()

@@ -17,6 +17,7 @@ from flax import nnx
 from puma_jax import sharding
 from puma_jax.training import (
   data as data_lib,
+  decoder,
   init as init_lib,
   latent_cache,
   loop,
@@ -42,7 +43,7 @@ def config_for(scale="f3", cache=""):
 def cache(tmp_path_factory):
   """A cache written from the f3 config (the one cache every scale reads)."""
   path = tmp_path_factory.mktemp("cache") / "latents"
-  meta = latent_cache.write(config_for("f3"), path, batch_size=8)
+  meta = latent_cache.write(decoder.DecoderStage(config_for("f3")), path, batch_size=8)
   return path, meta
 
 

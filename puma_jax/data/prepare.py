@@ -198,10 +198,10 @@ def main(argv):
       )
     if _DECODER_CONFIG.value.get("stage") != "decoder":
       raise app.UsageError("--decoder_config: not a decoder config (its stage is not 'decoder')")
-    from puma_jax.training import latent_cache
+    from puma_jax.training import decoder, latent_cache
 
     meta = latent_cache.write(
-      _DECODER_CONFIG.value, _DST.value, _ENCODE_BATCH.value, _PER_FILE.value
+      decoder.DecoderStage(_DECODER_CONFIG.value), _DST.value, _ENCODE_BATCH.value, _PER_FILE.value
     )
     report = {k: meta[k] for k in ("sources", "shapes", "dtype", "bytes_per_example")}
     print(json.dumps(report, indent=2))

@@ -183,7 +183,7 @@ class DecoderStage:
         readers=latent_cache.readers(self.latent_cache, meta, names),
         decode=lambda name: latent_cache.Decode(name, meta["shapes"]),
       )
-    return data_lib.host_data(dcfg, split, DecoderEncoder(), same)
+    return data_lib.host_data(dcfg, split, self.example_encoder(), same)
 
   def check_image_sizes(self) -> None:
     """`data.image` must give the CLIP and VAE views this stage's models take."""
@@ -208,6 +208,10 @@ class DecoderStage:
 
       meta = self._cache_meta or latent_cache.check_config(self)
       latent_cache.check_weights(self.latent_cache, meta, self, frozen)
+
+  def example_encoder(self) -> DecoderEncoder:
+    """Example -> the image views a training batch holds (also what the latent cache encodes)."""
+    return DecoderEncoder()
 
   def device_arrays(self, host_batch: dict) -> dict:
     return host_batch

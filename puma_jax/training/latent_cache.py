@@ -168,17 +168,17 @@ def _f32_bytes(x) -> bytes:
   return np.ascontiguousarray(x, dtype="<f4").tobytes()
 
 
-def write(config, dst: str | os.PathLike, batch_size: int = 32, records_per_file: int = 100_000):
-  """Writes the latent cache of decoder config `config` (the frozen CLIP and VAE it loads or
-  initializes, the train split of its `data`) to the new directory `dst`. Returns a report."""
+def write(stage, dst: str | os.PathLike, batch_size: int = 32, records_per_file: int = 100_000):
+  """Writes the latent cache of `stage`, a `training.decoder.DecoderStage` (the frozen CLIP and
+  VAE its config loads or initializes, the train split of its `data`), to the new directory
+  `dst`. Returns a report. The caller builds the stage, so that the decoder stage, which reads
+  caches, and this writer do not import each other."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  from puma_jax.training import decoder
-
+  config = stage.config
   if batch_size < 1 or records_per_file < 1:
     raise ValueError(f"batch_size={batch_size} and records_per_file={records_per_file} must be > 0")
   fileio.check_output_dir(dst, "latent cache")  # before the models load (checked again at the end)
-  stage = decoder.DecoderStage(config)
   stage.check_image_sizes()
   parts = stage.build_frozen(nnx.Rngs(int(config.seed)))
   stage.load_frozen(parts)
@@ -217,7 +217,7 @@ def write(config, dst: str | os.PathLike, batch_size: int = 32, records_per_file
   per_source = {}
   with fileio.staged_output(dst, "latent cache") as tmp:
     for name, scfg in pipeline.active_sources(dcfg).items():
-      items = pipeline.encoded_source(name, scfg, dcfg, _KeyedEncoder(decoder.DecoderEncoder()))
+      items = pipeline.encoded_source(name, scfg, dcfg, _KeyedEncoder(stage.example_encoder()))
       n_files = max(1, math.ceil(len(items) / records_per_file))
       files = [f"{name}-{i:05d}-of-{n_files:05d}.array_record" for i in range(n_files)]
       writers = [ArrayRecordWriter(str(tmp / f), "group_size:1") for f in files]
