@@ -21,10 +21,11 @@ kept. One line per stage start and end with the elapsed time and an ETA for the 
 per-stage wall times are printed at the end and written to W/demo_times.json. `--smoke` runs a
 handful of steps per stage (CI: the release is written and can be sampled).
 
-Budget (2-core CPU): 30 minutes. Measured on 2 idle cores: 23 min 56 s in all (VAE 1:55,
-decoders f4..f0 1:37 / 1:20 / 1:17 / 2:04 / 2:46, pretraining 400 steps 4:15, unified tuning
-800 steps 8:15, the two releases 26 s). The MLLM stages (puma.tiny(): 173k trainable
-parameters, 84k frozen CLIP; 8 packed rows of 896 positions per step) run 1.7 steps/s there.
+Budget (2-core CPU): 30 minutes. Measured on 2 idle cores: 23 min 12 s in all (VAE 1800 steps
+3:38, decoders f4..f0 (300 / 300 / 300 / 1000 / 1400 steps) 1:18 / 0:58 / 1:01 / 2:19 / 3:20,
+pretraining 400 steps 3:29, unified tuning 800 steps 6:48, the two releases 20 s). The MLLM
+stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
+positions per step) run about 2 steps/s there.
 Held-out scores of that run: the README, "The tiny PUMA, end to end".
 Then: python -m puma_jax.eval --config=configs/eval/synthetic.py --release=W/release
 """
@@ -46,10 +47,10 @@ from puma_jax.models import pooling
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
 TIMES_FILE = "demo_times.json"
-# Seconds per optimizer step of each stage kind on 2 idle cores (the MLLM's measured at 1.6
-# steps/s; the VAE's and decoders' from their configs' "about 2 minutes" for 600 and 300 steps);
+# Seconds per optimizer step of each stage kind on 2 idle cores (the run in the docstring: VAE
+# 1800 steps in 3:38, decoder f0 1400 in 3:20, unified tuning 800 in 6:48, less the fixed part);
 # the ETA scales them by how much slower the stages that did run were.
-PRIOR_STEP_S = {"vae": 0.17, "decoder": 0.33, "mllm": 0.62}
+PRIOR_STEP_S = {"vae": 0.12, "decoder": 0.14, "mllm": 0.5}
 PRIOR_FIXED_S = 20.0  # per stage: compile, data start, checkpoint, export
 
 
