@@ -5,7 +5,10 @@ CheckpointManager under `workdir/checkpoints` (async, newest `train.keep_checkpo
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -81,6 +84,60 @@ class UnreadableCheckpoint(Exception):
   def __init__(self, step: int, reason: str):
     super().__init__(f"step {step}: {reason}")
     self.step, self.reason = step, reason
+
+
+class _DroppedReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of orbax's array reads.
+
+  When one array of a damaged checkpoint fails to read, orbax's `asyncio.gather` raises the
+  first error and leaves the other reads' errors unretrieved; asyncio logs each, with a
+  TensorStore spec dump, whenever its task is garbage collected, which may be minutes later in
+  the middle of a later run's console. The failure is reported once, naming the step
+  (`UnreadableCheckpoint`), so these echoes are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    return not ("Task exception was never retrieved" in msg and "orbax" in msg)
+
+
+_DROP_READ_ERRORS = _DroppedReadErrors()
+
+
+def _is_orbax_coroutine(obj) -> bool:
+  code = getattr(obj, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
+
+
+def _drop_orbax_unraisable(previous):
+  def hook(unraisable):
+    # a read finishing after its loop closed: TensorStore's callback meets the closed loop
+    late = (
+      unraisable.object is None
+      and isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+    )
+    if not (late or _is_orbax_coroutine(unraisable.object)):
+      previous(unraisable)
+
+  hook.drops_orbax_reads = True
+  return hook
+
+
+def drop_failed_read_echoes() -> None:
+  """After a failed restore (its exception already released): keeps the echoes of orbax's
+  abandoned reads off the console from now on, and collects what can be collected now.
+
+  The echoes: asyncio's "Task exception was never retrieved" records (`_DroppedReadErrors`)
+  and, for reads still suspended in orbax's closed event loop, "Exception ignored in
+  <coroutine>" when the coroutine is finalized (it re-raises its read error on close), often
+  only at interpreter exit, or "Event loop is closed" from a read that completes after its loop
+  closed. Other unraisable errors are reported as before."""
+  log = logging.getLogger("asyncio")
+  if _DROP_READ_ERRORS not in log.filters:
+    log.addFilter(_DROP_READ_ERRORS)
+  if not getattr(sys.unraisablehook, "drops_orbax_reads", False):
+    sys.unraisablehook = _drop_orbax_unraisable(sys.unraisablehook)
+  gc.collect()
 
 
 def _hash_file(path: Path) -> str:

@@ -177,18 +177,18 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
   a = abstract_state(stage, mesh, rules)
   latest = manager.latest_step() if manager is not None else None
   if latest is not None:
+    failure = None
     try:
       checkpoints.check_train_meta(manager, latest, stage.meta())
       state, frozen, data_state = _restore(manager, latest, a)
     except CheckpointError:
       raise  # another model's checkpoint: refuse, touch nothing
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      raise checkpoints.UnreadableCheckpoint(
-        latest,
-        f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if str(e)
-        else f"restore failed: {type(e).__name__}",
-      ) from None
+      first = str(e).splitlines()[0][:200] if str(e) else ""
+      failure = f"restore failed: {type(e).__name__}" + (f": {first}" if first else "")
+    if failure is not None:  # outside `except`: the error's frames (orbax's reads) are freed
+      checkpoints.drop_failed_read_echoes()
+      raise checkpoints.UnreadableCheckpoint(latest, failure)
     rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), a.rest)
     logging.info("restored step %d from %s", latest, manager.directory)
     return Initialized(a, state, frozen, rest, data_state)
