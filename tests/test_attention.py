@@ -110,3 +110,39 @@ def test_splash_under_a_mesh_runs_per_shard_and_equals_xla():
   valid = (np.asarray(seg) > 0)[:, :, None, None]
   want = run("xla")(q, k, v)
   np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_probs_are_the_weights_attention_applies(causal):
+  """`attention_probs` (the diagnostics' weights) times V is `attention` itself, with GQA,
+  packed segments and padding; a padding query sees nothing and gets zero weights."""
+  q, k, v = qkv(t=12, h=4, kvh=2, d=8, seed=3)
+  seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+  p = layers.attention_probs(q, k, is_causal=causal, segment_ids=seg)
+  assert p.shape == (2, 4, 12, 12)
+  out = layers.attention(q, k, v, is_causal=causal, segment_ids=seg)
+  mixed = jnp.einsum("bhts,bshd->bthd", p, jnp.repeat(v, 2, axis=2))
+  real = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(mixed)[real], np.asarray(out)[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(p.sum(-1))[0, :, :10], 1.0, atol=1e-6)
+  assert float(jnp.abs(p[0, :, 10:]).max()) == 0.0  # padding queries
+  assert float(p[0, :, :5, 5:].max()) == 0.0  # no look across segments
+  if causal:
+    assert float(jnp.triu(p, 1).max()) == 0.0
+
+
+def test_capture_records_eager_calls_only():
+  from flax import nnx
+
+  from puma_jax.models import unet_blocks
+
+  kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  attn, self_attn = unet_blocks.Attention(8, 2, kv_dim=6, **kw), unet_blocks.Attention(8, 2, **kw)
+  x, ctx = jnp.ones((1, 4, 8)), jnp.asarray(np.random.RandomState(0).randn(1, 3, 6), jnp.float32)
+  with layers.capture_attention() as got:
+    attn(x, ctx)
+    self_attn(x)
+    jax.jit(lambda x: attn(x, ctx))(x)  # traced: not recorded
+  assert [(kind, w.shape) for kind, w in got] == [("cross", (1, 2, 4, 3)), ("self", (1, 2, 4, 4))]
+  attn(x, ctx)  # outside the context: nothing
+  assert len(got) == 2

@@ -510,6 +510,66 @@ def attention(
   return out.astype(dtype)
 
 
+def attention_probs(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  is_causal: bool = False,
+  scale: float | None = None,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array:
+  """The (B, H, T, S) float32 weights `attention` applies to V for these inputs (K heads
+  repeated for GQA); a query that sees no key gets zeros. For inspection, not for training: the
+  full score matrix is materialized."""
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  h, kvh = q.shape[2], k.shape[2]
+  k = jnp.repeat(k, h // kvh, axis=2)
+  s = jnp.einsum("bthd,bshd->bhts", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+  t, n = q.shape[1], k.shape[1]
+  visible = jnp.ones((1, 1, t, n), bool)
+  if is_causal:
+    visible = visible & jnp.tril(jnp.ones((t, n), bool))[None, None]
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    visible = visible & (same & (segment_ids != 0)[:, None, :])[:, None]
+  if mask is not None:
+    visible = visible & mask
+  s = jnp.where(visible, s, -jnp.inf)
+  top = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  return p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+
+
+# Attention weights for inspection (puma_jax/tools/diagnose_demo.py): inside
+# `capture_attention()`, the attention modules record theirs on eager calls (under a trace,
+# nothing is recorded, so jitted training and sampling are unchanged).
+_CAPTURE = contextvars.ContextVar("attention_capture", default=None)
+
+
+@contextlib.contextmanager
+def capture_attention():
+  """Yields a list that receives (kind, weights) per attention call, in call order: kind
+  "self" or "cross", weights a (B, H, T, S) float32 NumPy array (`attention_probs`)."""
+  got: list = []
+  token = _CAPTURE.set(got)
+  try:
+    yield got
+  finally:
+    _CAPTURE.reset(token)
+
+
+def record_attention(kind: str, q, k, **kw) -> None:
+  """Called by attention modules with their (B, T, H, D) queries and keys (`attention_probs`
+  keywords); a no-op outside `capture_attention` and under a trace."""
+  got = _CAPTURE.get()
+  if got is None or isinstance(q, jax.core.Tracer):
+    return
+  import numpy as np
+
+  got.append((kind, np.asarray(attention_probs(q, k, **kw))))
+
+
 # ----------------------------------------------------------------------------------------------
 # The pre-LN transformer encoder layer of the ViT family (CLIP vision and text towers, DINO's
 # ViT). One implementation; each family keeps its checkpoint layout's attribute names, which are

@@ -296,6 +296,9 @@ class LlamaAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       kv = (k, v)
+    layers.record_attention(
+      "self", q, k, mask=mask.mask, is_causal=mask.causal, segment_ids=mask.segment_ids
+    )
     o = layers.attention(
       q, k, v, mask=mask.mask, is_causal=mask.causal, segment_ids=mask.segment_ids
     )

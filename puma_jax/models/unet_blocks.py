@@ -204,7 +204,9 @@ class Attention(nnx.Module):
       # upcast_attention (SD 2.x) computes scores and softmax in float32.
       return y.astype(jnp.float32) if self.upcast else y
 
-    o = layers.attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+    q, k = split(self.to_q(x)), split(self.to_k(context))
+    layers.record_attention("self" if context is x else "cross", q, k)
+    o = layers.attention(q, k, split(self.to_v(context)))
     return self.to_out(o.astype(self.dtype).reshape(b, t, d))
 
 

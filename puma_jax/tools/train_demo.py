@@ -28,6 +28,7 @@ stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows o
 positions per step) run about 2 steps/s there.
 Held-out scores of that run: the README, "The tiny PUMA, end to end".
 Then: python -m puma_jax.eval --config=configs/eval/synthetic.py --release=W/release
+and: python -m puma_jax.tools.diagnose_demo --workdir=W (why it scores what it scores)
 """
 
 from __future__ import annotations
