@@ -142,3 +142,30 @@ def test_releases_share_the_clip_and_the_baseline_is_random(one_step, tmp_path):
     np.testing.assert_array_equal(pb[f"clip.{k}"], v)
   llm = [k for k in pt if not k.startswith("clip.")]
   assert all(not np.array_equal(pt[k], pb[k]) for k in llm if pt[k].std() > 0)
+
+
+def test_demo_decoders_and_clip_give_both_sides_of_cross_attention_a_place(tmp_path):
+  """docs/DESIGN.md §5: the demo decoders learn where to draw only when the CLIP tokens carry
+  their place and the UNet's queries know theirs. The demo CLIP's tokens carry it (a token's
+  own grid row read from its feature: chance 1/16), a plainly random CLIP's do not."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from configs import decoder
+  from puma_jax import checkpoints
+  from puma_jax.models import clip as clip_lib
+  from puma_jax.tools import diagnose_demo, tiny_release
+
+  assert decoder.get_config("demo_f0").model.decoder.unet.position_code == "sincos2d"
+  for plain in ("tiny_f0", "f0"):
+    assert decoder.get_config(plain).model.decoder.unet.position_code == "none"
+  train_demo.write_clip(tmp_path / "clip", seed=0)
+  demo_clip = checkpoints.load_module(tmp_path / "clip", family="clip-vision")
+  random_clip = tiny_release.random_module(
+    lambda: clip_lib.CLIPVisionModel(clip_lib.tiny(), rngs=nnx.Rngs(0)), 0
+  )
+  images, _ = diagnose_demo.single_shape_scenes("train", 96, 32)
+  x = clip_lib.normalize_uint8(jnp.asarray(images))
+  for model, low, high in ((demo_clip, 0.5, 1.0), (random_clip, 0.0, 0.2)):
+    p = np.asarray(clip_lib.patch_features(model, x))
+    assert low < diagnose_demo.own_row_accuracy(p[:64], p[64:]) < high

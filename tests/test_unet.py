@@ -215,3 +215,35 @@ def test_fp16_variant_file_names(tmp_path_factory, tmp_path):
   got = checkpoints.param_arrays(jm)
   assert sorted(got) == sorted(ref)
   assert max(rel_err(got[k], ref[k]) for k in ref) < 1e-3  # fp16 rounding only
+
+
+def test_position_code_adds_a_place_to_every_transformer_token_and_no_parameter():
+  """UNetConfig.position_code (ours, the demo decoders): the same parameters as SDXL's layout,
+  a different function, and the code itself: one function of the place over the image at every
+  resolution, entries of RMS 1/sqrt(2)."""
+  from puma_jax.models import layers
+
+  code = layers.grid_position_code(16, 16, 32)
+  assert code.shape == (256, 32) and np.sqrt((code**2).mean()) == pytest.approx(0.5**0.5, rel=1e-3)
+  assert np.allclose(code[0, :8], 0.0) and np.allclose(code[0, 8:16], 1.0)  # place (0, 0): y = 0
+  # a 2x2 grid's top-left place sits at (3.5, 3.5) on the 16-cell grid: between cells 3 and 4
+  y = layers.grid_position_code(2, 2, 32)[0, 0]
+  assert y == pytest.approx(np.sin(3.5))
+  with pytest.raises(ValueError, match="position_code='learned'"):
+    unet.tiny_config(position_code="learned")
+
+  def build(code):
+    return unet.UNet2DConditionModel(
+      unet.tiny_config(addition_embed_type=None, position_code=code), rngs=nnx.Rngs(0)
+    )
+
+  plain, placed = build("none"), build("sincos2d")
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(plain) == count(placed)
+  nnx.update(placed, nnx.state(plain, nnx.Param))
+  r = np.random.RandomState(0)
+  x = jnp.asarray(r.randn(1, 16, 16, 4), jnp.float32)
+  ctx = jnp.asarray(r.randn(1, 5, 32), jnp.float32)
+  run = lambda m, x: np.asarray(m(x, jnp.asarray([500]), ctx))
+  a, b = run(plain, x), run(placed, x)
+  assert np.abs(a - b).max() > 1e-3

@@ -510,6 +510,25 @@ def attention(
   return out.astype(dtype)
 
 
+def grid_position_code(h: int, w: int, dim: int, cells: int = 16):
+  """(h * w, dim) float32 NumPy: a fixed 2-D sin-cos code of the places of an h x w grid laid
+  over an image, row-major. Coordinates are measured on a `cells` x `cells` grid over the same
+  image (place (i, j) sits at ((i + 0.5) cells / h - 0.5, ...)), so the codes of grids of any
+  resolution over one image are one function of the place in the image. A quarter of the
+  channels each: sin and cos of y, sin and cos of x, at frequencies 100^(-k / (dim / 4));
+  channels beyond 4 * (dim // 4) are zero. Each entry has RMS 1/sqrt(2)."""
+  import numpy as np
+
+  q = dim // 4
+  freq = 1.0 / (100.0 ** (np.arange(q) / max(q, 1)))
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  y = ((ys + 0.5) * cells / h - 0.5).reshape(-1, 1) * freq
+  x = ((xs + 0.5) * cells / w - 0.5).reshape(-1, 1) * freq
+  code = np.zeros((h * w, dim), np.float32)
+  code[:, : 4 * q] = np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], 1)
+  return code
+
+
 def attention_probs(
   q: jax.Array,
   k: jax.Array,

@@ -82,12 +82,19 @@ class UNetConfig(ModelConfig):
   time_embedding_dim: int | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  # (ours, not in SDXL or diffusers) "sincos2d": every transformer block's tokens get a fixed
+  # 2-D sin-cos code of their place (layers.grid_position_code) after proj_in, so that the
+  # cross-attention queries know where they are. The demo decoders only (docs/DESIGN.md §5);
+  # "none" is SDXL. No parameters: converted weights load either way.
+  position_code: str = "none"
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
     n = len(self.down_block_types)
     name = type(self).__name__
+    if self.position_code not in ("none", "sincos2d"):
+      raise ValueError(f"{name}: position_code={self.position_code!r}; choose none or sincos2d")
     if len(self.up_block_types) != n or len(self.block_out_channels) != n:
       raise ValueError(
         f"{name}: down_block_types ({n}), up_block_types "

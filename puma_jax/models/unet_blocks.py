@@ -268,6 +268,7 @@ class Transformer2DModel(nnx.Module):
     groups: int,
     upcast: bool,
     remat: bool,
+    position_code: str = "none",
     dtype,
     param_dtype,
     rngs,
@@ -275,7 +276,7 @@ class Transformer2DModel(nnx.Module):
     if ch % heads:
       raise ValueError(f"Transformer2DModel: {ch} channels not divisible by {heads} heads")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.remat = remat
+    self.remat, self.position_code = remat, position_code
     self.norm = layers.GroupNorm(groups, ch, eps=1e-6, **kw)
     self.proj_in = layers.Dense(ch, ch, axes=("conv_in", "embed"), rngs=rngs, **kw)
     self.transformer_blocks = nnx.List(
@@ -290,6 +291,8 @@ class Transformer2DModel(nnx.Module):
     b, h, w, c = x.shape
     residual = x
     t = self.proj_in(self.norm(x).reshape(b, h * w, c))
+    if self.position_code == "sincos2d":  # UNetConfig.position_code
+      t = t + jnp.asarray(layers.grid_position_code(h, w, c), t.dtype)
     t = sharding.constrain(t, TOKENS)
     # Rematerialization keeps only each block's input for the backward pass: the attention
     # scores and GEGLU activations (the bulk of training memory at 128x128 latents) are recomputed.
@@ -346,6 +349,7 @@ class DownBlock(nnx.Module):
             tlayers[j],
             groups=cfg.norm_num_groups,
             upcast=cfg.upcast_attention,
+            position_code=cfg.position_code,
             remat=remat,
             **kw,
           )
@@ -399,6 +403,7 @@ class MidBlock(nnx.Module):
           n,
           groups=cfg.norm_num_groups,
           upcast=cfg.upcast_attention,
+          position_code=cfg.position_code,
           remat=remat,
           **kw,
         )
@@ -462,6 +467,7 @@ class UpBlock(nnx.Module):
             tlayers[j],
             groups=cfg.norm_num_groups,
             upcast=cfg.upcast_attention,
+            position_code=cfg.position_code,
             remat=remat,
             **kw,
           )

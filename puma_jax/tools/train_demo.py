@@ -21,9 +21,11 @@ kept. One line per stage start and end with the elapsed time and an ETA for the 
 per-stage wall times are printed at the end and written to W/demo_times.json. `--smoke` runs a
 handful of steps per stage (CI: the release is written and can be sampled).
 
-Budget (2-core CPU): 30 minutes. Measured on 2 idle cores: 23 min 12 s in all (VAE 1800 steps
-3:38, decoders f4..f0 (300 / 300 / 300 / 1000 / 1400 steps) 1:18 / 0:58 / 1:01 / 2:19 / 3:20,
-pretraining 400 steps 3:29, unified tuning 800 steps 6:48, the two releases 20 s). The MLLM
+Budget (2-core CPU): 30 minutes. Measured on 2 idle cores with the previous recipe: 23 min 12 s
+in all (VAE 1800 steps 3:38, decoders f4..f0 (300 / 300 / 300 / 1000 / 1400 steps) 1:18 / 0:58
+/ 1:01 / 2:19 / 3:20, pretraining 400 steps 3:29, unified tuning 800 steps 6:48, the two
+releases 20 s). The current decoders (200 / 200 / 200 / 2400 / 4000 steps, configs/decoder.py)
+take about 7 minutes more by those per-step times: about 30 minutes, not yet measured. The MLLM
 stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
 positions per step) run about 2 steps/s there.
 Held-out scores of that run: the README, "The tiny PUMA, end to end".
@@ -178,18 +180,38 @@ def plan(workdir: Path, seed: int = 0) -> list[Stage]:
   return stages
 
 
+# The demo CLIP's position code: RMS of each entry (about the patch embedding's). docs/DESIGN.md §5
+CLIP_POSITION_RMS = 2.0
+
+
 def write_clip(dst: Path, seed: int) -> None:
-  """The demo's shared random CLIP (the tiny CLIP of puma.tiny(), seeded)."""
+  """The demo's shared CLIP, standing in for a pretrained one (none can be downloaded here):
+  the tiny CLIP of puma.tiny() with seeded random weights, except its position embedding, a
+  fixed 2-D sin-cos code of each patch's place (`layers.grid_position_code`, entry RMS
+  `CLIP_POSITION_RMS`; the class token's row zero). Random position embeddings are small beside
+  the patch embedding and the random layers mix the tokens: measured, such a CLIP's tokens are
+  1% position in variance, and no decoder learned where to draw from them (docs/DESIGN.md §5)."""
+  import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
 
   from puma_jax import checkpoints
-  from puma_jax.models import clip as clip_lib
+  from puma_jax.models import clip as clip_lib, layers
   from puma_jax.tools import tiny_release
 
   cfg = clip_lib.tiny()
   model = tiny_release.random_module(lambda: clip_lib.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)), seed)
+  grid = cfg.image_size // cfg.patch_size
+  code = layers.grid_position_code(grid, grid, cfg.hidden_size, cells=grid)
+  code = code * (CLIP_POSITION_RMS * np.sqrt(2.0))  # the code's entries have RMS 1/sqrt(2)
+  table = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), code])
+  model.embeddings.position_embedding.embedding[...] = jnp.asarray(table)
   checkpoints.save_module(
-    dst, "clip-vision", cfg, model, source=f"puma_jax.tools.train_demo (random, seed {seed})"
+    dst,
+    "clip-vision",
+    cfg,
+    model,
+    source=f"puma_jax.tools.train_demo (random, seed {seed}; 2-D sin-cos position code)",
   )
 
 
