@@ -24,8 +24,8 @@ handful of steps per stage (CI: the release is written and can be sampled).
 Budget (2-core CPU): 30 minutes. Measured on 2 idle cores with the previous recipe: 23 min 12 s
 in all (VAE 1800 steps 3:38, decoders f4..f0 (300 / 300 / 300 / 1000 / 1400 steps) 1:18 / 0:58
 / 1:01 / 2:19 / 3:20, pretraining 400 steps 3:29, unified tuning 800 steps 6:48, the two
-releases 20 s). The current decoders (200 / 200 / 200 / 2400 / 4000 steps, configs/decoder.py)
-take about 7 minutes more by those per-step times: about 30 minutes, not yet measured. The MLLM
+releases 20 s). The current decoders (200 / 200 / 200 / 1000 / 4000 steps, configs/decoder.py)
+take about 4 minutes more by those per-step times: about 27 minutes, not yet measured. The MLLM
 stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
 positions per step) run about 2 steps/s there.
 Held-out scores of that run: the README, "The tiny PUMA, end to end".
