@@ -272,3 +272,38 @@ def test_checkpoint_of_an_older_format_resumes_and_another_structure_is_refused(
     loop.train_and_evaluate(config(total=6), str(other))
   assert tree_digest(other / "checkpoints") == before
   assert not (other / "checkpoints.unreadable").exists()
+
+
+def test_echoes_of_orbax_failed_reads_are_dropped_and_nothing_else():
+  """The records asyncio logs for a damaged checkpoint's abandoned reads (a task's or the
+  gather's "exception was never retrieved", the exception raised in orbax's code) are dropped
+  once a restore has failed; other records, and the same message for other code, are kept."""
+  import logging
+
+  def raised_in(filename: str) -> BaseException:
+    code = compile(
+      "raise Exception('Encountered error while reading array index')", filename, "exec"
+    )
+    try:
+      exec(code, {})
+    except Exception as e:  # noqa: BLE001
+      return e
+    raise AssertionError("not raised")
+
+  def record(msg, exc):
+    info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, msg, None, info)
+
+  checkpoints.drop_failed_read_echoes()
+  assert checkpoints._DROP_READ_ERRORS in logging.getLogger("asyncio").filters
+  keep = checkpoints._DROP_READ_ERRORS.filter
+  orbax = raised_in("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+  other = raised_in("/site-packages/mylib/io.py")
+  future = "\nfuture: <_GatheringFuture finished exception=Exception('...')>"
+  assert not keep(record("_GatheringFuture exception was never retrieved" + future, orbax))
+  assert not keep(record("Task exception was never retrieved" + future, orbax))
+  wrapped = Exception("wrapper")
+  wrapped.__cause__ = orbax
+  assert not keep(record("Task exception was never retrieved", wrapped))
+  assert keep(record("Task exception was never retrieved" + future, other))
+  assert keep(record("some other asyncio error", orbax))

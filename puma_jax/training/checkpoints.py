@@ -87,17 +87,29 @@ class UnreadableCheckpoint(Exception):
 
 
 class _DroppedReadErrors(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" records of orbax's array reads.
+  """Drops asyncio's "... exception was never retrieved" records of orbax's array reads.
 
   When one array of a damaged checkpoint fails to read, orbax's `asyncio.gather` raises the
-  first error and leaves the other reads' errors unretrieved; asyncio logs each, with a
-  TensorStore spec dump, whenever its task is garbage collected, which may be minutes later in
-  the middle of a later run's console. The failure is reported once, naming the step
-  (`UnreadableCheckpoint`), so these echoes are dropped."""
+  first error and leaves the other reads' errors (and the gather's own future) unretrieved;
+  asyncio logs each, with a TensorStore spec dump, whenever it is garbage collected, which may
+  be minutes later in the middle of a later run's console. The failure is reported once,
+  naming the step (`UnreadableCheckpoint`), so these echoes are dropped: a record is one when
+  its message says so and its exception was raised in orbax's code."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    msg = str(record.msg)
-    return not ("Task exception was never retrieved" in msg and "orbax" in msg)
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+      seen.add(id(exc))
+      tb = exc.__traceback__
+      while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+          return False
+        tb = tb.tb_next
+      exc = exc.__cause__ or exc.__context__
+    return "orbax" not in str(record.msg)
 
 
 _DROP_READ_ERRORS = _DroppedReadErrors()
