@@ -489,8 +489,7 @@ def attention(
   if impl == "splash":
     return _splash(q, k, v, segment_ids, is_causal, scale).astype(dtype)
   if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    same = (same & (segment_ids != 0)[:, None, :])[:, None]
+    same = segment_mask(segment_ids)
     mask = same if mask is None else mask & same
   if impl == "cudnn":
     return jax.nn.dot_product_attention(
@@ -508,6 +507,13 @@ def attention(
     implementation="xla",
   )
   return out.astype(dtype)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """(B, 1, T, T) bool from (B, T) segment ids: a query sees the keys of its own segment, and no
+  query sees padding (id 0)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same & (segment_ids != 0)[:, None, :])[:, None]
 
 
 def grid_position_code(h: int, w: int, dim: int, cells: int = 16):
@@ -550,8 +556,7 @@ def attention_probs(
   if is_causal:
     visible = visible & jnp.tril(jnp.ones((t, n), bool))[None, None]
   if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    visible = visible & (same & (segment_ids != 0)[:, None, :])[:, None]
+    visible = visible & segment_mask(segment_ids)
   if mask is not None:
     visible = visible & mask
   s = jnp.where(visible, s, -jnp.inf)

@@ -133,8 +133,10 @@ def x_centroid(img: np.ndarray, background: str) -> float:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+  """Mean per-image PSNR in dB of uint8 image batches (`evaluation.metrics.psnr`, as the eval)."""
+  from puma_jax.evaluation import metrics
+
+  return float(np.mean(metrics.psnr(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0)))
 
 
 # -- the held-out scenes --------------------------------------------------------------------------
@@ -224,7 +226,10 @@ def vae_section(vae, images, scenes) -> tuple[dict, np.ndarray]:
   return _checks(out, images, scenes), out
 
 
-def decoder_section(pipe, scale: str, images, scenes, seed: int) -> tuple[dict, list]:
+def decoder_section(
+  pipe, scale: str, images, scenes, patches, mirror_patches, seed: int
+) -> tuple[dict, list]:
+  """`patches` / `mirror_patches`: the CLIP patch tokens of `images` and of their mirror images."""
   import jax
   import jax.numpy as jnp
 
@@ -232,10 +237,9 @@ def decoder_section(pipe, scale: str, images, scenes, seed: int) -> tuple[dict, 
   from puma_jax.models import layers, pooling
 
   tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
-  clip = pipe.model.clip
   mirror = images[:, :, ::-1].copy()
-  feats = pooling.pool(jnp.asarray(_patches(clip, images)), tokens)
-  mfeats = pooling.pool(jnp.asarray(_patches(clip, mirror)), tokens)
+  feats = pooling.pool(jnp.asarray(patches), tokens)
+  mfeats = pooling.pool(jnp.asarray(mirror_patches), tokens)
   seeds = [seed + i for i in range(len(images))]
   out = pipe.decode_features(scale, np.asarray(feats), seeds)
   mout = pipe.decode_features(scale, np.asarray(mfeats), seeds)
@@ -442,8 +446,11 @@ def diagnose(
   log(f"clip and probes ({time.time() - t0:.0f} s)")
   r["vae"], vae_out = vae_section(pipe.vae, images, scenes)
   r["decoders"], pngs = {}, {}
+  mirror_p = _patches(clip, images[:, :, ::-1].copy())
   for s in scales:
-    r["decoders"][s], pngs[s] = decoder_section(pipe, s, images, scenes, seed=1000)
+    r["decoders"][s], pngs[s] = decoder_section(
+      pipe, s, images, scenes, test_p, mirror_p, seed=1000
+    )
     log(f"decoder {s} ({time.time() - t0:.0f} s)")
   r["mllm"] = mllm_section(pipe, images, scenes)
   log(f"mllm ({time.time() - t0:.0f} s)")
