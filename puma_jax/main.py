@@ -41,4 +41,5 @@ def _expected():
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(cli.run(main, doc=__doc__, expected=_expected))

@@ -717,4 +717,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   raise SystemExit(main())

@@ -88,13 +88,26 @@ def test_smoke_report_on_a_random_release(tmp_path):
   out = tmp_path / "diagnose"
   assert json.loads((out / "report.json").read_text())["n"] == 2
   md = (out / "report.md").read_text()
-  for heading in ("CLIP patch tokens", "Probes", "Reconstruction", "cross-attention", "MLLM"):
+  for heading in (
+    "CLIP patch tokens",
+    "Probes",
+    "Reconstruction",
+    "cross-attention",
+    "MLLM text",
+    "MLLM, colour",
+  ):
     assert heading in md
   assert (out / "recon.png").stat().st_size > 0
   att = r["decoders"]["f4"]["cross_attention"]
   assert set(att) == set(D.NOISE_LEVELS)
   # one feature token: attention is trivially that token's
   assert att[100]["entropy"] == 0.0
+  t2i = r["t2i"]["f4"]
+  assert set(t2i) == {"feature_variance", "generated", "teacher_forced"}
+  # f4 is the first slot: generated and teacher forced, it is predicted from the same prefix
+  assert t2i["generated"]["feature_mse"] == pytest.approx(
+    t2i["teacher_forced"]["feature_mse"], rel=1e-4
+  )
   layers = r["mllm"]["answer_attention"]
   assert len(layers) >= 1 and all(0 <= a["image_mass"] <= 1 for a in layers)
   with pytest.raises(ValueError, match="--scales"):

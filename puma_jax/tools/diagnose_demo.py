@@ -6,8 +6,9 @@ eval's checks (README, "The tiny PUMA, end to end"; docs/DESIGN.md §5).
 W is a `train_demo` workdir: its release (W/release: CLIP, decoders, VAE, PumaModel) is read.
 Writes W/diagnose/report.md (the tables), report.json (the same figures) and recon.png (rows:
 held-out scenes, their VAE round trip, then per scale the reconstruction of each scene and of
-its mirror image). Every figure is on held-out single-shape scenes of the synthetic set
-(`--n` of them) unless it says otherwise. Sections:
+its mirror image, then per scale the MLLM's generated and teacher-forced pictures). Every figure
+is on held-out single-shape scenes of the synthetic set (`--n` of them) unless it says
+otherwise. Sections:
 
   clip     Do the frozen CLIP's patch tokens say where they are? Shares of their variance that
            is the token's position (mean over images), the image's (mean over tokens), and the
@@ -23,6 +24,11 @@ its mirror image). Every figure is on held-out single-shape scenes of the synthe
            place, each as a multiple of their share of the tokens (1 = no preference), and how
            much the weights depend on the query (mean total-variation distance of a query's
            weights from the mean query's; 0 = every place reads the same mixture).
+  t2i      Per scale, the MLLM's text-to-image from each scene's caption, decoded with the
+           same seeds two ways: from the features it generates (fed back slot by slot, as the
+           eval does) and from its teacher-forced predictions (the true features as inputs, as
+           in training): PSNR, colour / cell checks, and the features' MSE against the scene's
+           own (next to their variance over the scenes). Rows of recon.png after the scales.
   mllm     Colour questions ("What colour is the {shape} at the {place}?"): forced choice over
            the colours (the answer "It is C." of highest log-probability; the background's
            colour excluded) and where the position that predicts the colour looks,
@@ -35,6 +41,7 @@ Sampling: DDPM, 25 steps, guidance 2.0 (`--steps`, `--guidance`), seeds 1000 + i
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,6 +278,59 @@ def decoder_section(
   return rec, [out, mirror, mout]
 
 
+def teacher_forced_features(pipe, scale: str, captions, images) -> np.ndarray:
+  """(n, tokens, F): the MLLM's predictions of `scale`'s slots for the t2i rows `caption` ->
+  `image`, teacher forced (one pass with the image's true features as inputs, as in training:
+  each slot predicted from the true slots before it)."""
+  import jax.numpy as jnp
+
+  from puma_jax import sequence as seq
+  from puma_jax.data import rows
+  from puma_jax.models import clip as clip_lib, pooling, puma
+
+  model = pipe.model
+  k = pooling.scale_index(scale)
+  enc = rows.MLLMEncoder(pipe.encode, pipe.special, 1024, 1, model.config.clip.image_size)
+  slot_scale, slot_pos = np.asarray(puma.SLOT_SCALE), np.asarray(puma.SLOT_POS)
+  out = []
+  for cap, img in zip(captions, images):
+    built = seq.build(seq.t2i(cap), pipe.encode, pipe.special, "t2i", num_images=1)
+    row = enc.row([rows.Encoded(built, [img], "diagnose", cap)], 1)
+    row.pop("num_images", None)
+    batch = {key: jnp.asarray(v[None]) for key, v in row.items()}
+    batch["images"] = clip_lib.normalize_uint8(batch["images"])
+    pred = np.asarray(model(batch, logits=False)["feature_pred"][0])
+    idx, tok = np.asarray(row["image_index"]), np.asarray(row["image_token"])
+    # position p predicts the slot at p + 1
+    at = np.array(
+      [p for p in range(len(idx) - 1) if idx[p + 1] >= 0 and slot_scale[tok[p + 1]] == k]
+    )
+    out.append(pred[at[np.argsort(slot_pos[tok[at + 1]])]])
+  return np.stack(out)
+
+
+def t2i_section(pipe, scale: str, images, scenes, true_feats, seed: int) -> tuple[dict, list]:
+  """Text-to-image at `scale` from each scene's caption, two ways: the MLLM generating its own
+  features (what the eval scores: the head's prediction fed back slot by slot) and teacher
+  forced (`teacher_forced_features`). Same decoder and seeds for both; `true_feats`: the
+  scenes' own features at `scale` (their decoding is the decoder's reconstruction)."""
+  from puma_jax.data import synthetic as S
+
+  captions = [S.caption(sc)[0] for sc in scenes]
+  gen = np.asarray(pipe.text_to_image(captions, (scale,), return_features=True)[scale])
+  forced = teacher_forced_features(pipe, scale, captions, images)
+  seeds = [seed + i for i in range(len(images))]
+  true_feats = np.asarray(true_feats)
+  var = float(((true_feats - true_feats.mean(0)) ** 2).mean())
+  out, pics = {"feature_variance": var}, []
+  for name, f in (("generated", gen), ("teacher_forced", forced)):
+    pic = pipe.decode_features(scale, f, seeds)
+    out[name] = _checks(pic, images, scenes)
+    out[name]["feature_mse"] = float(((f - true_feats) ** 2).mean())
+    pics.append(pic)
+  return out, pics
+
+
 def mllm_section(pipe, images, scenes) -> dict:
   import jax
   import jax.numpy as jnp
@@ -387,6 +447,19 @@ def markdown(r: dict) -> str:
         f"| {s} | {t} | {a['entropy']:.2f} | {a.get('shape_tokens_x', float('nan')):.1f} | "
         f"{a.get('own_place_x', float('nan')):.2f} | {a['query_dependence']:.2f} |"
       )
+  lines += [
+    "",
+    "## MLLM text-to-image (caption -> features -> decoder)",
+    "| scale | features | PSNR dB | colour | cell | feature MSE (their variance) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for s, d in r.get("t2i", {}).items():
+    for name in ("generated", "teacher_forced"):
+      e = d[name]
+      lines.append(
+        f"| {s} | {name.replace('_', ' ')} | {e['psnr']:.1f} | {_pct(e['colour'])} | "
+        f"{_pct(e['cell'])} | {e['feature_mse']:.3f} ({d['feature_variance']:.3f}) |"
+      )
   m = r["mllm"]
   lines += [
     "",
@@ -402,13 +475,15 @@ def markdown(r: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_png(path: Path, images, vae_out, per_scale: dict) -> None:
+def write_png(path: Path, images, vae_out, per_scale: dict, t2i: dict | None = None) -> None:
   from PIL import Image
 
   k = min(len(images), 12)
   rows = [images[:k], vae_out[:k]]
   for out, mirror, mout in per_scale.values():
     rows += [out[:k], mirror[:k], mout[:k]]
+  for generated, forced in (t2i or {}).values():
+    rows += [generated[:k], forced[:k]]
   grid = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)
   Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
 
@@ -422,9 +497,12 @@ def diagnose(
   out=None,
   log=print,
 ) -> dict:
+  import jax.numpy as jnp
+
   from puma_jax import release as release_lib
   from puma_jax.diffusion import sampler as sampler_lib
   from puma_jax.inference import pipelines
+  from puma_jax.models import pooling
 
   root = Path(workdir)
   rel_dir = root / "release" if (root / "release").is_dir() else root
@@ -452,13 +530,19 @@ def diagnose(
       pipe, s, images, scenes, test_p, mirror_p, seed=1000
     )
     log(f"decoder {s} ({time.time() - t0:.0f} s)")
+  r["t2i"], t2i_pngs = {}, {}
+  for s in scales:
+    tokens = pooling.SCALE_TOKENS[pooling.scale_index(s)]
+    true_feats = np.asarray(pooling.pool(jnp.asarray(test_p), tokens))
+    r["t2i"][s], t2i_pngs[s] = t2i_section(pipe, s, images, scenes, true_feats, seed=1000)
+    log(f"t2i {s} ({time.time() - t0:.0f} s)")
   r["mllm"] = mllm_section(pipe, images, scenes)
   log(f"mllm ({time.time() - t0:.0f} s)")
   dst = Path(out) if out else root / "diagnose"
   dst.mkdir(parents=True, exist_ok=True)
   (dst / "report.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
   (dst / "report.md").write_text(markdown(r))
-  write_png(dst / "recon.png", images, vae_out, pngs)
+  write_png(dst / "recon.png", images, vae_out, pngs, t2i_pngs)
   log(f"wrote {dst / 'report.md'}, report.json, recon.png")
   return r
 
@@ -481,6 +565,10 @@ def _main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # TensorFlow (only tensorboard's writer, under clu) prints C++ INFO lines at import otherwise
+  # (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; TensorFlow computes nothing here)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from puma_jax import cli
 
   argv = sys.argv if argv is None else ["python -m puma_jax.tools.diagnose_demo", *argv]

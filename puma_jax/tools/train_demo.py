@@ -21,13 +21,11 @@ kept. One line per stage start and end with the elapsed time and an ETA for the 
 per-stage wall times are printed at the end and written to W/demo_times.json. `--smoke` runs a
 handful of steps per stage (CI: the release is written and can be sampled).
 
-Budget (2-core CPU): 30 minutes. Measured on 2 idle cores with the previous recipe: 23 min 12 s
-in all (VAE 1800 steps 3:38, decoders f4..f0 (300 / 300 / 300 / 1000 / 1400 steps) 1:18 / 0:58
-/ 1:01 / 2:19 / 3:20, pretraining 400 steps 3:29, unified tuning 800 steps 6:48, the two
-releases 20 s). The current decoders (200 / 200 / 200 / 1000 / 4000 steps, configs/decoder.py)
-take about 4 minutes more by those per-step times: about 27 minutes, not yet measured. The MLLM
-stages (puma.tiny(): 173k trainable parameters, 84k frozen CLIP; 8 packed rows of 896
-positions per step) run about 2 steps/s there.
+Budget (2-core CPU): 30 minutes. Measured on 2 idle cores (2026-12-02): 29 min 42 s in all
+(VAE 1800 steps 4:09, decoders f4..f0 (200 / 200 / 200 / 200 / 4000 steps) 1:25 / 0:58 / 0:55
+/ 0:54 / 10:07, pretraining 400 steps 4:13, unified tuning 600 steps 6:31, the two releases
+29 s); stage times vary by 10-20% between runs. The MLLM stages (puma.tiny(): 173k trainable
+parameters, 84k frozen CLIP; 8 packed rows of 896 positions per step) run 1.6-2 steps/s.
 Held-out scores of that run: the README, "The tiny PUMA, end to end".
 Then: python -m puma_jax.eval --config=configs/eval/synthetic.py --release=W/release
 and: python -m puma_jax.tools.diagnose_demo --workdir=W (why it scores what it scores)
@@ -38,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,10 +49,10 @@ from puma_jax.models import pooling
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
 TIMES_FILE = "demo_times.json"
-# Seconds per optimizer step of each stage kind on 2 idle cores (the run in the docstring: VAE
-# 1800 steps in 3:38, decoder f0 1400 in 3:20, unified tuning 800 in 6:48, less the fixed part);
+# Seconds per optimizer step of each stage kind on 2 idle cores (a full run on 2026-12-02: VAE
+# 1800 steps in 4:24, decoder f0 4000 in 9:43, unified tuning 800 in 8:09, less the fixed part);
 # the ETA scales them by how much slower the stages that did run were.
-PRIOR_STEP_S = {"vae": 0.12, "decoder": 0.14, "mllm": 0.5}
+PRIOR_STEP_S = {"vae": 0.14, "decoder": 0.14, "mllm": 0.58}
 PRIOR_FIXED_S = 20.0  # per stage: compile, data start, checkpoint, export
 
 
@@ -386,6 +385,10 @@ def _main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
+  # TensorFlow (only tensorboard's writer, under clu) prints C++ INFO lines at import otherwise
+  # (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; TensorFlow computes nothing here)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from puma_jax import cli
   from puma_jax.training import loop
 
