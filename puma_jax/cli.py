@@ -43,6 +43,7 @@ def run(
   `expected` may be a function returning the tuple, for entry points that import the modules
   defining their exceptions lazily (to keep `--help` fast).
   """
+  quiet_tensorflow()
   fv = flags.FLAGS if flag_values is None else flag_values
   argv = list(sys.argv if argv is None else argv)
   options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
@@ -71,6 +72,16 @@ def run(
       return _fail(e)
     raise
   return 0 if code is None else int(code)
+
+
+def quiet_tensorflow() -> None:
+  """Keeps TensorFlow's C++ INFO lines off the console (it is imported only for TensorBoard's
+  summary writer, under clu, and computes nothing here). `TF_ENABLE_ONEDNN_OPTS=0` silences the
+  "oneDNN custom operations are on" notice, which ignores `TF_CPP_MIN_LOG_LEVEL`. Both are
+  defaults: a value the user set is kept. Effective only before TensorFlow is imported, which
+  every entry point does after `run` starts."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 class ConfigArgError(ValueError):

@@ -14,7 +14,6 @@ synthetic protocol and `<R>_eval_<protocol>` for the others.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -89,6 +88,4 @@ def _expected():
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(cli.run(main, doc=__doc__, expected=_expected))

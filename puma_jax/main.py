@@ -7,7 +7,6 @@ Thin on purpose (as in the Flax examples): parse flags, check the stage name aga
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -40,6 +39,4 @@ def _expected():
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(cli.run(main, doc=__doc__, expected=_expected))

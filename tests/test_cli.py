@@ -1,5 +1,6 @@
 """puma_jax.cli: the shared entry-point runner (flags, --help, exit codes)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,17 @@ def test_positional_args_and_flags_reach_main():
     == 7
   )
   assert seen == [(["prog", "fam"], "a", 3), (["prog"], "b", 1)]
+
+
+def test_run_keeps_tensorflow_quiet_but_respects_the_user(monkeypatch):
+  # Every entry point goes through cli.run before it imports TensorFlow (for TensorBoard).
+  monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+  seen = []
+  fv = flags.FlagValues()
+  assert cli.run(lambda argv: seen.append(dict(os.environ)), ["prog"], flag_values=fv) == 0
+  assert seen[0]["TF_ENABLE_ONEDNN_OPTS"] == "0"
+  assert seen[0]["TF_CPP_MIN_LOG_LEVEL"] == "1"  # the user's value is kept
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,6 @@ Sampling: DDPM, 25 steps, guidance 2.0 (`--steps`, `--guidance`), seeds 1000 + i
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from absl import app, flags
 
 NOISE_LEVELS = (100, 500, 900)  # timesteps at which cross-attention is measured
 PROBE_TRAIN = 400  # training scenes the probes and the row means are fitted on
+BATCH = 16  # MLLM rows per forward pass in the t2i and MLLM sections
 GRID = 16  # the CLIP patch grid (configs/clip.py:tiny, like ViT-L/14 at 224)
 
 
@@ -234,19 +234,18 @@ def vae_section(vae, images, scenes) -> tuple[dict, np.ndarray]:
 
 
 def decoder_section(
-  pipe, scale: str, images, scenes, patches, mirror_patches, seed: int
+  pipe, scale: str, images, scenes, feats, mirror_feats, seed: int
 ) -> tuple[dict, list]:
-  """`patches` / `mirror_patches`: the CLIP patch tokens of `images` and of their mirror images."""
+  """`feats` / `mirror_feats`: `scale`'s CLIP features of `images` and of their mirror images."""
   import jax
   import jax.numpy as jnp
 
   from puma_jax.diffusion import schedulers as S
-  from puma_jax.models import layers, pooling
+  from puma_jax.models import layers
 
-  tokens = pooling.SCALE_TOKENS[pooling.scale_index(scale)]
+  tokens = feats.shape[1]
   mirror = images[:, :, ::-1].copy()
-  feats = pooling.pool(jnp.asarray(patches), tokens)
-  mfeats = pooling.pool(jnp.asarray(mirror_patches), tokens)
+  feats, mfeats = jnp.asarray(feats), jnp.asarray(mirror_feats)
   seeds = [seed + i for i in range(len(images))]
   out = pipe.decode_features(scale, np.asarray(feats), seeds)
   mout = pipe.decode_features(scale, np.asarray(mfeats), seeds)
@@ -292,20 +291,24 @@ def teacher_forced_features(pipe, scale: str, captions, images) -> np.ndarray:
   k = pooling.scale_index(scale)
   enc = rows.MLLMEncoder(pipe.encode, pipe.special, 1024, 1, model.config.clip.image_size)
   slot_scale, slot_pos = np.asarray(puma.SLOT_SCALE), np.asarray(puma.SLOT_POS)
-  out = []
+  batch_rows = []
   for cap, img in zip(captions, images):
     built = seq.build(seq.t2i(cap), pipe.encode, pipe.special, "t2i", num_images=1)
-    row = enc.row([rows.Encoded(built, [img], "diagnose", cap)], 1)
-    row.pop("num_images", None)
-    batch = {key: jnp.asarray(v[None]) for key, v in row.items()}
+    batch_rows.append(enc.row([rows.Encoded(built, [img], "diagnose", cap)], 1))
+  out = []
+  for i in range(0, len(batch_rows), BATCH):  # padded rows of one length: one pass per BATCH
+    part = batch_rows[i : i + BATCH]
+    batch = {key: jnp.asarray(np.stack([r[key] for r in part])) for key in part[0]}
+    batch.pop("num_images", None)
     batch["images"] = clip_lib.normalize_uint8(batch["images"])
-    pred = np.asarray(model(batch, logits=False)["feature_pred"][0])
-    idx, tok = np.asarray(row["image_index"]), np.asarray(row["image_token"])
-    # position p predicts the slot at p + 1
-    at = np.array(
-      [p for p in range(len(idx) - 1) if idx[p + 1] >= 0 and slot_scale[tok[p + 1]] == k]
-    )
-    out.append(pred[at[np.argsort(slot_pos[tok[at + 1]])]])
+    preds = np.asarray(model(batch, logits=False)["feature_pred"])
+    for row, pred in zip(part, preds):
+      idx, tok = np.asarray(row["image_index"]), np.asarray(row["image_token"])
+      # position p predicts the slot at p + 1
+      at = np.array(
+        [p for p in range(len(idx) - 1) if idx[p + 1] >= 0 and slot_scale[tok[p + 1]] == k]
+      )
+      out.append(pred[at[np.argsort(slot_pos[tok[at + 1]])]])
   return np.stack(out)
 
 
@@ -332,8 +335,13 @@ def t2i_section(pipe, scale: str, images, scenes, true_feats, seed: int) -> tupl
 
 
 def mllm_section(pipe, images, scenes) -> dict:
+  """The MLLM's answer to "What colour is the <shape> at the <cell>?" by forced choice (the
+  candidate answer "It is <colour>." of highest log-likelihood, the background's colour left
+  out), and where the position predicting the colour's first token looks: its attention mass
+  on each scale's slots and, within f0, on the shape's slots relative to their share."""
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from puma_jax.data import parse, rows
   from puma_jax.data import synthetic as S
@@ -347,42 +355,63 @@ def mllm_section(pipe, images, scenes) -> dict:
   lead = pipe.encode("It is ")
   fg = shape_patches(images, [sc.background for sc in scenes], 256)
   slot_scale, slot_pos = np.asarray(puma.SLOT_SCALE), np.asarray(puma.SLOT_POS)
-  hits, chance, layers_stats = [], [], []
+  batch_rows = []  # scene b's candidate j at b * len(colours) + j
   for b, (img, sc) in enumerate(zip(images, scenes)):
     shape = sc.shapes[0]
     q = f"<image>\nWhat colour is the {shape.kind} at the {S.CELLS[shape.cell]}?"
-    batch_rows = []
     for c in colours:
       conv = [{"from": "human", "value": q}, {"from": "gpt", "value": f"It is {c}."}]
-      ex = parser({"key": f"d{b}", "image": img, "conversations": conv})
-      batch_rows.append(enc(ex))
-    batch = {k: jnp.asarray(np.stack([r[k] for r in batch_rows])) for k in batch_rows[0]}
+      batch_rows.append(enc(parser({"key": f"d{b}", "image": img, "conversations": conv})))
+
+  def stack(part):
+    batch = {k: jnp.asarray(np.stack([r[k] for r in part])) for k in part[0]}
     batch.pop("num_images", None)
     batch["images"] = clip_lib.normalize_uint8(batch["images"])
-    tok = np.asarray(batch_rows[0]["tokens"])
-    starts = [p for p in range(len(tok) - len(lead)) if list(tok[p : p + len(lead)]) == lead]
-    answer_at = starts[-1] + len(lead) - 1  # predicts the colour word's first byte
-    with layers.capture_attention() as got:
-      out = model(batch)
-    logp = jax.nn.log_softmax(out["logits"], -1)
-    tgt, mask = np.asarray(batch["text_target"]), np.asarray(batch["text_mask"])
-    lp = (np.take_along_axis(np.asarray(logp), tgt[..., None], -1)[..., 0] * mask).sum(-1)
+    return batch
+
+  graph, state = nnx.split(model)
+
+  @jax.jit
+  def answer_logp(state, batch):  # (B,): log-likelihood of each row's supervised answer
+    logp = jax.nn.log_softmax(nnx.merge(graph, state)(batch)["logits"], -1)
+    lp = jnp.take_along_axis(logp, batch["text_target"][..., None], -1)[..., 0]
+    return (lp * batch["text_mask"]).sum(-1)
+
+  lp = []
+  for i in range(0, len(batch_rows), BATCH):  # one compiled shape: the last chunk padded
+    part = batch_rows[i : i + BATCH]
+    lp.append(np.asarray(answer_logp(state, stack(part + part[-1:] * (BATCH - len(part))))))
+  lp = np.concatenate(lp)[: len(batch_rows)].reshape(len(scenes), len(colours))
+  hits, chance = [], []
+  for b, sc in enumerate(scenes):
     cand = [j for j, c in enumerate(colours) if c != sc.background]
-    hits.append(colours[max(cand, key=lambda j: lp[j])] == shape.color)
+    hits.append(colours[max(cand, key=lambda j: lp[b, j])] == sc.shapes[0].color)
     chance.append(1 / len(cand))
-    row = batch_rows[0]
-    img_at = np.nonzero(np.asarray(row["image_index"]) >= 0)[0]
-    slot = np.asarray(row["image_token"])[img_at]
-    scale_of, pos_of = slot_scale[slot], slot_pos[slot]
-    per_layer = []
-    for _, w in got:
-      a = w[0, :, answer_at][:, img_at].mean(0)  # (image slots,), mean over heads
-      by = [float(a[scale_of == k].sum()) for k in range(len(pooling.SCALE_TOKENS))]
+
+  # Attention at the answer position: causal, so any candidate's row shows it (the first's).
+  firsts = batch_rows[:: len(colours)]
+  layers_stats = []
+  for i in range(0, len(firsts), BATCH):
+    part = firsts[i : i + BATCH]
+    with layers.capture_attention() as got:  # eager: the weights are recorded
+      model(stack(part), logits=False)
+    for j, row in enumerate(part):
+      b = i + j
+      tok = np.asarray(row["tokens"])
+      starts = [p for p in range(len(tok) - len(lead)) if list(tok[p : p + len(lead)]) == lead]
+      answer_at = starts[-1] + len(lead) - 1  # predicts the colour word's first byte
+      img_at = np.nonzero(np.asarray(row["image_index"]) >= 0)[0]
+      slot = np.asarray(row["image_token"])[img_at]
+      scale_of, pos_of = slot_scale[slot], slot_pos[slot]
       f0 = scale_of == 0
       share = fg[b][pos_of[f0]].mean()
-      within = a[f0][fg[b][pos_of[f0]]].sum() / max(a[f0].sum(), 1e-12)
-      per_layer.append(by + [within / share if share > 0 else float("nan")])
-    layers_stats.append(per_layer)
+      per_layer = []
+      for _, w in got:
+        a = w[j, :, answer_at][:, img_at].mean(0)  # (image slots,), mean over heads
+        by = [float(a[scale_of == k].sum()) for k in range(len(pooling.SCALE_TOKENS))]
+        within = a[f0][fg[b][pos_of[f0]]].sum() / max(a[f0].sum(), 1e-12)
+        per_layer.append(by + [within / share if share > 0 else float("nan")])
+      layers_stats.append(per_layer)
   st = np.nanmean(np.array(layers_stats), 0)
   return {
     "colour_forced_choice": float(np.mean(hits)),
@@ -525,16 +554,20 @@ def diagnose(
   r["vae"], vae_out = vae_section(pipe.vae, images, scenes)
   r["decoders"], pngs = {}, {}
   mirror_p = _patches(clip, images[:, :, ::-1].copy())
+  # each scale's features of the scenes and of their mirror images, pooled once for both sections
+  feats, mirror_feats = {}, {}
+  for s in scales:
+    tokens = pooling.SCALE_TOKENS[pooling.scale_index(s)]
+    feats[s] = np.asarray(pooling.pool(jnp.asarray(test_p), tokens))
+    mirror_feats[s] = np.asarray(pooling.pool(jnp.asarray(mirror_p), tokens))
   for s in scales:
     r["decoders"][s], pngs[s] = decoder_section(
-      pipe, s, images, scenes, test_p, mirror_p, seed=1000
+      pipe, s, images, scenes, feats[s], mirror_feats[s], seed=1000
     )
     log(f"decoder {s} ({time.time() - t0:.0f} s)")
   r["t2i"], t2i_pngs = {}, {}
   for s in scales:
-    tokens = pooling.SCALE_TOKENS[pooling.scale_index(s)]
-    true_feats = np.asarray(pooling.pool(jnp.asarray(test_p), tokens))
-    r["t2i"][s], t2i_pngs[s] = t2i_section(pipe, s, images, scenes, true_feats, seed=1000)
+    r["t2i"][s], t2i_pngs[s] = t2i_section(pipe, s, images, scenes, feats[s], seed=1000)
     log(f"t2i {s} ({time.time() - t0:.0f} s)")
   r["mllm"] = mllm_section(pipe, images, scenes)
   log(f"mllm ({time.time() - t0:.0f} s)")
@@ -565,10 +598,6 @@ def _main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  # TensorFlow (only tensorboard's writer, under clu) prints C++ INFO lines at import otherwise
-  # (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; TensorFlow computes nothing here)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from puma_jax import cli
 
   argv = sys.argv if argv is None else ["python -m puma_jax.tools.diagnose_demo", *argv]

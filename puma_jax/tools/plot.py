@@ -11,7 +11,6 @@ for several, overview.png (every stage's loss on one figure).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -154,10 +153,6 @@ def _main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
-  # TensorFlow (only tensorboard's writer, under clu) prints C++ INFO lines at import otherwise
-  # (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; TensorFlow computes nothing here)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from puma_jax import cli
 
   argv = sys.argv if argv is None else ["python -m puma_jax.tools.plot", *argv]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -385,10 +384,6 @@ def _main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI on `argv` (without the program name; default: the command line)."""
-  # TensorFlow (only tensorboard's writer, under clu) prints C++ INFO lines at import otherwise
-  # (its oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; TensorFlow computes nothing here)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from puma_jax import cli
   from puma_jax.training import loop
 
