@@ -80,6 +80,38 @@ def test_shape_patches_and_x_centroid_follow_the_scene():
     D.single_shape_scenes("eval", 100000, 32)
 
 
+def test_describe_section_scores_answers_and_sees_a_background_only_model():
+  from puma_jax.data import synthetic as S
+
+  scenes = [
+    S.Scene("white", (S.Shape("circle", "red", 0, "small"),)),
+    S.Scene("white", (S.Shape("square", "blue", 4, "large"),)),
+    S.Scene("black", (S.Shape("cross", "green", 8, "small"),)),
+  ]
+
+  class Pipe:  # answers the first scene exactly, then one memorized caption per background
+    def __init__(self, answers):
+      self.answers = answers
+
+    def chat(self, images, questions, max_new_tokens):
+      assert len(images) == len(questions) == len(scenes)
+      assert set(questions) == {"Describe the image."}
+      return self.answers
+
+  exact = "A small red circle at the top left on a white background."
+  d = D.describe_section(
+    Pipe([exact, exact, "A large green cross at the left on a black background."]), scenes, [0] * 3
+  )
+  assert d["exact"] == pytest.approx(1 / 3)
+  assert d["shape_colour"] == pytest.approx(2 / 3)  # red right, red wrong, green right
+  assert d["background"] == 1.0
+  assert d["distinct"] == 2 and d["distinct_within_background_max"] == 1
+  assert d["backgrounds"] == 2 and d["examples"][0] == {"true": exact, "answer": exact}
+  d = D.describe_section(Pipe(["It is red.", "Blue square.", exact]), scenes, [0] * 3)
+  # the third answer names the white background of another scene
+  assert d["distinct_within_background_max"] == 2 and d["background"] == 0.0
+
+
 def test_smoke_report_on_a_random_release(tmp_path):
   from puma_jax.tools import tiny_release
 
@@ -95,6 +127,7 @@ def test_smoke_report_on_a_random_release(tmp_path):
     "cross-attention",
     "MLLM text",
     "MLLM, colour",
+    "MLLM, describing",
   ):
     assert heading in md
   assert (out / "recon.png").stat().st_size > 0
@@ -110,5 +143,8 @@ def test_smoke_report_on_a_random_release(tmp_path):
   )
   layers = r["mllm"]["answer_attention"]
   assert len(layers) >= 1 and all(0 <= a["image_mass"] <= 1 for a in layers)
+  d = r["describe"]
+  assert 1 <= d["distinct"] <= 2 and 1 <= d["distinct_within_background_max"] <= d["distinct"]
+  assert all(0 <= d[k] <= 1 for k in ("exact", "shape_colour", "background"))
   with pytest.raises(ValueError, match="--scales"):
     D.diagnose(tmp_path, n=2, scales=("f0",), steps=2, log=lambda *_: None)

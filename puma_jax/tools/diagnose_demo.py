@@ -34,6 +34,10 @@ otherwise. Sections:
            colour excluded) and where the position that predicts the colour looks,
            per layer: attention mass on the image's slots by scale and, within f0, on the shape's
            slots as a multiple of their share.
+  describe "Describe the image." answered greedily for every scene: exact matches with the
+           scene's own description, the shape's colour and the background named right, and
+           how many distinct answers there are, overall and at most among scenes of one
+           background (1 there: the answer depends on nothing but the background).
 
 Sampling: DDPM, 25 steps, guidance 2.0 (`--steps`, `--guidance`), seeds 1000 + i.
 """
@@ -427,6 +431,37 @@ def mllm_section(pipe, images, scenes) -> dict:
   }
 
 
+def describe_section(pipe, scenes, images, max_new_tokens: int = 96) -> dict:
+  from puma_jax.data import synthetic as S
+
+  answers = [
+    a.strip()
+    for a in pipe.chat(list(images), ["Describe the image."] * len(scenes), max_new_tokens)
+  ]
+  truth = [f"{S.caption(sc)[0][0].upper()}{S.caption(sc)[0][1:]}." for sc in scenes]
+
+  def first_colour(text: str) -> str | None:
+    words = [w.strip(".,").lower() for w in text.split()]
+    return next((w for w in words if w in S.COLORS), None)
+
+  by_bg: dict[str, set] = {}
+  for a, sc in zip(answers, scenes):
+    by_bg.setdefault(sc.background, set()).add(a)
+  return {
+    "exact": float(np.mean([a == t for a, t in zip(answers, truth)])),
+    "shape_colour": float(
+      np.mean([first_colour(a) == sc.shapes[0].color for a, sc in zip(answers, scenes)])
+    ),
+    "background": float(
+      np.mean([f"on a {sc.background} background" in a for a, sc in zip(answers, scenes)])
+    ),
+    "distinct": len(set(answers)),
+    "distinct_within_background_max": max(len(v) for v in by_bg.values()),
+    "backgrounds": len(by_bg),
+    "examples": [{"true": t, "answer": a} for t, a in list(zip(truth, answers))[:4]],
+  }
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -501,6 +536,21 @@ def markdown(r: dict) -> str:
   for i, a in enumerate(m["answer_attention"]):
     by = " / ".join(f"{x:.3f}" for x in a["by_scale"])
     lines.append(f"| {i} | {a['image_mass']:.2f} | {by} | {a['f0_shape_slots_x']:.2f} |")
+  d = r.get("describe")
+  if d:
+    lines += [
+      "",
+      "## MLLM, describing the image",
+      f"- exact: {_pct(d['exact'])}; the shape's colour named right: {_pct(d['shape_colour'])};"
+      f" the background: {_pct(d['background'])}",
+      f"- distinct answers: {d['distinct']} over {r['n']} scenes; at most "
+      f"{d['distinct_within_background_max']} among the scenes of one background "
+      f"({d['backgrounds']} backgrounds)",
+      "",
+      "| scene | answer |",
+      "|---|---|",
+    ]
+    lines += [f"| {e['true']} | {e['answer']} |" for e in d["examples"]]
   return "\n".join(lines) + "\n"
 
 
@@ -570,6 +620,7 @@ def diagnose(
     r["t2i"][s], t2i_pngs[s] = t2i_section(pipe, s, images, scenes, feats[s], seed=1000)
     log(f"t2i {s} ({time.time() - t0:.0f} s)")
   r["mllm"] = mllm_section(pipe, images, scenes)
+  r["describe"] = describe_section(pipe, scenes, images)
   log(f"mllm ({time.time() - t0:.0f} s)")
   dst = Path(out) if out else root / "diagnose"
   dst.mkdir(parents=True, exist_ok=True)
