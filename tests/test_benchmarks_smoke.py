@@ -70,3 +70,35 @@ def test_bench_llama_runs():
     timeout=1200,
   )
   assert '"same_tokens_as_hf": true' in out, out
+
+
+def test_mllm_learning_curve_runs_and_scores_each_checkpoint(tmp_path):
+  out = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.mllm_learning_curve",
+      f"--workdir={tmp_path}",
+      "--steps=2",
+      "--every=1",
+      "--n=2",
+      "--set=optim.warmup_steps=0",
+    ],
+    timeout=900,
+  )
+  assert "step 1: colour" in out and "step 2: colour" in out
+  curve = json.loads((tmp_path / "curve.json").read_text())
+  assert set(curve["rows"]) == {"1", "2"} and curve["overrides"] == {"optim.warmup_steps": 0}
+  row = curve["rows"]["2"]
+  assert all(0 <= row[k] <= 1 for k in ("colour_eval", "colour_train", "background_eval"))
+  assert 1 <= row["describe_distinct"] <= 2
+  assert "| 2 |" in (tmp_path / "curve.md").read_text()
+
+
+def test_mllm_learning_curve_rejects_bad_arguments():
+  from benchmarks import mllm_learning_curve as M
+
+  assert M.parse_overrides(["a.b=3", "c=x", "d=[1, 2]"]) == {"a.b": 3, "c": "x", "d": [1, 2]}
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    M.parse_overrides(["novalue"])
+  assert M.main(["--workdir=/tmp/unused", "--steps=3", "--every=2"]) == 2

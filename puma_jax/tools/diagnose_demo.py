@@ -338,67 +338,111 @@ def t2i_section(pipe, scale: str, images, scenes, true_feats, seed: int) -> tupl
   return out, pics
 
 
+def chat_rows(pipe, images, questions, answers) -> list[dict]:
+  """One unpacked training row (the chat layout) per image, question and answer, as the model
+  trains on it; the answer is the supervised text."""
+  from puma_jax.data import parse, rows
+
+  size = pipe.model.config.clip.image_size
+  enc = rows.MLLMEncoder(pipe.encode, pipe.special, 1024, 1, size)
+  parser = parse.Parser("chat", "chat", parse.ParseOptions())
+  out = []
+  for b, (img, q, a) in enumerate(zip(images, questions, answers)):
+    conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+    out.append(enc(parser({"key": f"d{b}", "image": img, "conversations": conv})))
+  return out
+
+
+def _stack(part: list[dict]) -> dict:
+  import jax.numpy as jnp
+
+  from puma_jax.models import clip as clip_lib
+
+  batch = {k: jnp.asarray(np.stack([r[k] for r in part])) for k in part[0]}
+  batch.pop("num_images", None)
+  batch["images"] = clip_lib.normalize_uint8(batch["images"])
+  return batch
+
+
+def answer_logprobs(model, batch_rows: list[dict]) -> np.ndarray:
+  """(rows,): each row's log-likelihood of its supervised text, BATCH rows per jitted pass."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  graph, state = nnx.split(model)
+
+  @jax.jit
+  def logp(state, batch):
+    lp = jax.nn.log_softmax(nnx.merge(graph, state)(batch)["logits"], -1)
+    lp = jnp.take_along_axis(lp, batch["text_target"][..., None], -1)[..., 0]
+    return (lp * batch["text_mask"]).sum(-1)
+
+  out = []
+  for i in range(0, len(batch_rows), BATCH):  # one compiled shape: the last chunk padded
+    part = batch_rows[i : i + BATCH]
+    out.append(np.asarray(logp(state, _stack(part + part[-1:] * (BATCH - len(part))))))
+  return np.concatenate(out)[: len(batch_rows)]
+
+
+def forced_choice(pipe, images, question, answer, candidates, truth) -> float:
+  """Share of images whose true candidate has the highest log-likelihood. `question(i)`: the
+  question about image i; `answer(c)`: the answer naming candidate c; `candidates(i)`: the
+  candidates for image i; `truth(i)`: the right one."""
+  qs, ans, owner = [], [], []
+  for i in range(len(images)):
+    for c in candidates(i):
+      qs.append(question(i))
+      ans.append(answer(c))
+      owner.append((i, c))
+  lp = answer_logprobs(pipe.model, chat_rows(pipe, [images[i] for i, _ in owner], qs, ans))
+  best: dict[int, tuple[float, str]] = {}
+  for (i, c), v in zip(owner, lp):
+    if i not in best or v > best[i][0]:
+      best[i] = (float(v), c)
+  return float(np.mean([best[i][1] == truth(i) for i in range(len(images))]))
+
+
+def colour_question(scene) -> str:
+  """The held-out colour question about a scene's (first) shape, as the chat data asks it."""
+  from puma_jax.data import synthetic as S
+
+  s = scene.shapes[0]
+  return f"What colour is the {s.kind} at the {S.CELLS[s.cell]}?"
+
+
 def mllm_section(pipe, images, scenes) -> dict:
   """The MLLM's answer to "What colour is the <shape> at the <cell>?" by forced choice (the
   candidate answer "It is <colour>." of highest log-likelihood, the background's colour left
   out), and where the position predicting the colour's first token looks: its attention mass
   on each scale's slots and, within f0, on the shape's slots relative to their share."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from puma_jax.data import parse, rows
   from puma_jax.data import synthetic as S
-  from puma_jax.models import clip as clip_lib, layers, pooling, puma
+  from puma_jax.models import layers, pooling, puma
 
   model = pipe.model
-  size = model.config.clip.image_size
-  enc = rows.MLLMEncoder(pipe.encode, pipe.special, 1024, 1, size)
-  parser = parse.Parser("chat", "chat", parse.ParseOptions())
-  colours = list(S.COLORS)
   lead = pipe.encode("It is ")
   fg = shape_patches(images, [sc.background for sc in scenes], 256)
   slot_scale, slot_pos = np.asarray(puma.SLOT_SCALE), np.asarray(puma.SLOT_POS)
-  batch_rows = []  # scene b's candidate j at b * len(colours) + j
-  for b, (img, sc) in enumerate(zip(images, scenes)):
-    shape = sc.shapes[0]
-    q = f"<image>\nWhat colour is the {shape.kind} at the {S.CELLS[shape.cell]}?"
-    for c in colours:
-      conv = [{"from": "human", "value": q}, {"from": "gpt", "value": f"It is {c}."}]
-      batch_rows.append(enc(parser({"key": f"d{b}", "image": img, "conversations": conv})))
+  cands = [[c for c in S.COLORS if c != sc.background] for sc in scenes]
+  hit = forced_choice(
+    pipe,
+    images,
+    lambda i: colour_question(scenes[i]),
+    lambda c: f"It is {c}.",
+    lambda i: cands[i],
+    lambda i: scenes[i].shapes[0].color,
+  )
+  chance = float(np.mean([1 / len(c) for c in cands]))
 
-  def stack(part):
-    batch = {k: jnp.asarray(np.stack([r[k] for r in part])) for k in part[0]}
-    batch.pop("num_images", None)
-    batch["images"] = clip_lib.normalize_uint8(batch["images"])
-    return batch
-
-  graph, state = nnx.split(model)
-
-  @jax.jit
-  def answer_logp(state, batch):  # (B,): log-likelihood of each row's supervised answer
-    logp = jax.nn.log_softmax(nnx.merge(graph, state)(batch)["logits"], -1)
-    lp = jnp.take_along_axis(logp, batch["text_target"][..., None], -1)[..., 0]
-    return (lp * batch["text_mask"]).sum(-1)
-
-  lp = []
-  for i in range(0, len(batch_rows), BATCH):  # one compiled shape: the last chunk padded
-    part = batch_rows[i : i + BATCH]
-    lp.append(np.asarray(answer_logp(state, stack(part + part[-1:] * (BATCH - len(part))))))
-  lp = np.concatenate(lp)[: len(batch_rows)].reshape(len(scenes), len(colours))
-  hits, chance = [], []
-  for b, sc in enumerate(scenes):
-    cand = [j for j, c in enumerate(colours) if c != sc.background]
-    hits.append(colours[max(cand, key=lambda j: lp[b, j])] == sc.shapes[0].color)
-    chance.append(1 / len(cand))
-
-  # Attention at the answer position: causal, so any candidate's row shows it (the first's).
-  firsts = batch_rows[:: len(colours)]
+  # Attention at the answer position: causal, so any candidate's row shows it.
+  firsts = chat_rows(
+    pipe, images, [colour_question(sc) for sc in scenes], ["It is red."] * len(scenes)
+  )
   layers_stats = []
   for i in range(0, len(firsts), BATCH):
     part = firsts[i : i + BATCH]
     with layers.capture_attention() as got:  # eager: the weights are recorded
-      model(stack(part), logits=False)
+      model(_stack(part), logits=False)
     for j, row in enumerate(part):
       b = i + j
       tok = np.asarray(row["tokens"])
@@ -418,8 +462,8 @@ def mllm_section(pipe, images, scenes) -> dict:
       layers_stats.append(per_layer)
   st = np.nanmean(np.array(layers_stats), 0)
   return {
-    "colour_forced_choice": float(np.mean(hits)),
-    "chance": float(np.mean(chance)),
+    "colour_forced_choice": hit,
+    "chance": chance,
     "answer_attention": [
       {
         "image_mass": float(v[:-1].sum()),
