@@ -134,6 +134,12 @@ def caption(scene: Scene) -> tuple[str, list[tuple[int, int]]]:
   return text + f" on a {scene.background} background", spans
 
 
+def description(scene: Scene) -> str:
+  """The answer to "Describe the image.": the caption as a sentence."""
+  text = caption(scene)[0]
+  return text[0].upper() + text[1:] + "."
+
+
 def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
   qa = []
   s = scene.shapes[rng.integers(len(scene.shapes))]
@@ -143,7 +149,7 @@ def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
   n = len(scene.shapes)
   qa.append(("How many shapes are there?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]}."))
   qa.append(("What colour is the background?", f"The background is {scene.background}."))
-  qa.append(("Describe the image.", caption(scene)[0][0].upper() + caption(scene)[0][1:] + "."))
+  qa.append(("Describe the image.", description(scene)))
   order = rng.permutation(len(qa))
   return [qa[i] for i in order[: int(rng.integers(1, 3))]]
 

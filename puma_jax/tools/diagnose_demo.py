@@ -285,11 +285,10 @@ def teacher_forced_features(pipe, scale: str, captions, images) -> np.ndarray:
   """(n, tokens, F): the MLLM's predictions of `scale`'s slots for the t2i rows `caption` ->
   `image`, teacher forced (one pass with the image's true features as inputs, as in training:
   each slot predicted from the true slots before it)."""
-  import jax.numpy as jnp
 
   from puma_jax import sequence as seq
   from puma_jax.data import rows
-  from puma_jax.models import clip as clip_lib, pooling, puma
+  from puma_jax.models import pooling, puma
 
   model = pipe.model
   k = pooling.scale_index(scale)
@@ -302,10 +301,7 @@ def teacher_forced_features(pipe, scale: str, captions, images) -> np.ndarray:
   out = []
   for i in range(0, len(batch_rows), BATCH):  # padded rows of one length: one pass per BATCH
     part = batch_rows[i : i + BATCH]
-    batch = {key: jnp.asarray(np.stack([r[key] for r in part])) for key in part[0]}
-    batch.pop("num_images", None)
-    batch["images"] = clip_lib.normalize_uint8(batch["images"])
-    preds = np.asarray(model(batch, logits=False)["feature_pred"])
+    preds = np.asarray(model(_stack(part), logits=False)["feature_pred"])
     for row, pred in zip(part, preds):
       idx, tok = np.asarray(row["image_index"]), np.asarray(row["image_token"])
       # position p predicts the slot at p + 1
@@ -482,7 +478,7 @@ def describe_section(pipe, scenes, images, max_new_tokens: int = 96) -> dict:
     a.strip()
     for a in pipe.chat(list(images), ["Describe the image."] * len(scenes), max_new_tokens)
   ]
-  truth = [f"{S.caption(sc)[0][0].upper()}{S.caption(sc)[0][1:]}." for sc in scenes]
+  truth = [S.description(sc) for sc in scenes]
 
   def first_colour(text: str) -> str | None:
     words = [w.strip(".,").lower() for w in text.split()]
