@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,80 @@ def test_mllm_learning_curve_rejects_bad_arguments():
   with pytest.raises(ValueError, match="KEY=VALUE"):
     M.parse_overrides(["novalue"])
   assert M.main(["--workdir=/tmp/unused", "--steps=3", "--every=2"]) == 2
+
+
+def test_readout_probe_trains_each_reader_and_variant_and_scores_it(tmp_path):
+  from benchmarks import readout_probe as R
+  from puma_jax.tools import train_demo
+
+  clip = tmp_path / "clip"
+  train_demo.write_clip(clip, 0)
+  lines = []
+  result = R.run(
+    tmp_path / "w",
+    clip_dir=str(clip),
+    steps=4,
+    every=2,
+    batch=4,
+    num_train=24,
+    lrs=[0.002, 0.01],
+    features=["raw", "centred", "standardized"],
+    readers=["probe", "puma"],
+    overrides={"model.llm.rope_theta": 500000.0},
+    say=lines.append,
+  )
+  assert result["mean_norm"] > result["spread"]  # a random CLIP's tokens share an offset
+  runs = [(r["reader"], r["features"], r["lr"]) for r in result["runs"]]
+  probes = [("probe", f, lr) for f in ("raw", "centred", "standardized") for lr in (0.002, 0.01)]
+  assert runs == probes + [("puma", "raw", 0.002), ("puma", "raw", 0.01)]
+  for r in result["runs"]:
+    assert [s for s, _, _ in r["rows"]] == [2, 4]
+    assert all(0 <= h <= 1 and 0 <= t <= 1 for _, h, t in r["rows"])
+  assert result["num_eval"] > 50 and result["overrides"] == {"model.llm.rope_theta": 500000.0}
+  assert json.loads((tmp_path / "w" / "readout.json").read_text()) == json.loads(json.dumps(result))
+  table = (tmp_path / "w" / "readout.md").read_text()
+  assert (
+    "| probe | standardized | 0.01 | 4 | 16 |" in table and "| puma | raw | 0.01 | 4 |" in table
+  )
+  assert R.main([f"--workdir={tmp_path}", "--steps=3", "--every=2"]) == 2
+  assert R.main([f"--workdir={tmp_path}", "--reader=puma", "--set=novalue"]) == 2
+
+
+def test_readout_probe_puma_reader_learns_one_scene(tmp_path):
+  """The puma reader's loss reaches the model: trained on one scene's colour it names it (the
+  reader itself checks that the position it trains is the colour's first token)."""
+  from benchmarks import readout_probe as R
+  from puma_jax.tools import train_demo
+
+  clip = tmp_path / "clip"
+  train_demo.write_clip(clip, 0)
+  images, scenes = R.single_shape("train", 12, 32)
+  one = (images[:1].repeat(8, 0), scenes[:1] * 8)
+  rows = R.train_puma(
+    one,
+    one,
+    clip_dir=str(clip),
+    config="configs/pretrain.py:demo",
+    overrides={},
+    lr=0.01,
+    steps=30,
+    every=30,
+    batch=4,
+    seed=0,
+  )
+  assert rows[-1][1:] == (1.0, 1.0)
+
+
+def test_readout_probe_feature_variants():
+  from benchmarks import readout_probe as R
+
+  rng = np.random.default_rng(0)
+  xtr = rng.normal(5.0, [1.0, 3.0], size=(40, 7, 2))
+  xte = rng.normal(5.0, [1.0, 3.0], size=(10, 7, 2))
+  a, b = R.transform("raw", xtr, xte)
+  assert a is xtr and b is xte
+  a, b = R.transform("centred", xtr, xte)
+  np.testing.assert_allclose(a.reshape(-1, 2).mean(0), 0, atol=1e-9)
+  np.testing.assert_allclose(b, xte - xtr.reshape(-1, 2).mean(0))
+  a, _ = R.transform("standardized", xtr, xte)
+  np.testing.assert_allclose(a.reshape(-1, 2).std(0), 1, atol=1e-9)
