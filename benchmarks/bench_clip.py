@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from puma_jax import cli
@@ -36,8 +36,6 @@ flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   torch.set_num_threads(args.threads)
   cfg = getattr(clip, args.config)()

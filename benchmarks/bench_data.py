@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from puma_jax import cli  # noqa: E402
@@ -75,8 +75,6 @@ flags.DEFINE_string("hf_tokenizer", "", "HF tokenizer directory to time instead 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   tokenize = lambda s: list(s.encode())  # noqa: E731
   if args.hf_tokenizer:

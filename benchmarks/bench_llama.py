@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from puma_jax import cli
 
@@ -46,8 +46,6 @@ flags.DEFINE_integer("repeats", 3, "timed runs (best reported)")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
 
   import torch

@@ -24,7 +24,7 @@ if "--devices" in os.sys.argv:
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 from puma_jax import cli, sharding  # noqa: E402
@@ -71,8 +71,6 @@ flags.DEFINE_list(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   print(
     f"{'remat':<8}{'layers':>7}{'plan static':>12}{'XLA args':>10}"

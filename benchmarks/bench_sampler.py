@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from puma_jax import cli
 
@@ -189,8 +189,6 @@ flags.DEFINE_string("dir", "", "internal: the parent's weights directory")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   a = FLAGS
   s = SIZES[a.size]
   if a.child:

@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from puma_jax import cli
@@ -321,8 +321,6 @@ class _Args:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   args = _Args()
   if args.tiny:
     args.repeats, args.seq_len, args.rows = min(args.repeats, 2), min(args.seq_len, 1024), 2

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from puma_jax import cli
 
@@ -114,8 +114,6 @@ flags.DEFINE_string("src", None, "internal: the parent's diffusers directory")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   if args.side:
     return child(args)

@@ -494,4 +494,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run(main, doc=__doc__))
+  sys.exit(cli.run(main, doc=__doc__, positional=True))

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from puma_jax import cli  # noqa: E402
@@ -64,8 +64,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   b, dtype, only = args.batch, jnp.dtype(args.dtype), set(args.only.split(","))
   rs = np.random.RandomState(0)

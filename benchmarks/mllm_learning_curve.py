@@ -7,7 +7,8 @@ PUMA, end to end"). Run by hand (minutes per 100 steps on a 2-core CPU); CI runs
         --set=optim.lr_groups.llm=0.006 --set=optim.lr_groups.default=0.006
 
 The run is `--config` (default configs/pretrain.py:demo, the demo's pretraining) reading the
-demo's CLIP (`train_demo.write_clip`, written to W/parts/clip once), with `--steps` optimizer
+demo's CLIP (`train_demo.write_clip`, written to W/parts/clip once; or `--clip=DIR`, such as
+the contrastively trained one of `python -m puma_jax.tools.demo_clip`), with `--steps` optimizer
 steps (the lr schedule spans them), a checkpoint every `--every` and the `--set` overrides
 (dotted config keys, JSON values). At every checkpoint, with `tools/diagnose_demo`'s scoring:
 
@@ -30,13 +31,16 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string(
-  "workdir", None, "output directory (created; rerun to resume)", flag_values=FLAGS
+  "workdir", None, "output directory (created; rerun to resume)", flag_values=FLAGS, required=True
 )
 flags.DEFINE_string("config", "configs/pretrain.py:demo", "MLLM config", flag_values=FLAGS)
+flags.DEFINE_string(
+  "clip", "", "clip-vision dir (default: the demo's random CLIP, written once)", flag_values=FLAGS
+)
 flags.DEFINE_integer("steps", 1600, "optimizer steps", flag_values=FLAGS)
 flags.DEFINE_integer("every", 400, "steps between scored checkpoints", flag_values=FLAGS)
 flags.DEFINE_integer("n", 48, "held-out and training scenes scored", flag_values=FLAGS)
@@ -105,7 +109,17 @@ def markdown(rows: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(workdir, *, config: str, steps: int, every: int, n: int, overrides: dict, say=print):
+def run(
+  workdir,
+  *,
+  config: str,
+  steps: int,
+  every: int,
+  n: int,
+  overrides: dict,
+  clip_dir: str = "",
+  say=print,
+):
   from absl import logging
 
   from puma_jax import export
@@ -116,7 +130,9 @@ def run(workdir, *, config: str, steps: int, every: int, n: int, overrides: dict
   if steps < 1 or every < 1 or steps % every:
     raise ValueError(f"--steps={steps} must be a positive multiple of --every={every}")
   w = Path(workdir).absolute()
-  clip = w / "parts" / "clip"
+  clip = Path(clip_dir).absolute() if clip_dir else w / "parts" / "clip"
+  if clip_dir and not clip.is_dir():
+    raise ValueError(f"--clip={clip_dir}: no such directory")
   if not clip.is_dir():
     train_demo.write_clip(clip, 0)
   base = {
@@ -147,7 +163,8 @@ def run(workdir, *, config: str, steps: int, every: int, n: int, overrides: dict
       )
   finally:
     logging.set_verbosity(verbosity)
-  meta = {"config": config, "steps": steps, "every": every, "n": n, "overrides": overrides}
+  meta = {"config": config, "clip": str(clip), "steps": steps, "every": every, "n": n}
+  meta["overrides"] = overrides
   (w / "curve.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
   (w / "curve.md").write_text(f"`{json.dumps(meta)}`\n\n" + markdown(rows))
   say(f"wrote {w / 'curve.md'} and curve.json")
@@ -155,10 +172,6 @@ def run(workdir, *, config: str, steps: int, every: int, n: int, overrides: dict
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
   run(
     FLAGS.workdir,
     config=FLAGS.config,
@@ -166,6 +179,7 @@ def _main(argv: list[str]) -> None:
     every=FLAGS.every,
     n=FLAGS.n,
     overrides=parse_overrides(FLAGS.set),
+    clip_dir=FLAGS.clip,
   )
 
 

@@ -36,12 +36,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import mllm_learning_curve
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "output directory (created)", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "output directory (created)", flag_values=FLAGS, required=True)
 flags.DEFINE_string("clip", "", "clip-vision dir (default: the demo CLIP)", flag_values=FLAGS)
 flags.DEFINE_integer("steps", 800, "optimizer steps per variant", flag_values=FLAGS)
 flags.DEFINE_integer("every", 200, "steps between scores", flag_values=FLAGS)
@@ -86,14 +86,12 @@ def clip_features(clip, images: np.ndarray) -> np.ndarray:
   """(n, 341, F): the five scales' tokens, f4 first, as the MLLM's sequence holds them."""
   import jax.numpy as jnp
 
-  from puma_jax.models import clip as clip_lib, pooling
-  from puma_jax.sequence import GEN_ORDER
+  from puma_jax.models import clip as clip_lib, puma
 
   feats = []
   for a in range(0, len(images), 64):
     x = clip_lib.normalize_uint8(jnp.asarray(images[a : a + 64]))
-    scales = pooling.multi_granular(clip_lib.patch_features(clip, x))
-    feats.append(np.asarray(jnp.concatenate([scales[s] for s in GEN_ORDER], axis=1)))
+    feats.append(np.asarray(puma.encode_features(clip, x)))
   return np.concatenate(feats)
 
 
@@ -245,10 +243,10 @@ def train_puma(
     return jnp.argmax(lo, -1) == label
 
   def accuracy(params, d, n):
-    b, pos, label, allowed = d
+    b, *arrays = d  # arrays: pos, label, allowed
     out = [
-      hits(params, {k: v[a : a + 32] for k, v in b.items()}, *(x[a : a + 32] for x in d[1:]))
-      for a in range(0, min(n, len(label)), 32)
+      hits(params, {k: v[a : a + 32] for k, v in b.items()}, *(x[a : a + 32] for x in arrays))
+      for a in range(0, min(n, len(arrays[1])), 32)
     ]
     return float(np.mean(np.concatenate([np.asarray(o) for o in out])))
 
@@ -354,10 +352,6 @@ def run(
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
   run(
     FLAGS.workdir,
     clip_dir=FLAGS.clip,

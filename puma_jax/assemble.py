@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from puma_jax import checkpoints, cli, tokenizer
@@ -144,8 +144,6 @@ flags.DEFINE_string(
 
 
 def _main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
   cfg, model = assemble(f.clip, f.llm, router=f.router, seed=f.seed)
   tok = None

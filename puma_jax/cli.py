@@ -6,9 +6,11 @@ Every `python -m ...` command of the package (and of benchmarks/) ends with
       sys.exit(cli.run(main, doc=__doc__, expected=(ConversionError, ValueError)))
 
 `main(argv)` receives what absl leaves after the flags: the program name, then the positional
-arguments. An `expected` error (bad input the user can fix) becomes one line `error: ...` on
-stderr and exit status 2, as does a bad or missing flag and an `app.UsageError`; anything else
-keeps its traceback. `--help` prints the docstring and the flags on stdout and exits 0.
+arguments, if the command takes any (`positional=True`; otherwise `run` rejects them, so that a
+stray word is never silently ignored). An `expected` error (bad input the user can fix) becomes
+one line `error: ...` on stderr and exit status 2, as does a bad or missing flag and an
+`app.UsageError`; anything else keeps its traceback. `--help` prints the docstring and the
+flags on stdout and exits 0.
 
 Why not `absl.app.run` itself: it exits 1 on `--help` and on a bad flag, always ends the process
 (the tests call entry points in-process and check the returned status), and parses only the
@@ -36,12 +38,15 @@ def run(
   flag_values: flags.FlagValues | None = None,
   doc: str | None = None,
   expected: Expected = (ValueError,),
+  positional: bool = False,
 ) -> int:
   """Parses `argv` (default `sys.argv`; argv[0] is the program) into `flag_values` (default
   `flags.FLAGS`), calls `main` with the remaining arguments and returns the exit status.
 
   `expected` may be a function returning the tuple, for entry points that import the modules
-  defining their exceptions lazily (to keep `--help` fast).
+  defining their exceptions lazily (to keep `--help` fast). Unless `positional` is set (the
+  command takes a subcommand or a family name, which `main` checks), any positional argument
+  is a usage error: exit 2 before `main` runs.
   """
   quiet_tensorflow()
   fv = flags.FLAGS if flag_values is None else flag_values
@@ -63,6 +68,8 @@ def run(
     args = fv(argv)
   except (flags.Error, ConfigArgError) as e:
     return _fail(e)
+  if not positional and len(args) > 1:
+    return _fail(app.UsageError(f"unexpected arguments: {args[1:]}"))
   try:
     code = main(args)
   except app.UsageError as e:

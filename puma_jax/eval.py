@@ -37,8 +37,6 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from puma_jax.evaluation import runner
 
   cfg, release = _CONFIG.value, _RELEASE.value or ""

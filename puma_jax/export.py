@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from puma_jax import release as release_lib
 
@@ -345,8 +345,6 @@ flags.DEFINE_string(
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = FLAGS
   out = export(f.workdir, dst=f.dst, into=f.into, step=f.step, name=f.name)
   rel = release_lib.Release.open(out)

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -74,8 +74,6 @@ def load_image_files(paths, max_bytes: int = 256 << 20) -> list:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
   files = load_image_files(_IMAGES.value)  # before the encoder: a bad file fails fast
   mesh = sharding.make_mesh(cfg.mesh.to_dict())

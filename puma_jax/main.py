@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from puma_jax import cli
@@ -23,8 +23,6 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from puma_jax.training import loop, registry
 
   logging.set_verbosity(logging.INFO)

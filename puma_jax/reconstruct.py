@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from puma_jax import cli
@@ -150,8 +150,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", 
 def _main(argv: list[str]) -> int:
   from PIL import Image
 
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = FLAGS
   sched_cfg = (
     S.from_diffusers_config(json.loads(Path(args.scheduler_config).read_text()))

@@ -711,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
   from puma_jax import cli
 
   argv = sys.argv if argv is None else ["python -m puma_jax.sample", *argv]
-  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError))
+  return cli.run(
+    _main, argv, flag_values=FLAGS, doc=__doc__, expected=(ValueError, OSError), positional=True
+  )
 
 
 if __name__ == "__main__":

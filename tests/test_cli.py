@@ -27,6 +27,7 @@ def test_positional_args_and_flags_reach_main():
       lambda argv: seen.append((argv, fv.src, fv.n)),
       ["prog", "fam", "--src=a", "--n=3"],
       flag_values=fv,
+      positional=True,
     )
     == 0
   )
@@ -63,6 +64,15 @@ def test_bad_flags_exit_2_with_one_line(argv, match, capsys):
   assert cli.run(lambda argv: 0, argv, flag_values=_flags()) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_positional_arguments_exit_2_unless_the_command_takes_them(capsys):
+  ran = []
+  assert cli.run(ran.append, ["prog", "--src=a", "stray"], flag_values=_flags()) == 2
+  err = capsys.readouterr().err
+  assert not ran and err == "error: unexpected arguments: ['stray']\n"
+  assert cli.run(ran.append, ["prog", "--src=a", "sub"], flag_values=_flags(), positional=True) == 0
+  assert ran == [["prog", "sub"]]
 
 
 def test_expected_errors_exit_2_and_others_propagate(capsys):

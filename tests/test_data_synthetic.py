@@ -57,6 +57,7 @@ def test_rendered_pixels_match_boxes_and_captions():
 def test_chat_answers_and_edits_are_consistent():
   chat = synthetic.SyntheticSource("chat", num_train=100, image_size=16)
   p = parse.Parser("chat", "syn")
+  articles = set()
   for i in range(100):
     ex = p(chat[i])
     scene = synthetic.make_scene(0, int(chat.ids[i]))
@@ -65,6 +66,11 @@ def test_chat_answers_and_edits_are_consistent():
         assert synthetic.NUMBERS[len(scene.shapes)] in a.text
       if "background" in q.text:
         assert scene.background in a.text
+      if q.text.startswith("What shape is at the "):  # "An orange circle.", "A red square."
+        colour = a.text.split()[1]
+        assert a.text.split()[0] == ("An" if colour in ("orange",) else "A"), a.text
+        articles.add(a.text.split()[0])
+  assert articles == {"A", "An"}
   edit = synthetic.SyntheticSource("edit", num_train=200, image_size=16)
   ops = set()
   for i in range(200):

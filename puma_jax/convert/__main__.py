@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv if argv is None else [PROG, *argv]
   if len(argv) > 1 and argv[1] in COMMANDS:  # a command with flags of its own
     return importlib.import_module(COMMANDS[argv[1]]).main(argv[2:])
-  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=EXPECTED)
+  return cli.run(_main, argv, flag_values=FLAGS, doc=__doc__, expected=EXPECTED, positional=True)
 
 
 if __name__ == "__main__":

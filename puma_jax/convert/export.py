@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     flag_values=FLAGS,
     doc=__doc__,
     expected=(ConversionError, CheckpointError, ValueError, FileNotFoundError),
+    positional=True,
   )
 
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from puma_jax import checkpoints, cli, release
 from puma_jax.convert import convert
@@ -237,8 +237,6 @@ EXPECTED = (
 
 
 def _main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
   t0 = time.time()
   out = convert_release(

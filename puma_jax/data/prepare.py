@@ -187,8 +187,6 @@ def convert(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DECODER_CONFIG.value is not None:
     given = [f"--{n}" for n in _CONVERSION_FLAGS if flags.FLAGS[n].present]
     if given:

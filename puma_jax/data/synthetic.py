@@ -144,7 +144,8 @@ def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
   qa = []
   s = scene.shapes[rng.integers(len(scene.shapes))]
   qa.append((f"What colour is the {s.kind} at the {CELLS[s.cell]}?", f"It is {s.color}."))
-  qa.append((f"What shape is at the {CELLS[s.cell]}?", f"A {s.color} {s.kind}."))
+  article = "An" if s.color[0] in "aeiou" else "A"  # "An orange circle."
+  qa.append((f"What shape is at the {CELLS[s.cell]}?", f"{article} {s.color} {s.kind}."))
   qa.append((f"Where is the {s.color} {s.kind}?", f"At the {CELLS[s.cell]}."))
   n = len(scene.shapes)
   qa.append(("How many shapes are there?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]}."))

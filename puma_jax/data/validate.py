@@ -18,7 +18,7 @@ import json
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from puma_jax import cli
@@ -128,8 +128,6 @@ def format_report(reports, problems) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
   dcfg = cfg.data if "data" in cfg else cfg
   reports, problems = validate(dcfg, _LIMIT.value, _SPLIT.value, _MAX_SKIP.value)

@@ -90,6 +90,17 @@ class MLP2(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+def encode_features(clip: nnx.Module, images: jax.Array) -> jax.Array:
+  """(..., H, W, 3) preprocessed images -> (..., 341, F): the frozen CLIP's five scales, f4
+  first, in the order the MLLM's sequence holds them (`sequence.GEN_ORDER`)."""
+  lead = images.shape[:-3]
+  flat = images.reshape((-1,) + images.shape[-3:])
+  patches = clip_lib.patch_features(clip, flat)
+  scales = pooling.multi_granular(jax.lax.stop_gradient(patches))
+  feats = jnp.concatenate([scales[s] for s in GEN_ORDER], axis=1)
+  return feats.reshape(lead + feats.shape[1:])
+
+
 class PumaModel(nnx.Module):
   def __init__(
     self, config: PumaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
@@ -115,12 +126,7 @@ class PumaModel(nnx.Module):
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """(..., H, W, 3) preprocessed images -> (..., 341, F) features, f4 first, frozen CLIP."""
-    lead = images.shape[:-3]
-    flat = images.reshape((-1,) + images.shape[-3:])
-    patches = clip_lib.patch_features(self.clip, flat)
-    scales = pooling.multi_granular(jax.lax.stop_gradient(patches))
-    feats = jnp.concatenate([scales[s] for s in GEN_ORDER], axis=1)
-    return feats.reshape(lead + feats.shape[1:])
+    return encode_features(self.clip, images)
 
   def slot_embed(self, feats: jax.Array, slot: jax.Array) -> jax.Array:
     """Projected features plus their scale and in-scale position embeddings."""

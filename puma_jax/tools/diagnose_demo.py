@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 NOISE_LEVELS = (100, 500, 900)  # timesteps at which cross-attention is measured
 PROBE_TRAIN = 400  # training scenes the probes and the row means are fitted on
@@ -682,8 +682,6 @@ flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   diagnose(FLAGS.workdir, FLAGS.n, tuple(FLAGS.scales), FLAGS.steps, FLAGS.guidance, FLAGS.out)
   print((Path(FLAGS.out) if FLAGS.out else Path(FLAGS.workdir) / "diagnose") / "report.md")
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 METRICS = "metrics.jsonl"
 # panel title -> which keys it draws (exact names, or a prefix ending in "*")
@@ -145,8 +145,6 @@ flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   for p in plot(FLAGS.workdir, FLAGS.out):
     print(p)
 

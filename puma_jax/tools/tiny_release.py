@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from puma_jax import release as release_lib
 from puma_jax.models import pooling
@@ -164,8 +164,6 @@ flags.DEFINE_list("scales", list(pooling.SCALE_NAMES), "decoders to include", fl
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   for s in FLAGS.scales:
     pooling.scale_index(s)
   rel = make(FLAGS.dst, seed=FLAGS.seed, workdirs=FLAGS.from_workdir, scales=FLAGS.scales)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from puma_jax.models import pooling
 
@@ -182,7 +182,7 @@ def plan(workdir: Path, seed: int = 0) -> list[Stage]:
 CLIP_POSITION_RMS = 2.0
 
 
-def write_clip(dst: Path, seed: int) -> None:
+def random_clip(seed: int):
   """The demo's shared CLIP, standing in for a pretrained one (none can be downloaded here):
   the tiny CLIP of puma.tiny() with seeded random weights, except its position embedding, a
   fixed 2-D sin-cos code of each patch's place (`layers.grid_position_code`, entry RMS
@@ -193,7 +193,6 @@ def write_clip(dst: Path, seed: int) -> None:
   import numpy as np
   from flax import nnx
 
-  from puma_jax import checkpoints
   from puma_jax.models import clip as clip_lib, layers
   from puma_jax.tools import tiny_release
 
@@ -204,10 +203,18 @@ def write_clip(dst: Path, seed: int) -> None:
   code = code * (CLIP_POSITION_RMS * np.sqrt(2.0))  # the code's entries have RMS 1/sqrt(2)
   table = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), code])
   model.embeddings.position_embedding.embedding[...] = jnp.asarray(table)
+  return model
+
+
+def write_clip(dst: Path, seed: int) -> None:
+  """`random_clip(seed)` saved as a clip-vision module dir (what `init.clip` reads)."""
+  from puma_jax import checkpoints
+
+  model = random_clip(seed)
   checkpoints.save_module(
     dst,
     "clip-vision",
-    cfg,
+    model.config,
     model,
     source=f"puma_jax.tools.train_demo (random, seed {seed}; 2-D sin-cos position code)",
   )
@@ -377,8 +384,6 @@ flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   run(FLAGS.workdir, smoke=FLAGS.smoke, seed=FLAGS.seed)
 
 
