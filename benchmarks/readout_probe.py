@@ -84,15 +84,9 @@ def colour_ids(scenes) -> np.ndarray:
 
 def clip_features(clip, images: np.ndarray) -> np.ndarray:
   """(n, 341, F): the five scales' tokens, f4 first, as the MLLM's sequence holds them."""
-  import jax.numpy as jnp
-
   from puma_jax.models import clip as clip_lib, puma
 
-  feats = []
-  for a in range(0, len(images), 64):
-    x = clip_lib.normalize_uint8(jnp.asarray(images[a : a + 64]))
-    feats.append(np.asarray(puma.encode_features(clip, x)))
-  return np.concatenate(feats)
+  return np.asarray(puma.scale_features(clip_lib.patch_features_uint8(clip, images)))
 
 
 def transform(kind: str, xtr: np.ndarray, xte: np.ndarray):

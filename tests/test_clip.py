@@ -266,3 +266,14 @@ def test_bad_preprocess_inputs():
     clip.preprocess_pil([np.zeros((8, 8, 3), np.float32)])
   with pytest.raises(ValueError, match="channels"):
     clip.preprocess(jnp.zeros((1, 8, 8, 2)))
+
+
+def test_patch_features_uint8_in_chunks_equals_one_batch():
+  model = clip.CLIPVisionModel(clip.tiny(), rngs=nnx.Rngs(0))
+  images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+  whole = np.asarray(clip.patch_features(model, clip.normalize_uint8(images)))
+  chunked = clip.patch_features_uint8(model, images, chunk=2)  # 2 + 2 + 1
+  assert isinstance(chunked, np.ndarray) and chunked.shape == (5, 256, 64)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="chunk=0"):
+    clip.patch_features_uint8(model, images, chunk=0)

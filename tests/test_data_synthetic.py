@@ -80,6 +80,20 @@ def test_chat_answers_and_edits_are_consistent():
   assert ops == {"Make", "Turn", "Move", "Add", "Remove", "Change"}
 
 
+def test_text_family_is_prose_about_the_scene_without_the_chat_questions():
+  """Text rows describe their scene but never ask the chat's questions: a text row that answers
+  "What colour is ...?" from its own caption teaches the question to look back at text, not at
+  the image (docs/DESIGN.md §11)."""
+  text = synthetic.SyntheticSource("text", num_train=50, image_size=16)
+  for i in range(50):
+    rec, scene = text[i], synthetic.make_scene(0, int(text.ids[i]))
+    assert set(rec) == {"key", "text"}
+    assert "?" not in rec["text"] and "It is " not in rec["text"], rec["text"]
+    assert synthetic.caption(scene)[0] in rec["text"]
+    for s in scene.shapes:
+      assert f"The {s.color} {s.kind} is {s.size} and sits at the " in rec["text"]
+
+
 def test_every_family_parses_and_text_only_has_no_images():
   for fam in synthetic.FAMILIES:
     src = synthetic.SyntheticSource(fam, num_train=30, image_size=16)

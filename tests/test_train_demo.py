@@ -48,6 +48,16 @@ def test_plan_order_workdirs_and_shared_parts(tmp_path):
   assert by["pretrain"].overrides == {"init.clip": clip}
   assert by["unified"].overrides == {"init.puma": str(tmp_path / "parts" / "pretrain_puma")}
   assert by["vae"].config == "configs/vae.py:demo"
+  assert by["clip"].kind == "part" and not by["clip"].step_kind  # random: written, not trained
+  # --clip=trained: the CLIP is trained first and both MLLM stages scale their image loss
+  by = {s.name: s for s in train_demo.plan(tmp_path, clip_kind="trained")}
+  assert by["clip"].step_kind == "clip"
+  weight = {"loss.image_weight": train_demo.TRAINED_CLIP_IMAGE_WEIGHT}
+  assert by["pretrain"].overrides == {"init.clip": clip, **weight}
+  assert by["unified"].overrides["loss.image_weight"] == weight["loss.image_weight"]
+  assert [s.name for s in train_demo.plan(tmp_path, clip_kind="trained")] == ORDER
+  with pytest.raises(ValueError, match="--clip='pretrained'"):
+    train_demo.plan(tmp_path, clip_kind="pretrained")
 
 
 def test_status_from_disk(tmp_path):
@@ -115,6 +125,12 @@ def faked(monkeypatch):
   monkeypatch.setattr(train_demo.Stage, "load", load)
   monkeypatch.setattr(loop, "train_and_evaluate", train)
   monkeypatch.setattr(train_demo, "write_clip", lambda dst, seed: part("clip", dst))
+
+  def trained_clip(dst, seed, smoke):
+    part("trained_clip", dst)
+    (Path(dst) / "demo_clip.json").write_text("{}")
+
+  monkeypatch.setattr(train_demo, "train_clip", trained_clip)
   monkeypatch.setattr(
     export, "save_module_dir", lambda w, dst: part(f"{Path(w).name}_part", dst), raising=False
   )
@@ -149,6 +165,21 @@ def test_runs_every_stage_then_skips_them_and_resumes_a_stopped_one(tmp_path, fa
   faked.calls.clear()
   train_demo.run(tmp_path, say=out.append)  # everything done: nothing runs
   assert faked.calls == []
+  # resuming with the other CLIP would mix stages trained on different CLIPs
+  with pytest.raises(ValueError, match="holds the random CLIP but --clip=trained"):
+    train_demo.run(tmp_path, clip="trained", say=out.append)
+  assert faked.calls == []
+
+
+def test_trained_clip_runs_the_contrastive_stage_first(tmp_path, faked):
+  train_demo.run(tmp_path / "random", say=lambda line: None)
+  default_calls = list(faked.calls)
+  faked.calls.clear()
+  train_demo.run(tmp_path / "trained", clip="trained", say=lambda line: None)
+  assert default_calls[0] == "clip" and faked.calls[0] == "trained_clip"
+  assert faked.calls[1:] == default_calls[1:]
+  times = json.loads((tmp_path / "trained" / train_demo.TIMES_FILE).read_text())
+  assert set(times) == set(ORDER)
 
 
 def test_eta_scales_priors_by_measured_speed():

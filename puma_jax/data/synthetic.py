@@ -140,6 +140,15 @@ def description(scene: Scene) -> str:
   return text[0].upper() + text[1:] + "."
 
 
+def _prose(scene: Scene) -> str:
+  """The text family's record: the description, then one sentence per shape."""
+  n = len(scene.shapes)
+  out = [f"This picture shows {caption(scene)[0]}.", f"It has {NUMBERS[n]} shape{'s' * (n > 1)}."]
+  for s in scene.shapes:
+    out.append(f"The {s.color} {s.kind} is {s.size} and sits at the {CELLS[s.cell]}.")
+  return " ".join(out)
+
+
 def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
   qa = []
   s = scene.shapes[rng.integers(len(scene.shapes))]
@@ -269,9 +278,7 @@ class SyntheticSource:
         "target": render(target, size),
         "instruction": instr,
       }
-    text = caption(scene)[0]
-    return {
-      "key": key,
-      "text": f"This picture shows {text}. "
-      + " ".join(f"{q} {a}" for q, a in _questions(scene, rng)),
-    }
+    # Plain prose about the scene, like PUMA's text-only data (The Pile): never the chat's
+    # question/answer templates, which a text row would answer from its own caption and so
+    # teach the chat questions to look back at text instead of at the image (docs/DESIGN.md §11).
+    return {"key": key, "text": _prose(scene)}

@@ -195,6 +195,18 @@ def patch_features(model: CLIPVisionModel, pixel_values: jax.Array) -> jax.Array
   return model(pixel_values)[:, 1:]
 
 
+def patch_features_uint8(model: CLIPVisionModel, images, chunk: int = 64) -> np.ndarray:
+  """`patch_features` of uint8 images (n, H, W, 3) at the model's size, `chunk` at a time (the
+  analysis tools' batches of hundreds of scenes) -> NumPy (n, N, D)."""
+  if chunk < 1:
+    raise ValueError(f"patch_features_uint8: chunk={chunk} must be at least 1")
+  out = [
+    np.asarray(patch_features(model, normalize_uint8(images[a : a + chunk])))
+    for a in range(0, len(images), chunk)
+  ]
+  return np.concatenate(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Preprocessing (docs/DESIGN.md §2: resize to exactly 224x224, bilinear, no crop; CLIP mean/std)
 

@@ -95,10 +95,15 @@ def encode_features(clip: nnx.Module, images: jax.Array) -> jax.Array:
   first, in the order the MLLM's sequence holds them (`sequence.GEN_ORDER`)."""
   lead = images.shape[:-3]
   flat = images.reshape((-1,) + images.shape[-3:])
-  patches = clip_lib.patch_features(clip, flat)
-  scales = pooling.multi_granular(jax.lax.stop_gradient(patches))
-  feats = jnp.concatenate([scales[s] for s in GEN_ORDER], axis=1)
+  feats = scale_features(clip_lib.patch_features(clip, flat))
   return feats.reshape(lead + feats.shape[1:])
+
+
+def scale_features(patches: jax.Array) -> jax.Array:
+  """(B, N, F) CLIP patch tokens -> (B, 341, F): their five scales, f4 first (`encode_features`
+  without the CLIP)."""
+  scales = pooling.multi_granular(jax.lax.stop_gradient(jnp.asarray(patches)))
+  return jnp.concatenate([scales[s] for s in GEN_ORDER], axis=1)
 
 
 class PumaModel(nnx.Module):

@@ -38,6 +38,7 @@ from absl import flags
 PAD, BOS, EOS = 0, 1, 2  # the word vocabulary's special ids; words follow
 TEXT_WIDTH = 64  # the text tower's width (the vision tower's: clip.tiny())
 EMBED = 64  # the shared embedding's width
+WARMUP = 50  # linear warmup steps of the learning rate
 
 
 def pairs(split: str, image_size: int, num: int | None = None):
@@ -124,7 +125,7 @@ def train(
   steps: int = 400,
   batch: int = 128,
   lr: float = 2e-3,
-  warmup: int = 50,
+  warmup: int = WARMUP,
   log_every: int = 50,
   say=print,
 ) -> dict:

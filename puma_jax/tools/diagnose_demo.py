@@ -175,18 +175,6 @@ def single_shape_scenes(split: str, n: int, image_size: int, start: int = 0):
 # -- the sections ---------------------------------------------------------------------------------
 
 
-def _patches(clip, images: np.ndarray) -> np.ndarray:
-  import jax.numpy as jnp
-
-  from puma_jax.models import clip as clip_lib
-
-  out = []
-  for a in range(0, len(images), 32):
-    x = clip_lib.normalize_uint8(jnp.asarray(images[a : a + 32]))
-    out.append(np.asarray(clip_lib.patch_features(clip, x)))
-  return np.concatenate(out)
-
-
 def clip_section(clip, train_patches, test_patches) -> dict:
   shares = variance_shares(test_patches)
   return {
@@ -621,7 +609,7 @@ def diagnose(
   from puma_jax import release as release_lib
   from puma_jax.diffusion import sampler as sampler_lib
   from puma_jax.inference import pipelines
-  from puma_jax.models import pooling
+  from puma_jax.models import clip as clip_lib, pooling
 
   root = Path(workdir)
   rel_dir = root / "release" if (root / "release").is_dir() else root
@@ -636,14 +624,15 @@ def diagnose(
   images, scenes = single_shape_scenes("eval", n, size)
   train_images, train_scenes = single_shape_scenes("train", PROBE_TRAIN, size)
   clip = pipe.model.clip
-  train_p, test_p = _patches(clip, train_images), _patches(clip, images)
+  train_p = clip_lib.patch_features_uint8(clip, train_images, 32)
+  test_p = clip_lib.patch_features_uint8(clip, images, 32)
   r = {"release": str(rel_dir), "n": n, "steps": steps, "guidance": guidance}
   r["clip"] = clip_section(clip, train_p, test_p)
   r["probes"] = probes_section(train_p, train_scenes, test_p, scenes)
   log(f"clip and probes ({time.time() - t0:.0f} s)")
   r["vae"], vae_out = vae_section(pipe.vae, images, scenes)
   r["decoders"], pngs = {}, {}
-  mirror_p = _patches(clip, images[:, :, ::-1].copy())
+  mirror_p = clip_lib.patch_features_uint8(clip, images[:, :, ::-1].copy(), 32)
   # each scale's features of the scenes and of their mirror images, pooled once for both sections
   feats, mirror_feats = {}, {}
   for s in scales:

@@ -1,13 +1,17 @@
 """A complete tiny PUMA trained end to end on the built-in synthetic set, on a CPU.
 
-    python -m puma_jax.tools.train_demo --workdir=W [--smoke]
+    python -m puma_jax.tools.train_demo --workdir=W [--smoke] [--clip=random|trained]
 
 Every stage is an ordinary training run (`training.loop.train_and_evaluate` of a
 `configs/<file>.py:<variant>` config, exactly what `python -m puma_jax.main` runs), in process,
 each in its own workdir under W:
 
-  W/parts/clip        the ONE random CLIP (seeded) every stage reads: the decoders invert the
-                      MLLM's CLIP features, so both must see the same network
+  W/parts/clip        the ONE CLIP every stage reads (the decoders invert the MLLM's CLIP
+                      features, so both must see the same network): seeded random weights with
+                      a 2-D sin-cos place code (`random_clip`); with --clip=trained that CLIP
+                      trained contrastively on the synthetic captions first (tools/demo_clip,
+                      a stand-in for the pretrained CLIP-L that cannot be downloaded here; the
+                      MLLM stages then weight the image loss `TRAINED_CLIP_IMAGE_WEIGHT`)
   W/vae               configs/vae.py:demo              -> W/parts/vae
   W/decoder_f4..f0    configs/decoder.py:demo_fK       (init.clip, init.vae)
   W/pretrain          configs/pretrain.py:demo         (init.clip) -> W/parts/pretrain_puma
@@ -47,11 +51,21 @@ from puma_jax.models import pooling
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
+CLIP_STEPS = 300  # the CLIP stage's contrastive steps (puma_jax/tools/demo_clip.py)
+CLIP_BATCH = 64  # its image-caption pairs per step
+SMOKE_CLIP_BATCH = 8  # ... under --smoke
+CLIP_KINDS = ("random", "trained")  # --clip
+# The MLLM stages' loss.image_weight with the trained CLIP (ours). Predicting each slot's mean
+# feature costs an MSE of about 30 on its features (the scale weights of docs/DESIGN.md §7
+# included; the random CLIP's: 13), and at 1.0 the regression outweighed the text CE 30 to 1.
+# Measured, 400 steps of the demo pretraining on the trained CLIP, held out: text CE 1.76 at
+# 1.0, 0.32 at 0.03, 0.30 with no image loss; image MSE 11.3, 14.8 and 39.8 (docs/DESIGN.md §11).
+TRAINED_CLIP_IMAGE_WEIGHT = 0.03
 TIMES_FILE = "demo_times.json"
 # Seconds per optimizer step of each stage kind on 2 idle cores (a full run on 2026-12-02: VAE
 # 1800 steps in 4:24, decoder f0 4000 in 9:43, unified tuning 800 in 8:09, less the fixed part);
 # the ETA scales them by how much slower the stages that did run were.
-PRIOR_STEP_S = {"vae": 0.14, "decoder": 0.14, "mllm": 0.58}
+PRIOR_STEP_S = {"clip": 0.75, "vae": 0.14, "decoder": 0.14, "mllm": 0.58}
 PRIOR_FIXED_S = 20.0  # per stage: compile, data start, checkpoint, export
 
 
@@ -112,8 +126,10 @@ SMOKE = {
 }
 
 
-def plan(workdir: Path, seed: int = 0) -> list[Stage]:
-  """The demo's stages, in order."""
+def plan(workdir: Path, seed: int = 0, smoke: bool = False, clip_kind: str = "random"):
+  """The demo's stages, in order (`clip_kind`: `CLIP_KINDS`)."""
+  if clip_kind not in CLIP_KINDS:
+    raise ValueError(f"--clip={clip_kind!r}; choose from {CLIP_KINDS}")
   from puma_jax import export
   from puma_jax.tools import tiny_release
 
@@ -121,8 +137,14 @@ def plan(workdir: Path, seed: int = 0) -> list[Stage]:
   clip, vae, pre_puma = w / "parts" / "clip", w / "parts" / "vae", w / "parts" / "pretrain_puma"
   scales = list(reversed(pooling.SCALE_NAMES))  # f4 (1 token, fastest) first
   decoders = [w / f"decoder_{s}" for s in pooling.SCALE_NAMES]
+  trained = clip_kind == "trained"
+  mllm_overrides = {"loss.image_weight": TRAINED_CLIP_IMAGE_WEIGHT} if trained else {}
   stages = [
-    Stage("clip", "part", clip, make=lambda dst: write_clip(dst, seed)),
+    Stage("clip", "part", clip, make=lambda dst: write_clip(dst, seed))
+    if not trained
+    else Stage(
+      "clip", "part", clip, make=lambda dst: train_clip(dst, seed, smoke), step_kind="clip"
+    ),
     Stage("vae", "train", w / "vae", "configs/vae.py:demo", step_kind="vae"),
     Stage("vae_part", "part", vae, make=lambda dst: export.save_module_dir(w / "vae", dst)),
   ]
@@ -143,7 +165,7 @@ def plan(workdir: Path, seed: int = 0) -> list[Stage]:
       "train",
       w / "pretrain",
       "configs/pretrain.py:demo",
-      {"init.clip": str(clip)},
+      {"init.clip": str(clip), **mllm_overrides},
       step_kind="mllm",
     ),
     Stage(
@@ -157,7 +179,7 @@ def plan(workdir: Path, seed: int = 0) -> list[Stage]:
       "train",
       w / "unified",
       "configs/unified.py:demo",
-      {"init.puma": str(pre_puma)},
+      {"init.puma": str(pre_puma), **mllm_overrides},
       step_kind="mllm",
     ),
     Stage(
@@ -204,6 +226,38 @@ def random_clip(seed: int):
   table = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), code])
   model.embeddings.position_embedding.embedding[...] = jnp.asarray(table)
   return model
+
+
+def _check_clip_kind(path: Path, kind: str) -> None:
+  """A workdir's CLIP part stays what it was written as: resuming with the other `--clip`
+  would pair stages trained on different CLIPs."""
+  if not path.is_dir():
+    return
+  was = "trained" if (path / "demo_clip.json").is_file() else "random"
+  if was != kind:
+    raise ValueError(
+      f"{path} holds the {was} CLIP but --clip={kind}: use a new workdir (or --clip={was})"
+    )
+
+
+def clip_steps(smoke: bool) -> int:
+  """Optimizer steps of the demo's CLIP stage (`train_clip`)."""
+  return SMOKE_STEPS if smoke else CLIP_STEPS
+
+
+def train_clip(dst: Path, seed: int, smoke: bool = False, say=print) -> None:
+  """The demo's shared CLIP: `random_clip(seed)` trained contrastively on the synthetic
+  captions (`puma_jax.tools.demo_clip`, a stand-in for a pretrained CLIP), written to `dst`."""
+  from puma_jax.tools import demo_clip
+
+  demo_clip.train(
+    dst,
+    seed=seed,
+    steps=clip_steps(smoke),
+    batch=SMOKE_CLIP_BATCH if smoke else CLIP_BATCH,
+    warmup=0 if smoke else demo_clip.WARMUP,
+    say=say,
+  )
 
 
 def write_clip(dst: Path, seed: int) -> None:
@@ -301,7 +355,9 @@ class Eta:
     return factor * sum(self.prior(n, d) for n, d in remaining)
 
 
-def run(workdir: str | Path, *, smoke: bool = False, seed: int = 0, say=print) -> dict:
+def run(
+  workdir: str | Path, *, smoke: bool = False, seed: int = 0, clip: str = "random", say=print
+) -> dict:
   """Runs (or resumes) every stage; returns {stage: wall seconds} of this run."""
   from absl import logging
 
@@ -309,9 +365,12 @@ def run(workdir: str | Path, *, smoke: bool = False, seed: int = 0, say=print) -
 
   w = Path(workdir).absolute()
   w.mkdir(parents=True, exist_ok=True)
-  stages = plan(w, seed)
+  stages = plan(w, seed, smoke, clip)
+  _check_clip_kind(w / "parts" / "clip", clip)
   configs = {s.name: s.load(smoke) for s in stages if s.kind == "train"}
   steps = {n: int(c.train.total_steps) for n, c in configs.items()}
+  if clip == "trained":
+    steps["clip"] = clip_steps(smoke)
   state = {s.name: status(s, steps.get(s.name)) for s in stages}
   eta = Eta(stages, steps)
   times_path = w / TIMES_FILE
@@ -333,7 +392,7 @@ def run(workdir: str | Path, *, smoke: bool = False, seed: int = 0, say=print) -
         f"{st.config}, {steps[st.name]} steps"
         + (f", resuming at step {done}" if what == "partial" else "")
         if st.kind == "train"
-        else "writing"
+        else (f"{steps[st.name]} steps" if st.name in steps else "writing")
       )
       say(
         f"[demo {_fmt(time.perf_counter() - t0)}] stage {i + 1}/{len(stages)} {st.name} "
@@ -380,11 +439,19 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "demo directory (created; rerun to resume)", flag_values=FLAGS)
 flags.DEFINE_bool("smoke", False, f"{SMOKE_STEPS} steps per stage (CI)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "seed of the shared CLIP and the baseline", flag_values=FLAGS)
+flags.DEFINE_enum(
+  "clip",
+  "random",
+  list(CLIP_KINDS),
+  "the shared CLIP: random (seeded, 2-D sin-cos place code) or trained contrastively first "
+  "(tools/demo_clip; with the image loss scaled to its features)",
+  flag_values=FLAGS,
+)
 flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> None:
-  run(FLAGS.workdir, smoke=FLAGS.smoke, seed=FLAGS.seed)
+  run(FLAGS.workdir, smoke=FLAGS.smoke, seed=FLAGS.seed, clip=FLAGS.clip)
 
 
 def main(argv: list[str] | None = None) -> int:
