@@ -4,7 +4,7 @@ captions.
     python -m puma_jax.tools.demo_clip --out=DIR [--steps=400 --batch=128 --seed=0]
 
 PUMA reads images through a pretrained CLIP-L (PUMA paper, section 3.1); none can be downloaded
-here, and the demo's CLIP (`train_demo.random_clip`) has random weights. Measured
+here, and the demo's CLIP (`random_clip`) has random weights. Measured
 (docs/DESIGN.md §11, `benchmarks/readout_probe`): its features hold the shape's colour only in
 directions with under 0.5% of their variance, and a reader taught nothing but that colour needs
 about 6,000 labelled examples to name it. This trains the same network the way CLIP was trained
@@ -113,6 +113,34 @@ def _model(vision, vocab_size: int, length: int, seed: int):
   return Contrastive(nnx.Rngs(seed))
 
 
+# The demo CLIP's position code: RMS of each entry (about the patch embedding's). docs/DESIGN.md §5
+CLIP_POSITION_RMS = 2.0
+
+
+def random_clip(seed: int):
+  """The demo's shared CLIP, standing in for a pretrained one (none can be downloaded here):
+  the tiny CLIP of puma.tiny() with seeded random weights, except its position embedding, a
+  fixed 2-D sin-cos code of each patch's place (`layers.grid_position_code`, entry RMS
+  `CLIP_POSITION_RMS`; the class token's row zero). Random position embeddings are small beside
+  the patch embedding and the random layers mix the tokens: measured, such a CLIP's tokens are
+  1% position in variance, and no decoder learned where to draw from them (docs/DESIGN.md §5)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from puma_jax.models import clip as clip_lib, layers
+  from puma_jax.tools import tiny_release
+
+  cfg = clip_lib.tiny()
+  model = tiny_release.random_module(lambda: clip_lib.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)), seed)
+  grid = cfg.image_size // cfg.patch_size
+  code = layers.grid_position_code(grid, grid, cfg.hidden_size, cells=grid)
+  code = code * (CLIP_POSITION_RMS * np.sqrt(2.0))  # the code's entries have RMS 1/sqrt(2)
+  table = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), code])
+  model.embeddings.position_embedding.embedding[...] = jnp.asarray(table)
+  return model
+
+
 def _frozen(path, value) -> bool:
   """The vision tower's position embedding (the sin-cos place code) is not trained."""
   return path[0] == "vision" and "position_embedding" in path
@@ -129,7 +157,7 @@ def train(
   log_every: int = 50,
   say=print,
 ) -> dict:
-  """Trains `train_demo.random_clip(seed)` contrastively and writes its vision tower to `dst`
+  """Trains `random_clip(seed)` contrastively and writes its vision tower to `dst`
   (which must not exist yet) with `demo_clip.json`; returns that record."""
   import jax
   import jax.numpy as jnp
@@ -138,14 +166,13 @@ def train(
 
   from puma_jax import checkpoints
   from puma_jax.models import clip as clip_lib
-  from puma_jax.tools import train_demo
 
   if steps < 1 or batch < 2 or warmup < 0:
     raise ValueError(f"demo_clip: steps={steps} >= 1, batch={batch} >= 2, warmup={warmup} >= 0")
   dst = Path(dst)
   if dst.exists():
     raise ValueError(f"demo_clip: {dst} already exists; refusing to overwrite it")
-  vision = train_demo.random_clip(seed)
+  vision = random_clip(seed)
   size = vision.config.image_size
   images, captions = pairs("train", size)
   test_images, test_captions = pairs("eval", size)
@@ -231,9 +258,7 @@ flags.DEFINE_integer(
   "batch", 128, "image-caption pairs per step (the InfoNCE batch)", flag_values=FLAGS
 )
 flags.DEFINE_float("lr", 2e-3, "peak learning rate (AdamW, cosine decay)", flag_values=FLAGS)
-flags.DEFINE_integer(
-  "seed", 0, "the random CLIP's seed (train_demo.random_clip)", flag_values=FLAGS
-)
+flags.DEFINE_integer("seed", 0, "the random CLIP's seed (random_clip)", flag_values=FLAGS)
 flags.mark_flag_as_required("out", flag_values=FLAGS)
 
 

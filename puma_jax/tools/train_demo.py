@@ -48,6 +48,7 @@ from pathlib import Path
 from absl import flags
 
 from puma_jax.models import pooling
+from puma_jax.tools.demo_clip import random_clip
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
@@ -198,34 +199,6 @@ def plan(workdir: Path, seed: int = 0, smoke: bool = False, clip_kind: str = "ra
     ),
   ]
   return stages
-
-
-# The demo CLIP's position code: RMS of each entry (about the patch embedding's). docs/DESIGN.md §5
-CLIP_POSITION_RMS = 2.0
-
-
-def random_clip(seed: int):
-  """The demo's shared CLIP, standing in for a pretrained one (none can be downloaded here):
-  the tiny CLIP of puma.tiny() with seeded random weights, except its position embedding, a
-  fixed 2-D sin-cos code of each patch's place (`layers.grid_position_code`, entry RMS
-  `CLIP_POSITION_RMS`; the class token's row zero). Random position embeddings are small beside
-  the patch embedding and the random layers mix the tokens: measured, such a CLIP's tokens are
-  1% position in variance, and no decoder learned where to draw from them (docs/DESIGN.md §5)."""
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from puma_jax.models import clip as clip_lib, layers
-  from puma_jax.tools import tiny_release
-
-  cfg = clip_lib.tiny()
-  model = tiny_release.random_module(lambda: clip_lib.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)), seed)
-  grid = cfg.image_size // cfg.patch_size
-  code = layers.grid_position_code(grid, grid, cfg.hidden_size, cells=grid)
-  code = code * (CLIP_POSITION_RMS * np.sqrt(2.0))  # the code's entries have RMS 1/sqrt(2)
-  table = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), code])
-  model.embeddings.position_embedding.embedding[...] = jnp.asarray(table)
-  return model
 
 
 def _check_clip_kind(path: Path, kind: str) -> None:
