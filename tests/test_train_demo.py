@@ -49,9 +49,10 @@ def test_plan_order_workdirs_and_shared_parts(tmp_path):
   assert by["unified"].overrides == {"init.puma": str(tmp_path / "parts" / "pretrain_puma")}
   assert by["vae"].config == "configs/vae.py:demo"
   assert by["clip"].kind == "part" and not by["clip"].step_kind  # random: written, not trained
+  assert by["clip"].steps is None
   # --clip=trained: the CLIP is trained first and both MLLM stages scale their image loss
   by = {s.name: s for s in train_demo.plan(tmp_path, clip_kind="trained")}
-  assert by["clip"].step_kind == "clip"
+  assert by["clip"].step_kind == "clip" and by["clip"].steps == train_demo.CLIP_STEPS
   weight = {"loss.image_weight": train_demo.TRAINED_CLIP_IMAGE_WEIGHT}
   assert by["pretrain"].overrides == {"init.clip": clip, **weight}
   assert by["unified"].overrides["loss.image_weight"] == weight["loss.image_weight"]

@@ -3,9 +3,10 @@
 Generated deterministically in memory from (seed, scene id); nothing is downloaded. A scene is
 1-2 shapes (kind, colour, cell of a 3x3 grid, size) on a background colour. From a scene come:
 captions (pairs), grounding boxes, chat questions and answers, edit instructions with source and
-target images, text-only descriptions, and (through the ordinary conditional parser) canny /
-inpainting / colorization pairs. The held-out split never contains a scene whose description
-occurs in the training split, so held-out scores measure generalization, not recall.
+target images, and (through the ordinary conditional parser) canny / inpainting / colorization
+pairs; the text-only family states facts about the same words and shows no scene. The held-out
+split never contains a scene whose description occurs in the training split, so held-out scores
+measure generalization, not recall.
 
 Sources emit *raw records* in the same formats the file readers produce (GRIT-style noun
 chunks, LLaVA conversations, ...), so the synthetic set exercises the same parsers.
@@ -140,13 +141,59 @@ def description(scene: Scene) -> str:
   return text[0].upper() + text[1:] + "."
 
 
-def _prose(scene: Scene) -> str:
-  """The text family's record: the description, then one sentence per shape."""
-  n = len(scene.shapes)
-  out = [f"This picture shows {caption(scene)[0]}.", f"It has {NUMBERS[n]} shape{'s' * (n > 1)}."]
-  for s in scene.shapes:
-    out.append(f"The {s.color} {s.kind} is {s.size} and sits at the {CELLS[s.cell]}.")
-  return " ".join(out)
+_CORNERS = {
+  "circle": "no",
+  "square": "four",
+  "triangle": "three",
+  "diamond": "four",
+  "cross": "twelve",
+}
+_MIXES = (
+  ("red", "yellow", "orange"),
+  ("blue", "yellow", "green"),
+  ("red", "blue", "purple"),
+  ("green", "blue", "cyan"),
+  ("black", "white", "gray"),
+)
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+def _fact(rng) -> str:
+  """One sentence whose words after its first few follow from the words before them."""
+  kind = int(rng.integers(5))
+  if kind == 0:
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    return f"A {shape} has {_CORNERS[shape]} corners."
+  if kind == 1:
+    a, b, c = _MIXES[rng.integers(len(_MIXES))]
+    return f"Mixing {a} and {b} gives {c}."
+  if kind == 2:
+    a, b = rng.integers(4, size=2)
+    return f"{_WORDS[a].capitalize()} plus {_WORDS[b]} is {_WORDS[a + b]}."
+  if kind == 3:
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    return f"A large {shape} is bigger than a small {shape}."
+  # Neighbouring cells of the 3x3 grid: "Above the left is the top left."
+  cell = int(rng.integers(len(CELLS)))
+  r, c = divmod(cell, 3)
+  moves = [
+    (w, rr, cc)
+    for w, rr, cc in (
+      ("Above", r - 1, c),
+      ("Below", r + 1, c),
+      ("Left of", r, c - 1),
+      ("Right of", r, c + 1),
+    )
+    if 0 <= rr < 3 and 0 <= cc < 3
+  ]
+  word, rr, cc = moves[rng.integers(len(moves))]
+  return f"{word} the {CELLS[cell]} is the {CELLS[rr * 3 + cc]}."
+
+
+def _facts(rng) -> str:
+  """The text family's record: three to six facts about the synthetic world's words (shapes,
+  colours, numbers, the grid), never a description of a scene."""
+  return " ".join(_fact(rng) for _ in range(int(rng.integers(3, 7))))
 
 
 def _questions(scene: Scene, rng) -> list[tuple[str, str]]:
@@ -278,7 +325,7 @@ class SyntheticSource:
         "target": render(target, size),
         "instruction": instr,
       }
-    # Plain prose about the scene, like PUMA's text-only data (The Pile): never the chat's
-    # question/answer templates, which a text row would answer from its own caption and so
-    # teach the chat questions to look back at text instead of at the image (docs/DESIGN.md §11).
-    return {"key": key, "text": _prose(scene)}
+    # Text-only rows, like PUMA's The Pile, are not about the image families' pictures: a row
+    # describing a scene without showing it would train the captions' own contexts ("a small
+    # ___") towards the colours' prior, the answer that ignores the image (docs/DESIGN.md §11).
+    return {"key": key, "text": _facts(rng)}

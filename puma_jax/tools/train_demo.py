@@ -108,7 +108,8 @@ class Stage:
   config: str = ""  # train: configs/<file>.py:<variant>
   overrides: dict = dataclasses.field(default_factory=dict)
   make: Callable[[Path], None] | None = None  # part / release: writes `path`
-  step_kind: str = ""  # train: vae | decoder | mllm (the ETA's prior)
+  step_kind: str = ""  # train: vae | decoder | mllm; part: clip (the ETA's prior)
+  steps: int | None = None  # part: its own optimizer steps if it trains (train: the config's)
 
   def load(self, smoke: bool):
     return load_config(self.config, self.overrides, SMOKE if smoke else None)
@@ -140,12 +141,19 @@ def plan(workdir: Path, seed: int = 0, smoke: bool = False, clip_kind: str = "ra
   decoders = [w / f"decoder_{s}" for s in pooling.SCALE_NAMES]
   trained = clip_kind == "trained"
   mllm_overrides = {"loss.image_weight": TRAINED_CLIP_IMAGE_WEIGHT} if trained else {}
+  if trained:
+    clip_stage = Stage(
+      "clip",
+      "part",
+      clip,
+      make=lambda dst: train_clip(dst, seed, smoke),
+      step_kind="clip",
+      steps=clip_steps(smoke),
+    )
+  else:
+    clip_stage = Stage("clip", "part", clip, make=lambda dst: write_clip(dst, seed))
   stages = [
-    Stage("clip", "part", clip, make=lambda dst: write_clip(dst, seed))
-    if not trained
-    else Stage(
-      "clip", "part", clip, make=lambda dst: train_clip(dst, seed, smoke), step_kind="clip"
-    ),
+    clip_stage,
     Stage("vae", "train", w / "vae", "configs/vae.py:demo", step_kind="vae"),
     Stage("vae_part", "part", vae, make=lambda dst: export.save_module_dir(w / "vae", dst)),
   ]
@@ -218,7 +226,7 @@ def clip_steps(smoke: bool) -> int:
   return SMOKE_STEPS if smoke else CLIP_STEPS
 
 
-def train_clip(dst: Path, seed: int, smoke: bool = False, say=print) -> None:
+def train_clip(dst: Path, seed: int, smoke: bool = False) -> None:
   """The demo's shared CLIP: `random_clip(seed)` trained contrastively on the synthetic
   captions (`puma_jax.tools.demo_clip`, a stand-in for a pretrained CLIP), written to `dst`."""
   from puma_jax.tools import demo_clip
@@ -229,7 +237,6 @@ def train_clip(dst: Path, seed: int, smoke: bool = False, say=print) -> None:
     steps=clip_steps(smoke),
     batch=SMOKE_CLIP_BATCH if smoke else CLIP_BATCH,
     warmup=0 if smoke else demo_clip.WARMUP,
-    say=say,
   )
 
 
@@ -342,8 +349,7 @@ def run(
   _check_clip_kind(w / "parts" / "clip", clip)
   configs = {s.name: s.load(smoke) for s in stages if s.kind == "train"}
   steps = {n: int(c.train.total_steps) for n, c in configs.items()}
-  if clip == "trained":
-    steps["clip"] = clip_steps(smoke)
+  steps.update({s.name: s.steps for s in stages if s.steps is not None})
   state = {s.name: status(s, steps.get(s.name)) for s in stages}
   eta = Eta(stages, steps)
   times_path = w / TIMES_FILE
