@@ -155,7 +155,7 @@ _MIXES = (
   ("green", "blue", "cyan"),
   ("black", "white", "gray"),
 )
-_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+_WORDS = NUMBERS + ("four", "five", "six")  # the sums of two of NUMBERS
 
 
 def _fact(rng) -> str:
@@ -168,7 +168,7 @@ def _fact(rng) -> str:
     a, b, c = _MIXES[rng.integers(len(_MIXES))]
     return f"Mixing {a} and {b} gives {c}."
   if kind == 2:
-    a, b = rng.integers(4, size=2)
+    a, b = rng.integers(len(NUMBERS), size=2)
     return f"{_WORDS[a].capitalize()} plus {_WORDS[b]} is {_WORDS[a + b]}."
   if kind == 3:
     shape = SHAPES[rng.integers(len(SHAPES))]
