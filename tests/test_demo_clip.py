@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from puma_jax import checkpoints
-from puma_jax.tools import demo_clip, train_demo
+from puma_jax.tools import demo_clip
 
 
 def _params(module) -> dict:
@@ -34,9 +34,9 @@ def test_trains_the_vision_tower_keeps_its_place_code_and_writes_a_clip(tmp_path
   first, last = rec["losses"][0][1], rec["losses"][-1][1]
   assert first > 2.0 and last < first - 0.3, rec["losses"]
   assert 0.0 <= rec["retrieval_before"] <= 1.0 and 0.0 <= rec["retrieval_after"] <= 1.0
-  assert json.loads((dst / "demo_clip.json").read_text())["steps"] == 12
+  assert json.loads((dst / demo_clip.RECORD).read_text())["steps"] == 12
   trained = checkpoints.load_module(dst, family="clip-vision")
-  start = train_demo.random_clip(0)
+  start = demo_clip.random_clip(0)
   assert trained.config == start.config
   a, b = _params(trained), _params(start)
   assert a.keys() == b.keys()

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from puma_jax import checkpoints, export
-from puma_jax.tools import tiny_release, train_demo
+from puma_jax.tools import demo_clip, tiny_release, train_demo
 from puma_jax.training import checkpoints as train_ckpt, loop
 
 ORDER = [
@@ -129,7 +129,7 @@ def faked(monkeypatch):
 
   def trained_clip(dst, seed, smoke):
     part("trained_clip", dst)
-    (Path(dst) / "demo_clip.json").write_text("{}")
+    (Path(dst) / demo_clip.RECORD).write_text("{}")
 
   monkeypatch.setattr(train_demo, "train_clip", trained_clip)
   monkeypatch.setattr(

@@ -39,6 +39,7 @@ PAD, BOS, EOS = 0, 1, 2  # the word vocabulary's special ids; words follow
 TEXT_WIDTH = 64  # the text tower's width (the vision tower's: clip.tiny())
 EMBED = 64  # the shared embedding's width
 WARMUP = 50  # linear warmup steps of the learning rate
+RECORD = "demo_clip.json"  # the training record written beside the vision tower (`train`)
 
 
 def pairs(split: str, image_size: int, num: int | None = None):
@@ -247,7 +248,7 @@ def train(
     source=f"puma_jax.tools.demo_clip (contrastive on the synthetic captions, seed {seed}, "
     f"{steps} steps of {batch})",
   )
-  (dst / "demo_clip.json").write_text(json.dumps(record, indent=1) + "\n")
+  (dst / RECORD).write_text(json.dumps(record, indent=1) + "\n")
   return record
 
 

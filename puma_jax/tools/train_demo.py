@@ -48,7 +48,7 @@ from pathlib import Path
 from absl import flags
 
 from puma_jax.models import pooling
-from puma_jax.tools.demo_clip import random_clip
+from puma_jax.tools import demo_clip
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_STEPS = 2  # optimizer steps per training stage under --smoke
@@ -214,7 +214,7 @@ def _check_clip_kind(path: Path, kind: str) -> None:
   would pair stages trained on different CLIPs."""
   if not path.is_dir():
     return
-  was = "trained" if (path / "demo_clip.json").is_file() else "random"
+  was = "trained" if (path / demo_clip.RECORD).is_file() else "random"
   if was != kind:
     raise ValueError(
       f"{path} holds the {was} CLIP but --clip={kind}: use a new workdir (or --clip={was})"
@@ -229,8 +229,6 @@ def clip_steps(smoke: bool) -> int:
 def train_clip(dst: Path, seed: int, smoke: bool = False) -> None:
   """The demo's shared CLIP: `random_clip(seed)` trained contrastively on the synthetic
   captions (`puma_jax.tools.demo_clip`, a stand-in for a pretrained CLIP), written to `dst`."""
-  from puma_jax.tools import demo_clip
-
   demo_clip.train(
     dst,
     seed=seed,
@@ -244,7 +242,7 @@ def write_clip(dst: Path, seed: int) -> None:
   """`random_clip(seed)` saved as a clip-vision module dir (what `init.clip` reads)."""
   from puma_jax import checkpoints
 
-  model = random_clip(seed)
+  model = demo_clip.random_clip(seed)
   checkpoints.save_module(
     dst,
     "clip-vision",

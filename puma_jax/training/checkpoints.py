@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -94,7 +95,18 @@ class _DroppedReadErrors(logging.Filter):
   asyncio logs each, with a TensorStore spec dump, whenever it is garbage collected, which may
   be minutes later in the middle of a later run's console. The failure is reported once,
   naming the step (`UnreadableCheckpoint`), so these echoes are dropped: a record is one when
-  its message says so and its exception was raised in orbax's code."""
+  its message says so and either its exception was raised in orbax's code or its text names a
+  file of a step whose restore failed (`failed`). The second covers TensorStore's own futures:
+  their errors are set by a C++ callback, never raised in Python, so they carry no traceback
+  and their message names only the file ('... in OCDBT database at local file ".../4/state/"').
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.failed: set[str] = set()  # step directories whose restore failed, as paths and resolved
+
+  def _names_failed_step(self, text: str) -> bool:
+    return any(d in text for d in self.failed)
 
   def filter(self, record: logging.LogRecord) -> bool:
     if "exception was never retrieved" not in str(record.msg):
@@ -103,13 +115,15 @@ class _DroppedReadErrors(logging.Filter):
     seen = set()
     while exc is not None and id(exc) not in seen:
       seen.add(id(exc))
+      if self._names_failed_step(str(exc)):
+        return False
       tb = exc.__traceback__
       while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:
           return False
         tb = tb.tb_next
       exc = exc.__cause__ or exc.__context__
-    return "orbax" not in str(record.msg)
+    return "orbax" not in str(record.msg) and not self._names_failed_step(str(record.msg))
 
 
 _DROP_READ_ERRORS = _DroppedReadErrors()
@@ -128,22 +142,27 @@ def _drop_orbax_unraisable(previous):
       and isinstance(unraisable.exc_value, RuntimeError)
       and str(unraisable.exc_value) == "Event loop is closed"
     )
-    if not (late or _is_orbax_coroutine(unraisable.object)):
+    failed_read = _DROP_READ_ERRORS._names_failed_step(str(unraisable.exc_value))
+    if not (late or failed_read or _is_orbax_coroutine(unraisable.object)):
       previous(unraisable)
 
   hook.drops_orbax_reads = True
   return hook
 
 
-def drop_failed_read_echoes() -> None:
-  """After a failed restore (its exception already released): keeps the echoes of orbax's
-  abandoned reads off the console from now on, and collects what can be collected now.
+def drop_failed_read_echoes(step_dir: Path | str | None = None) -> None:
+  """After a failed restore of `step_dir` (its exception already released): keeps the echoes
+  of orbax's abandoned reads off the console from now on, and collects what can be collected.
 
   The echoes: asyncio's "Task exception was never retrieved" records (`_DroppedReadErrors`)
   and, for reads still suspended in orbax's closed event loop, "Exception ignored in
   <coroutine>" when the coroutine is finalized (it re-raises its read error on close), often
   only at interpreter exit, or "Event loop is closed" from a read that completes after its loop
   closed. Other unraisable errors are reported as before."""
+  if step_dir is not None:
+    path = Path(step_dir)
+    # with a trailing separator: step 4's files, not step 40's
+    _DROP_READ_ERRORS.failed.update({os.path.join(str(p), "") for p in (path, path.resolve())})
   log = logging.getLogger("asyncio")
   if _DROP_READ_ERRORS not in log.filters:
     log.addFilter(_DROP_READ_ERRORS)
