@@ -294,7 +294,9 @@ def test_echoes_of_orbax_failed_reads_are_dropped_and_nothing_else(tmp_path_fact
     info = (type(exc), exc, exc.__traceback__) if exc is not None else None
     return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, msg, None, info)
 
-  checkpoints.drop_failed_read_echoes()
+  root = tmp_path_factory.mktemp("run")  # (tmp_path would hold this test's name: "orbax")
+  step = root / "w" / "checkpoints" / "4"
+  checkpoints.drop_failed_read_echoes(step)
   assert checkpoints._DROP_READ_ERRORS in logging.getLogger("asyncio").filters
   keep = checkpoints._DROP_READ_ERRORS.filter
   orbax = raised_in("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
@@ -309,9 +311,6 @@ def test_echoes_of_orbax_failed_reads_are_dropped_and_nothing_else(tmp_path_fact
   assert keep(record("some other asyncio error", orbax))
   # TensorStore's own futures: the error is set by a C++ callback, so it has no traceback, and
   # its text names only the file of the step whose restore failed (CI once printed three)
-  root = tmp_path_factory.mktemp("run")  # (tmp_path would hold this test's name: "orbax")
-  step = root / "w" / "checkpoints" / "4"
-  checkpoints.drop_failed_read_echoes(step)
   err = ValueError(
     f'OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database at local file "{step}/state/"'
     ": Requested byte range [6, 9) is not valid for value of size 1"

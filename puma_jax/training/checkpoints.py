@@ -150,7 +150,7 @@ def _drop_orbax_unraisable(previous):
   return hook
 
 
-def drop_failed_read_echoes(step_dir: Path | str | None = None) -> None:
+def drop_failed_read_echoes(step_dir: Path | str) -> None:
   """After a failed restore of `step_dir` (its exception already released): keeps the echoes
   of orbax's abandoned reads off the console from now on, and collects what can be collected.
 
@@ -159,10 +159,9 @@ def drop_failed_read_echoes(step_dir: Path | str | None = None) -> None:
   <coroutine>" when the coroutine is finalized (it re-raises its read error on close), often
   only at interpreter exit, or "Event loop is closed" from a read that completes after its loop
   closed. Other unraisable errors are reported as before."""
-  if step_dir is not None:
-    path = Path(step_dir)
-    # with a trailing separator: step 4's files, not step 40's
-    _DROP_READ_ERRORS.failed.update({os.path.join(str(p), "") for p in (path, path.resolve())})
+  path = Path(step_dir)
+  # with a trailing separator: step 4's files, not step 40's
+  _DROP_READ_ERRORS.failed.update({os.path.join(str(p), "") for p in (path, path.resolve())})
   log = logging.getLogger("asyncio")
   if _DROP_READ_ERRORS not in log.filters:
     log.addFilter(_DROP_READ_ERRORS)

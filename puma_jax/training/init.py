@@ -188,7 +188,7 @@ def restore_or_init(stage: Stage, manager, mesh, rules=sharding.DEFAULT_RULES) -
       first = str(e).splitlines()[0][:200] if str(e) else ""
       failure = f"restore failed: {type(e).__name__}" + (f": {first}" if first else "")
     if failure is not None:  # outside `except`: the error's frames (orbax's reads) are freed
-      checkpoints.drop_failed_read_echoes(Path(str(manager.directory)) / str(latest))
+      checkpoints.drop_failed_read_echoes(Path(manager.directory) / str(latest))
       raise checkpoints.UnreadableCheckpoint(latest, failure)
     rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), a.rest)
     logging.info("restored step %d from %s", latest, manager.directory)
