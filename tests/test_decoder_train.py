@@ -8,7 +8,7 @@ import numpy as np
 
 from puma_jax import sharding
 from puma_jax.training import data as data_lib, init as init_lib, loop, registry
-from tests.test_train import accumulation_config, assert_same_update
+from tests.test_train import assert_same_state, assert_same_update, linear_update_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,24 +45,21 @@ def one_step(config, mesh):
 
 
 def test_decoder_sharded_step_equals_single_device():
-  config = small_config()
-  ref, ref_m, _ = one_step(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  """One decoder update on 8 devices == on one: parameters, Adam's moments, loss (a first step
+  that moves linearly in g, so a gradient scaled or missing a shard's rows shows)."""
+  config = linear_update_config(small_config())
+  ref, ref_m, init = one_step(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   new, m, _ = one_step(config, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-  worst = max(
-    float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-    for a, b in zip(
-      jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(jax.device_get(ref.params))
-    )
-  )
-  assert worst < 1e-5
+  np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=1e-4)
+  assert_same_state(new, ref, init)
   # only the decoder is trained: CLIP and VAE have no optimizer state
   assert set(new.params) == {"decoder"}
 
 
 def test_decoder_grad_accumulation_equals_one_big_batch():
   """Per-example keys: 4 microbatches draw what one batch draws, so the update is the same."""
-  config = accumulation_config(small_config())
+  config = linear_update_config(small_config())
   config.cfg_drop_prob = 0.5  # both the dropped and the kept path in an 8-example batch
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   ref, ref_m, init = one_step(config, mesh)

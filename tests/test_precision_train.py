@@ -12,7 +12,7 @@ import optax
 
 from puma_jax import precision, sharding
 from puma_jax.training import loop, steps
-from tests.test_train import accumulation_config, one_step, small_config
+from tests.test_train import linear_update_config, one_step, small_config
 
 
 def _params_close(a, b):
@@ -38,7 +38,7 @@ def test_float16_training_matches_float32():
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   losses = {}
   for prec in ("float32", "float16"):
-    config = accumulation_config(small_config())  # a first step that moves, linear in g
+    config = linear_update_config(small_config())  # a first step that moves, linear in g
     config.precision = prec
     # The tiny model's gradients reach ~1e1 in places: 2^15 x that overflows float16 (the
     # dynamic scale would come down within a few steps); start where one step applies.

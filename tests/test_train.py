@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from puma_jax import checkpoints, sharding
-from puma_jax.training import data as data_lib, init as init_lib, loop, registry
+from puma_jax.training import (
+  checkpoints as checkpoints_lib,
+  data as data_lib,
+  init as init_lib,
+  loop,
+  registry,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,10 +98,57 @@ def one_step(config, mesh):
   return new, metrics, got.state.params
 
 
+def linear_update_config(config):
+  """A first step that updates (no warm-up: the learning rate is at its peak from step 0) and
+  whose update is linear in the gradient (Adam's eps far above the gradients, so Adam does not
+  divide a gradient's scale away). A gradient off by a factor (a sum instead of a mean over
+  devices) or missing a shard's rows then changes the update. The large eps also keeps float32
+  rounding in near-zero gradients from flipping an update's sign."""
+  config.optim.warmup_steps = 0
+  config.optim.eps = 1.0
+  return config
+
+
+def _leaves(tree):
+  return jax.tree.leaves(jax.device_get(tree))
+
+
+def assert_same_update(new, ref, init):
+  """The two steps moved the parameters (not two no-ops) by the same amount."""
+  d_new, d_ref = ([a - b for a, b in zip(_leaves(x.params), _leaves(init))] for x in (new, ref))
+  scale = max(float(np.abs(d).max()) for d in d_ref)
+  assert scale > 0
+  worst = max(float(np.abs(a - b).max()) for a, b in zip(d_new, d_ref)) / scale
+  assert worst < 1e-3, worst
+
+
+def assert_same_state(new, ref, init, steps=1):
+  """Same step count, the same parameter update (`assert_same_update`) and the same optimizer
+  state: each kind of moment (Adam's mu, nu; counts) compared against its own largest value, so
+  a gradient scaled by a factor shows in mu (linear in g) and nu (quadratic)."""
+  assert int(new.step) == int(ref.step) == steps
+  assert_same_update(new, ref, init)
+  by_kind = {}
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_leaves_with_path(jax.device_get(new.opt_state)),
+    jax.tree_util.tree_leaves_with_path(jax.device_get(ref.opt_state)),
+  ):
+    kind = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)][-1]
+    by_kind.setdefault(kind, []).append((np.asarray(a, np.float64), np.asarray(b, np.float64)))
+  assert {"mu", "nu", "count"} <= set(by_kind), sorted(by_kind)
+  for kind, pairs in by_kind.items():
+    scale = max(float(np.abs(b).max()) for _, b in pairs)
+    assert scale > 0, kind
+    worst = max(float(np.abs(a - b).max()) for a, b in pairs) / scale
+    assert worst < 1e-4, (kind, worst)
+
+
 def test_sharded_step_equals_single_device():
-  config = small_config()
+  """One update on 8 devices (data x fsdp x tensor = 2 x 2 x 2) is the one-device update: the
+  parameters, Adam's moments and the loss, with a first step that moves linearly in g."""
+  config = linear_update_config(small_config())
   single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  ref, ref_m, _ = one_step(config, single)
+  ref, ref_m, init = one_step(config, single)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   new, m, _ = one_step(config, mesh)
   # parameters and optimizer state really are sharded over fsdp x tensor
@@ -109,41 +162,12 @@ def test_sharded_step_equals_single_device():
   )
   assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-  flat_a = jax.tree.leaves(jax.device_get(new.params))
-  flat_b = jax.tree.leaves(jax.device_get(ref.params))
-  worst = max(
-    float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) for a, b in zip(flat_a, flat_b)
-  )
-  assert worst < 1e-5
-
-
-def assert_same_update(new, ref, init):
-  """The two steps moved the parameters (not two no-ops) by the same amount."""
-  d_new, d_ref = (
-    [
-      a - b
-      for a, b in zip(
-        jax.tree.leaves(jax.device_get(x.params)), jax.tree.leaves(jax.device_get(init))
-      )
-    ]
-    for x in (new, ref)
-  )
-  scale = max(float(np.abs(d).max()) for d in d_ref)
-  assert scale > 0
-  worst = max(float(np.abs(a - b).max()) for a, b in zip(d_new, d_ref)) / scale
-  assert worst < 1e-3, worst
-
-
-def accumulation_config(config):
-  """A first step that updates (no warm-up), linear in the gradient: Adam's eps far above the
-  gradients keeps float32 rounding in near-zero gradients from flipping an update's sign."""
-  config.optim.warmup_steps = 0
-  config.optim.eps = 1.0
-  return config
+  np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=1e-4)
+  assert_same_state(new, ref, init)
 
 
 def test_grad_accumulation_equals_one_big_batch():
-  config = accumulation_config(small_config())
+  config = linear_update_config(small_config())
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   ref, ref_m, init = one_step(config, mesh)
   config.train.grad_accum_steps = 4
@@ -191,9 +215,31 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def final_state(workdir, config, step):
+  """The training state a run saved at `step`, restored on one device, and the fresh init."""
+  stage = registry.make(config)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    init = init_lib.restore_or_init(stage, None, mesh)
+    manager = checkpoints_lib.train_manager(Path(workdir) / "checkpoints", config)
+    state, _, _ = checkpoints_lib.restore_train(
+      manager, step, init.abstract.state(), init.abstract.frozen_structs()
+    )
+  manager.close()
+  return state, init.state.params
+
+
 def test_two_processes_agree_with_one(tmp_path):
+  """Two processes (one device each, a coordinator) train as one process does: the losses, and
+  after 3 updates that move linearly in g the parameters and Adam's moments (a gradient summed
+  over hosts instead of averaged, or one host's rows missing from it, would differ)."""
   port = _free_port()
-  steps = ["--config.optim.total_steps=3", "--config.train.same_data_on_hosts=True"]
+  steps = [
+    "--config.optim.total_steps=3",
+    "--config.optim.warmup_steps=0",
+    "--config.optim.eps=1.0",
+    "--config.train.same_data_on_hosts=True",
+  ]
   procs = [
     run_main(
       tmp_path / "multi",
@@ -215,6 +261,11 @@ def test_two_processes_agree_with_one(tmp_path):
   a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "one")
   for s in (1, 2, 3):
     np.testing.assert_allclose(a[s]["loss"], b[s]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a[s]["grad_norm"], b[s]["grad_norm"], rtol=1e-4)
+  config = linear_update_config(small_config())
+  multi, init = final_state(tmp_path / "multi", config, 3)
+  single, _ = final_state(tmp_path / "one", config, 3)
+  assert_same_state(multi, single, init, steps=3)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
