@@ -1,4 +1,5 @@
-"""Frechet distance vs the NumPy/SciPy formula of pytorch-fid; feature statistics; PSNR."""
+"""Frechet distance vs pytorch-fid's own `calculate_frechet_distance` and our copy of its
+NumPy/SciPy formula; feature statistics; PSNR."""
 
 import jax
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import scipy.linalg
 
 from puma_jax.evaluation import fid, metrics
+from tests.public_refs import fid_score
 
 
 def reference_fid(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -33,8 +35,10 @@ def test_frechet_distance_matches_scipy(n, d):
   mu1, s1 = fa.mean(0, dtype=np.float64), np.cov(fa, rowvar=False)
   mu2, s2 = fb.mean(0, dtype=np.float64), np.cov(fb, rowvar=False)
   want = reference_fid(mu1, s1, mu2, s2)
+  public = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+  assert abs(public - want) <= 1e-12 * abs(want)
   got = fid.frechet_distance(mu1, s1, mu2, s2)
-  assert abs(got - want) <= 1e-8 * abs(want) + 1e-10, (got, want)
+  assert abs(got - public) <= 1e-8 * abs(public) + 1e-10, (got, public)
   assert abs(fid.fid_from_features(fa, fb) - want) <= 1e-8 * abs(want)
   # Same distribution: zero up to round-off; symmetric.
   assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
@@ -47,7 +51,9 @@ def test_rank_deficient_covariances():
   mu1, s1 = fa.mean(0, dtype=np.float64), np.cov(fa, rowvar=False)
   mu2, s2 = fb.mean(0, dtype=np.float64), np.cov(fb, rowvar=False)
   want = reference_fid(mu1, s1, mu2, s2)
-  assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - want) <= 1e-6 * abs(want)
+  public = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+  assert abs(public - want) <= 1e-12 * abs(want)
+  assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - public) <= 1e-6 * abs(public)
 
 
 def test_streaming_statistics(tmp_path):

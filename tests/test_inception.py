@@ -1,4 +1,5 @@
-"""FID Inception-v3 vs a torch re-implementation of pytorch-fid's network (random weights)."""
+"""FID Inception-v3 vs pytorch-fid's own `InceptionV3` and vs a torch re-implementation of it
+(tests/torch_inception.py), random weights with random batch-norm statistics."""
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from puma_jax import sharding
 from puma_jax.convert import ConversionError, convert, import_module
 from puma_jax.evaluation import fid, metrics
 from puma_jax.models import inception
-from tests import torch_inception
+from tests import public_refs, torch_inception
 from tests.utils import rel_err
 
 
@@ -23,6 +24,18 @@ def source(tmp_path_factory):
   assert any(k.endswith("num_batches_tracked") for k in sd) and "fc.weight" in sd
   torch.save(sd, root / "pt_inception-test.pth")
   return net, root / "pt_inception-test.pth"
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+  """pytorch-fid's `InceptionV3` (its FID network) with random weights, and the state dict it
+  loaded saved as the weight file (`fc.*` and `num_batches_tracked` included)."""
+  with pytest.MonkeyPatch.context() as mp:
+    net, sd = public_refs.pytorch_fid_inception(7, mp, resize_input=False)
+  assert "fc.weight" in sd and any(k.endswith("num_batches_tracked") for k in sd)
+  path = tmp_path_factory.mktemp("pytorch_fid") / "pt_inception-random.pth"
+  torch.save(sd, path)
+  return net, path
 
 
 def nchw(x):
@@ -49,23 +62,44 @@ def test_resize_matches_torch_interpolate():
     assert rel_err(ours, ref.permute(0, 2, 3, 1).numpy()) < 1e-5, size
 
 
-def test_feature_path_parity(source):
-  """[0, 1] images -> bilinear resize -> [-1, 1] -> pool3, as pytorch-fid computes them, at the
-  smallest target size the network accepts (75) so that it stays fast; the 299 twin is slow."""
-  net, path = source
+def test_feature_path_parity(public):
+  """[0, 1] images -> bilinear resize -> [-1, 1] -> pool3 at the smallest size the network
+  accepts (75) so that it stays fast (the 299 twins are slow), vs pytorch-fid's own network and
+  input scaling (`normalize_input`; its resize, to 299 only, replaced by the same `F.interpolate`
+  call at 75) and vs our torch re-implementation (tests/torch_inception.py), same weights."""
+  net, path = public
   model, _ = import_module("inception", path, config=inception.InceptionConfig(image_size=75))
-  feats = fid.InceptionFeatures(model)
+  mine = torch_inception.FIDInception().eval()
+  mine.load_state_dict(torch.load(path, weights_only=True))
   x = np.random.RandomState(1).uniform(0, 1, (2, 100, 90, 3)).astype(np.float32)
   with torch.no_grad():
     xt = F.interpolate(nchw(x), size=(75, 75), mode="bilinear", align_corners=False)
-    ref = net(2 * xt - 1).numpy()
-  ours = feats(x)
+    out = net(xt)
+    ref_mine = mine(2 * xt - 1).numpy()
+  assert len(out) == 1 and out[0].shape == (2, 2048, 1, 1)
+  ref = out[0].flatten(1).numpy()
+  ours = fid.InceptionFeatures(model)(x)
   assert ours.shape == (2, 2048)
   assert rel_err(ours, ref) < 1e-4
+  assert rel_err(ours, ref_mine) < 1e-4
+  assert rel_err(ref_mine, ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_pytorch_fid_299(public, tmp_path, monkeypatch):
+  """pytorch-fid's whole forward (bilinear resize to 299, [-1, 1], network) vs ours."""
+  net, path = public
+  monkeypatch.setattr(net, "resize_input", True)
+  feats = fid.InceptionFeatures.load(convert("inception", path, tmp_path / "inc"))
+  x = np.random.RandomState(4).uniform(0, 1, (1, 128, 128, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = net(nchw(x))[0].flatten(1).numpy()
+  assert rel_err(feats(x), ref) < 1e-4
 
 
 @pytest.mark.slow
 def test_feature_path_299(source, tmp_path):
+  """Our torch re-implementation's whole path at 299 (its own random weights) vs ours."""
   net, path = source
   feats = fid.InceptionFeatures.load(convert("inception", path, tmp_path / "inc"))
   x = np.random.RandomState(2).uniform(0, 1, (1, 128, 128, 3)).astype(np.float32)

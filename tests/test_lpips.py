@@ -1,4 +1,7 @@
-"""AlexNet trunk and LPIPS vs a PyTorch re-implementation of the lpips forward (random weights)."""
+"""AlexNet trunk and LPIPS vs the `lpips` package's own `LPIPS` (its shipped heads, a random
+torchvision AlexNet) and vs a PyTorch re-implementation of the lpips forward (random weights)."""
+
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from puma_jax.convert.__main__ import main as convert_main
 from puma_jax.convert.core import write_safetensors
 from puma_jax.evaluation import metrics
 from puma_jax.models import alexnet, lpips as lpips_model
+from tests import public_refs
 from tests.utils import rel_err
 
 WIDTHS = (64, 192, 384, 256, 256)
@@ -86,6 +90,21 @@ def weights(tmp_path_factory):
   return root, feats, lins
 
 
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+  """lpips's `LPIPS(net='alex')` (random torchvision AlexNet, the package's heads), and its
+  weights as the converter's sources: `src/` (torchvision's AlexNet file, lpips's `alex.pth`)
+  and `lpips_alex.pth` (the module's own state dict)."""
+  with pytest.MonkeyPatch.context() as mp:
+    model, trunk = public_refs.lpips_alex(5, mp)
+  root = tmp_path_factory.mktemp("lpips_public")
+  (root / "src").mkdir()
+  torch.save(trunk, root / "src" / "alexnet-owt.pth")
+  shutil.copy(public_refs.lpips_weights_file("alex"), root / "src" / "alex.pth")
+  torch.save(model.state_dict(), root / "lpips_alex.pth")
+  return model, trunk, root
+
+
 def test_real_size_param_count():
   real = nnx.eval_shape(lambda: alexnet.AlexNetFeatures(rngs=nnx.Rngs(0)))
   assert sharding.count_params(real) == 2_469_696
@@ -139,9 +158,70 @@ def test_lpips_parity(weights, tmp_path):
   np.testing.assert_array_equal(scorer.diversity(a, b), ours)
 
 
+def test_scaling_constants_are_lpips(public):
+  model, _, _ = public
+  np.testing.assert_array_equal(
+    model.scaling_layer.shift.flatten().numpy(), np.float32(lpips_model.SHIFT)
+  )
+  np.testing.assert_array_equal(
+    model.scaling_layer.scale.flatten().numpy(), np.float32(lpips_model.SCALE)
+  )
+
+
+def test_lpips_matches_lpips_package(public, tmp_path):
+  """Distances and per-layer terms of lpips's own forward ([0, 1] inputs: `normalize=True`), from
+  both source layouts; our torch re-implementation agrees with lpips on lpips's weights."""
+  model, trunk, root = public
+  rs = np.random.RandomState(6)
+  a = rs.uniform(0, 1, (3, 64, 80, 3)).astype(np.float32)
+  b = np.clip(a + 0.2 * rs.randn(*a.shape), 0, 1).astype(np.float32)
+  with torch.no_grad():
+    ref, ref_layers = model(nchw(a), nchw(b), retPerLayer=True, normalize=True)
+  assert ref.shape == (3, 1, 1, 1) and len(ref_layers) == 5
+  ref = ref.flatten().numpy()
+  ref_layers = torch.cat([r.flatten(1) for r in ref_layers], 1).numpy()
+  two_files = metrics.LPIPSMetric.load(convert("lpips-alex", root / "src", tmp_path / "two"))
+  assert rel_err(two_files(a, b), ref) < 1e-4
+  graphdef, state = nnx.split(two_files.model)
+  per = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y, per_layer=True))(
+    state, 2 * a - 1, 2 * b - 1
+  )
+  assert rel_err(per, ref_layers) < 1e-4
+  # lpips's state dict (each head as linK and lins.K) converts to the same parameters.
+  one_file, _ = import_module("lpips-alex", root / "lpips_alex.pth")
+  pa, pb = checkpoints.param_arrays(one_file), checkpoints.param_arrays(two_files.model)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k])
+  feats = torch_features().eval()
+  feats.load_state_dict({k[len("features.") :]: v for k, v in trunk.items() if "features" in k})
+  # The shipped file holds CUDA tensors: lpips (and our reader) load it with map_location="cpu".
+  shipped = torch.load(root / "src" / "alex.pth", map_location="cpu", weights_only=True)
+  lins = [shipped[f"lin{k}.model.1.weight"] for k in range(5)]
+  with torch.no_grad():
+    mine = torch_lpips(feats, lins, nchw(2 * a - 1), nchw(2 * b - 1), per_layer=True).numpy()
+  assert rel_err(mine, ref_layers) < 1e-5
+
+
+def test_lpips_head_copies_are_checked(public, tmp_path):
+  """lpips's second name of a head (`lins.K`) must equal `linK` and come with it."""
+  model, _, _ = public
+  sd = dict(model.state_dict())
+  sd["lins.2.model.1.weight"] = sd["lins.2.model.1.weight"] + 1
+  torch.save(sd, tmp_path / "differs.pth")
+  with pytest.raises(ConversionError, match=r"'lins\.2\.model\.1\.weight' differs from 'lin2\."):
+    import_module("lpips-alex", tmp_path / "differs.pth")
+  sd = dict(model.state_dict())
+  del sd["lin3.model.1.weight"]
+  torch.save(sd, tmp_path / "orphan.pth")
+  with pytest.raises(ConversionError, match=r"'lin3\.model\.1\.weight', which the file does not"):
+    import_module("lpips-alex", tmp_path / "orphan.pth")
+
+
 def test_lpips_module_state_dict_layout(weights, tmp_path):
-  """A saved `lpips.LPIPS(net='alex').state_dict()` (net.sliceS.N.*, scaling_layer.*) converts
-  to the same model as the two-file layout."""
+  """The layout of a saved `lpips.LPIPS(net='alex').state_dict()` (net.sliceS.N.*,
+  scaling_layer.*; lpips's own file, with the lins.K copies, in the test above) converts to the
+  same model as the two-file layout."""
   root, feats, lins = weights
   slice_of = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
   sd = {
