@@ -1,5 +1,8 @@
 """Packed MLLM rows through the data pipeline: same loss and gradients as the same examples
-unpacked, exact mid-epoch restore, first fit over several open rows, metrics."""
+unpacked, exact mid-epoch restore, first fit over several open rows, metrics.
+
+The pipeline tests run with the byte tokenizer and a real BPE one (tests/text_tokenizers.py);
+the loss and gradient test, the file's slow one, with bytes only."""
 
 import json
 
@@ -16,7 +19,7 @@ from puma_jax.models import clip as clip_lib, puma
 from puma_jax.tokenizer import ByteTokenizer
 from puma_jax.training import losses, mllm
 
-TOK = ByteTokenizer()
+TOK = ByteTokenizer()  # the tests without the `tokenizer` fixture
 SEQ_LEN = 1536
 
 
@@ -34,8 +37,8 @@ def cfg(pack=True, bins=4, batch=2, **kw):
   return c
 
 
-def encoder():
-  return MLLMEncoder(TOK.encode, TOK.special, SEQ_LEN, 2, 32)
+def encoder(tok=TOK):
+  return MLLMEncoder(tok.encode, tok.special, SEQ_LEN, 2, 32)
 
 
 def take(it, n):
@@ -60,12 +63,11 @@ def test_image_slots_follow_seq_len():
   assert image_slots(100) == 1
 
 
-def test_packed_rows_fill_and_hold_the_same_examples():
-  packed = iter(pipeline.build(cfg(), encode=encoder(), host_index=0, host_count=1))
+def test_packed_rows_fill_and_hold_the_same_examples(tokenizer):
+  enc = encoder(tokenizer)
+  packed = iter(pipeline.build(cfg(), encode=enc, host_index=0, host_count=1))
   rows = take(packed, 6)
-  plain = iter(
-    pipeline.build(cfg(pack=False, batch=1), encode=encoder(), host_index=0, host_count=1)
-  )
+  plain = iter(pipeline.build(cfg(pack=False, batch=1), encode=enc, host_index=0, host_count=1))
   assert "segment_ids" in rows[0] and rows[0]["images"].shape == (2, 4, 32, 32, 3)
   ex_p = examples_of(rows)
   ex_u = examples_of(take(plain, len(ex_p) + 8))
@@ -85,24 +87,21 @@ def test_packed_rows_fill_and_hold_the_same_examples():
       assert len(used) == int(b["num_images"][r])
 
 
-def test_evaluation_split_is_not_packed():
+def test_evaluation_split_is_not_packed(tokenizer):
+  c = cfg(num_epochs=1, shuffle=False)
   ev = next(
-    iter(
-      pipeline.build(
-        cfg(num_epochs=1, shuffle=False), split="eval", encode=encoder(), host_index=0, host_count=1
-      )
-    )
+    iter(pipeline.build(c, split="eval", encode=encoder(tokenizer), host_index=0, host_count=1))
   )
   assert int(ev["segment_ids"].max()) == 1
 
 
-def test_packed_restore_mid_epoch_continues_exactly():
+def test_packed_restore_mid_epoch_continues_exactly(tokenizer):
   c = cfg(bins=3)
-  it = iter(pipeline.build(c, encode=encoder(), host_index=0, host_count=1))
+  it = iter(pipeline.build(c, encode=encoder(tokenizer), host_index=0, host_count=1))
   take(it, 5)
   state = json.loads(json.dumps(it.get_state()))
   expected = take(it, 7)
-  fresh = iter(pipeline.build(c, encode=encoder(), host_index=0, host_count=1))
+  fresh = iter(pipeline.build(c, encode=encoder(tokenizer), host_index=0, host_count=1))
   fresh.set_state(state)
   got = take(fresh, 7)
   for x, y in zip(got, expected):
@@ -153,13 +152,13 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients():
     assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, path
 
 
-def test_a_source_of_only_bad_records_reaches_the_skip_limit():
+def test_a_source_of_only_bad_records_reaches_the_skip_limit(tokenizer):
   """Skips leave the packing stage at once: with nothing but too-long examples the pipeline
   stops with the consecutive-skip error instead of waiting for a row that never fills."""
   c = cfg(max_consecutive_skips=5)
   for name in c.sources:
     c.sources[name].weight = 1.0 if name == "pairs" else 0.0
-  short = MLLMEncoder(TOK.encode, TOK.special, 300, 2, 32)  # no image example fits 300
+  short = MLLMEncoder(tokenizer.encode, tokenizer.special, 300, 2, 32)  # no image example fits
   it = iter(pipeline.build(c, encode=short, host_index=0, host_count=1))
   with pytest.raises(pipeline.DataError, match="bad records in a row"):
     next(it)

@@ -1,4 +1,7 @@
-"""PumaPipeline with tiny random components: every task runs, features route to decoders."""
+"""PumaPipeline with tiny random components: every task runs, features route to decoders.
+
+The prompt-building tests run with the byte tokenizer and a real BPE one (tests/
+text_tokenizers.py), on `text_pipe` (no decoders); the decoding tests with bytes only."""
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ from puma_jax.inference import generation, pipelines, router
 from puma_jax.models import puma, puma_decoder, vae
 
 from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
+from tests import text_tokenizers
 
-TOK = ByteTokenizer()
+TOK = ByteTokenizer()  # the tests without the `tokenizer` fixture
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,18 @@ def pipe():
   )
 
 
+@pytest.fixture(scope="module")
+def text_pipe(tokenizer, request):
+  """A pipeline for `tokenizer` that generates but decodes nothing: for bytes the module's
+  `pipe`, for BPE one around a PumaModel sized and numbered for the tokenizer."""
+  if tokenizer.name == "byte":
+    return request.getfixturevalue("pipe")
+  model = puma.PumaModel(text_tokenizers.puma_config(tokenizer), rngs=nnx.Rngs(0))
+  return pipelines.PumaPipeline(
+    model, encode=tokenizer.encode, decode=tokenizer.decode, special=tokenizer.special
+  )
+
+
 def images(n, seed=0):
   return [np.random.RandomState(seed + i).randint(0, 256, (40, 48, 3), np.uint8) for i in range(n)]
 
@@ -51,9 +67,10 @@ def test_text_to_image_one_image_per_scale(pipe):
   assert not np.array_equal(out["f3"], other["f3"])
 
 
-def test_features_routed_to_the_right_scale(pipe):
+def test_features_routed_to_the_right_scale(text_pipe, tokenizer):
+  pipe, tok = text_pipe, tokenizer
   feats = pipe.text_to_image(["a red circle"], scales=("f3",), return_features=True)["f3"]
-  prompts = [seq.build_prompt([seq.Text("a red circle")], TOK.encode, TOK.special, True)]
+  prompts = [seq.build_prompt([seq.Text("a red circle")], tok.encode, tok.special, True)]
   full, _ = generation.generate_features(pipe.model, prompts, "f3")
   np.testing.assert_allclose(feats, np.asarray(full[:, 1:5]), rtol=1e-6)
   assert pipe.uncond_features("f3").shape == (4, pipe.model.config.feature_dim)
@@ -70,41 +87,47 @@ def test_edit_conditional_chat_ground_run(pipe):
   assert len(boxes) == 1 and len(boxes[0]) == 4
 
 
-def test_ground_asks_as_training_lays_out_and_always_answers(pipe, monkeypatch):
+def test_ground_asks_as_training_lays_out_and_always_answers(text_pipe, tokenizer, monkeypatch):
   """The prompt is the training row's prefix up to the phrase (data rows of a caption that
-  starts with the phrase), and decoding is restricted to 4 position tokens."""
+  starts with the phrase), and decoding is restricted to 4 position tokens. The last phrase
+  ends in a space: with BPE, "a box " and the caption's rest "around the cat" tokenize
+  differently joined (" around" one token, apart "Ġ" then "around"), and the prompt must still
+  be the training row's prefix."""
   from puma_jax.data import rows
   from puma_jax.data.schema import Example
   from puma_jax.inference import text
 
+  pipe, tok, sp = text_pipe, tokenizer, tokenizer.special
   calls, real = [], text.generate_text
   monkeypatch.setattr(
     text, "generate_text", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw)
   )
-  phrases = ["the circle", "a small red square"]
-  boxes = pipe.ground(images(2), phrases)
-  assert [len(b) for b in boxes] == [4, 4]
+  phrases = ["the circle", "a small red square", "a box "]
+  rests = [" in the middle", " in the middle", "around the cat"]
+  assert tok.merges_across(phrases[-1], rests[-1]) == (tok.name == "bpe")
+  boxes = pipe.ground(images(3), phrases)
+  assert [len(b) for b in boxes] == [4, 4, 4]
   assert all(0 < v < 1 for b in boxes for v in b)
   ((args, kw),) = calls
-  assert list(kw["allowed_tokens"]) == list(TOK.special.positions) and kw["stop_tokens"] == ()
+  assert list(kw["allowed_tokens"]) == list(sp.positions) and kw["stop_tokens"] == ()
   assert args[2] == 4
   # without the restriction the same random model does not answer with position tokens only
   free = real(*args, images=kw["images"], stop_tokens=())
-  assert any(t not in TOK.special.positions for row in free for t in row)
-  for phrase, prompt, img in zip(phrases, args[1], images(2)):
+  assert any(t not in sp.positions for row in free[:2] for t in row)
+  for phrase, rest, prompt, img in zip(phrases, rests, args[1], images(3)):
     ex = Example(
       kind="grounding",
       images=(img,),
-      text=phrase + " in the middle",
+      text=phrase + rest,
       phrases=((0, len(phrase)),),
       boxes=np.array([[0.25, 0.25, 0.75, 0.75]], np.float32),
     )
     segs, kind = rows.segments(ex)
-    train = seq.build(segs, TOK.encode, TOK.special, kind).tokens
+    train = seq.build(segs, tok.encode, sp, kind).tokens
     np.testing.assert_array_equal(train[: len(prompt["tokens"])], prompt["tokens"])
-    caption = seq.build(seq.i2t(ex.text), TOK.encode, TOK.special, "i2t").tokens
+    caption = seq.build(seq.i2t(ex.text), tok.encode, sp, "i2t").tokens
     assert not np.array_equal(caption[: len(prompt["tokens"])], prompt["tokens"])
-    assert list(train[len(prompt["tokens"]) :][:4] - TOK.special.pos0) == [56, 56, 168, 168]
+    assert list(train[len(prompt["tokens"]) :][:4] - sp.pos0) == [56, 56, 168, 168]
 
 
 def test_router_defaults_and_errors(pipe):

@@ -1,4 +1,7 @@
-"""PumaModel: packing, cached generation (features and text) vs full forwards, sizes, errors."""
+"""PumaModel: packing, cached generation (features and text) vs full forwards, sizes, errors.
+
+The model tests run with the byte tokenizer and a real BPE one (tests/text_tokenizers.py): a
+model sized and numbered for each ([IMG], positions and pad = </s> at other ids)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +14,12 @@ from puma_jax.inference import generation, text
 from puma_jax.training import losses
 from puma_jax.models import puma
 
-from puma_jax.tokenizer import ByteTokenizer  # noqa: E402
-
-TOK = ByteTokenizer()
-SP = TOK.special
+from tests import text_tokenizers
 
 
 @pytest.fixture(scope="module")
-def model():
-  m = puma.PumaModel(puma.tiny(), rngs=nnx.Rngs(0))
+def model(tokenizer):
+  m = puma.PumaModel(text_tokenizers.puma_config(tokenizer), rngs=nnx.Rngs(0))
   # non-trivial norms and embeddings so that a wrong slot or position shows
   for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
     if path[-1] == "scale":
@@ -27,8 +27,8 @@ def model():
   return m
 
 
-def build(segs, kind):
-  return seq.build(segs, TOK.encode, SP, kind)
+def build(tok, segs, kind):
+  return seq.build(segs, tok.encode, tok.special, kind)
 
 
 def rows_to_batch(rows, images):
@@ -37,13 +37,14 @@ def rows_to_batch(rows, images):
   return b
 
 
-def test_packing_equals_separate_examples(model):
+def test_packing_equals_separate_examples(model, tokenizer):
+  tok, pad = tokenizer, tokenizer.special.pad
   rng = np.random.RandomState(0)
-  ex1, ex2 = build(seq.edit("bigger"), "edit"), build(seq.i2t("a blue square"), "i2t")
+  ex1, ex2 = build(tok, seq.edit("bigger"), "edit"), build(tok, seq.i2t("a blue square"), "i2t")
   imgs = jnp.asarray(rng.randn(3, 32, 32, 3).astype(np.float32))
-  packed = seq.pack([ex1, ex2], 1280, 3, SP.pad)
+  packed = seq.pack([ex1, ex2], 1280, 3, pad)
   assert packed["packed"] == 2
-  sep = [seq.pack([ex1], 1280, 3, SP.pad), seq.pack([ex2], 1280, 3, SP.pad)]
+  sep = [seq.pack([ex1], 1280, 3, pad), seq.pack([ex2], 1280, 3, pad)]
   forward = jitted_forward(model)
   out_p = forward(rows_to_batch([packed], imgs[None]))
   out_s = forward(rows_to_batch(sep, jnp.stack([imgs, jnp.concatenate([imgs[2:], imgs[:2]])])))
@@ -103,12 +104,13 @@ def reference_features(model, prompt, images, num_slots):
   return np.stack(out)
 
 
-def test_cached_feature_generation_equals_full_forwards(model):
+def test_cached_feature_generation_equals_full_forwards(model, tokenizer):
+  tok, sp = tokenizer, tokenizer.special
   rng = np.random.RandomState(1)
   images = jnp.asarray(rng.randn(2, 1, 32, 32, 3).astype(np.float32))
   prompts = [
-    seq.build_prompt([seq.Image(0), seq.Text("make it red")], TOK.encode, SP, True),
-    seq.build_prompt([seq.Image(0), seq.Text("x")], TOK.encode, SP, True),
+    seq.build_prompt([seq.Image(0), seq.Text("make it red")], tok.encode, sp, True),
+    seq.build_prompt([seq.Image(0), seq.Text("x")], tok.encode, sp, True),
   ]
   feats, router = generation.generate_features(model, prompts, "f2", images=images)
   assert feats.shape == (2, 21, model.config.feature_dim) and router.shape == (2, 5)
@@ -120,12 +122,13 @@ def test_cached_feature_generation_equals_full_forwards(model):
     generation.scale_slice(feats, "f0")
 
 
-def test_cached_text_generation_equals_full_forwards(model):
+def test_cached_text_generation_equals_full_forwards(model, tokenizer):
+  tok, sp = tokenizer, tokenizer.special
   rng = np.random.RandomState(2)
   images = jnp.asarray(rng.randn(2, 1, 32, 32, 3).astype(np.float32))
   prompts = [
-    seq.build_prompt(seq.chat([("What is it?", "")])[:-1], TOK.encode, SP),
-    seq.build_prompt([seq.Image(0), seq.Text("Caption:")], TOK.encode, SP),
+    seq.build_prompt(seq.chat([("What is it?", "")])[:-1], tok.encode, sp),
+    seq.build_prompt([seq.Image(0), seq.Text("Caption:")], tok.encode, sp),
   ]
   got = text.generate_text(model, prompts, 12, images=images, stop_tokens=())
   feats_in = model.encode_images(images)
@@ -161,25 +164,27 @@ def test_paper_config_parameter_breakdown():
   assert b["total"] == sharding.count_params(abstract) == 8_378_338_309
 
 
-def test_bad_inputs(model):
-  p = seq.build_prompt([seq.Image(0), seq.Text("q")], TOK.encode, SP, True)
+def test_bad_inputs(model, tokenizer):
+  tok, sp = tokenizer, tokenizer.special
+  p = seq.build_prompt([seq.Image(0), seq.Text("q")], tok.encode, sp, True)
   with pytest.raises(ValueError, match=r"images must be preprocessed \(batch, images, 32, 32, 3\)"):
     generation.generate_features(model, [p], "f3", images=jnp.zeros((1, 1, 224, 224, 3)))
   with pytest.raises(ValueError, match="unknown scale 'f9'"):
     generation.generate_features(model, [p], "f9", images=jnp.zeros((1, 1, 32, 32, 3)))
-  long = seq.build_prompt([seq.Text("x" * 2100)], TOK.encode, SP, True)
+  long = seq.build_prompt([seq.Text("x" * 2100)], tok.encode, sp, True)
+  assert len(long["tokens"]) > 2048
   with pytest.raises(ValueError, match="exceeds the context length 2048"):
     generation.generate_features(model, [long], "f3")
   with pytest.raises(ValueError, match="must end with \\[IMG\\]"):
-    generation.generate_features(model, [seq.build_prompt([seq.Text("x")], TOK.encode, SP)], "f4")
+    generation.generate_features(model, [seq.build_prompt([seq.Text("x")], tok.encode, sp)], "f4")
   with pytest.raises(ValueError, match="uses 1 images, more than the 0"):
     text.generate_text(model, [p], 4, features=jnp.zeros((1, 0, 341, 64)))
   with pytest.raises(ValueError, match="clip.image_size=64 / patch_size=2"):
     puma.PumaConfig(llm=model.config.llm, clip=model.config.clip.replace(image_size=64))
 
 
-def test_sampled_text_generation_runs_and_is_seeded(model):
-  p = [seq.build_prompt([seq.Text("hello")], TOK.encode, SP)]
+def test_sampled_text_generation_runs_and_is_seeded(model, tokenizer):
+  p = [seq.build_prompt([seq.Text("hello")], tokenizer.encode, tokenizer.special)]
   a = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_tokens=())
   b = text.generate_text(model, p, 6, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_tokens=())
   assert a == b and len(a[0]) == 6 and all(0 <= t < model.config.llm.vocab_size for t in a[0])

@@ -35,8 +35,8 @@ def tiny_tokenizer_dir(path):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  return ptok.PumaTokenizer.from_dir(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+def tok(bpe_tokenizer_dir):
+  return ptok.PumaTokenizer.from_dir(bpe_tokenizer_dir)  # the session's (tests/conftest.py)
 
 
 def test_special_tokens(tok):
