@@ -249,7 +249,7 @@ def test_config_errors_name_the_field(tmp_path):
 @pytest.mark.slow
 def test_tfds_array_record_source(tmp_path):
   """A TFDS dataset prepared as ArrayRecord, read through tfds.data_source (random access)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
 
   class TinyCaps(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")

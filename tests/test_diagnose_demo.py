@@ -75,7 +75,7 @@ def test_shape_patches_and_x_centroid_follow_the_scene():
     assert D.x_centroid(img[:, ::-1], sc.background) == pytest.approx(
       31 - D.x_centroid(img, sc.background)
     )
-  assert S.CELLS  # the scenes' cells index CELLS
+  assert all(0 <= sc.shapes[0].cell < len(S.CELLS) for sc in scenes)  # cells index CELLS
   with pytest.raises(ValueError, match="--n=100000"):
     D.single_shape_scenes("eval", 100000, 32)
 

@@ -136,29 +136,26 @@ def test_lock_damaged_checkpoint_strays_torn_metrics_and_finished_run(tmp_path, 
   assert (tree_digest(work / "checkpoints"), (work / "metrics.jsonl").read_text()) == before
 
 
-def test_sigint_saves_console_is_calm_and_eta_skips_compilation(tmp_path, capfd):
-  """Ctrl-C in the middle of a run (sent from a thread, as a terminal would) saves the step
-  and returns; the console has one progress line per step and no orbax INFO (the log has)."""
-  import threading
-
+def test_sigint_saves_console_is_calm_and_eta_skips_compilation(tmp_path, capfd, monkeypatch):
+  """Ctrl-C in the middle of a run (a real SIGINT, sent once step 2's metrics are written, so
+  it always lands inside the run) saves the step and returns; the console has one progress
+  line per step and no orbax INFO (the log has)."""
   work = tmp_path / "w"
+  write, sent = loop.MetricsLog.write, []
 
-  def interrupt():
-    deadline = time.time() + 600
-    while time.time() < deadline:
-      path = work / "metrics.jsonl"
-      if path.exists() and path.read_text().strip():
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-      time.sleep(0.02)
+  def write_then_interrupt(self, step, scalars, **kw):
+    write(self, step, scalars, **kw)
+    if step == 2 and not sent:
+      sent.append(step)
+      os.kill(os.getpid(), signal.SIGINT)  # handled before os.kill returns: in the run
 
-  t = threading.Thread(target=interrupt, daemon=True)
-  t.start()
+  monkeypatch.setattr(loop.MetricsLog, "write", write_then_interrupt)
   loop.train_and_evaluate(config(), str(work))
-  t.join()
+  monkeypatch.undo()
+  assert sent == [2]
   out, err = capfd.readouterr()
   saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(saved) == 1 and 1 <= saved[0] < 4 and max(read_metrics(work)) == saved[0]
+  assert saved == [2] and max(read_metrics(work)) == 2
   assert "Ctrl-C: saving a checkpoint" in out
   progress = [l for l in out.splitlines() if l.startswith("step ")]
   assert [l.split()[1] for l in progress] == [f"{s}/4" for s in range(1, saved[0] + 1)], out

@@ -16,9 +16,9 @@ from puma_jax.models import clip, pooling
 from tests.unet_ref import save_state_dict
 from tests.utils import randomize_norms, rel_err
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import torch
+import diffusers
+import transformers
 
 FEAT, CTX = 16, 32  # CLIP width (mapping_dim) and the UNet's cross-attention width
 

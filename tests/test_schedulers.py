@@ -9,8 +9,8 @@ import pytest
 
 from puma_jax.diffusion import schedulers as S
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 # SDXL base's scheduler/scheduler_config.json (it names the Euler scheduler; PUMA builds DDPM
 # from the same file).

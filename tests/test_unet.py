@@ -27,7 +27,9 @@ def converted(name, tmp_path_factory):
   """(torch model, converted dir) per config, built once per session."""
   if name not in _CACHE:
     kw = unet_ref.CONFIGS[name]
-    model = unet_ref.torch_unet(kw, seed=len(_CACHE))
+    # The seed is the config's place in CONFIGS, not the cache size: a config's weights do not
+    # depend on which tests ran before (or alone).
+    model = unet_ref.torch_unet(kw, seed=sorted(unet_ref.CONFIGS).index(name))
     base = tmp_path_factory.mktemp(name)
     model.save_pretrained(base / "src")
     assert convert_main(["sdxl-unet", f"--src={base / 'src'}", f"--dst={base / 'dst'}"]) == 0
@@ -207,8 +209,9 @@ def test_conversion_errors(tmp_path_factory, tmp_path):
 def test_fp16_variant_file_names(tmp_path_factory, tmp_path):
   model, base = converted("conv_proj_nomid", tmp_path_factory)
   variant = tmp_path / "unet"
-  model.half().save_pretrained(variant, variant="fp16")
-  model.float()
+  # A float16 copy: the session's reference model is shared with the parity tests, and
+  # model.half(); model.float() would leave its weights rounded to float16.
+  copy.deepcopy(model).half().save_pretrained(variant, variant="fp16")
   assert (variant / "diffusion_pytorch_model.fp16.safetensors").exists()
   jm, _ = import_module("sdxl-unet", variant)
   ref = checkpoints.param_arrays(checkpoints.load_module(base / "dst"))

@@ -194,8 +194,13 @@ def test_demo_decoder_configs_build(scale):
   stage = registry.make(c)
   # The decoders scale latents as the demo VAE was trained to be scaled.
   assert stage.vae_cfg == vae_config.demo_vae_config()
-  assert stage.train_data  # data settings are checked when the stream is built
-  next(stage.train_data())
+  # Data settings are checked when the stream is built; a batch holds both views of each image.
+  batch = next(stage.train_data())
+  n, clip, vae = c.data.batch_size, c.data.image.clip_size, c.data.image.vae_size
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+    "clip": ((n, clip, clip, 3), np.uint8),
+    "vae": ((n, vae, vae, 3), np.uint8),
+  }
 
 
 def test_unknown_variants_are_named():
