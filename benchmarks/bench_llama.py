@@ -1,6 +1,6 @@
 """LLaMA decode and prefill speed, puma_jax vs HF transformers, same weights, same CPU, one run.
 
-    python -m benchmarks.bench_llama [--new_tokens=128] [--batch=1] [--repeats=3]
+    python -m benchmarks.bench_llama [--new_tokens=128] [--batch=1] [--repeats=3] [--tiny]
 
 A ~100M-parameter random LLaMA (GQA, 8 layers, width 768, vocab 32000) is built in
 transformers, converted, and timed both ways in float32:
@@ -43,6 +43,9 @@ flags.DEFINE_integer("prompt", 32, "prompt length")
 flags.DEFINE_integer("batch", 1, "prompts per batch")
 flags.DEFINE_integer("prefill", 512, "prompt length of the prefill timing")
 flags.DEFINE_integer("repeats", 3, "timed runs (best reported)")
+flags.DEFINE_bool(
+  "tiny", False, "a 2-layer, width-64, 512-token LLaMA: the smoke test of the same code (seconds)"
+)
 
 
 def main(argv):
@@ -56,13 +59,16 @@ def main(argv):
   from puma_jax.inference import generate_text, text
 
   torch.manual_seed(0)
+  size = (
+    dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    if args.tiny
+    else dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8)
+  )
+  vocab = size["vocab_size"]
   hf_cfg = transformers.LlamaConfig(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=8,
-    num_attention_heads=12,
-    num_key_value_heads=4,
+    **size,
+    num_attention_heads=4 if args.tiny else 12,
+    num_key_value_heads=2 if args.tiny else 4,
     max_position_embeddings=2048,
     bos_token_id=1,
     eos_token_id=2,
@@ -75,7 +81,7 @@ def main(argv):
   n_params = sharding.count_params(model)
 
   rs = np.random.RandomState(0)
-  prompts = rs.randint(3, 32000, (args.batch, args.prompt))
+  prompts = rs.randint(3, vocab, (args.batch, args.prompt))
   n = args.new_tokens
 
   def ours_gen(k):
@@ -104,7 +110,7 @@ def main(argv):
     f()  # warm-up / compile
   t = {k: [] for k in ("ours1", "oursN", "hf1", "hfN", "ours_pre", "hf_pre")}
 
-  long = rs.randint(3, 32000, (1, args.prefill))
+  long = rs.randint(3, vocab, (1, args.prefill))
   mask = np.ones_like(long, bool)
   slots = args.prefill + 128
 

@@ -57,6 +57,24 @@ def test_gpu_suite_tiny_runs(tmp_path):
   assert "MLLM step" in out and "decoder training" in out, out
 
 
+def test_bench_llama_tiny_runs():
+  """The fast twin of test_bench_llama_runs: the same code on a 2-layer LLaMA."""
+  out = _run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.bench_llama",
+      "--tiny",
+      "--new_tokens=4",
+      "--prompt=8",
+      "--prefill=16",
+      "--repeats=1",
+    ],
+    timeout=600,
+  )
+  assert '"same_tokens_as_hf": true' in out, out
+
+
 @pytest.mark.slow
 def test_bench_llama_runs():
   out = _run(

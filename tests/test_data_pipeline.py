@@ -166,8 +166,8 @@ def test_eval_split_and_examples_mode():
   assert all(ex.images[0].shape == (16, 16, 3) for ex in examples if ex.images)
 
 
-@pytest.mark.slow
 def test_worker_processes_match_in_process():
+  """Two worker processes (22 s here: in the fast tier) give the in-process batches."""
   cfg = tiny_cfg()
   a = take(iter(pipeline.build(cfg, tokenize=tok, host_index=0, host_count=1)), 6)
   cfg.num_workers = 2

@@ -2,6 +2,7 @@
 image folder, LLaVA json, GRIT-style jsonl, text jsonl, editing triplets, ArrayRecord."""
 
 import io
+import sys
 import json
 import tarfile
 
@@ -276,6 +277,41 @@ def test_tfds_array_record_source(tmp_path):
   src = sources.TfdsSource(
     "tiny_caps", "train", str(tmp_path), fields={"image": "image", "caption": "captions/text"}
   )
+  out = sorted(parse_all(src, "pairs"), key=lambda e: e.text)
+  assert [o.text for o in out] == [f"cap {i}" for i in range(4)]
+  assert [int(o.images[0][0, 0, 0]) for o in out] == [0, 40, 80, 120]
+
+
+def test_tfds_source_maps_records_read_through_data_source(monkeypatch):
+  """The fast twin of the test above: TfdsSource over what `tfds.data_source` returns (a
+  random-access sequence of feature dicts: uint8 images, nested features, text as bytes or as
+  an object array), without preparing a dataset or importing TensorFlow."""
+  import types
+
+  records = [
+    {
+      "image": np.full((8, 10, 3), i * 40, np.uint8),
+      "captions": {
+        "text": f"cap {i}".encode() if i % 2 else np.array([f"cap {i}".encode()], dtype=object)
+      },
+    }
+    for i in range(4)
+  ]
+  calls = []
+
+  def data_source(name, split, data_dir):
+    calls.append((name, split, data_dir))
+    return records
+
+  monkeypatch.setitem(
+    sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source)
+  )
+  src = sources.TfdsSource(
+    "tiny_caps", "train", "/data", fields={"image": "image", "caption": "captions/text"}
+  )
+  assert calls == [("tiny_caps", "train", "/data")] and len(src) == 4
+  assert src[1]["caption"] == "cap 1" and src[2]["caption"] == "cap 2"
+  assert src[3]["key"] == "tiny_caps:train:3"
   out = sorted(parse_all(src, "pairs"), key=lambda e: e.text)
   assert [o.text for o in out] == [f"cap {i}" for i in range(4)]
   assert [int(o.images[0][0, 0, 0]) for o in out] == [0, 40, 80, 120]
