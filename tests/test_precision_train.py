@@ -23,7 +23,8 @@ def _params_close(a, b):
 
 
 def test_overflowed_step_is_skipped_and_the_scale_halved():
-  config = small_config()
+  # A first step that would move the parameters (no warm-up), so "nothing applied" says something.
+  config = linear_update_config(small_config())
   config.precision = "float16"
   config.loss_scale.initial = 2.0**40  # the injected overflow: scaled gradients exceed f16
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -32,6 +33,10 @@ def test_overflowed_step_is_skipped_and_the_scale_halved():
   assert float(m["loss_scale"]) == 2.0**40 and np.isfinite(float(m["loss"]))
   assert float(new.loss_scale.scale) == 2.0**39
   assert int(new.step) == 1 and _params_close(new.params, init)  # nothing applied, nothing lost
+  # Adam's moments and its step counts are the fresh ones: zeros (an applied overflowed step
+  # would leave non-finite or non-zero moments, and counts of 1).
+  opt = jax.tree.leaves(jax.device_get(new.opt_state))
+  assert opt and all(np.array_equal(x, np.zeros_like(x)) for x in opt)
 
 
 def test_float16_training_matches_float32():
