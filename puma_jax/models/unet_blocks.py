@@ -144,7 +144,7 @@ class Downsample2D(nnx.Module):
   def __call__(self, x):
     if self.pad_asym:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return self.conv(x)
+    return sharding.constrain(self.conv(x), FMAP)
 
 
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -169,7 +169,7 @@ class Upsample2D(nnx.Module):
     self.conv = layers.Conv(ch, ch, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, size):
-    return self.conv(upsample_nearest(x, size))
+    return sharding.constrain(self.conv(upsample_nearest(x, size)), FMAP)
 
 
 class Attention(nnx.Module):
@@ -481,7 +481,10 @@ class UpBlock(nnx.Module):
 
   def __call__(self, x, skips, temb, context, upsample_size):
     for j, resnet in enumerate(self.resnets):
-      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      # Constrained (channels replicated): left to propagation, the concat and its gradient got
+      # channels sharded over tensor on a data x fsdp x tensor mesh, where XLA mis-partitions the
+      # backward-data conv of conv1 (docs/notes/xla_spmd_conv_grad_repro.py).
+      x = sharding.constrain(jnp.concatenate([x, skips.pop()], axis=-1), FMAP)
       x = resnet(x, temb)
       if self.attentions is not None:
         x = self.attentions[j](x, context)
