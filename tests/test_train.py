@@ -101,11 +101,13 @@ def one_step(config, mesh):
 def linear_update_config(config):
   """A first step that updates (no warm-up: the learning rate is at its peak from step 0) and
   whose update is linear in the gradient (Adam's eps far above the gradients, so Adam does not
-  divide a gradient's scale away). A gradient off by a factor (a sum instead of a mean over
-  devices) or missing a shard's rows then changes the update. The large eps also keeps float32
-  rounding in near-zero gradients from flipping an update's sign."""
+  divide a gradient's scale away; no global-norm clipping, which would scale it back). A gradient
+  off by a factor (a sum instead of a mean over devices) or missing a shard's rows then changes
+  the update and Adam's moments. The large eps also keeps float32 rounding in near-zero
+  gradients from flipping an update's sign."""
   config.optim.warmup_steps = 0
   config.optim.eps = 1.0
+  config.optim.grad_clip = 0.0
   return config
 
 
@@ -161,9 +163,9 @@ def test_sharded_step_equals_single_device():
     .mu["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
   )
   assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert_same_state(new, ref, init)
   np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=1e-4)
-  assert_same_state(new, ref, init)
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -238,6 +240,7 @@ def test_two_processes_agree_with_one(tmp_path):
     "--config.optim.total_steps=3",
     "--config.optim.warmup_steps=0",
     "--config.optim.eps=1.0",
+    "--config.optim.grad_clip=0.0",
     "--config.train.same_data_on_hosts=True",
   ]
   for attempt in range(3):
@@ -265,14 +268,14 @@ def test_two_processes_agree_with_one(tmp_path):
   one = run_main(tmp_path / "one", steps + ["--config.data.batch_size=8"])
   out, err = one.communicate(timeout=900)
   assert one.returncode == 0, err[-3000:]
-  a, b = read_metrics(multi_dir), read_metrics(tmp_path / "one")
-  for s in (1, 2, 3):
-    np.testing.assert_allclose(a[s]["loss"], b[s]["loss"], rtol=1e-5)
-    np.testing.assert_allclose(a[s]["grad_norm"], b[s]["grad_norm"], rtol=1e-4)
   config = linear_update_config(small_config())
   multi, init = final_state(multi_dir, config, 3)
   single, _ = final_state(tmp_path / "one", config, 3)
   assert_same_state(multi, single, init, steps=3)
+  a, b = read_metrics(multi_dir), read_metrics(tmp_path / "one")
+  for s in (1, 2, 3):
+    np.testing.assert_allclose(a[s]["loss"], b[s]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a[s]["grad_norm"], b[s]["grad_norm"], rtol=1e-4)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
