@@ -157,8 +157,7 @@ def test_sharded_step_equals_single_device():
   k = new.params["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
   assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   mu = (
-    new.opt_state[1]
-    .inner_states["llm"]
+    new.opt_state.inner_states["llm"]  # multi_transform's state (no clipping in front of it)
     .inner_state[0]
     .mu["llm"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
   )
