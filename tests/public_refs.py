@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from tests import torchvision_shim
+from tests.utils import randomize_conv_net_
 
 REFS = Path(__file__).resolve().parents[1] / ".refs"
 INSTALL = "python -m pip install --no-deps --upgrade --target .refs -r requirements-refs.txt"
@@ -39,27 +39,6 @@ except ImportError as e:
   ) from e
 
 __all__ = ["fid_inception", "fid_score", "lpips", "torchvision"]
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-  """Random weights everywhere, batch-norm affine parameters and running statistics included,
-  so that a misread or dropped norm tensor cannot hide behind the default ones/zeros."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-      elif isinstance(m, (nn.Conv2d, nn.Linear)):
-        # He-style scale so that activations neither vanish nor explode over 40+ layers.
-        fan_in = m.weight[0].numel()
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-        if m.bias is not None:
-          m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-  return module
 
 
 def pytorch_fid_inception(seed: int, monkeypatch, **kwargs):
@@ -82,7 +61,7 @@ def pytorch_fid_inception(seed: int, monkeypatch, **kwargs):
     base = torchvision.models.inception_v3(
       weights=None, num_classes=1008, aux_logits=False, init_weights=False
     )
-    loaded.append({k: v.clone() for k, v in randomize_(base, seed).state_dict().items()})
+    loaded.append({k: v.clone() for k, v in randomize_conv_net_(base, seed).state_dict().items()})
     return loaded[-1]
 
   monkeypatch.setattr(fid_inception, "load_state_dict_from_url", load_random)
@@ -100,7 +79,7 @@ def lpips_alex(seed: int, monkeypatch):
   its `features`). The returned state dict has the layout of torchvision's weight file
   (`features.N.*`, `classifier.*`), which our converter reads.
   """
-  trunk = randomize_(torchvision.models.alexnet(weights=None), seed).eval()
+  trunk = randomize_conv_net_(torchvision.models.alexnet(weights=None), seed).eval()
   calls = []
 
   def alexnet(*args, **kw):

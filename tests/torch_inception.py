@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.utils import randomize_conv_net_
+
 
 class BasicConv2d(nn.Module):
   def __init__(self, c_in, c_out, **kw):
@@ -176,18 +178,4 @@ class FIDInception(nn.Module):
 def randomized(seed: int = 0) -> FIDInception:
   """Random weights with random batch-norm affine parameters and running statistics."""
   torch.manual_seed(seed)
-  net = FIDInception().eval()
-  g = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-      elif isinstance(m, nn.Conv2d):
-        # He-style scale so that activations neither vanish nor explode over 40+ layers.
-        fan_in = m.weight[0].numel()
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-  return net
+  return randomize_conv_net_(FIDInception().eval(), seed + 1)
