@@ -1,5 +1,5 @@
 """python -m puma_jax.tools.train_demo: stage planning, skip / resume, progress and times (fast,
-training faked); the --smoke run end to end, its release sampled (CI)."""
+training faked); the --smoke run end to end, its release sampled (slow tier: 5:47 in CI)."""
 
 import json
 from pathlib import Path
@@ -195,10 +195,14 @@ def test_eta_scales_priors_by_measured_speed():
   assert eta.left([("unified", 50)]) < base
 
 
+@pytest.mark.slow
 def test_smoke_demo_writes_sampleable_releases(tmp_path):
-  """The real --smoke run (every stage, 2 steps each; about 6 minutes on 2 cores, mostly
-  compilation, so CI runs the whole demo path); its releases sample through puma_jax.sample:
-  one t2i image at one scale and one reconstruction."""
+  """The real --smoke run (every stage, 2 steps each; 5:47 in CI on 2 cores, mostly
+  compilation: the slowest test by 5x, so in the slow tier); its releases sample through
+  puma_jax.sample: one t2i image at one scale and one reconstruction. The fast twins: the same
+  flow with training faked (test_runs_every_stage_then_skips_them_and_resumes_a_stopped_one),
+  every demo stage's config building and stepping (tests/test_vae_stage.py,
+  test_demo_configs.py), and sampling from a release (tests/test_sample.py, test_export.py)."""
   import numpy as np
   from PIL import Image
 
