@@ -16,12 +16,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
-  try:
-    import torch
+  import torch  # a pinned test requirement: imported, never optional
 
-    torch.set_num_threads(2)
-  except ImportError:
-    pass
+  torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
